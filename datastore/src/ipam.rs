@@ -1,0 +1,1088 @@
+//! IPAM operations on the datastore: assignment, release, block claims.
+//!
+//! Every mutation is one transaction guarded by the mod_revision of each key it read
+//! (block, handle, and the config epoch so pools and reservations are current). An
+//! assignment writes the block and the handle together, so a crash can never leave an
+//! address allocated without its handle or the reverse. A block claim is two-phase
+//! (affinity pending -> block created -> affinity confirmed); a crash between the phases
+//! leaves a pending affinity or an unconfirmed block that the next claim or [`crate::gc`]
+//! completes or removes.
+//!
+//! An [`Ipam`] keeps the last version it saw of each block and handle. The cache is only a
+//! guess: every write compares revisions, and a failed compare returns the current values in
+//! the same round trip, so the uncontended path costs one transaction per operation.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use ipnetwork::IpNetwork;
+
+use crate::block::{Assigned, Attributes, BlockError, IpamBlock};
+use crate::codec::{conflict_pause, decode, encode, fnv1a, now_ms, with_retry};
+use crate::error::{Family, IpamError};
+use crate::keys;
+use crate::kv::{KeyValue, Kv, Op, Txn};
+use crate::model::{AffinityState, BlockAffinity, HandleAddress, IpPool, IpamHandle, WorkloadId};
+use crate::resources::{get_node, load_config, Config};
+
+/// Conflicting concurrent updates tolerated per operation before giving up.
+pub const MAX_CONFLICTS: u32 = 100;
+
+/// Who asks for addresses.
+#[derive(Debug, Clone, Default)]
+pub struct Owner {
+    /// The IPAM handle, e.g. `<network>.<container id>`.
+    pub handle: String,
+    /// The workload, for stable addresses and owner-selected pools.
+    pub workload: Option<WorkloadId>,
+    /// Extra attributes recorded on each allocation.
+    pub attrs: Attributes,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AssignRequest {
+    pub owner: Owner,
+    pub num_v4: usize,
+    pub num_v6: usize,
+    /// Restrict to these pools (by name); empty means every pool that may serve the request.
+    pub pools: Vec<String>,
+}
+
+/// One address handed out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub addr: IpAddr,
+    pub block: IpNetwork,
+    pub pool: String,
+    /// Pass back to [`Ipam::release_addresses`] to make the release safe against reuse.
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    Released { addr: IpAddr, handle: String },
+    AlreadyFree { addr: IpAddr },
+    /// The address was re-allocated since the caller's allocation; nothing was freed.
+    Stale { addr: IpAddr },
+}
+
+#[derive(Debug, Clone)]
+struct Versioned<T> {
+    rev: i64,
+    value: T,
+}
+
+#[derive(Default)]
+struct Cache {
+    config: Option<Arc<Config>>,
+    labels: Option<BTreeMap<String, String>>,
+    blocks: HashMap<IpNetwork, Versioned<IpamBlock>>,
+    handles: HashMap<String, Versioned<IpamHandle>>,
+    /// Confirmed affinities of this node.
+    affine: Option<BTreeSet<IpNetwork>>,
+}
+
+/// The IPAM client of one node.
+pub struct Ipam<K: Kv> {
+    kv: K,
+    node: String,
+    cache: Mutex<Cache>,
+}
+
+impl<K: Kv> Ipam<K> {
+    pub fn new(kv: K, node: impl Into<String>) -> Self {
+        Ipam {
+            kv,
+            node: node.into(),
+            cache: Mutex::new(Cache::default()),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn kv(&self) -> &K {
+        &self.kv
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // The cache is a hint; a poisoned one is as good as any.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets everything cached (pools, labels, blocks, handles, affinities).
+    pub fn forget(&self) {
+        *self.cache() = Cache::default();
+    }
+
+    // ---- assignment -------------------------------------------------------------------------
+
+    /// Assigns `num_v4` IPv4 and `num_v6` IPv6 addresses to the owner's handle: first a
+    /// workload's previous addresses if free, then this node's blocks, then a newly claimed
+    /// block, then (unless the pool has strict affinity) a block borrowed from another node.
+    /// All or nothing: on error, what was assigned is released again.
+    pub async fn auto_assign(&self, req: &AssignRequest) -> Result<Vec<Assignment>, IpamError> {
+        check_handle(&req.owner.handle)?;
+        let attrs = self.attributes(&req.owner);
+        let mut out = Vec::new();
+        for (family, n) in [(Family::V4, req.num_v4), (Family::V6, req.num_v6)] {
+            if n == 0 {
+                continue;
+            }
+            if let Err(e) = self.assign_family(req, &attrs, family, n, &mut out).await {
+                self.roll_back(&out).await;
+                return Err(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Assigns exactly `addr` (the CNI `ips` capability, `IP=`, pod annotations). The address
+    /// must be in a pool, free and not reserved; its block is claimed for this node if nobody
+    /// has it yet.
+    pub async fn assign_exact(&self, owner: &Owner, addr: IpAddr) -> Result<Assignment, IpamError> {
+        check_handle(&owner.handle)?;
+        let cfg = self.config().await?;
+        let pool = cfg
+            .pool_of(addr)
+            .ok_or(IpamError::AddressNotInPool { addr })?
+            .clone();
+        if let Some(sel) = &pool.spec.owner_selector {
+            let labels = owner.workload.as_ref().map(|w| w.labels.clone());
+            if !sel.matches(&labels.unwrap_or_default()) {
+                return Err(IpamError::NoPool {
+                    family: family_of(addr),
+                    node: self.node.clone(),
+                    workload: owner.workload.as_ref().map(workload_name),
+                });
+            }
+        }
+        let attrs = self.attributes(owner);
+        self.assign_exact_in(&pool, addr, owner, &attrs).await
+    }
+
+    fn attributes(&self, owner: &Owner) -> Attributes {
+        let mut attrs = owner.attrs.clone();
+        attrs.insert("node".into(), self.node.clone());
+        if let Some(w) = &owner.workload {
+            attrs.insert("namespace".into(), w.namespace.clone());
+            attrs.insert("pod".into(), w.name.clone());
+        }
+        attrs
+    }
+
+    async fn assign_family(
+        &self,
+        req: &AssignRequest,
+        attrs: &Attributes,
+        family: Family,
+        n: usize,
+        out: &mut Vec<Assignment>,
+    ) -> Result<(), IpamError> {
+        let cfg = self.config().await?;
+        let pools = self.candidate_pools(&cfg, family, req).await?;
+        let mut need = n;
+
+        // A returning workload gets its previous addresses back when they are free.
+        if let Some(w) = &req.owner.workload {
+            for addr in self.last_addresses(w).await? {
+                if need == 0 {
+                    break;
+                }
+                if family_of(addr) != family {
+                    continue;
+                }
+                let Some(pool) = pools.iter().find(|p| p.spec.cidr.contains(addr)) else {
+                    continue;
+                };
+                match self.assign_exact_in(pool, addr, &req.owner, attrs).await {
+                    Ok(a) => {
+                        need -= 1;
+                        out.push(a);
+                    }
+                    Err(IpamError::AddressInUse { .. } | IpamError::AddressReserved { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+
+        for pool in &pools {
+            for cidr in self.affine_blocks().await? {
+                if need == 0 {
+                    return Ok(());
+                }
+                if pool.spec.cidr.contains(cidr.network()) {
+                    let got = self
+                        .assign_in_block(pool, cidr, need, &req.owner, attrs, None)
+                        .await?;
+                    need -= got.len();
+                    out.extend(got);
+                }
+            }
+        }
+        for pool in &pools {
+            while need > 0 {
+                let Some(cidr) = self.claim_next_block(pool).await? else {
+                    break;
+                };
+                let got = self
+                    .assign_in_block(pool, cidr, need, &req.owner, attrs, None)
+                    .await?;
+                need -= got.len();
+                out.extend(got);
+            }
+        }
+        for pool in pools.iter().filter(|p| !p.spec.strict_affinity) {
+            if need == 0 {
+                break;
+            }
+            let delay = reuse_delay_ms(pool);
+            for (cidr, available) in self.foreign_blocks(pool).await? {
+                if need == 0 {
+                    break;
+                }
+                if available(now_ms(), delay) == 0 {
+                    continue;
+                }
+                tracing::debug!(node = %self.node, block = %cidr, "borrowing from another node's block");
+                let got = self
+                    .assign_in_block(pool, cidr, need, &req.owner, attrs, None)
+                    .await?;
+                need -= got.len();
+                out.extend(got);
+            }
+        }
+        if need > 0 {
+            return Err(IpamError::Exhausted {
+                family,
+                pools: pools.iter().map(|p| p.name.clone()).collect(),
+                node: self.node.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The pools that may serve `req` on this node, in order. A workload that matches an
+    /// owner-selected pool uses only such pools; everyone else uses only unowned pools.
+    async fn candidate_pools(
+        &self,
+        cfg: &Config,
+        family: Family,
+        req: &AssignRequest,
+    ) -> Result<Vec<IpPool>, IpamError> {
+        let labels = self.node_labels().await?;
+        let no_labels = BTreeMap::new();
+        let workload_labels = req
+            .owner
+            .workload
+            .as_ref()
+            .map(|w| &w.labels)
+            .unwrap_or(&no_labels);
+        let usable: Vec<&IpPool> = cfg
+            .pools
+            .iter()
+            .filter(|p| (family == Family::V4) == p.is_ipv4())
+            .filter(|p| !p.spec.disabled && p.spec.node_selector.matches(&labels))
+            .filter(|p| req.pools.is_empty() || req.pools.contains(&p.name))
+            .collect();
+        let owned: Vec<IpPool> = usable
+            .iter()
+            .filter(|p| {
+                p.spec
+                    .owner_selector
+                    .as_ref()
+                    .is_some_and(|s| s.matches(workload_labels))
+            })
+            .map(|p| (*p).clone())
+            .collect();
+        let chosen = if owned.is_empty() {
+            usable
+                .into_iter()
+                .filter(|p| p.spec.owner_selector.is_none())
+                .cloned()
+                .collect()
+        } else {
+            owned
+        };
+        if chosen.is_empty() {
+            return Err(IpamError::NoPool {
+                family,
+                node: self.node.clone(),
+                workload: req.owner.workload.as_ref().map(workload_name),
+            });
+        }
+        Ok(chosen)
+    }
+
+    async fn assign_exact_in(
+        &self,
+        pool: &IpPool,
+        addr: IpAddr,
+        owner: &Owner,
+        attrs: &Attributes,
+    ) -> Result<Assignment, IpamError> {
+        let cidr = pool
+            .block_of(addr)
+            .ok_or(IpamError::AddressNotInPool { addr })?;
+        for _ in 0..3 {
+            if self.block(cidr).await?.is_none() {
+                // Lost races are fine: then the block exists and belongs to someone else.
+                self.claim_block(pool, cidr).await?;
+            }
+            if let Some(a) = self
+                .assign_in_block(pool, cidr, 1, owner, attrs, Some(addr))
+                .await?
+                .pop()
+            {
+                return Ok(a);
+            }
+        }
+        Err(IpamError::BlockGone {
+            block: cidr,
+            what: "exact assignment",
+        })
+    }
+
+    /// Assigns up to `count` addresses (or exactly `exact`) from one block in one transaction
+    /// that also updates the handle. Returns fewer (or none) when the block has no room.
+    async fn assign_in_block(
+        &self,
+        pool: &IpPool,
+        cidr: IpNetwork,
+        count: usize,
+        owner: &Owner,
+        attrs: &Attributes,
+        exact: Option<IpAddr>,
+    ) -> Result<Vec<Assignment>, IpamError> {
+        let bkey = keys::block(cidr);
+        let hkey = keys::handle(&owner.handle);
+        let delay = reuse_delay_ms(pool);
+        for attempt in 0..MAX_CONFLICTS {
+            conflict_pause(attempt, fnv1a(&owner.handle)).await;
+            let cfg = self.config().await?;
+            let Some(blk) = self.block(cidr).await? else {
+                return Ok(Vec::new());
+            };
+            let handle = self.handle(&owner.handle).await?;
+            let mut block = blk.value.clone();
+            let got: Vec<Assigned> = match exact {
+                Some(addr) => vec![block
+                    .assign_exact(addr, &owner.handle, attrs, |a| cfg.is_reserved(a))
+                    .map_err(|e| block_error(e, addr))?],
+                None => block.assign(count, &owner.handle, attrs, now_ms(), delay, |a| {
+                    cfg.is_reserved(a)
+                }),
+            };
+            if got.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut new_handle = handle.value.clone();
+            new_handle.id = owner.handle.clone();
+            new_handle
+                .addresses
+                .extend(got.iter().map(|a| HandleAddress {
+                    addr: a.addr,
+                    block: cidr,
+                    seq: a.seq,
+                }));
+            new_handle.addresses.sort();
+            let mut txn = Txn::new()
+                .expect(&bkey, blk.rev)
+                .expect(&hkey, handle.rev)
+                .expect(keys::CONFIG_EPOCH, cfg.epoch_rev)
+                .then(Op::put(&bkey, encode(&block)))
+                .then(Op::put(&hkey, encode(&new_handle)))
+                .or_get(&bkey)
+                .or_get(&hkey)
+                .or_get(keys::CONFIG_EPOCH);
+            if let Some(w) = &owner.workload {
+                let addrs: Vec<IpAddr> = new_handle.addresses.iter().map(|a| a.addr).collect();
+                txn = txn.then(Op::put(
+                    keys::last_addresses(&w.namespace, &w.name),
+                    encode(&addrs),
+                ));
+            }
+            let outcome = with_retry(|| self.kv.txn(txn.clone())).await?;
+            let assignments = got
+                .iter()
+                .map(|a| Assignment {
+                    addr: a.addr,
+                    block: cidr,
+                    pool: pool.name.clone(),
+                    seq: a.seq,
+                })
+                .collect();
+            if outcome.succeeded {
+                let mut c = self.cache();
+                c.blocks.insert(
+                    cidr,
+                    Versioned {
+                        rev: outcome.revision,
+                        value: block,
+                    },
+                );
+                c.handles.insert(
+                    owner.handle.clone(),
+                    Versioned {
+                        rev: outcome.revision,
+                        value: new_handle,
+                    },
+                );
+                return Ok(assignments);
+            }
+            let [fresh_block, fresh_handle, epoch] = take3(outcome.gets);
+            self.remember_block(cidr, fresh_block.as_ref())?;
+            let fresh_handle = self.remember_handle(&owner.handle, fresh_handle.as_ref())?;
+            if epoch.map(|e| e.mod_revision).unwrap_or(0) != cfg.epoch_rev {
+                self.cache().config = None;
+            }
+            // A transaction that timed out may still have committed: then the handle
+            // already holds exactly what we tried to assign.
+            if let Some(h) = fresh_handle {
+                let ours = got.iter().all(|a| {
+                    h.addresses
+                        .iter()
+                        .any(|e| e.addr == a.addr && e.seq == a.seq && e.block == cidr)
+                });
+                if ours {
+                    return Ok(assignments);
+                }
+            }
+        }
+        Err(IpamError::TooMuchContention {
+            what: format!("assignment in block {cidr}"),
+            attempts: MAX_CONFLICTS,
+        })
+    }
+
+    async fn roll_back(&self, assigned: &[Assignment]) {
+        if assigned.is_empty() {
+            return;
+        }
+        let reqs: Vec<(IpAddr, Option<u64>)> =
+            assigned.iter().map(|a| (a.addr, Some(a.seq))).collect();
+        if let Err(e) = self.release_addresses(&reqs).await {
+            // GC repairs nothing here (the handle is consistent); the CNI DEL or the
+            // workload GC will release the handle.
+            tracing::warn!(error = %e, "rolling back a partial assignment failed");
+        }
+    }
+
+    // ---- block claims -----------------------------------------------------------------------
+
+    /// Claims the first unclaimed block of `pool`, searching from a place derived from the
+    /// node name so that nodes rarely race for the same block.
+    async fn claim_next_block(&self, pool: &IpPool) -> Result<Option<IpNetwork>, IpamError> {
+        let existing: HashSet<String> = with_retry(|| self.kv.list_keys(keys::BLOCKS))
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let count = pool.block_count();
+        let start = fnv1a(&self.node) % count;
+        // Among existing+1 consecutive candidates at least one is free, if any is: this
+        // bounds the search in huge IPv6 pools.
+        let tries = count.min(existing.len() as u64 + 1);
+        for i in 0..tries {
+            let index = (u128::from(start) + u128::from(i)) % u128::from(count);
+            let Some(cidr) = pool.nth_block(index as u64) else {
+                continue;
+            };
+            if existing.contains(&keys::block(cidr)) {
+                continue;
+            }
+            if self.claim_block(pool, cidr).await? {
+                return Ok(Some(cidr));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Claims `cidr` for this node in three steps: pending affinity, block, confirmed
+    /// affinity. Returns false when another node owns the block. Resumes a claim that a
+    /// crash interrupted.
+    pub async fn claim_block(&self, pool: &IpPool, cidr: IpNetwork) -> Result<bool, IpamError> {
+        let akey = keys::affinity(&self.node, cidr);
+        let bkey = keys::block(cidr);
+        for attempt in 0..MAX_CONFLICTS {
+            conflict_pause(attempt, fnv1a(&self.node)).await;
+            // Phase 1: pending affinity (or find the one a previous run left).
+            let pending = BlockAffinity {
+                node: self.node.clone(),
+                cidr,
+                state: AffinityState::Pending,
+                since_ms: now_ms(),
+            };
+            let txn = Txn::new()
+                .expect(&akey, 0)
+                .then(Op::put(&akey, encode(&pending)))
+                .or_get(&akey);
+            let out = with_retry(|| self.kv.txn(txn.clone())).await?;
+            let aff_rev = if out.succeeded {
+                out.revision
+            } else {
+                let Some(existing) = out.gets.into_iter().next().flatten() else {
+                    continue;
+                };
+                let aff: BlockAffinity = decode(&existing)?;
+                match aff.state {
+                    AffinityState::Confirmed => {
+                        self.cache().affine.get_or_insert_with(BTreeSet::new).insert(cidr);
+                        return Ok(true);
+                    }
+                    AffinityState::Pending => existing.mod_revision,
+                    AffinityState::PendingDeletion => return Ok(false),
+                }
+            };
+
+            // Phase 2: the block, if nobody has it.
+            let block = IpamBlock::new(cidr, Some(self.node.clone()));
+            let txn = Txn::new()
+                .expect(&bkey, 0)
+                .expect(&akey, aff_rev)
+                .then(Op::put(&bkey, encode(&block)))
+                .or_get(&bkey)
+                .or_get(&akey);
+            let out = with_retry(|| self.kv.txn(txn.clone())).await?;
+            let block_rev = if out.succeeded {
+                self.cache().blocks.insert(
+                    cidr,
+                    Versioned {
+                        rev: out.revision,
+                        value: block,
+                    },
+                );
+                out.revision
+            } else {
+                let [existing, aff_now, _] = take3(out.gets);
+                let Some(existing) = existing else {
+                    // Our pending affinity changed under us (GC); start over.
+                    continue;
+                };
+                let theirs: IpamBlock = decode(&existing)?;
+                if theirs.affinity.as_deref() != Some(self.node.as_str()) {
+                    // Lost the race: withdraw our pending claim.
+                    if let Some(a) = aff_now {
+                        let txn = Txn::new()
+                            .expect(&akey, a.mod_revision)
+                            .then(Op::delete(&akey));
+                        with_retry(|| self.kv.txn(txn.clone())).await?;
+                    }
+                    self.remember_block(cidr, Some(&existing))?;
+                    return Ok(false);
+                }
+                if aff_now.map(|a| a.mod_revision) != Some(aff_rev) {
+                    continue;
+                }
+                self.remember_block(cidr, Some(&existing))?;
+                existing.mod_revision
+            };
+
+            // Phase 3: confirm.
+            let confirmed = BlockAffinity {
+                state: AffinityState::Confirmed,
+                since_ms: now_ms(),
+                ..pending
+            };
+            let txn = Txn::new()
+                .expect(&akey, aff_rev)
+                .expect(&bkey, block_rev)
+                .then(Op::put(&akey, encode(&confirmed)));
+            let out = with_retry(|| self.kv.txn(txn.clone())).await?;
+            if out.succeeded {
+                tracing::debug!(node = %self.node, block = %cidr, pool = %pool.name, "claimed block");
+                self.cache().affine.get_or_insert_with(BTreeSet::new).insert(cidr);
+                return Ok(true);
+            }
+        }
+        Err(IpamError::TooMuchContention {
+            what: format!("claim of block {cidr}"),
+            attempts: MAX_CONFLICTS,
+        })
+    }
+
+    // ---- release ----------------------------------------------------------------------------
+
+    /// Releases everything `handle` holds and deletes the handle. Idempotent.
+    pub async fn release_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
+        check_handle(handle)?;
+        self.release_handle_guarded(handle, None).await
+    }
+
+    /// Frees `handle` block by block (one transaction each; the last deletes the handle).
+    /// With `absent_guard`, every transaction also requires that key to be absent (reclaim
+    /// of a dead node stops if the node's liveness key reappears).
+    pub(crate) async fn release_handle_guarded(
+        &self,
+        handle: &str,
+        absent_guard: Option<&str>,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        let hkey = keys::handle(handle);
+        let mut released = Vec::new();
+        let mut emptied = Vec::new();
+        let mut conflicts = 0;
+        loop {
+            let h = self.handle(handle).await?;
+            if h.rev == 0 {
+                break;
+            }
+            let cidr = h.value.addresses.first().map(|a| a.block);
+            let mut new_handle = h.value.clone();
+            let mut txn = Txn::new().expect(&hkey, h.rev);
+            let mut freed = Vec::new();
+            let mut new_block = None;
+            if let Some(cidr) = cidr {
+                new_handle.addresses.retain(|a| a.block != cidr);
+                let bkey = keys::block(cidr);
+                match self.block(cidr).await? {
+                    Some(blk) => {
+                        let mut block = blk.value.clone();
+                        let now = now_ms();
+                        for e in h.value.addresses.iter().filter(|a| a.block == cidr) {
+                            // A stale entry (address re-allocated since) is just dropped.
+                            if let Ok(Some(_)) = block.release(e.addr, Some(e.seq), now) {
+                                freed.push(e.addr);
+                            }
+                        }
+                        txn = txn
+                            .expect(&bkey, blk.rev)
+                            .then(Op::put(&bkey, encode(&block)));
+                        new_block = Some(block);
+                    }
+                    None => txn = txn.expect(&bkey, 0),
+                }
+                txn = txn.or_get(&hkey).or_get(&bkey);
+            } else {
+                txn = txn.or_get(&hkey).or_get(&hkey);
+            }
+            txn = if new_handle.addresses.is_empty() {
+                txn.then(Op::delete(&hkey))
+            } else {
+                txn.then(Op::put(&hkey, encode(&new_handle)))
+            };
+            if let Some(guard) = absent_guard {
+                txn = txn.expect(guard, 0).or_get(guard);
+            }
+            let outcome = with_retry(|| self.kv.txn(txn.clone())).await?;
+            if outcome.succeeded {
+                let mut c = self.cache();
+                if new_handle.addresses.is_empty() {
+                    c.handles.remove(handle);
+                } else {
+                    c.handles.insert(
+                        handle.to_string(),
+                        Versioned {
+                            rev: outcome.revision,
+                            value: new_handle,
+                        },
+                    );
+                }
+                if let (Some(cidr), Some(block)) = (cidr, new_block) {
+                    if block.is_empty() {
+                        emptied.push(cidr);
+                    }
+                    c.blocks.insert(
+                        cidr,
+                        Versioned {
+                            rev: outcome.revision,
+                            value: block,
+                        },
+                    );
+                }
+                released.extend(freed);
+                continue;
+            }
+            let mut gets = outcome.gets.into_iter();
+            let fresh_handle = gets.next().flatten();
+            let fresh_block = gets.next().flatten();
+            if let Some(guard) = absent_guard {
+                if gets.next().flatten().is_some() {
+                    let node = guard.rsplit('/').next().unwrap_or(guard).to_string();
+                    return Err(IpamError::NodeAlive { node });
+                }
+            }
+            self.remember_handle(handle, fresh_handle.as_ref())?;
+            if let Some(cidr) = cidr {
+                self.remember_block(cidr, fresh_block.as_ref())?;
+            }
+            conflicts += 1;
+            if conflicts >= MAX_CONFLICTS {
+                return Err(IpamError::TooMuchContention {
+                    what: format!("release of handle {handle}"),
+                    attempts: conflicts,
+                });
+            }
+            conflict_pause(conflicts, fnv1a(handle)).await;
+        }
+        for cidr in emptied {
+            self.release_block_if_unneeded(cidr).await?;
+        }
+        Ok(released)
+    }
+
+    /// Releases single addresses, each with the sequence number of its allocation when the
+    /// caller knows it (a stale release then frees nothing).
+    pub async fn release_addresses(
+        &self,
+        addrs: &[(IpAddr, Option<u64>)],
+    ) -> Result<Vec<ReleaseOutcome>, IpamError> {
+        let mut outcomes = Vec::with_capacity(addrs.len());
+        for &(addr, seq) in addrs {
+            outcomes.push(self.release_address(addr, seq).await?);
+        }
+        Ok(outcomes)
+    }
+
+    async fn release_address(
+        &self,
+        addr: IpAddr,
+        seq: Option<u64>,
+    ) -> Result<ReleaseOutcome, IpamError> {
+        let cfg = self.config().await?;
+        let cidr = cfg
+            .pool_of(addr)
+            .and_then(|p| p.block_of(addr))
+            .ok_or(IpamError::AddressNotInPool { addr })?;
+        let bkey = keys::block(cidr);
+        for attempt in 0..MAX_CONFLICTS {
+            conflict_pause(attempt, fnv1a(&addr.to_string())).await;
+            let Some(blk) = self.block(cidr).await? else {
+                return Ok(ReleaseOutcome::AlreadyFree { addr });
+            };
+            let Some(alloc) = blk.value.allocation(addr).cloned() else {
+                return Ok(ReleaseOutcome::AlreadyFree { addr });
+            };
+            if seq.is_some_and(|s| s != alloc.seq) {
+                return Ok(ReleaseOutcome::Stale { addr });
+            }
+            let hkey = keys::handle(&alloc.handle);
+            let h = self.handle(&alloc.handle).await?;
+            let mut block = blk.value.clone();
+            // Cannot fail: the address is allocated in this block with this sequence.
+            let _ = block.release(addr, Some(alloc.seq), now_ms());
+            let mut new_handle = h.value.clone();
+            new_handle.addresses.retain(|e| e.addr != addr);
+            let mut txn = Txn::new()
+                .expect(&bkey, blk.rev)
+                .expect(&hkey, h.rev)
+                .then(Op::put(&bkey, encode(&block)))
+                .or_get(&bkey)
+                .or_get(&hkey);
+            txn = if new_handle.addresses.is_empty() {
+                txn.then(Op::delete(&hkey))
+            } else {
+                txn.then(Op::put(&hkey, encode(&new_handle)))
+            };
+            let outcome = with_retry(|| self.kv.txn(txn.clone())).await?;
+            if outcome.succeeded {
+                let empty = block.is_empty();
+                {
+                    let mut c = self.cache();
+                    c.blocks.insert(
+                        cidr,
+                        Versioned {
+                            rev: outcome.revision,
+                            value: block,
+                        },
+                    );
+                    if new_handle.addresses.is_empty() {
+                        c.handles.remove(&alloc.handle);
+                    } else {
+                        c.handles.insert(
+                            alloc.handle.clone(),
+                            Versioned {
+                                rev: outcome.revision,
+                                value: new_handle,
+                            },
+                        );
+                    }
+                }
+                if empty {
+                    self.release_block_if_unneeded(cidr).await?;
+                }
+                return Ok(ReleaseOutcome::Released {
+                    addr,
+                    handle: alloc.handle,
+                });
+            }
+            let [fresh_block, fresh_handle, _] = take3(outcome.gets);
+            self.remember_block(cidr, fresh_block.as_ref())?;
+            self.remember_handle(&alloc.handle, fresh_handle.as_ref())?;
+        }
+        Err(IpamError::TooMuchContention {
+            what: format!("release of {addr}"),
+            attempts: MAX_CONFLICTS,
+        })
+    }
+
+    /// Gives an empty block of this node back to the pool, when the node has another block
+    /// in the same pool (so a node does not thrash claiming and releasing its only block)
+    /// and no freed address in it is still inside the pool's reuse delay.
+    async fn release_block_if_unneeded(&self, cidr: IpNetwork) -> Result<(), IpamError> {
+        let cfg = self.config().await?;
+        let Some(pool) = cfg.pool_of(cidr.network()) else {
+            return Ok(());
+        };
+        let Some(blk) = self.block(cidr).await? else {
+            return Ok(());
+        };
+        if !blk.value.is_empty()
+            || blk.value.affinity.as_deref() != Some(self.node.as_str())
+            || !blk
+                .value
+                .reuse_delay_expired(now_ms(), reuse_delay_ms(pool))
+        {
+            return Ok(());
+        }
+        let siblings = self
+            .affine_blocks()
+            .await?
+            .into_iter()
+            .filter(|b| *b != cidr && pool.spec.cidr.contains(b.network()))
+            .count();
+        if siblings == 0 {
+            return Ok(());
+        }
+        let akey = keys::affinity(&self.node, cidr);
+        let aff_rev = with_retry(|| self.kv.get(&akey))
+            .await?
+            .map(|a| a.mod_revision)
+            .unwrap_or(0);
+        let bkey = keys::block(cidr);
+        let txn = Txn::new()
+            .expect(&bkey, blk.rev)
+            .expect(&akey, aff_rev)
+            .then(Op::delete(&bkey))
+            .then(Op::delete(&akey));
+        let out = with_retry(|| self.kv.txn(txn.clone())).await?;
+        if out.succeeded {
+            tracing::debug!(node = %self.node, block = %cidr, "released empty block");
+            let mut c = self.cache();
+            c.blocks.remove(&cidr);
+            if let Some(a) = c.affine.as_mut() {
+                a.remove(&cidr);
+            }
+        } else {
+            // Someone allocated from it meanwhile: it is not empty any more.
+            self.cache().blocks.remove(&cidr);
+        }
+        Ok(())
+    }
+
+    // ---- reads, through the cache -----------------------------------------------------------
+
+    /// Pools and reservations; cached until a write finds the config epoch moved.
+    pub async fn config(&self) -> Result<Arc<Config>, IpamError> {
+        if let Some(c) = self.cache().config.clone() {
+            return Ok(c);
+        }
+        let cfg = Arc::new(load_config(&self.kv).await?);
+        self.cache().config = Some(cfg.clone());
+        Ok(cfg)
+    }
+
+    async fn node_labels(&self) -> Result<BTreeMap<String, String>, IpamError> {
+        if let Some(l) = self.cache().labels.clone() {
+            return Ok(l);
+        }
+        let labels = get_node(&self.kv, &self.node)
+            .await?
+            .map(|n| n.labels)
+            .unwrap_or_default();
+        self.cache().labels = Some(labels.clone());
+        Ok(labels)
+    }
+
+    async fn affine_blocks(&self) -> Result<BTreeSet<IpNetwork>, IpamError> {
+        if let Some(a) = self.cache().affine.clone() {
+            return Ok(a);
+        }
+        let prefix = keys::node_affinities(&self.node);
+        let (kvs, _) = with_retry(|| self.kv.get_prefix(&prefix)).await?;
+        let mut set = BTreeSet::new();
+        for kv in &kvs {
+            let aff: BlockAffinity = decode(kv)?;
+            if aff.state == AffinityState::Confirmed {
+                set.insert(aff.cidr);
+            }
+        }
+        self.cache().affine = Some(set.clone());
+        Ok(set)
+    }
+
+    /// Blocks of `pool` affine to other nodes (or to none), freshly read, with a function
+    /// telling how many addresses each could give at a time with a reuse delay.
+    #[allow(clippy::type_complexity)]
+    async fn foreign_blocks(
+        &self,
+        pool: &IpPool,
+    ) -> Result<Vec<(IpNetwork, Box<dyn Fn(u64, u64) -> usize + Send>)>, IpamError> {
+        let (kvs, _) = with_retry(|| self.kv.get_prefix(keys::BLOCKS)).await?;
+        let mut out: Vec<(IpNetwork, Box<dyn Fn(u64, u64) -> usize + Send>)> = Vec::new();
+        for kv in &kvs {
+            let block: IpamBlock = decode(kv)?;
+            if !pool.spec.cidr.contains(block.cidr.network())
+                || block.affinity.as_deref() == Some(self.node.as_str())
+            {
+                continue;
+            }
+            let cidr = block.cidr;
+            let snapshot = block.clone();
+            self.cache().blocks.insert(
+                cidr,
+                Versioned {
+                    rev: kv.mod_revision,
+                    value: block,
+                },
+            );
+            out.push((cidr, Box::new(move |now, d| snapshot.available(now, d))));
+        }
+        Ok(out)
+    }
+
+    async fn block(&self, cidr: IpNetwork) -> Result<Option<Versioned<IpamBlock>>, IpamError> {
+        if let Some(b) = self.cache().blocks.get(&cidr) {
+            return Ok(Some(b.clone()));
+        }
+        let key = keys::block(cidr);
+        let kv = with_retry(|| self.kv.get(&key)).await?;
+        self.remember_block(cidr, kv.as_ref())
+    }
+
+    fn remember_block(
+        &self,
+        cidr: IpNetwork,
+        kv: Option<&KeyValue>,
+    ) -> Result<Option<Versioned<IpamBlock>>, IpamError> {
+        let mut c = self.cache();
+        match kv {
+            Some(kv) => {
+                let v = Versioned {
+                    rev: kv.mod_revision,
+                    value: decode::<IpamBlock>(kv)?,
+                };
+                c.blocks.insert(cidr, v.clone());
+                Ok(Some(v))
+            }
+            None => {
+                c.blocks.remove(&cidr);
+                if let Some(a) = c.affine.as_mut() {
+                    a.remove(&cidr);
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    async fn handle(&self, id: &str) -> Result<Versioned<IpamHandle>, IpamError> {
+        if let Some(h) = self.cache().handles.get(id) {
+            return Ok(h.clone());
+        }
+        let key = keys::handle(id);
+        let kv = with_retry(|| self.kv.get(&key)).await?;
+        Ok(self.remember_handle(id, kv.as_ref())?.map_or_else(
+            || Versioned {
+                rev: 0,
+                value: IpamHandle {
+                    id: id.to_string(),
+                    addresses: Vec::new(),
+                },
+            },
+            |value| Versioned {
+                rev: kv.map(|k| k.mod_revision).unwrap_or(0),
+                value,
+            },
+        ))
+    }
+
+    fn remember_handle(
+        &self,
+        id: &str,
+        kv: Option<&KeyValue>,
+    ) -> Result<Option<IpamHandle>, IpamError> {
+        let mut c = self.cache();
+        match kv {
+            Some(kv) => {
+                let h: IpamHandle = decode(kv)?;
+                c.handles.insert(
+                    id.to_string(),
+                    Versioned {
+                        rev: kv.mod_revision,
+                        value: h.clone(),
+                    },
+                );
+                Ok(Some(h))
+            }
+            None => {
+                c.handles.remove(id);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn last_addresses(&self, w: &WorkloadId) -> Result<Vec<IpAddr>, IpamError> {
+        let key = keys::last_addresses(&w.namespace, &w.name);
+        match with_retry(|| self.kv.get(&key)).await? {
+            Some(kv) => decode(&kv),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The addresses a handle holds, read from the datastore.
+    pub async fn handle_addresses(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let key = keys::handle(handle);
+        match with_retry(|| self.kv.get(&key)).await? {
+            Some(kv) => Ok(decode::<IpamHandle>(&kv)?
+                .addresses
+                .into_iter()
+                .map(|a| a.addr)
+                .collect()),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+fn take3(gets: Vec<Option<KeyValue>>) -> [Option<KeyValue>; 3] {
+    let mut it = gets.into_iter();
+    [
+        it.next().flatten(),
+        it.next().flatten(),
+        it.next().flatten(),
+    ]
+}
+
+fn reuse_delay_ms(pool: &IpPool) -> u64 {
+    pool.spec.min_reuse_delay_seconds.saturating_mul(1000)
+}
+
+fn family_of(addr: IpAddr) -> Family {
+    if addr.is_ipv4() {
+        Family::V4
+    } else {
+        Family::V6
+    }
+}
+
+fn workload_name(w: &WorkloadId) -> String {
+    format!("{}/{}", w.namespace, w.name)
+}
+
+fn check_handle(id: &str) -> Result<(), IpamError> {
+    if keys::valid_segment(id) {
+        Ok(())
+    } else {
+        Err(IpamError::InvalidHandle(id.to_string()))
+    }
+}
+
+fn block_error(e: BlockError, addr: IpAddr) -> IpamError {
+    match e {
+        BlockError::InUse { addr, handle } => IpamError::AddressInUse { addr, handle },
+        BlockError::Reserved { addr } => IpamError::AddressReserved { addr },
+        BlockError::NotInBlock { .. } | BlockError::StaleRelease { .. } => {
+            IpamError::AddressNotInPool { addr }
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Tessera's cluster model in etcd and the IPAM algorithms on top of it.
+//!
+//! Module map:
+//! - [`model`], [`selector`], [`yaml`]: the typed resources, label selectors, user YAML.
+//! - [`block`]: the IPAM block and its pure allocator (no I/O).
+//! - [`kv`]: the datastore seam: a small transactional key-value trait, for etcd and in memory.
+//! - [`keys`]: where everything lives in etcd.
+//! - [`resources`]: pools, reservations, nodes, workload endpoints.
+//! - [`ipam`]: assignment, release and block claims, each write one guarded transaction.
+//! - [`gc`]: repair after crashes and dead or deleted nodes.
+//! - [`liveness`]: node leases.
+//! - [`snapshot`]: a consistent read of all IPAM state and the invariant checker.
+//!
+//! DESIGN.md beside this crate lists the invariants and why they hold.
+
+pub mod block;
+mod codec;
+pub mod error;
+pub mod gc;
+pub mod ipam;
+pub mod keys;
+pub mod kv;
+pub mod liveness;
+pub mod model;
+pub mod resources;
+pub mod selector;
+pub mod snapshot;
+pub mod yaml;
+
+pub use codec::{now_ms, TRANSIENT_RETRY_BUDGET};
+pub use error::{Family, IpamError};
+pub use ipam::{AssignRequest, Assignment, Ipam, Owner, ReleaseOutcome};
+pub use kv::{EtcdKv, Kv, MemKv};

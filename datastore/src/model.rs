@@ -1,0 +1,318 @@
+//! The cluster model: typed resources stored as JSON under [`crate::keys::PREFIX`].
+//!
+//! The IPAM block itself ([`crate::block::IpamBlock`]) lives in its own module because it
+//! carries the pure allocator.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use crate::selector::Selector;
+
+/// When a pool's traffic is encapsulated (Calico's ipipMode / vxlanMode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum EncapMode {
+    Always,
+    /// Only towards nodes whose underlay address is on another subnet.
+    CrossSubnet,
+    #[default]
+    Never,
+}
+
+/// An IP pool: where pod addresses come from and how their traffic leaves the node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpPoolSpec {
+    pub cidr: IpNetwork,
+    /// Prefix length of the blocks the pool is cut into (default /26 IPv4, /122 IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u8>,
+    #[serde(default)]
+    pub ipip_mode: EncapMode,
+    #[serde(default)]
+    pub vxlan_mode: EncapMode,
+    #[serde(default)]
+    pub nat_outgoing: bool,
+    #[serde(default)]
+    pub disabled: bool,
+    /// Which nodes may claim blocks from this pool.
+    #[serde(default)]
+    pub node_selector: Selector,
+    /// When set, only workloads whose labels match may get addresses from this pool, and
+    /// such workloads use it in preference to every other pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_selector: Option<Selector>,
+    /// Refuse to borrow addresses from blocks affine to other nodes.
+    #[serde(default)]
+    pub strict_affinity: bool,
+    /// A released address is not handed to another workload before this many seconds.
+    #[serde(default)]
+    pub min_reuse_delay_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IpPool {
+    pub name: String,
+    pub spec: IpPoolSpec,
+}
+
+impl IpPool {
+    pub fn block_size(&self) -> u8 {
+        self.spec.block_size.unwrap_or(match self.spec.cidr {
+            IpNetwork::V4(_) => 26,
+            IpNetwork::V6(_) => 122,
+        })
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.spec.cidr.is_ipv4()
+    }
+
+    /// The block of this pool that holds `addr`.
+    pub fn block_of(&self, addr: IpAddr) -> Option<IpNetwork> {
+        if !self.spec.cidr.contains(addr) {
+            return None;
+        }
+        let net = IpNetwork::new(addr, self.block_size()).ok()?;
+        IpNetwork::new(net.network(), self.block_size()).ok()
+    }
+
+    /// Number of blocks in the pool (saturating at u64::MAX for huge IPv6 pools).
+    pub fn block_count(&self) -> u64 {
+        let bits = u32::from(self.block_size() - self.spec.cidr.prefix());
+        1u64.checked_shl(bits).unwrap_or(u64::MAX)
+    }
+
+    /// The `index`-th block of the pool.
+    pub fn nth_block(&self, index: u64) -> Option<IpNetwork> {
+        let host_bits = u32::from(max_prefix(self.spec.cidr) - self.block_size());
+        let offset = u128::from(index).checked_shl(host_bits)?;
+        let base = addr_to_u128(self.spec.cidr.network());
+        let addr = u128_to_addr(base.checked_add(offset)?, self.spec.cidr.is_ipv4())?;
+        if !self.spec.cidr.contains(addr) {
+            return None;
+        }
+        IpNetwork::new(addr, self.block_size()).ok()
+    }
+
+    /// Checks what serde cannot: family-dependent ranges and alignment. Errors name the field.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let cidr = self.spec.cidr;
+        if cidr.network() != cidr.ip() {
+            return Err((
+                "spec.cidr",
+                format!("{cidr} has host bits set; did you mean {}?", cidr.network()),
+            ));
+        }
+        let (lo, hi) = if cidr.is_ipv4() { (20, 32) } else { (116, 128) };
+        let bs = self.block_size();
+        if !(lo..=hi).contains(&bs) {
+            return Err((
+                "spec.blockSize",
+                format!("{bs} is outside {lo}..={hi} for this address family"),
+            ));
+        }
+        if bs < cidr.prefix() {
+            return Err((
+                "spec.blockSize",
+                format!("/{bs} blocks do not fit in the pool {cidr}"),
+            ));
+        }
+        if self.spec.ipip_mode != EncapMode::Never && self.spec.vxlan_mode != EncapMode::Never {
+            return Err((
+                "spec.ipipMode",
+                "ipipMode and vxlanMode cannot both be enabled on one pool".into(),
+            ));
+        }
+        if self.spec.ipip_mode != EncapMode::Never && !cidr.is_ipv4() {
+            return Err(("spec.ipipMode", "IPIP carries IPv4 pools only".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Addresses that IPAM must never hand out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpReservationSpec {
+    pub reserved_cidrs: Vec<IpNetwork>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IpReservation {
+    pub name: String,
+    pub spec: IpReservationSpec,
+}
+
+/// Whether a node's claim on a block is complete. A `Pending` affinity counts as absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AffinityState {
+    Pending,
+    Confirmed,
+    PendingDeletion,
+}
+
+/// A node's claim on a block: `/tessera/v1/ipam/affinities/<node>/<block>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockAffinity {
+    pub node: String,
+    pub cidr: IpNetwork,
+    pub state: AffinityState,
+    /// When the affinity entered its state (ms since the epoch); GC uses it for its grace period.
+    pub since_ms: u64,
+}
+
+/// One address held by a handle, with the sequence number of its allocation.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct HandleAddress {
+    pub addr: IpAddr,
+    pub block: IpNetwork,
+    pub seq: u64,
+}
+
+/// Everything one owner (usually one pod interface) holds: `/tessera/v1/ipam/handles/<id>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpamHandle {
+    pub id: String,
+    pub addresses: Vec<HandleAddress>,
+}
+
+/// A cluster node as IPAM, routing and tunnels see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    pub name: String,
+    /// Underlay address with its prefix, e.g. 198.18.0.11/24.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_address: Option<IpNetwork>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_address: Option<IpNetwork>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_number: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan_tunnel_address: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan_tunnel_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipip_tunnel_address: Option<IpAddr>,
+}
+
+/// A pod's network attachment: `/tessera/v1/workloads/<node>/<namespace>/<pod>/<interface>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEndpoint {
+    pub node: String,
+    pub namespace: String,
+    pub pod: String,
+    pub container_id: String,
+    pub interface: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_interface: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    pub addresses: Vec<IpNetwork>,
+    /// The IPAM handle that owns `addresses`.
+    pub handle: String,
+}
+
+/// Who a workload is, for stable addresses and owner-selected pools.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadId {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+pub(crate) fn max_prefix(net: IpNetwork) -> u8 {
+    if net.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+pub(crate) fn addr_to_u128(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+pub(crate) fn u128_to_addr(v: u128, ipv4: bool) -> Option<IpAddr> {
+    if ipv4 {
+        u32::try_from(v)
+            .ok()
+            .map(|v| IpAddr::V4(std::net::Ipv4Addr::from(v)))
+    } else {
+        Some(IpAddr::V6(std::net::Ipv6Addr::from(v)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(cidr: &str, bs: Option<u8>) -> IpPool {
+        IpPool {
+            name: "p".into(),
+            spec: IpPoolSpec {
+                cidr: cidr.parse().expect("cidr"),
+                block_size: bs,
+                ipip_mode: EncapMode::Never,
+                vxlan_mode: EncapMode::Never,
+                nat_outgoing: false,
+                disabled: false,
+                node_selector: Selector::all(),
+                owner_selector: None,
+                strict_affinity: false,
+                min_reuse_delay_seconds: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn blocks_of_a_pool() {
+        let p = pool("10.244.0.0/20", None);
+        assert_eq!(p.block_count(), 64);
+        assert_eq!(
+            p.nth_block(1).map(|b| b.to_string()),
+            Some("10.244.0.64/26".into())
+        );
+        assert_eq!(p.nth_block(64), None);
+        assert_eq!(
+            p.block_of("10.244.3.77".parse().expect("addr"))
+                .map(|b| b.to_string()),
+            Some("10.244.3.64/26".into())
+        );
+        let p6 = pool("fd10:244::/120", None);
+        assert_eq!(p6.block_count(), 4);
+        assert_eq!(
+            p6.nth_block(3).map(|b| b.to_string()),
+            Some("fd10:244::c0/122".into())
+        );
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert_eq!(
+            pool("10.244.0.1/16", None).validate().unwrap_err().0,
+            "spec.cidr"
+        );
+        assert_eq!(
+            pool("10.244.0.0/16", Some(8)).validate().unwrap_err().0,
+            "spec.blockSize"
+        );
+        assert_eq!(
+            pool("fd10::/48", Some(26)).validate().unwrap_err().0,
+            "spec.blockSize"
+        );
+        assert!(pool("10.244.0.0/16", None).validate().is_ok());
+    }
+}

@@ -1,0 +1,107 @@
+//! Reading and writing the non-IPAM resources: pools, reservations, nodes, workload endpoints.
+//! Pool and reservation writes bump [`keys::CONFIG_EPOCH`] in the same transaction.
+
+use crate::codec::{decode, encode, with_retry};
+use crate::error::IpamError;
+use crate::keys;
+use crate::kv::{Kv, Op, Txn};
+use crate::model::{IpPool, IpReservation, Node, WorkloadEndpoint};
+
+/// Pools and reservations as read at one revision, with the epoch's revision.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub epoch_rev: i64,
+    pub pools: Vec<IpPool>,
+    pub reservations: Vec<IpReservation>,
+}
+
+impl Config {
+    pub fn is_reserved(&self, addr: std::net::IpAddr) -> bool {
+        self.reservations
+            .iter()
+            .flat_map(|r| &r.spec.reserved_cidrs)
+            .any(|c| c.contains(addr))
+    }
+
+    pub fn pool_of(&self, addr: std::net::IpAddr) -> Option<&IpPool> {
+        self.pools.iter().find(|p| p.spec.cidr.contains(addr))
+    }
+}
+
+pub async fn load_config<K: Kv>(kv: &K) -> Result<Config, IpamError> {
+    let (kvs, _) = with_retry(|| kv.get_prefix(keys::CONFIG)).await?;
+    let mut cfg = Config::default();
+    for item in &kvs {
+        if item.key == keys::CONFIG_EPOCH {
+            cfg.epoch_rev = item.mod_revision;
+        } else if item.key.starts_with(keys::POOLS) {
+            cfg.pools.push(decode(item)?);
+        } else if item.key.starts_with(keys::RESERVATIONS) {
+            cfg.reservations.push(decode(item)?);
+        }
+    }
+    Ok(cfg)
+}
+
+/// Creates or replaces pools and reservations in one transaction.
+pub async fn apply_config<K: Kv>(
+    kv: &K,
+    pools: &[IpPool],
+    reservations: &[IpReservation],
+) -> Result<(), IpamError> {
+    let mut txn = Txn::new().then(Op::put(keys::CONFIG_EPOCH, b"{}".to_vec()));
+    for p in pools {
+        txn = txn.then(Op::put(keys::pool(&p.name), encode(p)));
+    }
+    for r in reservations {
+        txn = txn.then(Op::put(keys::reservation(&r.name), encode(r)));
+    }
+    with_retry(|| kv.txn(txn.clone())).await?;
+    Ok(())
+}
+
+pub async fn delete_pool<K: Kv>(kv: &K, name: &str) -> Result<(), IpamError> {
+    let txn = Txn::new()
+        .then(Op::put(keys::CONFIG_EPOCH, b"{}".to_vec()))
+        .then(Op::delete(keys::pool(name)));
+    with_retry(|| kv.txn(txn.clone())).await?;
+    Ok(())
+}
+
+pub async fn delete_reservation<K: Kv>(kv: &K, name: &str) -> Result<(), IpamError> {
+    let txn = Txn::new()
+        .then(Op::put(keys::CONFIG_EPOCH, b"{}".to_vec()))
+        .then(Op::delete(keys::reservation(name)));
+    with_retry(|| kv.txn(txn.clone())).await?;
+    Ok(())
+}
+
+pub async fn put_node<K: Kv>(kv: &K, node: &Node) -> Result<(), IpamError> {
+    let txn = Txn::new().then(Op::put(keys::node(&node.name), encode(node)));
+    with_retry(|| kv.txn(txn.clone())).await?;
+    Ok(())
+}
+
+pub async fn get_node<K: Kv>(kv: &K, name: &str) -> Result<Option<Node>, IpamError> {
+    let key = keys::node(name);
+    match with_retry(|| kv.get(&key)).await? {
+        Some(item) => Ok(Some(decode(&item)?)),
+        None => Ok(None),
+    }
+}
+
+pub async fn delete_node<K: Kv>(kv: &K, name: &str) -> Result<(), IpamError> {
+    let txn = Txn::new().then(Op::delete(keys::node(name)));
+    with_retry(|| kv.txn(txn.clone())).await?;
+    Ok(())
+}
+
+pub async fn put_workload_endpoint<K: Kv>(
+    kv: &K,
+    wep: &WorkloadEndpoint,
+) -> Result<(), IpamError> {
+    let key = keys::workload(&wep.node, &wep.namespace, &wep.pod, &wep.interface);
+    let txn = Txn::new().then(Op::put(key, encode(wep)));
+    with_retry(|| kv.txn(txn.clone())).await?;
+    Ok(())
+}
