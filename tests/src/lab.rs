@@ -1,0 +1,143 @@
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
+
+use crate::etcd::Etcd;
+use crate::netns::Netns;
+use crate::unique_prefix;
+
+/// A node of the lab: a namespace with an underlay interface `eth0`.
+pub struct LabNode {
+    /// The node's name in the cluster (`node1`, ...), what its agent registers.
+    pub name: String,
+    pub subnet: u8,
+    pub ipv4: Ipv4Network,
+    pub ipv6: Ipv6Network,
+    pub netns: Netns,
+}
+
+/// What to build: `subnets` underlay subnets, nodes spread over them round-robin.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    pub nodes: usize,
+    pub subnets: u8,
+    pub etcd: bool,
+}
+
+impl Default for LabSpec {
+    fn default() -> Self {
+        LabSpec {
+            nodes: 2,
+            subnets: 1,
+            etcd: true,
+        }
+    }
+}
+
+/// A cluster of namespaces. Fields drop in order: processes first, then namespaces.
+pub struct Lab {
+    etcd: Option<Etcd>,
+    pub nodes: Vec<LabNode>,
+    pub ctl: Netns,
+    pub router: Netns,
+    prefix: String,
+}
+
+/// Where the control namespace sits on subnet 0.
+pub const CTL_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+impl Lab {
+    /// Builds the lab; on any error, what was built so far is removed (drop).
+    pub fn new(test: &str, spec: LabSpec) -> anyhow::Result<Self> {
+        crate::require_root();
+        assert!(spec.subnets >= 1 && spec.subnets <= 200 && spec.nodes <= 200);
+        let prefix = unique_prefix(test);
+        let router = Netns::new(&format!("{prefix}-rt"))?;
+        let ctl = Netns::new(&format!("{prefix}-ctl"))?;
+        let mut lab = Lab {
+            etcd: None,
+            nodes: Vec::new(),
+            ctl,
+            router,
+            prefix: prefix.clone(),
+        };
+        lab.router.sysctl("net.ipv4.ip_forward", "1")?;
+        lab.router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        for s in 0..spec.subnets {
+            let br = format!("br{s}");
+            lab.router.ip(&["link", "add", &br, "type", "bridge"])?;
+            lab.router
+                .ip(&["addr", "add", &format!("198.18.{s}.254/24"), "dev", &br])?;
+            lab.router.ip(&[
+                "addr",
+                "add",
+                &format!("2001:db8:{s}::fe/64"),
+                "dev",
+                &br,
+                "nodad",
+            ])?;
+            lab.router.ip(&["link", "set", &br, "up"])?;
+        }
+        lab.attach(&lab.ctl, "ctl", 0, CTL_ADDR, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2))?;
+        for i in 0..spec.nodes {
+            let subnet = (i % usize::from(spec.subnets)) as u8;
+            let host = 10 + (i / usize::from(spec.subnets)) as u8;
+            let name = format!("node{}", i + 1);
+            let netns = Netns::new(&format!("{prefix}-{name}"))?;
+            let v4 = Ipv4Addr::new(198, 18, subnet, host);
+            let v6 = Ipv6Addr::new(0x2001, 0xdb8, u16::from(subnet), 0, 0, 0, 0, u16::from(host));
+            lab.attach(&netns, &name, subnet, v4, v6)?;
+            lab.nodes.push(LabNode {
+                name,
+                subnet,
+                ipv4: Ipv4Network::new(v4, 24)?,
+                ipv6: Ipv6Network::new(v6, 64)?,
+                netns,
+            });
+        }
+        if spec.etcd {
+            lab.etcd = Some(Etcd::start_in(lab.ctl.name(), &CTL_ADDR.to_string())?);
+        }
+        Ok(lab)
+    }
+
+    /// Wires `ns` to subnet `s` of the router: `eth0` in `ns`, `port` on bridge `br<s>`.
+    fn attach(&self, ns: &Netns, port: &str, s: u8, v4: Ipv4Addr, v6: Ipv6Addr) -> anyhow::Result<()> {
+        self.router.ip(&[
+            "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns.name(),
+        ])?;
+        self.router
+            .ip(&["link", "set", port, "master", &format!("br{s}"), "up"])?;
+        ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "via", &format!("198.18.{s}.254")])?;
+        ns.ip(&["-6", "route", "add", "default", "via", &format!("2001:db8:{s}::fe")])?;
+        Ok(())
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn etcd(&mut self) -> &mut Etcd {
+        self.etcd.as_mut().expect("this lab runs etcd")
+    }
+
+    /// The etcd endpoint as node namespaces reach it.
+    pub fn etcd_endpoint(&self) -> String {
+        format!("http://{CTL_ADDR}:2379")
+    }
+
+    /// PIDs of the processes the lab itself runs (for [`crate::assert_nothing_left`]).
+    pub fn pids(&self) -> Vec<u32> {
+        self.etcd.as_ref().and_then(Etcd::pid).into_iter().collect()
+    }
+
+    pub fn node(&self, name: &str) -> &LabNode {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name} in the lab"))
+    }
+}

@@ -1,0 +1,84 @@
+use std::process::Command;
+
+use crate::ip;
+
+/// A named network namespace (`ip netns add`), with loopback up. Deleted on drop, which
+/// also destroys every link inside it (veth peers go with them).
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        // A namespace left by a killed earlier run of the same test would make `add` fail.
+        let _ = ip(&["netns", "del", name]);
+        ip(&["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        // Duplicate address detection only delays a lab whose addresses are unique by
+        // construction (a node's first IPv6 packets would wait about a second).
+        ns.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        )?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/run/netns/<name>`, what a CNI runtime passes as CNI_NETNS.
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// `ip -j -n <ns> <args>` parsed as JSON.
+    pub fn ip_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut full = vec!["-j", "-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        Ok(serde_json::from_str(&ip(&full)?)?)
+    }
+
+    /// A command that runs inside the namespace (`ip netns exec`, which keeps the PID: the
+    /// child is the program itself).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Runs a short command in the namespace to completion.
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["netns", "exec", self.name.as_str(), program];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])?;
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("test bed: cannot delete namespace {}: {e}", self.name);
+        }
+    }
+}
