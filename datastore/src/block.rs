@@ -56,7 +56,11 @@ pub enum BlockError {
     #[error(
         "stale release of {addr}: it was re-allocated (sequence {current}, release named {given})"
     )]
-    StaleRelease { addr: IpAddr, given: u64, current: u64 },
+    StaleRelease {
+        addr: IpAddr,
+        given: u64,
+        current: u64,
+    },
 }
 
 /// An address handed out by [`IpamBlock::assign`].
@@ -244,7 +248,9 @@ impl IpamBlock {
     /// True when no freed address is still inside its reuse delay, so dropping the block
     /// (and forgetting its history) cannot hand an address out too early.
     pub fn reuse_delay_expired(&self, now_ms: u64, reuse_delay_ms: u64) -> bool {
-        self.free.iter().all(|s| reusable(s, now_ms, reuse_delay_ms))
+        self.free
+            .iter()
+            .all(|s| reusable(s, now_ms, reuse_delay_ms))
     }
 
     /// Internal consistency: every ordinal is exactly once either allocated or free, and
@@ -369,10 +375,7 @@ mod tests {
             .expect("exact");
         let err = b.release(a.addr, Some(a.seq), 0).unwrap_err();
         assert!(matches!(err, BlockError::StaleRelease { .. }));
-        assert_eq!(
-            b.allocation(a.addr).map(|x| x.handle.as_str()),
-            Some("h2")
-        );
+        assert_eq!(b.allocation(a.addr).map(|x| x.handle.as_str()), Some("h2"));
         b.release(again.addr, Some(again.seq), 0).expect("release");
         assert_eq!(b.release(again.addr, None, 0), Ok(None), "idempotent");
     }

@@ -49,7 +49,10 @@ pub enum IpamError {
     #[error("corrupt value at {key}: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("block {block} disappeared during {what}")]
-    BlockGone { block: IpNetwork, what: &'static str },
+    BlockGone {
+        block: IpNetwork,
+        what: &'static str,
+    },
     #[error(transparent)]
     Datastore(#[from] KvError),
 }

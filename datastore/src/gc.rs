@@ -61,7 +61,12 @@ impl GcReport {
     }
 }
 
-async fn apply<K: Kv>(kv: &K, txn: Txn, counter: &mut usize, skipped: &mut usize) -> Result<(), IpamError> {
+async fn apply<K: Kv>(
+    kv: &K,
+    txn: Txn,
+    counter: &mut usize,
+    skipped: &mut usize,
+) -> Result<(), IpamError> {
     if with_retry(|| kv.txn(txn.clone())).await?.succeeded {
         *counter += 1;
     } else {
@@ -89,7 +94,9 @@ pub async fn gc<K: Kv>(kv: &K, opts: &GcOptions) -> Result<GcReport, IpamError> 
             block.is_some_and(|b| b.value.affinity.as_deref() == Some(node.as_str()));
         match aff.value.state {
             AffinityState::Pending if now.saturating_sub(aff.value.since_ms) < grace => {}
-            AffinityState::Pending | AffinityState::PendingDeletion if block_is_theirs && !node_gone(node) => {
+            AffinityState::Pending | AffinityState::PendingDeletion
+                if block_is_theirs && !node_gone(node) =>
+            {
                 let confirmed = BlockAffinity {
                     state: AffinityState::Confirmed,
                     since_ms: now,
@@ -142,7 +149,9 @@ pub async fn gc<K: Kv>(kv: &K, opts: &GcOptions) -> Result<GcReport, IpamError> 
                     affinity: None,
                     ..b.value.clone()
                 };
-                let txn = txn.then(Op::put(&bkey, encode(&orphan))).then(Op::delete(&akey));
+                let txn = txn
+                    .then(Op::put(&bkey, encode(&orphan)))
+                    .then(Op::delete(&akey));
                 apply(kv, txn, &mut r.blocks_orphaned, &mut r.skipped).await?;
             }
         } else if aff_rev == 0 {
@@ -174,14 +183,19 @@ pub async fn gc<K: Kv>(kv: &K, opts: &GcOptions) -> Result<GcReport, IpamError> 
                     .any(|e| e.addr == addr && e.seq == alloc.seq && e.block == *cidr)
             });
             if !listed {
-                guards.push((keys::handle(&alloc.handle), handle.map(|h| h.rev).unwrap_or(0)));
+                guards.push((
+                    keys::handle(&alloc.handle),
+                    handle.map(|h| h.rev).unwrap_or(0),
+                ));
                 let _ = block.release(addr, Some(alloc.seq), now);
                 freed += 1;
             }
         }
         if freed > 0 {
             let bkey = keys::block(*cidr);
-            let mut txn = Txn::new().expect(&bkey, b.rev).then(Op::put(&bkey, encode(&block)));
+            let mut txn = Txn::new()
+                .expect(&bkey, b.rev)
+                .then(Op::put(&bkey, encode(&block)));
             for (k, rev) in guards {
                 txn = txn.expect(k, rev);
             }
@@ -227,7 +241,13 @@ pub async fn gc<K: Kv>(kv: &K, opts: &GcOptions) -> Result<GcReport, IpamError> 
                 addresses: keep,
             };
             let mut done = 0;
-            apply(kv, txn.then(Op::put(&hkey, encode(&fixed))), &mut done, &mut r.skipped).await?;
+            apply(
+                kv,
+                txn.then(Op::put(&hkey, encode(&fixed))),
+                &mut done,
+                &mut r.skipped,
+            )
+            .await?;
             r.handle_entries_removed += done * dropped;
         }
     }

@@ -61,10 +61,17 @@ pub struct Assignment {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReleaseOutcome {
-    Released { addr: IpAddr, handle: String },
-    AlreadyFree { addr: IpAddr },
+    Released {
+        addr: IpAddr,
+        handle: String,
+    },
+    AlreadyFree {
+        addr: IpAddr,
+    },
     /// The address was re-allocated since the caller's allocation; nothing was freed.
-    Stale { addr: IpAddr },
+    Stale {
+        addr: IpAddr,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -529,7 +536,10 @@ impl<K: Kv> Ipam<K> {
                 let aff: BlockAffinity = decode(&existing)?;
                 match aff.state {
                     AffinityState::Confirmed => {
-                        self.cache().affine.get_or_insert_with(BTreeSet::new).insert(cidr);
+                        self.cache()
+                            .affine
+                            .get_or_insert_with(BTreeSet::new)
+                            .insert(cidr);
                         return Ok(true);
                     }
                     AffinityState::Pending => existing.mod_revision,
@@ -593,7 +603,10 @@ impl<K: Kv> Ipam<K> {
             let out = with_retry(|| self.kv.txn(txn.clone())).await?;
             if out.succeeded {
                 tracing::debug!(node = %self.node, block = %cidr, pool = %pool.name, "claimed block");
-                self.cache().affine.get_or_insert_with(BTreeSet::new).insert(cidr);
+                self.cache()
+                    .affine
+                    .get_or_insert_with(BTreeSet::new)
+                    .insert(cidr);
                 return Ok(true);
             }
         }

@@ -212,14 +212,23 @@ impl Kv for EtcdKv {
         let resp = c
             .get(
                 prefix,
-                Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
             )
             .await
             .map_err(etcd_error)?;
         Ok(resp
             .kvs()
             .iter()
-            .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.mod_revision()))
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.mod_revision(),
+                )
+            })
             .collect())
     }
 
@@ -349,7 +358,10 @@ impl Kv for MemKv {
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, i64)>, KvError> {
         let (kvs, _) = self.get_prefix(prefix).await?;
-        Ok(kvs.into_iter().map(|kv| (kv.key, kv.mod_revision)).collect())
+        Ok(kvs
+            .into_iter()
+            .map(|kv| (kv.key, kv.mod_revision))
+            .collect())
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, KvError> {

@@ -40,7 +40,9 @@ impl<K: Kv> NodeLease<K> {
                         tracing::error!(node = %node_name, "liveness lease lost");
                         return;
                     }
-                    Err(e) => tracing::warn!(node = %node_name, error = %e, "lease keep-alive failed"),
+                    Err(e) => {
+                        tracing::warn!(node = %node_name, error = %e, "lease keep-alive failed")
+                    }
                 }
             }
         });

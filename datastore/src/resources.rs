@@ -96,10 +96,7 @@ pub async fn delete_node<K: Kv>(kv: &K, name: &str) -> Result<(), IpamError> {
     Ok(())
 }
 
-pub async fn put_workload_endpoint<K: Kv>(
-    kv: &K,
-    wep: &WorkloadEndpoint,
-) -> Result<(), IpamError> {
+pub async fn put_workload_endpoint<K: Kv>(kv: &K, wep: &WorkloadEndpoint) -> Result<(), IpamError> {
     let key = keys::workload(&wep.node, &wep.namespace, &wep.pod, &wep.interface);
     let txn = Txn::new().then(Op::put(key, encode(wep)));
     with_retry(|| kv.txn(txn.clone())).await?;

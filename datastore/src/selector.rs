@@ -196,7 +196,11 @@ impl Parser<'_> {
             self.expect("(")?;
             let k = self.ident()?;
             self.expect(")")?;
-            return Ok(if negated { Term::NotHas(k) } else { Term::Has(k) });
+            return Ok(if negated {
+                Term::NotHas(k)
+            } else {
+                Term::Has(k)
+            });
         }
         if negated {
             return Err(self.err("`!` must be followed by has(...)"));

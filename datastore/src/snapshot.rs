@@ -102,7 +102,11 @@ impl Snapshot {
             if let Err(e) = b.value.check() {
                 v.push(e);
             }
-            if !self.pools.iter().any(|p| p.spec.cidr.contains(cidr.network())) {
+            if !self
+                .pools
+                .iter()
+                .any(|p| p.spec.cidr.contains(cidr.network()))
+            {
                 v.push(format!("block {cidr} is outside every pool"));
             }
             for (addr, alloc) in b.value.allocated() {
@@ -177,9 +181,9 @@ impl Snapshot {
                         ));
                     }
                 }
-                AffinityState::Pending | AffinityState::PendingDeletion if settled => {
-                    v.push(format!("affinity {node} -> {cidr} stuck {:?}", a.value.state))
-                }
+                AffinityState::Pending | AffinityState::PendingDeletion if settled => v.push(
+                    format!("affinity {node} -> {cidr} stuck {:?}", a.value.state),
+                ),
                 _ => {}
             }
         }
@@ -187,7 +191,9 @@ impl Snapshot {
             for (cidr, b) in &self.blocks {
                 if let Some(node) = &b.value.affinity {
                     if !self.affinities.contains_key(&(node.clone(), *cidr)) {
-                        v.push(format!("block {cidr} is {node}'s but has no affinity record"));
+                        v.push(format!(
+                            "block {cidr} is {node}'s but has no affinity record"
+                        ));
                     }
                 }
             }

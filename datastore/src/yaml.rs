@@ -115,13 +115,14 @@ pub fn parse_resources(text: &str) -> Result<Resources, ResourceError> {
                     name: d.metadata.name,
                     spec: d.spec,
                 };
-                pool.validate().map_err(|(field, reason)| ResourceError::Invalid {
-                    document,
-                    line,
-                    what: what.clone(),
-                    field: field.into(),
-                    reason,
-                })?;
+                pool.validate()
+                    .map_err(|(field, reason)| ResourceError::Invalid {
+                        document,
+                        line,
+                        what: what.clone(),
+                        field: field.into(),
+                        reason,
+                    })?;
                 out.pools.push(pool);
             }
             "IPReservation" => {
@@ -212,20 +213,32 @@ spec:
     fn errors_point_at_document_and_field() {
         let bad_field = GOOD.replace("vxlanMode: CrossSubnet", "vxlanMode: Sometimes");
         let e = parse_resources(&bad_field).unwrap_err().to_string();
-        assert!(e.contains("document 1") && e.contains("default-ipv4"), "{e}");
+        assert!(
+            e.contains("document 1") && e.contains("default-ipv4"),
+            "{e}"
+        );
         assert!(e.contains("Sometimes"), "{e}");
 
         let bad_cidr = GOOD.replace("fd10:244::/48", "fd10:244::/999");
         let e = parse_resources(&bad_cidr).unwrap_err().to_string();
-        assert!(e.contains("document 2") && e.contains("default-ipv6"), "{e}");
+        assert!(
+            e.contains("document 2") && e.contains("default-ipv6"),
+            "{e}"
+        );
 
         let bad_block = GOOD.replace("natOutgoing: true", "natOutgoing: true\n  blockSize: 8");
         let e = parse_resources(&bad_block).unwrap_err().to_string();
-        assert!(e.contains("spec.blockSize") && e.contains("document 1"), "{e}");
+        assert!(
+            e.contains("spec.blockSize") && e.contains("document 1"),
+            "{e}"
+        );
 
         let typo = GOOD.replace("reservedCidrs", "reservedCIDRs");
         let e = parse_resources(&typo).unwrap_err().to_string();
-        assert!(e.contains("document 3") && e.contains("reservedCIDRs"), "{e}");
+        assert!(
+            e.contains("document 3") && e.contains("reservedCIDRs"),
+            "{e}"
+        );
 
         let selector = GOOD.replace("zone == \"a\"", "zone = a");
         let e = parse_resources(&selector).unwrap_err().to_string();

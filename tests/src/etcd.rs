@@ -89,7 +89,13 @@ impl Etcd {
         loop {
             let ok = self
                 .command("etcdctl")
-                .args(["--endpoints", &self.client_url, "--dial-timeout=1s", "endpoint", "health"])
+                .args([
+                    "--endpoints",
+                    &self.client_url,
+                    "--dial-timeout=1s",
+                    "endpoint",
+                    "health",
+                ])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

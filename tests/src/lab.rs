@@ -78,14 +78,29 @@ impl Lab {
             ])?;
             lab.router.ip(&["link", "set", &br, "up"])?;
         }
-        lab.attach(&lab.ctl, "ctl", 0, CTL_ADDR, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2))?;
+        lab.attach(
+            &lab.ctl,
+            "ctl",
+            0,
+            CTL_ADDR,
+            Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2),
+        )?;
         for i in 0..spec.nodes {
             let subnet = (i % usize::from(spec.subnets)) as u8;
             let host = 10 + (i / usize::from(spec.subnets)) as u8;
             let name = format!("node{}", i + 1);
             let netns = Netns::new(&format!("{prefix}-{name}"))?;
             let v4 = Ipv4Addr::new(198, 18, subnet, host);
-            let v6 = Ipv6Addr::new(0x2001, 0xdb8, u16::from(subnet), 0, 0, 0, 0, u16::from(host));
+            let v6 = Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                u16::from(subnet),
+                0,
+                0,
+                0,
+                0,
+                u16::from(host),
+            );
             lab.attach(&netns, &name, subnet, v4, v6)?;
             lab.nodes.push(LabNode {
                 name,
@@ -102,9 +117,25 @@ impl Lab {
     }
 
     /// Wires `ns` to subnet `s` of the router: `eth0` in `ns`, `port` on bridge `br<s>`.
-    fn attach(&self, ns: &Netns, port: &str, s: u8, v4: Ipv4Addr, v6: Ipv6Addr) -> anyhow::Result<()> {
+    fn attach(
+        &self,
+        ns: &Netns,
+        port: &str,
+        s: u8,
+        v4: Ipv4Addr,
+        v6: Ipv6Addr,
+    ) -> anyhow::Result<()> {
         self.router.ip(&[
-            "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns.name(),
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
         ])?;
         self.router
             .ip(&["link", "set", port, "master", &format!("br{s}"), "up"])?;
@@ -112,7 +143,14 @@ impl Lab {
         ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", "default", "via", &format!("198.18.{s}.254")])?;
-        ns.ip(&["-6", "route", "add", "default", "via", &format!("2001:db8:{s}::fe")])?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("2001:db8:{s}::fe"),
+        ])?;
         Ok(())
     }
 

@@ -37,7 +37,9 @@ impl Child {
 
     /// The exit status if the process has ended.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.inner.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.inner
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGKILL and reap.

@@ -29,16 +29,32 @@ fn nodes_on_two_subnets_reach_each_other_and_etcd() {
     // etcd from a node on the other subnet, as a node agent would reach it.
     let ep = lab.etcd_endpoint();
     n2.netns
-        .exec("etcdctl", &["--endpoints", &ep, "put", "/tessera/test", "hello"])
+        .exec(
+            "etcdctl",
+            &["--endpoints", &ep, "put", "/tessera/test", "hello"],
+        )
         .expect("put");
     let got = n1
         .netns
-        .exec("etcdctl", &["--endpoints", &ep, "get", "--print-value-only", "/tessera/test"])
+        .exec(
+            "etcdctl",
+            &[
+                "--endpoints",
+                &ep,
+                "get",
+                "--print-value-only",
+                "/tessera/test",
+            ],
+        )
         .expect("get");
     assert_eq!(got.trim(), "hello");
     // The root namespace has no route to the lab: nothing was added there.
-    let root_routes = tessera_testbed::ip(&["-4", "route", "show", "table", "all"]).expect("routes");
-    assert!(!root_routes.contains("198.18."), "root namespace touched: {root_routes}");
+    let root_routes =
+        tessera_testbed::ip(&["-4", "route", "show", "table", "all"]).expect("routes");
+    assert!(
+        !root_routes.contains("198.18."),
+        "root namespace touched: {root_routes}"
+    );
 
     let prefix = lab.prefix().to_string();
     let pids = lab.pids();
@@ -51,8 +67,17 @@ fn nodes_on_two_subnets_reach_each_other_and_etcd() {
 fn a_panicking_test_leaves_nothing_behind() {
     let (tx, rx) = std::sync::mpsc::channel();
     let result = std::thread::spawn(move || {
-        let lab = Lab::new("panicking", LabSpec { nodes: 1, subnets: 1, etcd: true }).expect("lab");
-        tx.send((lab.prefix().to_string(), lab.pids())).expect("send");
+        let lab = Lab::new(
+            "panicking",
+            LabSpec {
+                nodes: 1,
+                subnets: 1,
+                etcd: true,
+            },
+        )
+        .expect("lab");
+        tx.send((lab.prefix().to_string(), lab.pids()))
+            .expect("send");
         panic!("deliberate panic with the lab up");
     })
     .join();
