@@ -82,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let etcd = EtcdKv::connect(&[cli.etcd.clone()], Duration::from_secs(3))
+    let etcd = EtcdKv::connect(std::slice::from_ref(&cli.etcd), Duration::from_secs(3))
         .await
         .with_context(|| format!("connecting to {}", cli.etcd))?;
     let kv = CrashKv::new(etcd, cli.crash_after_calls);
