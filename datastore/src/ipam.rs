@@ -90,6 +90,27 @@ struct Cache {
     affine: Option<BTreeSet<IpNetwork>>,
 }
 
+impl Cache {
+    /// Remembers that a handle is absent (revision 0), which is what a pod's next ADD with
+    /// the same handle would otherwise have to read again. Bounded: absent handles are
+    /// cheap to re-read, so the cache of them is simply cleared when it grows.
+    fn forget_handle(&mut self, id: &str) {
+        if self.handles.len() > 10_000 {
+            self.handles.retain(|_, h| h.rev != 0);
+        }
+        self.handles.insert(
+            id.to_string(),
+            Versioned {
+                rev: 0,
+                value: IpamHandle {
+                    id: id.to_string(),
+                    addresses: Vec::new(),
+                },
+            },
+        );
+    }
+}
+
 /// The IPAM client of one node.
 pub struct Ipam<K: Kv> {
     kv: K,
@@ -636,6 +657,14 @@ impl<K: Kv> Ipam<K> {
         let mut released = Vec::new();
         let mut emptied = Vec::new();
         let mut conflicts = 0;
+        // "Absent" from the cache is not trusted here: another process may have created
+        // the handle since, and a release that believed a stale "absent" would leak.
+        {
+            let mut c = self.cache();
+            if c.handles.get(handle).is_some_and(|h| h.rev == 0) {
+                c.handles.remove(handle);
+            }
+        }
         loop {
             let h = self.handle(handle).await?;
             if h.rev == 0 {
@@ -682,7 +711,7 @@ impl<K: Kv> Ipam<K> {
             if outcome.succeeded {
                 let mut c = self.cache();
                 if new_handle.addresses.is_empty() {
-                    c.handles.remove(handle);
+                    c.forget_handle(handle);
                 } else {
                     c.handles.insert(
                         handle.to_string(),
@@ -801,7 +830,7 @@ impl<K: Kv> Ipam<K> {
                         },
                     );
                     if new_handle.addresses.is_empty() {
-                        c.handles.remove(&alloc.handle);
+                        c.forget_handle(&alloc.handle);
                     } else {
                         c.handles.insert(
                             alloc.handle.clone(),
@@ -1029,7 +1058,7 @@ impl<K: Kv> Ipam<K> {
                 Ok(Some(h))
             }
             None => {
-                c.handles.remove(id);
+                c.forget_handle(id);
                 Ok(None)
             }
         }

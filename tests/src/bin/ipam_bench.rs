@@ -1,1 +1,221 @@
-fn main() {}
+//! `ipam-bench`: IPAM assign+release pairs per second against the raw etcd compare-and-swap
+//! rate, measured side by side in one run on one etcd (Debian's etcd-server on loopback).
+//!
+//! - Reference: a single-key CAS loop per client with the same etcd client library:
+//!   read the key, then a transaction "if mod_revision unchanged, put". Also reported: the
+//!   blind variant that reuses the revision its last write returned (one round trip).
+//! - Tessera: `auto_assign` of one IPv4 address then `release_by_handle`, each client on its
+//!   own node (so each works in its own block, as pods on different nodes do).
+//! - Fill levels: the same pairs with the pool 1 %, 50 % and 90 % allocated.
+//!
+//! Prints a Markdown table; BENCHMARKS.md records the numbers.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tessera_datastore::kv::{Op, Txn};
+use tessera_datastore::resources::apply_config;
+use tessera_datastore::yaml::parse_resources;
+use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Kv, Owner};
+use tessera_testbed::Etcd;
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Client counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    clients: Vec<usize>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dur = Duration::from_secs_f64(args.seconds);
+    let etcd = Etcd::start_loopback()?;
+    let endpoint = etcd.endpoint().to_string();
+    let connect = || async {
+        EtcdKv::connect(std::slice::from_ref(&endpoint), Duration::from_secs(5)).await
+    };
+    let admin = connect().await?;
+    let yaml = "
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: bench }
+spec: { cidr: 10.244.0.0/16, blockSize: 26 }
+---
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: fill }
+spec: { cidr: 10.245.0.0/20, blockSize: 26 }
+";
+    let r = parse_resources(yaml)?;
+    apply_config(&admin, &r.pools, &r.reservations).await?;
+
+    println!("| clients | raw CAS (get+txn) ops/s | raw CAS (blind txn) ops/s | IPAM pairs/s | pairs / CAS | pairs / blind CAS |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for &n in &args.clients {
+        let mut kvs = Vec::new();
+        for _ in 0..n {
+            kvs.push(connect().await?);
+        }
+        let cas = cas_rate(&kvs, dur, false).await?;
+        let blind = cas_rate(&kvs, dur, true).await?;
+        let ipams: Vec<Arc<Ipam<EtcdKv>>> = kvs
+            .iter()
+            .enumerate()
+            .map(|(i, kv)| Arc::new(Ipam::new(kv.clone(), format!("bench-{n}-{i}"))))
+            .collect();
+        let pairs = pair_rate(&ipams, "bench", dur).await?;
+        println!(
+            "| {n} | {cas:.0} | {blind:.0} | {pairs:.0} | {:.2} | {:.2} |",
+            pairs / cas,
+            pairs / blind
+        );
+    }
+
+    // Per-operation cost as the pool fills: 8 clients, each on its own node whose block is
+    // filled to the level, and the rest of the pool filled by another node.
+    println!();
+    println!("| pool filled | IPAM pairs/s (8 clients) | ms per pair per client |");
+    println!("|---:|---:|---:|");
+    let mut kvs = Vec::new();
+    for _ in 0..8 {
+        kvs.push(connect().await?);
+    }
+    let mut filled_blocks = 0usize;
+    for (level, pct) in [(0, 1usize), (1, 50), (2, 90)] {
+        let ipams: Vec<Arc<Ipam<EtcdKv>>> = kvs
+            .iter()
+            .enumerate()
+            .map(|(i, kv)| Arc::new(Ipam::new(kv.clone(), format!("fill{level}-{i}"))))
+            .collect();
+        // Each client's block, filled to the level (the pair's own address comes on top).
+        let per_block = (64 * pct / 100).max(1);
+        for (i, ipam) in ipams.iter().enumerate() {
+            assign_many(ipam, &format!("filler-{level}-{i}"), per_block - 1).await?;
+        }
+        // Other blocks: whole blocks for a filler node up to the level over the 64 blocks.
+        let want_blocks = 64 * pct / 100;
+        let filler = Ipam::new(admin.clone(), format!("filler-{level}"));
+        while filled_blocks + 8 * (level + 1) < want_blocks {
+            assign_many(&filler, &format!("filler-{level}-b{filled_blocks}"), 64).await?;
+            filled_blocks += 1;
+        }
+        let pairs = pair_rate(&ipams, "fill", dur).await?;
+        println!(
+            "| {pct} % | {pairs:.0} | {:.2} |",
+            8.0 * 1000.0 / pairs
+        );
+    }
+    drop(etcd);
+    Ok(())
+}
+
+async fn assign_many(ipam: &Ipam<EtcdKv>, handle: &str, n: usize) -> anyhow::Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let req = AssignRequest {
+        owner: Owner {
+            handle: handle.into(),
+            ..Default::default()
+        },
+        num_v4: n,
+        pools: vec!["fill".into()],
+        ..Default::default()
+    };
+    ipam.auto_assign(&req).await?;
+    Ok(())
+}
+
+/// Runs `op(client)` in a loop on every client until `dur` has passed; returns ops/s.
+async fn rate<C, F, Fut>(clients: Vec<C>, dur: Duration, op: F) -> anyhow::Result<f64>
+where
+    C: Send + 'static,
+    F: Fn(C) -> Fut + Send + Sync + Copy + 'static,
+    Fut: Future<Output = anyhow::Result<C>> + Send,
+{
+    let start = Instant::now();
+    let deadline = start + dur;
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    c = op(c).await?;
+                    n += 1;
+                }
+                Ok::<u64, anyhow::Error>(n)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn cas_rate(kvs: &[EtcdKv], dur: Duration, blind: bool) -> anyhow::Result<f64> {
+    let clients: Vec<(EtcdKv, String, i64)> = kvs
+        .iter()
+        .enumerate()
+        .map(|(i, kv)| (kv.clone(), format!("/bench/cas/{blind}/{i}"), 0))
+        .collect();
+    rate(clients, dur, move |(kv, key, mut rev)| async move {
+        if !blind {
+            rev = kv.get(&key).await?.map(|k| k.mod_revision).unwrap_or(0);
+        }
+        let txn = Txn::new()
+            .expect(&key, rev)
+            .then(Op::put(&key, b"x".to_vec()))
+            .or_get(&key);
+        let out = kv.txn(txn).await?;
+        let rev = if out.succeeded {
+            out.revision
+        } else {
+            out.gets
+                .first()
+                .cloned()
+                .flatten()
+                .map(|k| k.mod_revision)
+                .unwrap_or(0)
+        };
+        Ok((kv, key, rev))
+    })
+    .await
+}
+
+async fn pair_rate(ipams: &[Arc<Ipam<EtcdKv>>], pool: &str, dur: Duration) -> anyhow::Result<f64> {
+    let reqs: Vec<(Arc<Ipam<EtcdKv>>, AssignRequest)> = ipams
+        .iter()
+        .map(|ipam| {
+            let req = AssignRequest {
+                owner: Owner {
+                    handle: format!("pair-{}", ipam.node()),
+                    ..Default::default()
+                },
+                num_v4: 1,
+                pools: vec![pool.to_string()],
+                ..Default::default()
+            };
+            (ipam.clone(), req)
+        })
+        .collect();
+    // Warm up: each node claims its block outside the measurement.
+    for (ipam, req) in &reqs {
+        ipam.auto_assign(req).await?;
+        ipam.release_by_handle(&req.owner.handle).await?;
+    }
+    rate(reqs, dur, |(ipam, req)| async move {
+        ipam.auto_assign(&req).await?;
+        ipam.release_by_handle(&req.owner.handle).await?;
+        Ok((ipam, req))
+    })
+    .await
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Debian packages Tessera builds and tests with. Installs only what is missing.
+set -euo pipefail
+PKGS=(
+  etcd-server etcd-client          # the datastore, and etcdctl for the test bed's health checks
+  protobuf-compiler libprotobuf-dev  # etcd-client's build script compiles etcd's protos
+  iproute2 iputils-ping procps     # the test bed: namespaces, veth, bridges, ping, sysctl
+)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
