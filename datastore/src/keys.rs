@@ -20,6 +20,7 @@ pub const LAST_ADDRESSES: &str = "/tessera/v1/ipam/last-addresses/";
 pub const NODES: &str = "/tessera/v1/nodes/";
 pub const LIVENESS: &str = "/tessera/v1/liveness/";
 pub const WORKLOADS: &str = "/tessera/v1/workloads/";
+pub const POD_INTENTS: &str = "/tessera/v1/pod-intents/";
 
 /// `10.244.1.0/26` -> `10.244.1.0-26`: a CIDR as one path segment.
 pub fn cidr_segment(cidr: IpNetwork) -> String {
@@ -55,6 +56,13 @@ pub fn liveness(name: &str) -> String {
 }
 pub fn workload(node: &str, namespace: &str, pod: &str, interface: &str) -> String {
     format!("{WORKLOADS}{node}/{namespace}/{pod}/{interface}")
+}
+
+pub fn node_workloads(node: &str) -> String {
+    format!("{WORKLOADS}{node}/")
+}
+pub fn pod_intent(namespace: &str, pod: &str) -> String {
+    format!("{POD_INTENTS}{namespace}/{pod}")
 }
 
 /// A name that becomes one key segment: non-empty, no `/`, printable.

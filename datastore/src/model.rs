@@ -219,6 +219,33 @@ pub struct WorkloadEndpoint {
     pub addresses: Vec<IpNetwork>,
     /// The IPAM handle that owns `addresses`.
     pub handle: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub floating_ips: Vec<IpAddr>,
+}
+
+/// What a pod asks of the network, as Calico reads it from pod annotations:
+/// `/tessera/v1/pod-intents/<namespace>/<pod>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodIntent {
+    /// Exact addresses, assigned through IPAM (`cni.projectcalico.org/ipAddrs`).
+    #[serde(default)]
+    pub ip_addrs: Vec<IpAddr>,
+    /// Addresses used without IPAM (`ipAddrsNoIpam`); refused unless the CNI config's
+    /// feature flag allows it, since only the local node can route them.
+    #[serde(default)]
+    pub ip_addrs_no_ipam: Vec<IpAddr>,
+    /// Pools to allocate from, by name.
+    #[serde(default)]
+    pub ipv4_pools: Vec<String>,
+    #[serde(default)]
+    pub ipv6_pools: Vec<String>,
+    /// 1:1 NAT from an outside address to the pod (programmed by the node agent).
+    #[serde(default)]
+    pub floating_ips: Vec<IpAddr>,
+    /// Labels, for owner-selected pools.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Who a workload is, for stable addresses and owner-selected pools.

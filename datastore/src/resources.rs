@@ -5,7 +5,7 @@ use crate::codec::{decode, encode, with_retry};
 use crate::error::IpamError;
 use crate::keys;
 use crate::kv::{Kv, Op, Txn};
-use crate::model::{IpPool, IpReservation, Node, WorkloadEndpoint};
+use crate::model::{IpPool, IpReservation, Node, PodIntent, WorkloadEndpoint};
 
 /// Pools and reservations as read at one revision, with the epoch's revision.
 #[derive(Debug, Clone, Default)]
@@ -101,4 +101,48 @@ pub async fn put_workload_endpoint<K: Kv>(kv: &K, wep: &WorkloadEndpoint) -> Res
     let txn = Txn::new().then(Op::put(key, encode(wep)));
     with_retry(|| kv.txn(txn.clone())).await?;
     Ok(())
+}
+
+pub async fn delete_workload_endpoint<K: Kv>(
+    kv: &K,
+    node: &str,
+    namespace: &str,
+    pod: &str,
+    interface: &str,
+) -> Result<(), IpamError> {
+    let txn = Txn::new().then(Op::delete(keys::workload(node, namespace, pod, interface)));
+    with_retry(|| kv.txn(txn.clone())).await?;
+    Ok(())
+}
+
+pub async fn list_workload_endpoints<K: Kv>(
+    kv: &K,
+    node: &str,
+) -> Result<Vec<WorkloadEndpoint>, IpamError> {
+    let prefix = keys::node_workloads(node);
+    let (kvs, _) = with_retry(|| kv.get_prefix(&prefix)).await?;
+    kvs.iter().map(decode).collect()
+}
+
+pub async fn put_pod_intent<K: Kv>(
+    kv: &K,
+    namespace: &str,
+    pod: &str,
+    intent: &PodIntent,
+) -> Result<(), IpamError> {
+    let txn = Txn::new().then(Op::put(keys::pod_intent(namespace, pod), encode(intent)));
+    with_retry(|| kv.txn(txn.clone())).await?;
+    Ok(())
+}
+
+pub async fn get_pod_intent<K: Kv>(
+    kv: &K,
+    namespace: &str,
+    pod: &str,
+) -> Result<Option<PodIntent>, IpamError> {
+    let key = keys::pod_intent(namespace, pod);
+    match with_retry(|| kv.get(&key)).await? {
+        Some(item) => Ok(Some(decode(&item)?)),
+        None => Ok(None),
+    }
 }

@@ -1,0 +1,290 @@
+//! Address management for a pod: in-process Tessera IPAM (ipam.type `tessera-ipam`, no extra
+//! exec) or a delegated IPAM plugin found on CNI_PATH, as the spec describes.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use tessera_datastore::block::Attributes;
+use tessera_datastore::model::WorkloadId;
+use tessera_datastore::resources::{get_pod_intent, list_workload_endpoints};
+use tessera_datastore::snapshot::Snapshot;
+use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Owner};
+
+use crate::delegate;
+use crate::error::{code, CniError};
+use crate::spec::{CniEnv, CniResult, NetConf};
+
+pub const TESSERA_IPAM: &str = "tessera-ipam";
+
+/// Who the pod is, from CNI_ARGS (Kubernetes passes namespace and name; podman only a name).
+#[derive(Debug, Clone)]
+pub struct PodId {
+    pub namespace: String,
+    pub name: String,
+    pub container_id: String,
+    pub ifname: String,
+    /// True when the runtime told us the pod's name (a stable identity across restarts).
+    pub named: bool,
+}
+
+impl PodId {
+    pub fn from_env(env: &CniEnv) -> Self {
+        let name = env.arg("K8S_POD_NAME");
+        PodId {
+            namespace: env.arg("K8S_POD_NAMESPACE").unwrap_or("default").to_string(),
+            name: name.unwrap_or(env.container_id()).to_string(),
+            container_id: env.container_id().to_string(),
+            ifname: env.ifname().to_string(),
+            named: name.is_some(),
+        }
+    }
+
+    /// The identity the host interface name is hashed from.
+    pub fn identity(&self) -> String {
+        let base = if self.named {
+            format!("{}.{}", self.namespace, self.name)
+        } else {
+            self.container_id.clone()
+        };
+        if self.ifname == "eth0" {
+            base
+        } else {
+            format!("{base}.{}", self.ifname)
+        }
+    }
+
+    /// The IPAM handle: one per network, container and interface.
+    pub fn handle(&self, network: &str) -> String {
+        format!("{network}.{}.{}", self.container_id, self.ifname)
+    }
+
+    fn attributes(&self, network: &str) -> Attributes {
+        Attributes::from([
+            ("network".to_string(), network.to_string()),
+            ("containerID".to_string(), self.container_id.clone()),
+            ("ifname".to_string(), self.ifname.clone()),
+        ])
+    }
+}
+
+/// This node's name: config, TESSERA_NODENAME, the node name file, the hostname.
+pub fn node_name(conf: &NetConf) -> Result<String, CniError> {
+    if let Some(n) = conf.nodename.clone().filter(|n| !n.is_empty()) {
+        return Ok(n);
+    }
+    if let Ok(n) = std::env::var("TESSERA_NODENAME") {
+        if !n.is_empty() {
+            return Ok(n);
+        }
+    }
+    let file = conf.nodename_file.as_deref().unwrap_or("/var/lib/tessera/nodename");
+    if let Ok(n) = std::fs::read_to_string(file) {
+        if !n.trim().is_empty() {
+            return Ok(n.trim().to_string());
+        }
+    }
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .ok_or_else(|| CniError::invalid_config("cannot tell this node's name: set `nodename`"))
+}
+
+pub async fn connect(conf: &NetConf) -> Result<EtcdKv, CniError> {
+    let mut endpoints = conf.datastore.etcd_endpoints.clone();
+    if endpoints.is_empty() {
+        if let Ok(e) = std::env::var("TESSERA_ETCD_ENDPOINTS") {
+            endpoints = e.split(',').map(str::to_string).collect();
+        }
+    }
+    if endpoints.is_empty() {
+        return Err(CniError::invalid_config("datastore.etcdEndpoints is empty"));
+    }
+    let timeout = Duration::from_millis(conf.datastore.timeout_ms.unwrap_or(5000));
+    EtcdKv::connect(&endpoints, timeout)
+        .await
+        .map_err(|e| CniError::new(code::TRY_AGAIN_LATER, format!("cannot reach etcd: {e}")))
+}
+
+fn parse_addr(s: &str) -> Result<IpAddr, CniError> {
+    let bare = s.split('/').next().unwrap_or(s);
+    bare.parse()
+        .map_err(|_| CniError::invalid_config(format!("requested address {s:?} is not an IP address")))
+}
+
+/// Assigns the pod's addresses and returns them. ADD twice for the same container returns
+/// what the first ADD got.
+pub async fn assign(
+    kv: &EtcdKv,
+    conf: &NetConf,
+    env: &CniEnv,
+    node: &str,
+    pod: &PodId,
+    stdin: &[u8],
+) -> Result<Vec<IpAddr>, CniError> {
+    let ipam_conf = conf
+        .ipam
+        .as_ref()
+        .ok_or_else(|| CniError::invalid_config("the `ipam` section is missing"))?;
+    if ipam_conf.ipam_type != TESSERA_IPAM {
+        let result = delegate::run(env, &ipam_conf.ipam_type, "ADD", stdin).await?;
+        let r = CniResult::from_json(&result.unwrap_or(Value::Null))?;
+        return Ok(r.ips.iter().map(|i| i.address.ip()).collect());
+    }
+    let ipam = Ipam::new(kv.clone(), node);
+    let handle = pod.handle(&conf.name);
+    let existing = ipam.handle_addresses(&handle).await?;
+    if !existing.is_empty() {
+        tracing::info!(%handle, ?existing, "ADD again for the same container: same addresses");
+        return Ok(existing);
+    }
+
+    let intent = if pod.named {
+        get_pod_intent(kv, &pod.namespace, &pod.name).await?.unwrap_or_default()
+    } else {
+        Default::default()
+    };
+    if !intent.ip_addrs.is_empty() && !intent.ip_addrs_no_ipam.is_empty() {
+        return Err(CniError::invalid_config("the pod asks for both ipAddrs and ipAddrsNoIpam"));
+    }
+    if !intent.ip_addrs_no_ipam.is_empty() {
+        if !conf.feature_flags.ip_addrs_no_ipam {
+            return Err(CniError::invalid_config(
+                "ipAddrsNoIpam is disabled (featureFlags.ipAddrsNoIpam in the CNI config)",
+            ));
+        }
+        return Ok(intent.ip_addrs_no_ipam.clone());
+    }
+
+    let mut requested: Vec<IpAddr> = Vec::new();
+    for s in &conf.runtime_config.ips {
+        requested.push(parse_addr(s)?);
+    }
+    if let Some(ips) = env.arg("IP") {
+        for s in ips.split(',').filter(|s| !s.is_empty()) {
+            requested.push(parse_addr(s)?);
+        }
+    }
+    requested.extend(intent.ip_addrs.iter().copied());
+    let mut seen = HashSet::new();
+    requested.retain(|a| seen.insert(*a));
+
+    let owner = Owner {
+        handle: handle.clone(),
+        workload: pod.named.then(|| WorkloadId {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            labels: intent.labels.clone(),
+        }),
+        attrs: pod.attributes(&conf.name),
+    };
+    if !requested.is_empty() {
+        let mut got = Vec::new();
+        for addr in requested {
+            match ipam.assign_exact(&owner, addr).await {
+                Ok(a) => got.push(a.addr),
+                Err(e) => {
+                    // All or nothing.
+                    if let Err(r) = ipam.release_by_handle(&handle).await {
+                        tracing::warn!(error = %r, "rollback of exact assignment failed");
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        return Ok(got);
+    }
+    let mut pools = ipam_conf.ipv4_pools.clone();
+    pools.extend(ipam_conf.ipv6_pools.iter().cloned());
+    pools.extend(intent.ipv4_pools.iter().cloned());
+    pools.extend(intent.ipv6_pools.iter().cloned());
+    let req = AssignRequest {
+        owner,
+        num_v4: usize::from(ipam_conf.assign_ipv4),
+        num_v6: usize::from(ipam_conf.assign_ipv6),
+        pools,
+    };
+    Ok(ipam.auto_assign(&req).await?.into_iter().map(|a| a.addr).collect())
+}
+
+/// Releases the pod's addresses (idempotent).
+pub async fn release(
+    kv: &EtcdKv,
+    conf: &NetConf,
+    env: &CniEnv,
+    node: &str,
+    pod: &PodId,
+    stdin: &[u8],
+) -> Result<(), CniError> {
+    match conf.ipam.as_ref() {
+        Some(i) if i.ipam_type == TESSERA_IPAM => {
+            let ipam = Ipam::new(kv.clone(), node);
+            ipam.release_by_handle(&pod.handle(&conf.name)).await?;
+            Ok(())
+        }
+        Some(i) => delegate::run(env, &i.ipam_type, "DEL", stdin).await.map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// CHECK for in-process IPAM: the handle holds exactly the addresses the pod has.
+pub async fn check(kv: &EtcdKv, conf: &NetConf, node: &str, pod: &PodId, addrs: &[IpAddr]) -> Result<(), CniError> {
+    let ipam = Ipam::new(kv.clone(), node);
+    let mut held = ipam.handle_addresses(&pod.handle(&conf.name)).await?;
+    let mut want = addrs.to_vec();
+    held.sort();
+    want.sort();
+    if held != want {
+        return Err(CniError::check_failed(format!(
+            "IPAM holds {held:?} for this container, the pod has {want:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// GC (spec 1.1): releases every allocation of this network on this node whose
+/// (container, interface) is not in `cni.dev/valid-attachments`, and its endpoint record.
+pub async fn gc(kv: &EtcdKv, conf: &NetConf, node: &str) -> Result<Vec<String>, CniError> {
+    let valid: HashSet<(String, String)> = conf
+        .extra
+        .get("cni.dev/valid-attachments")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| {
+                    Some((
+                        v.get("containerID")?.as_str()?.to_string(),
+                        v.get("ifname")?.as_str()?.to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let snap = Snapshot::read(kv).await?;
+    let mut stale: Vec<String> = snap
+        .blocks
+        .values()
+        .flat_map(|b| b.value.allocated().map(|(_, a)| a.clone()).collect::<Vec<_>>())
+        .filter(|a| {
+            let attr = |k: &str| a.attrs.get(k).cloned().unwrap_or_default();
+            attr("node") == node
+                && attr("network") == conf.name
+                && !valid.contains(&(attr("containerID"), attr("ifname")))
+        })
+        .map(|a| a.handle)
+        .collect();
+    stale.sort();
+    stale.dedup();
+    let ipam = Ipam::new(kv.clone(), node);
+    for h in &stale {
+        ipam.release_by_handle(h).await?;
+    }
+    for wep in list_workload_endpoints(kv, node).await? {
+        if stale.contains(&wep.handle) {
+            tessera_datastore::resources::delete_workload_endpoint(kv, node, &wep.namespace, &wep.pod, &wep.interface)
+                .await?;
+        }
+    }
+    Ok(stale)
+}
