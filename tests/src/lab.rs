@@ -172,6 +172,40 @@ impl Lab {
         self.etcd.as_ref().and_then(Etcd::pid).into_iter().collect()
     }
 
+    /// `etcdctl <args>` against the lab's etcd, run inside the control namespace.
+    pub fn etcdctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let ep = self.etcd_endpoint();
+        let mut full = vec!["--endpoints", ep.as_str()];
+        full.extend_from_slice(args);
+        self.ctl.exec("etcdctl", &full)
+    }
+
+    /// Every (key, value) under `prefix` in the lab's etcd.
+    pub fn etcd_prefix(&self, prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let out = self.etcdctl(&["get", "--prefix", prefix])?;
+        let lines: Vec<&str> = out.lines().collect();
+        Ok(lines
+            .chunks(2)
+            .filter(|c| c.len() == 2)
+            .map(|c| (c[0].to_string(), c[1].to_string()))
+            .collect())
+    }
+
+    /// Writes the pools and reservations of a YAML document to the lab's etcd (as
+    /// `resources::apply_config` would: values and the config epoch).
+    pub fn apply_yaml(&self, yaml: &str) -> anyhow::Result<()> {
+        use tessera_datastore::keys;
+        let r = tessera_datastore::yaml::parse_resources(yaml)?;
+        for p in &r.pools {
+            self.etcdctl(&["put", &keys::pool(&p.name), &serde_json::to_string(p)?])?;
+        }
+        for res in &r.reservations {
+            self.etcdctl(&["put", &keys::reservation(&res.name), &serde_json::to_string(res)?])?;
+        }
+        self.etcdctl(&["put", keys::CONFIG_EPOCH, "{}"])?;
+        Ok(())
+    }
+
     pub fn node(&self, name: &str) -> &LabNode {
         self.nodes
             .iter()
