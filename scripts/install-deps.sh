@@ -4,7 +4,8 @@ set -euo pipefail
 PKGS=(
   etcd-server etcd-client          # the datastore, and etcdctl for the test bed's health checks
   protobuf-compiler libprotobuf-dev  # etcd-client's build script compiles etcd's protos
-  iproute2 iputils-ping procps     # the test bed: namespaces, veth, bridges, ping, sysctl
+  iproute2 iputils-ping procps util-linux  # the test bed: namespaces, veth, bridges, ping, sysctl, nsenter
+  containernetworking-plugins iptables     # reference CNI plugins (chaining tests, ptp+host-local benchmark)
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -10,9 +10,16 @@ use crate::error::{code, CniError};
 use crate::spec::CniEnv;
 
 /// Runs plugin `plugin_type` with `command`; returns its parsed stdout (None if empty).
-pub async fn run(env: &CniEnv, plugin_type: &str, command: &str, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+pub async fn run(
+    env: &CniEnv,
+    plugin_type: &str,
+    command: &str,
+    stdin: &[u8],
+) -> Result<Option<Value>, CniError> {
     if plugin_type.contains('/') {
-        return Err(CniError::invalid_config(format!("plugin type {plugin_type:?} must be a bare name")));
+        return Err(CniError::invalid_config(format!(
+            "plugin type {plugin_type:?} must be a bare name"
+        )));
     }
     let path = env
         .path
@@ -20,7 +27,10 @@ pub async fn run(env: &CniEnv, plugin_type: &str, command: &str, stdin: &[u8]) -
         .map(|d| d.join(plugin_type))
         .find(|p| p.is_file())
         .ok_or_else(|| {
-            CniError::invalid_config(format!("plugin {plugin_type:?} not found on CNI_PATH {:?}", env.path))
+            CniError::invalid_config(format!(
+                "plugin {plugin_type:?} not found on CNI_PATH {:?}",
+                env.path
+            ))
         })?;
     let mut child = tokio::process::Command::new(&path)
         .env("CNI_COMMAND", command)
@@ -42,7 +52,10 @@ pub async fn run(env: &CniEnv, plugin_type: &str, command: &str, stdin: &[u8]) -
     let value: Option<Value> = if out.stdout.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        Some(serde_json::from_slice(&out.stdout).map_err(|e| CniError::decode(format!("{plugin_type} output: {e}")))?)
+        Some(
+            serde_json::from_slice(&out.stdout)
+                .map_err(|e| CniError::decode(format!("{plugin_type} output: {e}")))?,
+        )
     };
     if !out.status.success() {
         let msg = value
@@ -51,7 +64,10 @@ pub async fn run(env: &CniEnv, plugin_type: &str, command: &str, stdin: &[u8]) -
             .and_then(Value::as_str)
             .unwrap_or("failed")
             .to_string();
-        return Err(CniError::new(code::DELEGATE_FAILED, format!("{plugin_type} {command}: {msg}")));
+        return Err(CniError::new(
+            code::DELEGATE_FAILED,
+            format!("{plugin_type} {command}: {msg}"),
+        ));
     }
     Ok(value)
 }

@@ -78,7 +78,8 @@ impl Driver {
             .cloned()
             .ok_or_else(|| DriverError::Conflist("`plugins` must be a non-empty list".into()))?;
         Ok(Driver {
-            cni_version: s("cniVersion").ok_or_else(|| DriverError::Conflist("no cniVersion".into()))?,
+            cni_version: s("cniVersion")
+                .ok_or_else(|| DriverError::Conflist("no cniVersion".into()))?,
             name: s("name").ok_or_else(|| DriverError::Conflist("no name".into()))?,
             plugins,
             bin_dirs,
@@ -112,7 +113,13 @@ impl Driver {
     }
 
     /// Runs one plugin; returns its parsed stdout (None when empty).
-    pub fn exec(&self, plugin_type: &str, command: &str, att: &Attachment, stdin: &Value) -> Result<Option<Value>, DriverError> {
+    pub fn exec(
+        &self,
+        plugin_type: &str,
+        command: &str,
+        att: &Attachment,
+        stdin: &Value,
+    ) -> Result<Option<Value>, DriverError> {
         let bin = self
             .bin_dirs
             .iter()
@@ -153,12 +160,17 @@ impl Driver {
                 .write_all(stdin.to_string().as_bytes())
                 .map_err(|e| err(format!("stdin: {e}")))?;
         }
-        let out = child.wait_with_output().map_err(|e| err(format!("wait: {e}")))?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| err(format!("wait: {e}")))?;
         let parsed: Option<Value> = if out.stdout.iter().all(u8::is_ascii_whitespace) {
             None
         } else {
             Some(serde_json::from_slice(&out.stdout).map_err(|e| {
-                err(format!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+                err(format!(
+                    "stdout is not JSON ({e}): {}",
+                    String::from_utf8_lossy(&out.stdout)
+                ))
             })?)
         };
         if !out.status.success() {
@@ -167,7 +179,11 @@ impl Driver {
                 plugin: plugin_type.into(),
                 command: command.into(),
                 code: v.get("code").and_then(Value::as_u64).unwrap_or(0),
-                msg: v.get("msg").and_then(Value::as_str).unwrap_or_default().into(),
+                msg: v
+                    .get("msg")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .into(),
                 details: format!(
                     "{} (stderr: {})",
                     v.get("details").and_then(Value::as_str).unwrap_or_default(),
@@ -239,7 +255,10 @@ impl Driver {
         for p in &self.plugins {
             let mut conf = self.plugin_config(p, &att, None);
             if let Some(o) = conf.as_object_mut() {
-                o.insert("cni.dev/valid-attachments".into(), Value::Array(list.clone()));
+                o.insert(
+                    "cni.dev/valid-attachments".into(),
+                    Value::Array(list.clone()),
+                );
             }
             self.exec(&Self::plugin_type(p)?, "GC", &att, &conf)?;
         }
@@ -249,11 +268,16 @@ impl Driver {
     /// VERSION of one plugin.
     pub fn version(&self, plugin_type: &str) -> Result<Value, DriverError> {
         let att = Attachment::default();
-        self.exec(plugin_type, "VERSION", &att, &json!({ "cniVersion": self.cni_version }))?
-            .ok_or_else(|| DriverError::Exec {
-                plugin: plugin_type.into(),
-                command: "VERSION".into(),
-                reason: "printed nothing".into(),
-            })
+        self.exec(
+            plugin_type,
+            "VERSION",
+            &att,
+            &json!({ "cniVersion": self.cni_version }),
+        )?
+        .ok_or_else(|| DriverError::Exec {
+            plugin: plugin_type.into(),
+            command: "VERSION".into(),
+            reason: "printed nothing".into(),
+        })
     }
 }

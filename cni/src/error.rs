@@ -82,7 +82,9 @@ impl From<IpamError> for CniError {
     fn from(e: IpamError) -> Self {
         let c = match &e {
             IpamError::Exhausted { .. } | IpamError::NoPool { .. } => code::IPAM_EXHAUSTED,
-            IpamError::AddressInUse { .. } | IpamError::AddressReserved { .. } => code::ADDRESS_UNAVAILABLE,
+            IpamError::AddressInUse { .. } | IpamError::AddressReserved { .. } => {
+                code::ADDRESS_UNAVAILABLE
+            }
             IpamError::AddressNotInPool { .. } => code::ADDRESS_NOT_IN_POOL,
             IpamError::InvalidHandle(_) => code::INVALID_ENV,
             e if e.is_transient() => code::TRY_AGAIN_LATER,

@@ -33,7 +33,10 @@ impl PodId {
     pub fn from_env(env: &CniEnv) -> Self {
         let name = env.arg("K8S_POD_NAME");
         PodId {
-            namespace: env.arg("K8S_POD_NAMESPACE").unwrap_or("default").to_string(),
+            namespace: env
+                .arg("K8S_POD_NAMESPACE")
+                .unwrap_or("default")
+                .to_string(),
             name: name.unwrap_or(env.container_id()).to_string(),
             container_id: env.container_id().to_string(),
             ifname: env.ifname().to_string(),
@@ -79,7 +82,10 @@ pub fn node_name(conf: &NetConf) -> Result<String, CniError> {
             return Ok(n);
         }
     }
-    let file = conf.nodename_file.as_deref().unwrap_or("/var/lib/tessera/nodename");
+    let file = conf
+        .nodename_file
+        .as_deref()
+        .unwrap_or("/var/lib/tessera/nodename");
     if let Ok(n) = std::fs::read_to_string(file) {
         if !n.trim().is_empty() {
             return Ok(n.trim().to_string());
@@ -109,8 +115,9 @@ pub async fn connect(conf: &NetConf) -> Result<EtcdKv, CniError> {
 
 fn parse_addr(s: &str) -> Result<IpAddr, CniError> {
     let bare = s.split('/').next().unwrap_or(s);
-    bare.parse()
-        .map_err(|_| CniError::invalid_config(format!("requested address {s:?} is not an IP address")))
+    bare.parse().map_err(|_| {
+        CniError::invalid_config(format!("requested address {s:?} is not an IP address"))
+    })
 }
 
 /// Assigns the pod's addresses and returns them. ADD twice for the same container returns
@@ -141,12 +148,16 @@ pub async fn assign(
     }
 
     let intent = if pod.named {
-        get_pod_intent(kv, &pod.namespace, &pod.name).await?.unwrap_or_default()
+        get_pod_intent(kv, &pod.namespace, &pod.name)
+            .await?
+            .unwrap_or_default()
     } else {
         Default::default()
     };
     if !intent.ip_addrs.is_empty() && !intent.ip_addrs_no_ipam.is_empty() {
-        return Err(CniError::invalid_config("the pod asks for both ipAddrs and ipAddrsNoIpam"));
+        return Err(CniError::invalid_config(
+            "the pod asks for both ipAddrs and ipAddrsNoIpam",
+        ));
     }
     if !intent.ip_addrs_no_ipam.is_empty() {
         if !conf.feature_flags.ip_addrs_no_ipam {
@@ -205,7 +216,12 @@ pub async fn assign(
         num_v6: usize::from(ipam_conf.assign_ipv6),
         pools,
     };
-    Ok(ipam.auto_assign(&req).await?.into_iter().map(|a| a.addr).collect())
+    Ok(ipam
+        .auto_assign(&req)
+        .await?
+        .into_iter()
+        .map(|a| a.addr)
+        .collect())
 }
 
 /// Releases the pod's addresses (idempotent).
@@ -223,13 +239,21 @@ pub async fn release(
             ipam.release_by_handle(&pod.handle(&conf.name)).await?;
             Ok(())
         }
-        Some(i) => delegate::run(env, &i.ipam_type, "DEL", stdin).await.map(|_| ()),
+        Some(i) => delegate::run(env, &i.ipam_type, "DEL", stdin)
+            .await
+            .map(|_| ()),
         None => Ok(()),
     }
 }
 
 /// CHECK for in-process IPAM: the handle holds exactly the addresses the pod has.
-pub async fn check(kv: &EtcdKv, conf: &NetConf, node: &str, pod: &PodId, addrs: &[IpAddr]) -> Result<(), CniError> {
+pub async fn check(
+    kv: &EtcdKv,
+    conf: &NetConf,
+    node: &str,
+    pod: &PodId,
+    addrs: &[IpAddr],
+) -> Result<(), CniError> {
     let ipam = Ipam::new(kv.clone(), node);
     let mut held = ipam.handle_addresses(&pod.handle(&conf.name)).await?;
     let mut want = addrs.to_vec();
@@ -265,7 +289,12 @@ pub async fn gc(kv: &EtcdKv, conf: &NetConf, node: &str) -> Result<Vec<String>, 
     let mut stale: Vec<String> = snap
         .blocks
         .values()
-        .flat_map(|b| b.value.allocated().map(|(_, a)| a.clone()).collect::<Vec<_>>())
+        .flat_map(|b| {
+            b.value
+                .allocated()
+                .map(|(_, a)| a.clone())
+                .collect::<Vec<_>>()
+        })
         .filter(|a| {
             let attr = |k: &str| a.attrs.get(k).cloned().unwrap_or_default();
             attr("node") == node
@@ -282,8 +311,14 @@ pub async fn gc(kv: &EtcdKv, conf: &NetConf, node: &str) -> Result<Vec<String>, 
     }
     for wep in list_workload_endpoints(kv, node).await? {
         if stale.contains(&wep.handle) {
-            tessera_datastore::resources::delete_workload_endpoint(kv, node, &wep.namespace, &wep.pod, &wep.interface)
-                .await?;
+            tessera_datastore::resources::delete_workload_endpoint(
+                kv,
+                node,
+                &wep.namespace,
+                &wep.pod,
+                &wep.interface,
+            )
+            .await?;
         }
     }
     Ok(stale)

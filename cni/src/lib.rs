@@ -35,7 +35,10 @@ pub fn main_for(plugin: Plugin) -> ! {
         Ok(_) => spec::CniEnv::from_env(),
         Err(e) => Err(CniError::io(format!("reading stdin: {e}"))),
     };
-    let outcome = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let outcome = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt.block_on(plugin::run(plugin, env, &stdin)),
         Err(e) => plugin::Outcome {
             stdout: Some(CniError::io(format!("cannot start runtime: {e}")).to_json("1.1.0")),
@@ -54,7 +57,11 @@ fn init_logging(stdin: &[u8]) {
     use tracing_subscriber::fmt::writer::MakeWriterExt;
     let path = serde_json::from_slice::<serde_json::Value>(stdin)
         .ok()
-        .and_then(|v| v.get("logFile").and_then(|f| f.as_str()).map(str::to_string))
+        .and_then(|v| {
+            v.get("logFile")
+                .and_then(|f| f.as_str())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| "/var/log/tessera/cni.log".into());
     let filter = tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -62,8 +69,16 @@ fn init_logging(stdin: &[u8]) {
         .parent()
         .map(std::fs::create_dir_all)
         .and_then(Result::ok)
-        .and_then(|_| std::fs::OpenOptions::new().create(true).append(true).open(&path).ok());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+        .and_then(|_| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .ok()
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
     match file {
         Some(f) => {
             let f = std::sync::Arc::new(f);

@@ -59,8 +59,8 @@ where
 /// A netlink handle for the calling thread's namespace; its connection task runs on the
 /// current runtime.
 pub fn connect() -> Result<rtnetlink::Handle, CniError> {
-    let (conn, handle, _) =
-        rtnetlink::new_connection().map_err(|e| CniError::netlink(format!("netlink socket: {e}")))?;
+    let (conn, handle, _) = rtnetlink::new_connection()
+        .map_err(|e| CniError::netlink(format!("netlink socket: {e}")))?;
     tokio::spawn(conn);
     Ok(handle)
 }

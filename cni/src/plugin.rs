@@ -12,7 +12,9 @@ use tessera_datastore::resources::{delete_workload_endpoint, load_config, put_wo
 use crate::error::{code, CniError};
 use crate::ipam::{self, PodId};
 use crate::netns::connect;
-use crate::spec::{CniEnv, CniResult, Command, Interface, IpConfig, NetConf, Route, Version, SUPPORTED_VERSIONS};
+use crate::spec::{
+    CniEnv, CniResult, Command, Interface, IpConfig, NetConf, Route, Version, SUPPORTED_VERSIONS,
+};
 use crate::wiring::{self, PodWiring, HOST_MAC};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,11 +37,18 @@ pub async fn run(plugin: Plugin, env: Result<CniEnv, CniError>, stdin: &[u8]) ->
     // Errors are printed in the version the config asked for, when it can be read at all.
     let version = serde_json::from_slice::<Value>(stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
         .unwrap_or_else(|| "1.1.0".to_string());
     match dispatch(plugin, env, stdin).await {
-        Ok(stdout) => Outcome { stdout, exit_code: 0 },
+        Ok(stdout) => Outcome {
+            stdout,
+            exit_code: 0,
+        },
         Err(e) => {
             tracing::error!(code = e.code, msg = %e.msg, details = %e.details, "CNI command failed");
             Outcome {
@@ -50,7 +59,11 @@ pub async fn run(plugin: Plugin, env: Result<CniEnv, CniError>, stdin: &[u8]) ->
     }
 }
 
-async fn dispatch(plugin: Plugin, env: Result<CniEnv, CniError>, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+async fn dispatch(
+    plugin: Plugin,
+    env: Result<CniEnv, CniError>,
+    stdin: &[u8],
+) -> Result<Option<Value>, CniError> {
     let env = env?;
     if env.command == Command::Version {
         // VERSION's stdin carries only cniVersion.
@@ -60,10 +73,14 @@ async fn dispatch(plugin: Plugin, env: Result<CniEnv, CniError>, stdin: &[u8]) -
     let version = conf.version();
     match env.command {
         Command::Check if version < Version(0, 4, 0) => {
-            return Err(CniError::incompatible("CHECK needs cniVersion 0.4.0 or later"))
+            return Err(CniError::incompatible(
+                "CHECK needs cniVersion 0.4.0 or later",
+            ))
         }
         Command::Status | Command::Gc if version < Version(1, 1, 0) => {
-            return Err(CniError::incompatible("STATUS and GC need cniVersion 1.1.0"))
+            return Err(CniError::incompatible(
+                "STATUS and GC need cniVersion 1.1.0",
+            ))
         }
         _ => {}
     }
@@ -79,14 +96,18 @@ async fn dispatch(plugin: Plugin, env: Result<CniEnv, CniError>, stdin: &[u8]) -
         (Plugin::Ipam, Command::Del) => {
             let kv = ipam::connect(&conf).await?;
             let pod = PodId::from_env(&env);
-            ipam::release(&kv, &conf, &env, &node, &pod, stdin).await.map(|()| None)
+            ipam::release(&kv, &conf, &env, &node, &pod, stdin)
+                .await
+                .map(|()| None)
         }
         (Plugin::Ipam, Command::Check) => {
             let kv = ipam::connect(&conf).await?;
             let pod = PodId::from_env(&env);
             let prev = prev_result(&conf)?;
             let addrs: Vec<IpAddr> = prev.ips.iter().map(|i| i.address.ip()).collect();
-            ipam::check(&kv, &conf, &node, &pod, &addrs).await.map(|()| None)
+            ipam::check(&kv, &conf, &node, &pod, &addrs)
+                .await
+                .map(|()| None)
         }
         (_, Command::Status) => status(&conf).await.map(|()| None),
         (_, Command::Gc) => {
@@ -101,7 +122,11 @@ async fn dispatch(plugin: Plugin, env: Result<CniEnv, CniError>, stdin: &[u8]) -
 fn version_answer(stdin: &[u8]) -> Value {
     let asked = serde_json::from_slice::<Value>(stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| "1.1.0".into());
     json!({ "cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS })
 }
@@ -125,7 +150,12 @@ fn pod_mtu(conf: &NetConf) -> u32 {
         .unwrap_or(1500)
 }
 
-fn wiring_for(conf: &NetConf, env: &CniEnv, pod: &PodId, addresses: Vec<IpAddr>) -> Result<PodWiring, CniError> {
+fn wiring_for(
+    conf: &NetConf,
+    env: &CniEnv,
+    pod: &PodId,
+    addresses: Vec<IpAddr>,
+) -> Result<PodWiring, CniError> {
     let prefix = conf.veth_prefix.as_deref().unwrap_or("cali");
     let mac = match conf.runtime_config.mac.as_deref().or(env.arg("MAC")) {
         Some(m) => Some(wiring::parse_mac(m)?),
@@ -208,10 +238,16 @@ async fn wire_and_record(
     }
     let mut routes = Vec::new();
     if addresses.iter().any(IpAddr::is_ipv4) {
-        routes.push(Route { dst: "0.0.0.0/0".parse().map_err(|_| CniError::io("route"))?, gw: None });
+        routes.push(Route {
+            dst: "0.0.0.0/0".parse().map_err(|_| CniError::io("route"))?,
+            gw: None,
+        });
     }
     if addresses.iter().any(IpAddr::is_ipv6) {
-        routes.push(Route { dst: "::/0".parse().map_err(|_| CniError::io("route"))?, gw: None });
+        routes.push(Route {
+            dst: "::/0".parse().map_err(|_| CniError::io("route"))?,
+            gw: None,
+        });
     }
     let result = CniResult {
         interfaces: vec![
@@ -261,7 +297,11 @@ async fn check(conf: &NetConf, env: &CniEnv, node: &str) -> Result<(), CniError>
     let w = wiring_for(conf, env, &pod, addresses.clone())?;
     let host = connect()?;
     wiring::check_pod(&host, &w).await?;
-    if conf.ipam.as_ref().is_some_and(|i| i.ipam_type == ipam::TESSERA_IPAM) {
+    if conf
+        .ipam
+        .as_ref()
+        .is_some_and(|i| i.ipam_type == ipam::TESSERA_IPAM)
+    {
         let kv = ipam::connect(conf).await?;
         ipam::check(&kv, conf, node, &pod, &addresses).await?;
     }
@@ -285,7 +325,12 @@ async fn status(conf: &NetConf) -> Result<(), CniError> {
     Ok(())
 }
 
-async fn ipam_add(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<Value, CniError> {
+async fn ipam_add(
+    conf: &NetConf,
+    env: &CniEnv,
+    node: &str,
+    stdin: &[u8],
+) -> Result<Value, CniError> {
     let kv = ipam::connect(conf).await?;
     let pod = PodId::from_env(env);
     let addresses = ipam::assign(&kv, conf, env, node, &pod, stdin).await?;

@@ -81,7 +81,11 @@ impl CniEnv {
             Some("STATUS") => Command::Status,
             Some("GC") => Command::Gc,
             Some("VERSION") => Command::Version,
-            Some(other) => return Err(CniError::invalid_env(format!("unknown CNI_COMMAND {other:?}"))),
+            Some(other) => {
+                return Err(CniError::invalid_env(format!(
+                    "unknown CNI_COMMAND {other:?}"
+                )))
+            }
             None => return Err(CniError::invalid_env("CNI_COMMAND is not set")),
         };
         let non_empty = |k: &str| get(k).filter(|v| !v.is_empty());
@@ -112,17 +116,26 @@ impl CniEnv {
         };
         for (name, present) in required {
             if !present {
-                return Err(CniError::invalid_env(format!("{name} is required for this command")));
+                return Err(CniError::invalid_env(format!(
+                    "{name} is required for this command"
+                )));
             }
         }
         if let Some(id) = &env.container_id {
-            if !id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
-                return Err(CniError::invalid_env(format!("CNI_CONTAINERID {id:?} has invalid characters")));
+            if !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            {
+                return Err(CniError::invalid_env(format!(
+                    "CNI_CONTAINERID {id:?} has invalid characters"
+                )));
             }
         }
         if let Some(ifname) = &env.ifname {
             if ifname.len() > 15 || ifname.contains('/') || ifname.is_empty() {
-                return Err(CniError::invalid_env(format!("CNI_IFNAME {ifname:?} is not a valid interface name")));
+                return Err(CniError::invalid_env(format!(
+                    "CNI_IFNAME {ifname:?} is not a valid interface name"
+                )));
             }
         }
         Ok(env)
@@ -135,16 +148,19 @@ impl CniEnv {
         self.ifname.as_deref().unwrap_or("eth0")
     }
     pub fn arg(&self, key: &str) -> Option<&str> {
-        self.args.get(key).map(String::as_str).filter(|v| !v.is_empty())
+        self.args
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 }
 
 fn parse_args(s: &str) -> Result<BTreeMap<String, String>, CniError> {
     let mut out = BTreeMap::new();
     for pair in s.split(';').filter(|p| !p.is_empty()) {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| CniError::invalid_env(format!("CNI_ARGS entry {pair:?} is not KEY=VALUE")))?;
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            CniError::invalid_env(format!("CNI_ARGS entry {pair:?} is not KEY=VALUE"))
+        })?;
         out.insert(k.to_string(), v.to_string());
     }
     let ignore_unknown = out
@@ -259,7 +275,9 @@ impl NetConf {
             .map_err(|e| CniError::decode(format!("network configuration: {e}")))?;
         Version::parse(&conf.cni_version)?;
         if conf.name.is_empty() || !tessera_datastore::keys::valid_segment(&conf.name) {
-            return Err(CniError::invalid_config("`name` must be non-empty printable ASCII without '/'"));
+            return Err(CniError::invalid_config(
+                "`name` must be non-empty printable ASCII without '/'",
+            ));
         }
         Ok(conf)
     }
@@ -310,7 +328,9 @@ pub struct CniResult {
 impl CniResult {
     /// The result as JSON for `version`: 0.3.x and 0.4.0 carry a `version` per IP.
     pub fn to_json(&self, version: &str) -> Value {
-        let legacy = Version::parse(version).map(|v| v < Version(1, 0, 0)).unwrap_or(false);
+        let legacy = Version::parse(version)
+            .map(|v| v < Version(1, 0, 0))
+            .unwrap_or(false);
         let ips: Vec<Value> = self
             .ips
             .iter()
@@ -327,12 +347,22 @@ impl CniResult {
             .collect();
         let mut out = Map::new();
         out.insert("cniVersion".into(), Value::String(version.into()));
-        out.insert("interfaces".into(), serde_json::to_value(&self.interfaces).unwrap_or_default());
+        out.insert(
+            "interfaces".into(),
+            serde_json::to_value(&self.interfaces).unwrap_or_default(),
+        );
         out.insert("ips".into(), Value::Array(ips));
-        out.insert("routes".into(), serde_json::to_value(&self.routes).unwrap_or_default());
+        out.insert(
+            "routes".into(),
+            serde_json::to_value(&self.routes).unwrap_or_default(),
+        );
         out.insert(
             "dns".into(),
-            if self.dns.is_null() { Value::Object(Map::new()) } else { self.dns.clone() },
+            if self.dns.is_null() {
+                Value::Object(Map::new())
+            } else {
+                self.dns.clone()
+            },
         );
         Value::Object(out)
     }
@@ -347,7 +377,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Result<CniEnv, CniError> {
-        let m: BTreeMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         CniEnv::from_lookup(|k| m.get(k).cloned())
     }
 
@@ -379,7 +412,11 @@ mod tests {
     #[test]
     fn results_carry_ip_version_before_1_0() {
         let r = CniResult {
-            ips: vec![IpConfig { address: "10.244.0.5/32".parse().expect("net"), gateway: None, interface: Some(1) }],
+            ips: vec![IpConfig {
+                address: "10.244.0.5/32".parse().expect("net"),
+                gateway: None,
+                interface: Some(1),
+            }],
             ..Default::default()
         };
         assert_eq!(r.to_json("0.3.1")["ips"][0]["version"], "4");

@@ -50,7 +50,10 @@ pub struct Wired {
 }
 
 pub fn format_mac(mac: &[u8]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 pub fn parse_mac(s: &str) -> Result<[u8; 6], CniError> {
@@ -78,7 +81,14 @@ const fn libc_enodev() -> i32 {
 
 /// The link called `name`, if any.
 pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, CniError> {
-    match h.link().get().match_name(name.to_string()).execute().try_next().await {
+    match h
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
         Ok(l) => Ok(l),
         Err(e) if is_enodev(&e) => Ok(None),
         Err(e) => Err(CniError::netlink(format!("looking up {name}: {e}"))),
@@ -107,7 +117,10 @@ pub async fn wire_pod(h: &Handle, w: &PodWiring) -> Result<Wired, CniError> {
     remove_host_end(h, &w.host_ifname).await?;
     // The peer starts in the host namespace under a name derived from ours, so that
     // concurrent ADDs never collide, then moves into the pod.
-    let tmp = format!("tmp{}", &w.host_ifname[w.host_ifname.len().saturating_sub(11)..]);
+    let tmp = format!(
+        "tmp{}",
+        &w.host_ifname[w.host_ifname.len().saturating_sub(11)..]
+    );
     h.link()
         .add(LinkVeth::new(&w.host_ifname, &tmp).mtu(w.mtu).build())
         .execute()
@@ -122,7 +135,11 @@ pub async fn wire_pod(h: &Handle, w: &PodWiring) -> Result<Wired, CniError> {
     {
         use std::os::fd::AsRawFd;
         h.link()
-            .set(LinkUnspec::new_with_index(peer.header.index).setns_by_fd(ns.as_raw_fd()).build())
+            .set(
+                LinkUnspec::new_with_index(peer.header.index)
+                    .setns_by_fd(ns.as_raw_fd())
+                    .build(),
+            )
             .execute()
             .await
             .map_err(nl("moving the pod end into the pod"))?;
@@ -150,7 +167,10 @@ pub async fn wire_pod(h: &Handle, w: &PodWiring) -> Result<Wired, CniError> {
         .map_err(nl("bringing up the host end"))?;
 
     let pod = w.clone();
-    let container_mac = in_netns(&w.netns, move |c| async move { wire_container(&c, &pod, &tmp).await }).await?;
+    let container_mac = in_netns(&w.netns, move |c| async move {
+        wire_container(&c, &pod, &tmp).await
+    })
+    .await?;
 
     for addr in &w.addresses {
         host_route(h, *addr, host.header.index).await?;
@@ -192,11 +212,17 @@ async fn wire_container(c: &Handle, w: &PodWiring, tmp: &str) -> Result<String, 
             format!("the pod already has an interface {}", w.ifname),
         ));
     }
-    let mut rename = LinkUnspec::new_with_index(idx).name(w.ifname.clone()).mtu(w.mtu);
+    let mut rename = LinkUnspec::new_with_index(idx)
+        .name(w.ifname.clone())
+        .mtu(w.mtu);
     if let Some(mac) = w.mac {
         rename = rename.address(mac.to_vec());
     }
-    c.link().set(rename.build()).execute().await.map_err(nl("renaming the pod end"))?;
+    c.link()
+        .set(rename.build())
+        .execute()
+        .await
+        .map_err(nl("renaming the pod end"))?;
     if w.addresses.iter().any(IpAddr::is_ipv6) {
         // The pod's own addresses are unique by IPAM; DAD would only delay them.
         sysctl(&format!("net/ipv6/conf/{}/accept_dad", w.ifname), "0")?;
@@ -222,19 +248,34 @@ async fn wire_container(c: &Handle, w: &PodWiring, tmp: &str) -> Result<String, 
             .output_interface(idx)
             .scope(RouteScope::Link)
             .build();
-        c.route().add(gw).replace().execute().await.map_err(nl("gateway route"))?;
+        c.route()
+            .add(gw)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl("gateway route"))?;
         let default = RouteMessageBuilder::<Ipv4Addr>::new()
             .gateway(GATEWAY_V4)
             .output_interface(idx)
             .build();
-        c.route().add(default).replace().execute().await.map_err(nl("default route"))?;
+        c.route()
+            .add(default)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl("default route"))?;
     }
     if w.addresses.iter().any(IpAddr::is_ipv6) {
         let default = RouteMessageBuilder::<Ipv6Addr>::new()
             .gateway(GATEWAY_V6)
             .output_interface(idx)
             .build();
-        c.route().add(default).replace().execute().await.map_err(nl("IPv6 default route"))?;
+        c.route()
+            .add(default)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl("IPv6 default route"))?;
     }
     let link = link_by_name(c, &w.ifname)
         .await?
@@ -257,25 +298,35 @@ pub async fn remove_host_end(h: &Handle, host_ifname: &str) -> Result<(), CniErr
 /// What CHECK verifies: the host end (up, our MAC, a host route per address) and, inside the
 /// pod, the interface with every address and the default routes.
 pub async fn check_pod(h: &Handle, w: &PodWiring) -> Result<(), CniError> {
-    let host = link_by_name(h, &w.host_ifname)
-        .await?
-        .ok_or_else(|| CniError::check_failed(format!("host interface {} is missing", w.host_ifname)))?;
+    let host = link_by_name(h, &w.host_ifname).await?.ok_or_else(|| {
+        CniError::check_failed(format!("host interface {} is missing", w.host_ifname))
+    })?;
     if link_mac(&host).as_deref() != Some(&format_mac(&HOST_MAC)) {
-        return Err(CniError::check_failed(format!("{} has the wrong MAC", w.host_ifname)));
+        return Err(CniError::check_failed(format!(
+            "{} has the wrong MAC",
+            w.host_ifname
+        )));
     }
     let routes = dump_routes(h).await?;
     for addr in &w.addresses {
         let plen = if addr.is_ipv4() { 32 } else { 128 };
-        let want = (IpNetwork::new(*addr, plen).ok(), Some(host.header.index), None);
+        let want = (
+            IpNetwork::new(*addr, plen).ok(),
+            Some(host.header.index),
+            None,
+        );
         if !routes.iter().any(|r| (r.0, r.1, r.2) == want) {
-            return Err(CniError::check_failed(format!("host route to {addr} via {} is missing", w.host_ifname)));
+            return Err(CniError::check_failed(format!(
+                "host route to {addr} via {} is missing",
+                w.host_ifname
+            )));
         }
     }
     let pod = w.clone();
     in_netns(&w.netns, move |c| async move {
-        let link = link_by_name(&c, &pod.ifname)
-            .await?
-            .ok_or_else(|| CniError::check_failed(format!("{} is missing in the pod", pod.ifname)))?;
+        let link = link_by_name(&c, &pod.ifname).await?.ok_or_else(|| {
+            CniError::check_failed(format!("{} is missing in the pod", pod.ifname))
+        })?;
         let idx = link.header.index;
         let addrs: Vec<IpAddr> = c
             .address()
@@ -294,19 +345,32 @@ pub async fn check_pod(h: &Handle, w: &PodWiring) -> Result<(), CniError> {
             .collect();
         for addr in &pod.addresses {
             if !addrs.contains(addr) {
-                return Err(CniError::check_failed(format!("{addr} is missing on {} in the pod", pod.ifname)));
+                return Err(CniError::check_failed(format!(
+                    "{addr} is missing on {} in the pod",
+                    pod.ifname
+                )));
             }
         }
         let routes = dump_routes(&c).await?;
         if pod.addresses.iter().any(IpAddr::is_ipv4)
-            && !routes.iter().any(|r| r.0.is_some_and(|d| d.prefix() == 0 && d.is_ipv4()) && r.2 == Some(IpAddr::V4(GATEWAY_V4)))
+            && !routes.iter().any(|r| {
+                r.0.is_some_and(|d| d.prefix() == 0 && d.is_ipv4())
+                    && r.2 == Some(IpAddr::V4(GATEWAY_V4))
+            })
         {
-            return Err(CniError::check_failed("the pod's default route via 169.254.1.1 is missing"));
+            return Err(CniError::check_failed(
+                "the pod's default route via 169.254.1.1 is missing",
+            ));
         }
         if pod.addresses.iter().any(IpAddr::is_ipv6)
-            && !routes.iter().any(|r| r.0.is_some_and(|d| d.prefix() == 0 && d.is_ipv6()) && r.2 == Some(IpAddr::V6(GATEWAY_V6)))
+            && !routes.iter().any(|r| {
+                r.0.is_some_and(|d| d.prefix() == 0 && d.is_ipv6())
+                    && r.2 == Some(IpAddr::V6(GATEWAY_V6))
+            })
         {
-            return Err(CniError::check_failed("the pod's IPv6 default route is missing"));
+            return Err(CniError::check_failed(
+                "the pod's IPv6 default route is missing",
+            ));
         }
         Ok(())
     })
@@ -314,7 +378,9 @@ pub async fn check_pod(h: &Handle, w: &PodWiring) -> Result<(), CniError> {
 }
 
 /// (destination, output interface, gateway) of every main-table route, both families.
-async fn dump_routes(h: &Handle) -> Result<Vec<(Option<IpNetwork>, Option<u32>, Option<IpAddr>)>, CniError> {
+async fn dump_routes(
+    h: &Handle,
+) -> Result<Vec<(Option<IpNetwork>, Option<u32>, Option<IpAddr>)>, CniError> {
     use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
     let mut out = Vec::new();
     for msg in [
@@ -322,7 +388,13 @@ async fn dump_routes(h: &Handle) -> Result<Vec<(Option<IpNetwork>, Option<u32>, 
         RouteMessageBuilder::<Ipv6Addr>::new().build(),
     ] {
         let v4 = msg.header.address_family == rtnetlink::packet_route::AddressFamily::Inet;
-        let routes: Vec<_> = h.route().get(msg).execute().try_collect().await.map_err(nl("listing routes"))?;
+        let routes: Vec<_> = h
+            .route()
+            .get(msg)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing routes"))?;
         for r in routes {
             let addr = |a: &RouteAddress| match a {
                 RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
@@ -373,7 +445,10 @@ mod tests {
 
     #[test]
     fn macs_parse_and_format() {
-        assert_eq!(format_mac(&parse_mac("02:42:ac:11:00:02").expect("mac")), "02:42:ac:11:00:02");
+        assert_eq!(
+            format_mac(&parse_mac("02:42:ac:11:00:02").expect("mac")),
+            "02:42:ac:11:00:02"
+        );
         assert_eq!(parse_mac("zz").unwrap_err().code, 7);
     }
 }

@@ -17,13 +17,21 @@ fn pods_get_their_nodes_block_and_reach_each_other_and_the_node() {
     assert!(a0[0].starts_with("10.244.") && a0[1].starts_with("fd10:244:"));
 
     // Each pod's address is in a block whose affinity is its node.
-    let blocks = c.lab.etcd_prefix("/tessera/v1/ipam/blocks/").expect("blocks");
+    let blocks = c
+        .lab
+        .etcd_prefix("/tessera/v1/ipam/blocks/")
+        .expect("blocks");
     let owner_of = |addr: &str| -> String {
         let a: std::net::IpAddr = addr.parse().expect("addr");
         blocks
             .iter()
             .map(|(_, v)| serde_json::from_str::<serde_json::Value>(v).expect("json"))
-            .find(|b| b["cidr"].as_str().and_then(|s| s.parse::<ipnetwork::IpNetwork>().ok()).is_some_and(|n| n.contains(a)))
+            .find(|b| {
+                b["cidr"]
+                    .as_str()
+                    .and_then(|s| s.parse::<ipnetwork::IpNetwork>().ok())
+                    .is_some_and(|n| n.contains(a))
+            })
             .and_then(|b| b["affinity"].as_str().map(str::to_string))
             .unwrap_or_default()
     };
@@ -34,11 +42,21 @@ fn pods_get_their_nodes_block_and_reach_each_other_and_the_node() {
 
     // Host side, in the kernel: MAC, link up, sysctls, host routes.
     let node1 = &c.lab.node("node1").netns;
-    let host_if = r0["interfaces"][0]["name"].as_str().expect("host if").to_string();
-    assert!(host_if.starts_with("cali") && host_if.len() == 15, "{host_if}");
+    let host_if = r0["interfaces"][0]["name"]
+        .as_str()
+        .expect("host if")
+        .to_string();
+    assert!(
+        host_if.starts_with("cali") && host_if.len() == 15,
+        "{host_if}"
+    );
     let link = node1.ip_json(&["link", "show", &host_if]).expect("link");
     assert_eq!(link[0]["address"], "ee:ee:ee:ee:ee:ee");
-    assert!(link[0]["flags"].as_array().expect("flags").iter().any(|f| f == "UP"));
+    assert!(link[0]["flags"]
+        .as_array()
+        .expect("flags")
+        .iter()
+        .any(|f| f == "UP"));
     for (key, want) in [
         (format!("net.ipv4.conf.{host_if}.proxy_arp"), "1"),
         (format!("net.ipv4.neigh.{host_if}.proxy_delay"), "0"),
@@ -49,10 +67,14 @@ fn pods_get_their_nodes_block_and_reach_each_other_and_the_node() {
         let got = node1.exec("sysctl", &["-n", &key]).expect("sysctl");
         assert_eq!(got.trim(), want, "{key}");
     }
-    let routes = node1.ip_json(&["route", "show", &format!("{}/32", a0[0])]).expect("route");
+    let routes = node1
+        .ip_json(&["route", "show", &format!("{}/32", a0[0])])
+        .expect("route");
     assert_eq!(routes[0]["dev"], host_if.as_str());
     assert_eq!(routes[0]["scope"], "link");
-    let routes6 = node1.ip_json(&["-6", "route", "show", &format!("{}/128", a0[1])]).expect("route6");
+    let routes6 = node1
+        .ip_json(&["-6", "route", "show", &format!("{}/128", a0[1])])
+        .expect("route6");
     assert_eq!(routes6[0]["dev"], host_if.as_str());
 
     // Pod side: eth0 with the /32 and /128, the gateway routes.
@@ -63,7 +85,12 @@ fn pods_get_their_nodes_block_and_reach_each_other_and_the_node() {
         .expect("addr_info")
         .iter()
         .filter(|a| a["scope"] == "global")
-        .map(|a| (a["local"].as_str().unwrap_or_default().to_string(), a["prefixlen"].as_u64().unwrap_or(0)))
+        .map(|a| {
+            (
+                a["local"].as_str().unwrap_or_default().to_string(),
+                a["prefixlen"].as_u64().unwrap_or(0),
+            )
+        })
         .collect();
     assert!(pod_addrs.contains(&(a0[0].clone(), 32)), "{pod_addrs:?}");
     assert!(pod_addrs.contains(&(a0[1].clone(), 128)), "{pod_addrs:?}");
@@ -79,21 +106,32 @@ fn pods_get_their_nodes_block_and_reach_each_other_and_the_node() {
     };
     assert!(has("169.254.1.1", None, Some("link")), "{pod_routes}");
     assert!(has("default", Some("169.254.1.1"), None), "{pod_routes}");
-    let pod_routes6 = pod0.ip_json(&["-6", "route", "show", "default"]).expect("routes6");
+    let pod_routes6 = pod0
+        .ip_json(&["-6", "route", "show", "default"])
+        .expect("routes6");
     assert_eq!(pod_routes6[0]["gateway"], "fe80::ecee:eeff:feee:eeee");
 
     // Traffic: pod to pod on one node (v4 and v6), node to pod.
-    pod0.exec("ping", &["-c1", "-W2", &a1[0]]).expect("pod0 -> pod1 (IPv4)");
-    pod0.exec("ping", &["-6", "-c1", "-W2", &a1[1]]).expect("pod0 -> pod1 (IPv6)");
-    node1.exec("ping", &["-c1", "-W2", &a0[0]]).expect("node1 -> pod0");
+    pod0.exec("ping", &["-c1", "-W2", &a1[0]])
+        .expect("pod0 -> pod1 (IPv4)");
+    pod0.exec("ping", &["-6", "-c1", "-W2", &a1[1]])
+        .expect("pod0 -> pod1 (IPv6)");
+    node1
+        .exec("ping", &["-c1", "-W2", &a0[0]])
+        .expect("node1 -> pod0");
     // The pod resolved its gateway to the host end's MAC through proxy ARP.
-    let neigh = pod0.ip_json(&["neigh", "show", "169.254.1.1"]).expect("neigh");
+    let neigh = pod0
+        .ip_json(&["neigh", "show", "169.254.1.1"])
+        .expect("neigh");
     assert_eq!(neigh[0]["lladdr"], "ee:ee:ee:ee:ee:ee");
 
     // etcd: one endpoint record and one handle per pod.
     let weps = c.lab.etcd_prefix("/tessera/v1/workloads/").expect("weps");
     assert_eq!(weps.len(), 3);
-    let wep0 = weps.iter().find(|(k, _)| k.ends_with("/node1/default/pod-0/eth0")).expect("pod-0 endpoint");
+    let wep0 = weps
+        .iter()
+        .find(|(k, _)| k.ends_with("/node1/default/pod-0/eth0"))
+        .expect("pod-0 endpoint");
     let wep0: serde_json::Value = serde_json::from_str(&wep0.1).expect("json");
     assert_eq!(wep0["hostInterface"], host_if.as_str());
     assert_eq!(wep0["addresses"][0], format!("{}/32", a0[0]));
@@ -101,12 +139,16 @@ fn pods_get_their_nodes_block_and_reach_each_other_and_the_node() {
 
     // DEL: links, routes, records and addresses all go.
     for (pod, node, result) in [(p0, "node1", &r0), (p1, "node1", &r1), (p2, "node2", &r2)] {
-        c.driver(node).del(&c.attachment(pod), Some(result)).expect("DEL");
+        c.driver(node)
+            .del(&c.attachment(pod), Some(result))
+            .expect("DEL");
     }
     assert!(c.host_links("node1").is_empty() && c.host_links("node2").is_empty());
     assert!(c.etcd_keys("/tessera/v1/workloads/").is_empty());
     assert!(c.etcd_keys("/tessera/v1/ipam/handles/").is_empty());
-    let left = node1.ip_json(&["route", "show", &format!("{}/32", a0[0])]).expect("route");
+    let left = node1
+        .ip_json(&["route", "show", &format!("{}/32", a0[0])])
+        .expect("route");
     assert_eq!(left.as_array().map(Vec::len), Some(0));
 
     let (prefix, pids) = (c.lab.prefix().to_string(), c.lab.pids());

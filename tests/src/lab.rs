@@ -200,7 +200,11 @@ impl Lab {
             self.etcdctl(&["put", &keys::pool(&p.name), &serde_json::to_string(p)?])?;
         }
         for res in &r.reservations {
-            self.etcdctl(&["put", &keys::reservation(&res.name), &serde_json::to_string(res)?])?;
+            self.etcdctl(&[
+                "put",
+                &keys::reservation(&res.name),
+                &serde_json::to_string(res)?,
+            ])?;
         }
         self.etcdctl(&["put", keys::CONFIG_EPOCH, "{}"])?;
         Ok(())

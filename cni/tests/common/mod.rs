@@ -28,14 +28,29 @@ pub struct CniLab {
 
 pub fn bin_dirs() -> Vec<PathBuf> {
     let ours = PathBuf::from(env!("CARGO_BIN_EXE_tessera"));
-    vec![ours.parent().expect("bin dir").to_path_buf(), PathBuf::from("/usr/lib/cni")]
+    vec![
+        ours.parent().expect("bin dir").to_path_buf(),
+        PathBuf::from("/usr/lib/cni"),
+    ]
 }
 
 impl CniLab {
     pub fn new(test: &str, nodes: usize) -> Self {
-        let lab = Lab::new(test, LabSpec { nodes, subnets: 1, etcd: true }).expect("lab");
+        let lab = Lab::new(
+            test,
+            LabSpec {
+                nodes,
+                subnets: 1,
+                etcd: true,
+            },
+        )
+        .expect("lab");
         lab.apply_yaml(POOLS).expect("pools");
-        CniLab { pods: Vec::new(), lab, logs: tempfile::tempdir().expect("tempdir") }
+        CniLab {
+            pods: Vec::new(),
+            lab,
+            logs: tempfile::tempdir().expect("tempdir"),
+        }
     }
 
     /// The `tessera` plugin entry for a node.
@@ -52,7 +67,8 @@ impl CniLab {
     }
 
     pub fn driver_with(&self, node: &str, version: &str, plugins: Vec<Value>) -> Driver {
-        let conflist = json!({ "cniVersion": version, "name": "k8s-pod-network", "plugins": plugins });
+        let conflist =
+            json!({ "cniVersion": version, "name": "k8s-pod-network", "plugins": plugins });
         Driver::from_conflist(&conflist, bin_dirs())
             .expect("conflist")
             .in_netns(self.lab.node(node).netns.path())
@@ -87,17 +103,30 @@ impl CniLab {
     pub fn add_pod(&mut self, node: &str) -> (usize, Value) {
         let pod = self.pod_netns();
         let att = self.attachment(pod);
-        let r = self.driver(node).add(&att).unwrap_or_else(|e| panic!("ADD pod {pod} on {node}: {e}"));
+        let r = self
+            .driver(node)
+            .add(&att)
+            .unwrap_or_else(|e| panic!("ADD pod {pod} on {node}: {e}"));
         (pod, r)
     }
 
     pub fn etcd_keys(&self, prefix: &str) -> Vec<String> {
-        self.lab.etcd_prefix(prefix).expect("etcd").into_iter().map(|(k, _)| k).collect()
+        self.lab
+            .etcd_prefix(prefix)
+            .expect("etcd")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
     }
 
     /// Names of `cali*` links on a node.
     pub fn host_links(&self, node: &str) -> Vec<String> {
-        let links = self.lab.node(node).netns.ip_json(&["link", "show"]).expect("links");
+        let links = self
+            .lab
+            .node(node)
+            .netns
+            .ip_json(&["link", "show"])
+            .expect("links");
         links
             .as_array()
             .into_iter()
@@ -120,5 +149,6 @@ pub fn ips(result: &Value) -> Vec<String> {
 }
 
 pub fn code(e: &DriverError) -> u64 {
-    e.code().unwrap_or_else(|| panic!("not a plugin error: {e}"))
+    e.code()
+        .unwrap_or_else(|| panic!("not a plugin error: {e}"))
 }

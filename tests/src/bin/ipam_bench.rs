@@ -37,9 +37,8 @@ async fn main() -> anyhow::Result<()> {
     let dur = Duration::from_secs_f64(args.seconds);
     let etcd = Etcd::start_loopback()?;
     let endpoint = etcd.endpoint().to_string();
-    let connect = || async {
-        EtcdKv::connect(std::slice::from_ref(&endpoint), Duration::from_secs(5)).await
-    };
+    let connect =
+        || async { EtcdKv::connect(std::slice::from_ref(&endpoint), Duration::from_secs(5)).await };
     let admin = connect().await?;
     let yaml = "
 apiVersion: tessera.dev/v1
@@ -106,10 +105,7 @@ spec: { cidr: 10.245.0.0/20, blockSize: 26 }
             filled_blocks += 1;
         }
         let pairs = pair_rate(&ipams, "fill", dur).await?;
-        println!(
-            "| {pct} % | {pairs:.0} | {:.2} |",
-            8.0 * 1000.0 / pairs
-        );
+        println!("| {pct} % | {pairs:.0} | {:.2} |", 8.0 * 1000.0 / pairs);
     }
     drop(etcd);
     Ok(())
