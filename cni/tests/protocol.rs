@@ -300,3 +300,96 @@ fn chained_with_debians_portmap_and_bandwidth() {
     assert!(c.etcd_keys("/tessera/v1/ipam/handles/").is_empty());
     finish(c);
 }
+
+#[test]
+fn other_ipam_plugins_are_delegated_and_tessera_ipam_runs_standalone() {
+    let mut c = CniLab::new("cni_delegate", 1);
+    // tessera wiring with Debian's host-local for addresses.
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut plugin = c.plugin("node1", false);
+    plugin["ipam"] = json!({
+        "type": "host-local",
+        "dataDir": data.path(),
+        "ranges": [[{ "subnet": "10.244.200.0/24" }]]
+    });
+    let d = c.driver_with("node1", "1.0.0", vec![plugin]);
+    let pod = c.pod_netns();
+    let att = c.attachment(pod);
+    let r = d.add(&att).expect("ADD with host-local");
+    let addr = ips(&r)[0].clone();
+    assert!(addr.starts_with("10.244.200."), "{r}");
+    assert!(
+        data.path().join("k8s-pod-network").join(&addr).exists(),
+        "host-local lease"
+    );
+    d.del(&att, Some(&r)).expect("DEL");
+    assert!(
+        !data.path().join("k8s-pod-network").join(&addr).exists(),
+        "lease released"
+    );
+
+    // tessera-ipam as another main plugin would delegate to it: ADD, CHECK, DEL.
+    let mut conf = c.plugin("node1", true);
+    conf["cniVersion"] = json!("1.1.0");
+    conf["name"] = json!("k8s-pod-network");
+    conf["type"] = json!("tessera-ipam");
+    let pod = c.pod_netns();
+    let att = c.attachment(pod);
+    let r = d
+        .exec("tessera-ipam", "ADD", &att, &conf)
+        .expect("IPAM ADD")
+        .expect("result");
+    assert_eq!(ips(&r).len(), 2, "{r}");
+    assert!(
+        r["interfaces"].as_array().is_none_or(Vec::is_empty),
+        "IPAM wires nothing: {r}"
+    );
+    assert!(c.host_links("node1").is_empty());
+    conf["prevResult"] = r.clone();
+    d.exec("tessera-ipam", "CHECK", &att, &conf)
+        .expect("IPAM CHECK");
+    assert_eq!(c.etcd_keys("/tessera/v1/ipam/handles/").len(), 1);
+    d.exec("tessera-ipam", "DEL", &att, &conf)
+        .expect("IPAM DEL");
+    assert!(c.etcd_keys("/tessera/v1/ipam/handles/").is_empty());
+    // CHECK now fails: the handle no longer holds the addresses.
+    let e = d.exec("tessera-ipam", "CHECK", &att, &conf).unwrap_err();
+    assert_eq!(code(&e), 105, "{e}");
+    finish(c);
+}
+
+#[test]
+fn pod_intents_ask_for_addresses_and_pools() {
+    let mut c = CniLab::new("cni_intents", 1);
+    let d = c.driver("node1");
+    let pod = c.pod_netns();
+    let pod2 = c.pod_netns();
+    let att = c.attachment(pod);
+    let intent = |pod: usize, v: serde_json::Value| {
+        c.lab
+            .etcdctl(&[
+                "put",
+                &format!("/tessera/v1/pod-intents/default/pod-{pod}"),
+                &v.to_string(),
+            ])
+            .expect("put intent");
+    };
+    intent(pod, json!({ "ipAddrs": ["10.244.99.9"] }));
+    let r = d.add(&att).expect("ADD with ipAddrs");
+    assert_eq!(ips(&r)[0], "10.244.99.9");
+
+    // Both ipAddrs and ipAddrsNoIpam: refused, nothing allocated.
+    intent(
+        pod2,
+        json!({ "ipAddrs": ["10.244.99.10"], "ipAddrsNoIpam": ["10.250.0.1"] }),
+    );
+    assert_eq!(code(&d.add(&c.attachment(pod2)).unwrap_err()), 7);
+    // ipAddrsNoIpam alone: refused while the feature flag is off.
+    intent(pod2, json!({ "ipAddrsNoIpam": ["10.250.0.1"] }));
+    let e = d.add(&c.attachment(pod2)).unwrap_err();
+    assert_eq!(code(&e), 7);
+    assert!(e.to_string().contains("ipAddrsNoIpam"), "{e}");
+    assert_eq!(c.etcd_keys("/tessera/v1/ipam/handles/").len(), 1);
+    assert_eq!(c.host_links("node1").len(), 1);
+    finish(c);
+}

@@ -91,7 +91,9 @@ impl CniLab {
             container_id: format!("c{:062x}", pod),
             netns: self.pods[pod].path(),
             ifname: "eth0".into(),
+            // As kubelet passes them.
             args: BTreeMap::from([
+                ("IgnoreUnknown".to_string(), "1".to_string()),
                 ("K8S_POD_NAMESPACE".to_string(), "default".to_string()),
                 ("K8S_POD_NAME".to_string(), format!("pod-{pod}")),
             ]),
