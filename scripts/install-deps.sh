@@ -6,6 +6,7 @@ PKGS=(
   protobuf-compiler libprotobuf-dev  # etcd-client's build script compiles etcd's protos
   iproute2 iputils-ping procps util-linux  # the test bed: namespaces, veth, bridges, ping, sysctl, nsenter
   containernetworking-plugins iptables     # reference CNI plugins (chaining tests, ptp+host-local benchmark)
+  podman runc busybox-static               # a real container runtime as CNI client, and its rootfs
 )
 missing=()
 for p in "${PKGS[@]}"; do
