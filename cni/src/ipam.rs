@@ -72,6 +72,40 @@ impl PodId {
     }
 }
 
+/// A node-wide lock around IPAM writes, as Calico's IPAM plugin takes one: the pods of one
+/// node allocate from the same block, and serialising them on the host is cheaper than
+/// letting ten concurrent ADDs retry their compare-and-swap against each other. Correctness
+/// never depends on it (every write is still a guarded transaction); it is dropped on exit.
+pub struct IpamLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl IpamLock {
+    pub async fn acquire(conf: &NetConf, node: &str) -> Result<Self, CniError> {
+        let path = conf
+            .ipam_lock_file
+            .clone()
+            .unwrap_or_else(|| format!("/var/run/tessera/ipam-{node}.lock"));
+        let lock = tokio::task::spawn_blocking(move || {
+            if let Some(dir) = std::path::Path::new(&path).parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| CniError::io(format!("{}: {e}", dir.display())))?;
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| CniError::io(format!("{path}: {e}")))?;
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| CniError::io(format!("locking {path}: {e}")))
+        })
+        .await
+        .map_err(|e| CniError::io(format!("lock task: {e}")))??;
+        Ok(IpamLock { _lock: lock })
+    }
+}
+
 /// This node's name: config, TESSERA_NODENAME, the node name file, the hostname.
 pub fn node_name(conf: &NetConf) -> Result<String, CniError> {
     if let Some(n) = conf.nodename.clone().filter(|n| !n.is_empty()) {
@@ -120,6 +154,14 @@ fn parse_addr(s: &str) -> Result<IpAddr, CniError> {
     })
 }
 
+/// What ADD got from IPAM.
+#[derive(Debug, Clone, Default)]
+pub struct Assigned {
+    pub addresses: Vec<IpAddr>,
+    /// From the pod intent, for the endpoint record.
+    pub floating_ips: Vec<IpAddr>,
+}
+
 /// Assigns the pod's addresses and returns them. ADD twice for the same container returns
 /// what the first ADD got.
 pub async fn assign(
@@ -129,7 +171,7 @@ pub async fn assign(
     node: &str,
     pod: &PodId,
     stdin: &[u8],
-) -> Result<Vec<IpAddr>, CniError> {
+) -> Result<Assigned, CniError> {
     let ipam_conf = conf
         .ipam
         .as_ref()
@@ -137,23 +179,35 @@ pub async fn assign(
     if ipam_conf.ipam_type != TESSERA_IPAM {
         let result = delegate::run(env, &ipam_conf.ipam_type, "ADD", stdin).await?;
         let r = CniResult::from_json(&result.unwrap_or(Value::Null))?;
-        return Ok(r.ips.iter().map(|i| i.address.ip()).collect());
+        return Ok(Assigned {
+            addresses: r.ips.iter().map(|i| i.address.ip()).collect(),
+            floating_ips: Vec::new(),
+        });
     }
+    let _lock = IpamLock::acquire(conf, node).await?;
     let ipam = Ipam::new(kv.clone(), node);
     let handle = pod.handle(&conf.name);
-    let existing = ipam.handle_addresses(&handle).await?;
+    // Independent reads, concurrently.
+    let intent = async {
+        if pod.named {
+            get_pod_intent(kv, &pod.namespace, &pod.name).await
+        } else {
+            Ok(None)
+        }
+    };
+    let (existing, intent, warm) =
+        tokio::join!(ipam.handle_addresses(&handle), intent, ipam.prefetch());
+    let (existing, intent) = (existing?, intent?.unwrap_or_default());
+    warm?;
+    let floating_ips = intent.floating_ips.clone();
+    let done = |addresses: Vec<IpAddr>| Assigned {
+        addresses,
+        floating_ips: floating_ips.clone(),
+    };
     if !existing.is_empty() {
         tracing::info!(%handle, ?existing, "ADD again for the same container: same addresses");
-        return Ok(existing);
+        return Ok(done(existing));
     }
-
-    let intent = if pod.named {
-        get_pod_intent(kv, &pod.namespace, &pod.name)
-            .await?
-            .unwrap_or_default()
-    } else {
-        Default::default()
-    };
     if !intent.ip_addrs.is_empty() && !intent.ip_addrs_no_ipam.is_empty() {
         return Err(CniError::invalid_config(
             "the pod asks for both ipAddrs and ipAddrsNoIpam",
@@ -165,7 +219,7 @@ pub async fn assign(
                 "ipAddrsNoIpam is disabled (featureFlags.ipAddrsNoIpam in the CNI config)",
             ));
         }
-        return Ok(intent.ip_addrs_no_ipam.clone());
+        return Ok(done(intent.ip_addrs_no_ipam.clone()));
     }
 
     let mut requested: Vec<IpAddr> = Vec::new();
@@ -204,7 +258,7 @@ pub async fn assign(
                 }
             }
         }
-        return Ok(got);
+        return Ok(done(got));
     }
     let mut pools = ipam_conf.ipv4_pools.clone();
     pools.extend(ipam_conf.ipv6_pools.iter().cloned());
@@ -216,12 +270,8 @@ pub async fn assign(
         num_v6: usize::from(ipam_conf.assign_ipv6),
         pools,
     };
-    Ok(ipam
-        .auto_assign(&req)
-        .await?
-        .into_iter()
-        .map(|a| a.addr)
-        .collect())
+    let got = ipam.auto_assign(&req).await?;
+    Ok(done(got.into_iter().map(|a| a.addr).collect()))
 }
 
 /// Releases the pod's addresses (idempotent).
@@ -235,8 +285,13 @@ pub async fn release(
 ) -> Result<(), CniError> {
     match conf.ipam.as_ref() {
         Some(i) if i.ipam_type == TESSERA_IPAM => {
+            let _lock = IpamLock::acquire(conf, node).await?;
             let ipam = Ipam::new(kv.clone(), node);
-            ipam.release_by_handle(&pod.handle(&conf.name)).await?;
+            // Warm the cache for the empty-block check that follows a release.
+            let handle = pod.handle(&conf.name);
+            let (released, warm) = tokio::join!(ipam.release_by_handle(&handle), ipam.prefetch());
+            released?;
+            warm?;
             Ok(())
         }
         Some(i) => delegate::run(env, &i.ipam_type, "DEL", stdin)

@@ -50,6 +50,7 @@ pub fn main_for(plugin: Plugin) -> ! {
         let _ = writeln!(out, "{v}");
         let _ = out.flush();
     }
+    tracing::debug!("plugin exiting");
     std::process::exit(outcome.exit_code)
 }
 

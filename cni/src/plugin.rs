@@ -180,10 +180,13 @@ async fn add(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<V
     // Fail before allocating anything when the pod's namespace is not there.
     crate::netns::open_netns(env.netns.as_deref().unwrap_or_default())?;
     let pod = PodId::from_env(env);
+    tracing::debug!("ADD: connecting to the datastore");
     let kv = ipam::connect(conf).await?;
-    let addresses = ipam::assign(&kv, conf, env, node, &pod, stdin).await?;
+    tracing::debug!("ADD: assigning addresses");
+    let assigned = ipam::assign(&kv, conf, env, node, &pod, stdin).await?;
+    tracing::debug!(addresses = ?assigned.addresses, "ADD: wiring");
     // From here on, a failure gives the addresses back and removes the links.
-    let result = wire_and_record(conf, env, node, &pod, &kv, addresses.clone()).await;
+    let result = wire_and_record(conf, env, node, &pod, &kv, assigned).await;
     match result {
         Ok(v) => Ok(v),
         Err(e) => {
@@ -201,8 +204,9 @@ async fn wire_and_record(
     node: &str,
     pod: &PodId,
     kv: &tessera_datastore::EtcdKv,
-    addresses: Vec<IpAddr>,
+    assigned: ipam::Assigned,
 ) -> Result<Value, CniError> {
+    let addresses = assigned.addresses;
     let w = wiring_for(conf, env, pod, addresses.clone())?;
     let host = connect()?;
     let wired = match wiring::wire_pod(&host, &w).await {
@@ -212,14 +216,7 @@ async fn wire_and_record(
             return Err(e);
         }
     };
-    let intent_floating = if pod.named {
-        tessera_datastore::resources::get_pod_intent(kv, &pod.namespace, &pod.name)
-            .await?
-            .map(|i| i.floating_ips)
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
+    tracing::debug!("ADD: recording the endpoint");
     let wep = WorkloadEndpoint {
         node: node.to_string(),
         namespace: pod.namespace.clone(),
@@ -230,7 +227,7 @@ async fn wire_and_record(
         mac: Some(wired.container_mac.clone()),
         addresses: addresses.iter().map(|a| host_prefix(*a)).collect(),
         handle: pod.handle(&conf.name),
-        floating_ips: intent_floating,
+        floating_ips: assigned.floating_ips,
     };
     if let Err(e) = put_workload_endpoint(kv, &wep).await {
         let _ = wiring::remove_host_end(&host, &w.host_ifname).await;
@@ -282,10 +279,20 @@ async fn del(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<(
     let w = wiring_for(conf, env, &pod, Vec::new())?;
     let host = connect()?;
     // Removing the host end removes the pod end too, whether or not the netns still exists.
-    wiring::remove_host_end(&host, &w.host_ifname).await?;
-    let kv = ipam::connect(conf).await?;
-    ipam::release(&kv, conf, env, node, &pod, stdin).await?;
-    delete_workload_endpoint(&kv, node, &pod.namespace, &pod.name, &pod.ifname).await?;
+    // The kernel takes most of DEL's time there (an RCU grace period), so the datastore
+    // work runs meanwhile. The freed address goes to the back of its block's free queue, so
+    // it is not handed out again within those milliseconds unless the block is full.
+    let unwire = wiring::remove_host_end(&host, &w.host_ifname);
+    let forget = async {
+        let kv = ipam::connect(conf).await?;
+        ipam::release(&kv, conf, env, node, &pod, stdin).await?;
+        delete_workload_endpoint(&kv, node, &pod.namespace, &pod.name, &pod.ifname)
+            .await
+            .map_err(CniError::from)
+    };
+    let (unwired, forgotten) = tokio::join!(unwire, forget);
+    unwired?;
+    forgotten?;
     tracing::info!(host = %w.host_ifname, "pod unwired");
     Ok(())
 }
@@ -333,7 +340,9 @@ async fn ipam_add(
 ) -> Result<Value, CniError> {
     let kv = ipam::connect(conf).await?;
     let pod = PodId::from_env(env);
-    let addresses = ipam::assign(&kv, conf, env, node, &pod, stdin).await?;
+    let addresses = ipam::assign(&kv, conf, env, node, &pod, stdin)
+        .await?
+        .addresses;
     let result = CniResult {
         ips: addresses
             .iter()

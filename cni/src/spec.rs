@@ -205,6 +205,9 @@ pub struct NetConf {
     pub mtu_file: Option<String>,
     #[serde(default)]
     pub log_file: Option<String>,
+    /// The node-wide IPAM lock (default /var/run/tessera/ipam-<node>.lock).
+    #[serde(default)]
+    pub ipam_lock_file: Option<String>,
     #[serde(default)]
     pub feature_flags: FeatureFlags,
     #[serde(default)]

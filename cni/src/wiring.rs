@@ -10,9 +10,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use std::os::fd::AsRawFd;
+
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::{RouteProtocol, RouteScope};
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use sha1::{Digest, Sha1};
 
 use crate::error::CniError;
@@ -115,35 +117,30 @@ pub async fn wire_pod(h: &Handle, w: &PodWiring) -> Result<Wired, CniError> {
     let ipv6 = w.addresses.iter().any(IpAddr::is_ipv6);
     // A leftover host end (an ADD that crashed, or ADD twice) is replaced.
     remove_host_end(h, &w.host_ifname).await?;
-    // The peer starts in the host namespace under a name derived from ours, so that
-    // concurrent ADDs never collide, then moves into the pod.
-    let tmp = format!(
-        "tmp{}",
-        &w.host_ifname[w.host_ifname.len().saturating_sub(11)..]
-    );
-    h.link()
-        .add(LinkVeth::new(&w.host_ifname, &tmp).mtu(w.mtu).build())
-        .execute()
-        .await
-        .map_err(nl("creating the veth pair"))?;
+    // The pod end is created directly inside the pod's namespace under its final name:
+    // moving a link between namespaces afterwards costs an RCU grace period (~20 ms).
+    let mut pod_end = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(w.ifname.clone())
+        .mtu(w.mtu)
+        .append_extra_attribute(LinkAttribute::NetNsFd(ns.as_raw_fd()));
+    if let Some(mac) = w.mac {
+        pod_end = pod_end.address(mac.to_vec());
+    }
+    let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(w.host_ifname.clone())
+        .mtu(w.mtu)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(pod_end.build())))
+        .build();
+    h.link().add(veth).execute().await.map_err(|e| match &e {
+        rtnetlink::Error::NetlinkError(m) if m.raw_code() == -17 => CniError::new(
+            crate::error::code::INVALID_CONFIG,
+            format!("the pod already has an interface {}", w.ifname),
+        ),
+        _ => CniError::netlink(format!("creating the veth pair: {e}")),
+    })?;
     let host = link_by_name(h, &w.host_ifname)
         .await?
         .ok_or_else(|| CniError::netlink("host end vanished"))?;
-    let peer = link_by_name(h, &tmp)
-        .await?
-        .ok_or_else(|| CniError::netlink("pod end vanished"))?;
-    {
-        use std::os::fd::AsRawFd;
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(peer.header.index)
-                    .setns_by_fd(ns.as_raw_fd())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl("moving the pod end into the pod"))?;
-    }
     // Host end: sysctls before it comes up (IPv6 DAD off before its link-local appears).
     let hn = &w.host_ifname;
     if ipv6 {
@@ -167,9 +164,10 @@ pub async fn wire_pod(h: &Handle, w: &PodWiring) -> Result<Wired, CniError> {
         .map_err(nl("bringing up the host end"))?;
 
     let pod = w.clone();
-    let container_mac = in_netns(&w.netns, move |c| async move {
-        wire_container(&c, &pod, &tmp).await
-    })
+    let container_mac = in_netns(
+        &w.netns,
+        move |c| async move { wire_container(&c, &pod).await },
+    )
     .await?;
 
     for addr in &w.addresses {
@@ -200,29 +198,12 @@ async fn host_route(h: &Handle, addr: IpAddr, index: u32) -> Result<(), CniError
         .map_err(nl("adding the host route"))
 }
 
-/// Inside the pod's namespace: rename, address, routes. Returns the pod end's MAC.
-async fn wire_container(c: &Handle, w: &PodWiring, tmp: &str) -> Result<String, CniError> {
-    let link = link_by_name(c, tmp)
+/// Inside the pod's namespace: sysctls, link up, addresses, routes. Returns the pod end's MAC.
+async fn wire_container(c: &Handle, w: &PodWiring) -> Result<String, CniError> {
+    let link = link_by_name(c, &w.ifname)
         .await?
         .ok_or_else(|| CniError::netlink("pod end not in the pod namespace"))?;
     let idx = link.header.index;
-    if link_by_name(c, &w.ifname).await?.is_some() {
-        return Err(CniError::new(
-            crate::error::code::INVALID_CONFIG,
-            format!("the pod already has an interface {}", w.ifname),
-        ));
-    }
-    let mut rename = LinkUnspec::new_with_index(idx)
-        .name(w.ifname.clone())
-        .mtu(w.mtu);
-    if let Some(mac) = w.mac {
-        rename = rename.address(mac.to_vec());
-    }
-    c.link()
-        .set(rename.build())
-        .execute()
-        .await
-        .map_err(nl("renaming the pod end"))?;
     if w.addresses.iter().any(IpAddr::is_ipv6) {
         // The pod's own addresses are unique by IPAM; DAD would only delay them.
         sysctl(&format!("net/ipv6/conf/{}/accept_dad", w.ifname), "0")?;

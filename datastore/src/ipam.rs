@@ -461,6 +461,17 @@ impl<K: Kv> Ipam<K> {
                 return Ok(assignments);
             }
             let [fresh_block, fresh_handle, epoch] = take3(outcome.gets);
+            tracing::debug!(
+                block = %cidr,
+                attempt,
+                block_rev = blk.rev,
+                block_now = ?fresh_block.as_ref().map(|k| k.mod_revision),
+                handle_rev = handle.rev,
+                handle_now = ?fresh_handle.as_ref().map(|k| k.mod_revision),
+                epoch_rev = cfg.epoch_rev,
+                epoch_now = ?epoch.as_ref().map(|k| k.mod_revision),
+                "assignment conflicted"
+            );
             self.remember_block(cidr, fresh_block.as_ref())?;
             let fresh_handle = self.remember_handle(&owner.handle, fresh_handle.as_ref())?;
             if epoch.map(|e| e.mod_revision).unwrap_or(0) != cfg.epoch_rev {
@@ -914,6 +925,17 @@ impl<K: Kv> Ipam<K> {
     }
 
     // ---- reads, through the cache -----------------------------------------------------------
+
+    /// Loads pools, node labels and this node's affinities concurrently (one round trip
+    /// instead of three), so that a short-lived client (a CNI invocation) starts warm.
+    pub async fn prefetch(&self) -> Result<(), IpamError> {
+        let (config, labels, affine) =
+            tokio::join!(self.config(), self.node_labels(), self.affine_blocks());
+        config?;
+        labels?;
+        affine?;
+        Ok(())
+    }
 
     /// Pools and reservations; cached until a write finds the config epoch moved.
     pub async fn config(&self) -> Result<Arc<Config>, IpamError> {

@@ -1,0 +1,165 @@
+//! ADD+DEL latency of `tessera` (with in-process Tessera IPAM in etcd) against Debian's
+//! reference `ptp` + `host-local` doing the same pods, in the same run and the same lab node,
+//! both driven by Tessera's spec driver through `nsenter` into the node namespace.
+//!
+//! `cargo bench -p tessera-cni --bench cni_latency [-- --pairs N]`
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tessera_cni::driver::{Attachment, Driver};
+use tessera_testbed::{Lab, LabSpec, Netns};
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `threads` workers, each with its own pod namespace, doing `pairs` ADD+DEL each.
+fn measure(
+    driver: &Driver,
+    pods: &[Netns],
+    threads: usize,
+    pairs: usize,
+    tag: &str,
+) -> Vec<Duration> {
+    let mut all: Vec<Duration> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let ns = &pods[t];
+                s.spawn(move || {
+                    let mut lat = Vec::with_capacity(pairs);
+                    for i in 0..pairs {
+                        let att = Attachment {
+                            container_id: format!("{tag}{t:03}{i:06}"),
+                            netns: ns.path(),
+                            ifname: "eth0".into(),
+                            args: [
+                                ("IgnoreUnknown", "1"),
+                                ("K8S_POD_NAMESPACE", "bench"),
+                                ("K8S_POD_NAME", &format!("{tag}-{t}")),
+                            ]
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                            capability_args: Default::default(),
+                        };
+                        let start = Instant::now();
+                        let r = driver.add(&att).expect("ADD");
+                        driver.del(&att, Some(&r)).expect("DEL");
+                        lat.push(start.elapsed());
+                    }
+                    lat
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect()
+    });
+    all.sort();
+    all
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let pairs: usize = args
+        .iter()
+        .position(|a| a == "--pairs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let only_parallel = args.iter().any(|a| a == "--only-parallel");
+    let lab = Lab::new(
+        "cni_bench",
+        LabSpec {
+            nodes: 1,
+            subnets: 1,
+            etcd: true,
+        },
+    )?;
+    lab.apply_yaml(
+        "apiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: { name: pods }\nspec: { cidr: 10.244.0.0/16 }\n",
+    )?;
+    let data = tempfile::tempdir()?;
+    let ours = PathBuf::from(env!("CARGO_BIN_EXE_tessera"));
+    let bins = vec![
+        ours.parent().expect("bin dir").to_path_buf(),
+        PathBuf::from("/usr/lib/cni"),
+    ];
+    let node = lab.node("node1").netns.path();
+    let tessera = Driver::from_conflist(
+        &json!({ "cniVersion": "1.0.0", "name": "bench", "plugins": [{
+            "type": "tessera", "nodename": "node1", "mtu": 1500,
+            "datastore": { "etcdEndpoints": [lab.etcd_endpoint()] },
+            "logFile": std::env::var("BENCH_CNI_LOG").map(PathBuf::from).unwrap_or_else(|_| data.path().join("cni.log")),
+            "ipam": { "type": "tessera-ipam" }
+        }]}),
+        bins.clone(),
+    )?
+    .in_netns(&node);
+    let reference = Driver::from_conflist(
+        &json!({ "cniVersion": "1.0.0", "name": "bench", "plugins": [{
+            "type": "ptp", "ipMasq": false, "mtu": 1500,
+            "ipam": { "type": "host-local", "dataDir": data.path().join("host-local"),
+                      "ranges": [[{ "subnet": "10.245.0.0/16" }]] }
+        }]}),
+        bins,
+    )?
+    .in_netns(&node);
+    let pods: Vec<Netns> = (0..10)
+        .map(|i| Netns::new(&format!("{}-b{i}", lab.prefix())))
+        .collect::<anyhow::Result<_>>()?;
+
+    println!("ADD+DEL latency, {pairs} pairs per row (sequential) or per worker (parallel)");
+    println!();
+    println!("| run | plugin | p50 ms | p99 ms | p50 ratio (tessera / ptp+host-local) |");
+    println!("|---|---|---:|---:|---:|");
+    for (label, threads) in [("sequential", 1usize), ("10 in parallel", 10)] {
+        if only_parallel && threads == 1 {
+            continue;
+        }
+        // Interleaved halves, so drift on the machine hits both sides alike.
+        let mut t = Vec::new();
+        let mut r = Vec::new();
+        for half in 0..2 {
+            r.extend(measure(
+                &reference,
+                &pods,
+                threads,
+                pairs / 2,
+                &format!("r{half}"),
+            ));
+            t.extend(measure(
+                &tessera,
+                &pods,
+                threads,
+                pairs / 2,
+                &format!("t{half}"),
+            ));
+        }
+        t.sort();
+        r.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let (t50, t99, r50, r99) = (
+            percentile(&t, 0.5),
+            percentile(&t, 0.99),
+            percentile(&r, 0.5),
+            percentile(&r, 0.99),
+        );
+        println!(
+            "| {label} | ptp + host-local | {:.1} | {:.1} | |",
+            ms(r50),
+            ms(r99)
+        );
+        println!(
+            "| {label} | tessera | {:.1} | {:.1} | **{:.2}** |",
+            ms(t50),
+            ms(t99),
+            ms(t50) / ms(r50)
+        );
+    }
+    Ok(())
+}
