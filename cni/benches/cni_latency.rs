@@ -16,15 +16,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Latencies of ADD+DEL pairs, and of the ADDs and DELs alone.
+#[derive(Default)]
+struct Samples {
+    pair: Vec<Duration>,
+    add: Vec<Duration>,
+    del: Vec<Duration>,
+}
+
 /// `threads` workers, each with its own pod namespace, doing `pairs` ADD+DEL each.
-fn measure(
-    driver: &Driver,
-    pods: &[Netns],
-    threads: usize,
-    pairs: usize,
-    tag: &str,
-) -> Vec<Duration> {
-    let mut all: Vec<Duration> = std::thread::scope(|s| {
+fn measure(driver: &Driver, pods: &[Netns], threads: usize, pairs: usize, tag: &str) -> Samples {
+    let all: Vec<(Duration, Duration)> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 let ns = &pods[t];
@@ -47,8 +49,9 @@ fn measure(
                         };
                         let start = Instant::now();
                         let r = driver.add(&att).expect("ADD");
+                        let added = start.elapsed();
                         driver.del(&att, Some(&r)).expect("DEL");
-                        lat.push(start.elapsed());
+                        lat.push((added, start.elapsed() - added));
                     }
                     lat
                 })
@@ -59,8 +62,11 @@ fn measure(
             .flat_map(|w| w.join().expect("worker"))
             .collect()
     });
-    all.sort();
-    all
+    Samples {
+        pair: all.iter().map(|(a, d)| *a + *d).collect(),
+        add: all.iter().map(|(a, _)| *a).collect(),
+        del: all.iter().map(|(_, d)| *d).collect(),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -115,49 +121,51 @@ fn main() -> anyhow::Result<()> {
 
     println!("ADD+DEL latency, {pairs} pairs per row (sequential) or per worker (parallel)");
     println!();
-    println!("| run | plugin | p50 ms | p99 ms | p50 ratio (tessera / ptp+host-local) |");
-    println!("|---|---|---:|---:|---:|");
+    println!("| run | plugin | ADD+DEL p50 ms | ADD+DEL p99 ms | ADD p50 ms | DEL p50 ms | p50 ratio (tessera / ptp+host-local) |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
     for (label, threads) in [("sequential", 1usize), ("10 in parallel", 10)] {
         if only_parallel && threads == 1 {
             continue;
         }
         // Interleaved halves, so drift on the machine hits both sides alike.
-        let mut t = Vec::new();
-        let mut r = Vec::new();
+        let mut t = Samples::default();
+        let mut r = Samples::default();
         for half in 0..2 {
-            r.extend(measure(
-                &reference,
-                &pods,
-                threads,
-                pairs / 2,
-                &format!("r{half}"),
-            ));
-            t.extend(measure(
-                &tessera,
-                &pods,
-                threads,
-                pairs / 2,
-                &format!("t{half}"),
-            ));
+            let rs = measure(&reference, &pods, threads, pairs / 2, &format!("r{half}"));
+            let ts = measure(&tessera, &pods, threads, pairs / 2, &format!("t{half}"));
+            for (all, one) in [(&mut r, rs), (&mut t, ts)] {
+                all.pair.extend(one.pair);
+                all.add.extend(one.add);
+                all.del.extend(one.del);
+            }
         }
-        t.sort();
-        r.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let (t50, t99, r50, r99) = (
-            percentile(&t, 0.5),
-            percentile(&t, 0.99),
-            percentile(&r, 0.5),
-            percentile(&r, 0.99),
-        );
+        let row = |s: &mut Samples| {
+            s.pair.sort();
+            s.add.sort();
+            s.del.sort();
+            (
+                percentile(&s.pair, 0.5),
+                percentile(&s.pair, 0.99),
+                percentile(&s.add, 0.5),
+                percentile(&s.del, 0.5),
+            )
+        };
+        let (r50, r99, ra, rd) = row(&mut r);
+        let (t50, t99, ta, td) = row(&mut t);
         println!(
-            "| {label} | ptp + host-local | {:.1} | {:.1} | |",
+            "| {label} | ptp + host-local | {:.1} | {:.1} | {:.1} | {:.1} | |",
             ms(r50),
-            ms(r99)
+            ms(r99),
+            ms(ra),
+            ms(rd)
         );
         println!(
-            "| {label} | tessera | {:.1} | {:.1} | **{:.2}** |",
+            "| {label} | tessera | {:.1} | {:.1} | {:.1} | {:.1} | **{:.2}** |",
             ms(t50),
             ms(t99),
+            ms(ta),
+            ms(td),
             ms(t50) / ms(r50)
         );
     }

@@ -32,14 +32,36 @@ where
     F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, CniError>>,
 {
-    let ns = open_netns(path)?;
+    on_thread(Some(open_netns(path)?), f).await
+}
+
+/// Runs `f` on a dedicated thread in this process's own namespace. The kernel handles a
+/// netlink request inside the sending syscall, so a slow one (deleting a veth waits for an
+/// RCU grace period) would otherwise stall every other task of a single-threaded runtime.
+pub async fn on_own_thread<T, F, Fut>(f: F) -> Result<T, CniError>
+where
+    T: Send + 'static,
+    F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, CniError>>,
+{
+    on_thread(None, f).await
+}
+
+async fn on_thread<T, F, Fut>(ns: Option<File>, f: F) -> Result<T, CniError>
+where
+    T: Send + 'static,
+    F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, CniError>>,
+{
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("netns".into())
         .spawn(move || {
             let result = (|| {
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| CniError::io(format!("setns: {e}")))?;
+                if let Some(ns) = &ns {
+                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| CniError::io(format!("setns: {e}")))?;
+                }
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

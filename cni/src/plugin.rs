@@ -277,12 +277,14 @@ async fn wire_and_record(
 async fn del(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<(), CniError> {
     let pod = PodId::from_env(env);
     let w = wiring_for(conf, env, &pod, Vec::new())?;
-    let host = connect()?;
     // Removing the host end removes the pod end too, whether or not the netns still exists.
     // The kernel takes most of DEL's time there (an RCU grace period), so the datastore
     // work runs meanwhile. The freed address goes to the back of its block's free queue, so
     // it is not handed out again within those milliseconds unless the block is full.
-    let unwire = wiring::remove_host_end(&host, &w.host_ifname);
+    let host_ifname = w.host_ifname.clone();
+    let unwire = crate::netns::on_own_thread(move |h| async move {
+        wiring::remove_host_end(&h, &host_ifname).await
+    });
     let forget = async {
         let kv = ipam::connect(conf).await?;
         ipam::release(&kv, conf, env, node, &pod, stdin).await?;
