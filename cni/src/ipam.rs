@@ -162,16 +162,29 @@ pub struct Assigned {
     pub floating_ips: Vec<IpAddr>,
 }
 
+/// One CNI invocation, as IPAM sees it.
+#[derive(Clone, Copy)]
+pub struct Call<'a> {
+    pub kv: &'a EtcdKv,
+    pub conf: &'a NetConf,
+    pub env: &'a CniEnv,
+    pub node: &'a str,
+    pub pod: &'a PodId,
+    /// The network configuration as received, for a delegated IPAM plugin.
+    pub stdin: &'a [u8],
+}
+
 /// Assigns the pod's addresses and returns them. ADD twice for the same container returns
 /// what the first ADD got.
-pub async fn assign(
-    kv: &EtcdKv,
-    conf: &NetConf,
-    env: &CniEnv,
-    node: &str,
-    pod: &PodId,
-    stdin: &[u8],
-) -> Result<Assigned, CniError> {
+pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
+    let Call {
+        kv,
+        conf,
+        env,
+        node,
+        pod,
+        stdin,
+    } = call;
     let ipam_conf = conf
         .ipam
         .as_ref()
@@ -275,14 +288,15 @@ pub async fn assign(
 }
 
 /// Releases the pod's addresses (idempotent).
-pub async fn release(
-    kv: &EtcdKv,
-    conf: &NetConf,
-    env: &CniEnv,
-    node: &str,
-    pod: &PodId,
-    stdin: &[u8],
-) -> Result<(), CniError> {
+pub async fn release(call: Call<'_>) -> Result<(), CniError> {
+    let Call {
+        kv,
+        conf,
+        env,
+        node,
+        pod,
+        stdin,
+    } = call;
     match conf.ipam.as_ref() {
         Some(i) if i.ipam_type == TESSERA_IPAM => {
             let _lock = IpamLock::acquire(conf, node).await?;

@@ -96,9 +96,16 @@ async fn dispatch(
         (Plugin::Ipam, Command::Del) => {
             let kv = ipam::connect(&conf).await?;
             let pod = PodId::from_env(&env);
-            ipam::release(&kv, &conf, &env, &node, &pod, stdin)
-                .await
-                .map(|()| None)
+            ipam::release(ipam::Call {
+                kv: &kv,
+                conf: &conf,
+                env: &env,
+                node: &node,
+                pod: &pod,
+                stdin,
+            })
+            .await
+            .map(|()| None)
         }
         (Plugin::Ipam, Command::Check) => {
             let kv = ipam::connect(&conf).await?;
@@ -183,14 +190,31 @@ async fn add(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<V
     tracing::debug!("ADD: connecting to the datastore");
     let kv = ipam::connect(conf).await?;
     tracing::debug!("ADD: assigning addresses");
-    let assigned = ipam::assign(&kv, conf, env, node, &pod, stdin).await?;
+    let assigned = ipam::assign(ipam::Call {
+        kv: &kv,
+        conf,
+        env,
+        node,
+        pod: &pod,
+        stdin,
+    })
+    .await?;
     tracing::debug!(addresses = ?assigned.addresses, "ADD: wiring");
     // From here on, a failure gives the addresses back and removes the links.
     let result = wire_and_record(conf, env, node, &pod, &kv, assigned).await;
     match result {
         Ok(v) => Ok(v),
         Err(e) => {
-            if let Err(r) = ipam::release(&kv, conf, env, node, &pod, stdin).await {
+            if let Err(r) = ipam::release(ipam::Call {
+                kv: &kv,
+                conf,
+                env,
+                node,
+                pod: &pod,
+                stdin,
+            })
+            .await
+            {
                 tracing::warn!(error = %r, "rolling back the address assignment failed");
             }
             Err(e)
@@ -287,7 +311,15 @@ async fn del(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<(
     });
     let forget = async {
         let kv = ipam::connect(conf).await?;
-        ipam::release(&kv, conf, env, node, &pod, stdin).await?;
+        ipam::release(ipam::Call {
+            kv: &kv,
+            conf,
+            env,
+            node,
+            pod: &pod,
+            stdin,
+        })
+        .await?;
         delete_workload_endpoint(&kv, node, &pod.namespace, &pod.name, &pod.ifname)
             .await
             .map_err(CniError::from)
@@ -342,9 +374,16 @@ async fn ipam_add(
 ) -> Result<Value, CniError> {
     let kv = ipam::connect(conf).await?;
     let pod = PodId::from_env(env);
-    let addresses = ipam::assign(&kv, conf, env, node, &pod, stdin)
-        .await?
-        .addresses;
+    let addresses = ipam::assign(ipam::Call {
+        kv: &kv,
+        conf,
+        env,
+        node,
+        pod: &pod,
+        stdin,
+    })
+    .await?
+    .addresses;
     let result = CniResult {
         ips: addresses
             .iter()

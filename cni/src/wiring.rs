@@ -190,12 +190,7 @@ async fn host_route(h: &Handle, addr: IpAddr, index: u32) -> Result<(), CniError
             .protocol(RouteProtocol::Boot)
             .build(),
     };
-    h.route()
-        .add(msg)
-        .replace()
-        .execute()
-        .await
-        .map_err(nl("adding the host route"))
+    add_route(h, msg, "adding the host route").await
 }
 
 /// Inside the pod's namespace: sysctls, link up, addresses, routes. Returns the pod end's MAC.
@@ -229,39 +224,37 @@ async fn wire_container(c: &Handle, w: &PodWiring) -> Result<String, CniError> {
             .output_interface(idx)
             .scope(RouteScope::Link)
             .build();
-        c.route()
-            .add(gw)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl("gateway route"))?;
+        add_route(c, gw, "gateway route").await?;
         let default = RouteMessageBuilder::<Ipv4Addr>::new()
             .gateway(GATEWAY_V4)
             .output_interface(idx)
             .build();
-        c.route()
-            .add(default)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl("default route"))?;
+        add_route(c, default, "default route").await?;
     }
     if w.addresses.iter().any(IpAddr::is_ipv6) {
         let default = RouteMessageBuilder::<Ipv6Addr>::new()
             .gateway(GATEWAY_V6)
             .output_interface(idx)
             .build();
-        c.route()
-            .add(default)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl("IPv6 default route"))?;
+        add_route(c, default, "IPv6 default route").await?;
     }
     let link = link_by_name(c, &w.ifname)
         .await?
         .ok_or_else(|| CniError::netlink("pod end vanished"))?;
     Ok(link_mac(&link).unwrap_or_default())
+}
+
+async fn add_route(
+    h: &Handle,
+    msg: rtnetlink::packet_route::route::RouteMessage,
+    what: &str,
+) -> Result<(), CniError> {
+    h.route()
+        .add(msg)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(what))
 }
 
 /// Deletes the host end if it exists (the pod end goes with it). Idempotent.

@@ -91,6 +91,10 @@ struct Cache {
 }
 
 impl Cache {
+    fn put_block(&mut self, cidr: IpNetwork, rev: i64, value: IpamBlock) {
+        self.blocks.insert(cidr, Versioned { rev, value });
+    }
+
     /// Remembers that a handle is absent (revision 0), which is what a pod's next ADD with
     /// the same handle would otherwise have to read again. Bounded: absent handles are
     /// cheap to re-read, so the cache of them is simply cleared when it grows.
@@ -444,13 +448,7 @@ impl<K: Kv> Ipam<K> {
                 .collect();
             if outcome.succeeded {
                 let mut c = self.cache();
-                c.blocks.insert(
-                    cidr,
-                    Versioned {
-                        rev: outcome.revision,
-                        value: block,
-                    },
-                );
+                c.put_block(cidr, outcome.revision, block);
                 c.handles.insert(
                     owner.handle.clone(),
                     Versioned {
@@ -736,13 +734,7 @@ impl<K: Kv> Ipam<K> {
                     if block.is_empty() {
                         emptied.push(cidr);
                     }
-                    c.blocks.insert(
-                        cidr,
-                        Versioned {
-                            rev: outcome.revision,
-                            value: block,
-                        },
-                    );
+                    c.put_block(cidr, outcome.revision, block);
                 }
                 released.extend(freed);
                 continue;
@@ -833,13 +825,7 @@ impl<K: Kv> Ipam<K> {
                 let empty = block.is_empty();
                 {
                     let mut c = self.cache();
-                    c.blocks.insert(
-                        cidr,
-                        Versioned {
-                            rev: outcome.revision,
-                            value: block,
-                        },
-                    );
+                    c.put_block(cidr, outcome.revision, block);
                     if new_handle.addresses.is_empty() {
                         c.forget_handle(&alloc.handle);
                     } else {
