@@ -184,6 +184,19 @@ fn bad_input_gets_the_right_code_and_leaves_nothing() {
     garbage.args.insert("IP".into(), "not-an-ip".into());
     let e = d.add(&garbage).unwrap_err();
     assert_eq!(code(&e), 7, "{e}");
+    // A failure after the addresses were assigned (the pod already has an eth0): ADD rolls
+    // back (address released, host end removed).
+    c.pods[pod]
+        .ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "other",
+        ])
+        .expect("squat eth0");
+    let e = d.add(&att).unwrap_err();
+    assert_eq!(code(&e), 7, "{e}");
+    assert!(
+        e.to_string().contains("already has an interface eth0"),
+        "{e}"
+    );
 
     assert!(c.host_links("node1").is_empty(), "a link was left behind");
     assert!(
