@@ -1,0 +1,2 @@
+//! routed
+pub mod packet;
