@@ -1,2 +1,3 @@
 //! routed
+pub mod fsm;
 pub mod packet;
