@@ -1,3 +1,4 @@
 //! routed
 pub mod fsm;
 pub mod packet;
+pub mod rib;

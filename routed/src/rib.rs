@@ -1,0 +1,454 @@
+//! The RIBs (RFC 4271 §3.2, §9.1), pure: Adj-RIB-In per peer, the Loc-RIB with the decision
+//! process, and the export rules that make the Adj-RIB-Out (iBGP split horizon, route
+//! reflection per RFC 4456, eBGP AS prepend and next-hop self).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use ipnetwork::IpNetwork;
+
+use crate::packet::{AsSegment, Origin, PathAttr, Update};
+
+/// A peer, by its address.
+pub type PeerId = IpAddr;
+
+/// The attributes a route carries, shared between the prefixes of one UPDATE.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Attrs {
+    pub origin: Origin,
+    pub as_path: Vec<AsSegment>,
+    pub next_hop: IpAddr,
+    pub med: Option<u32>,
+    pub local_pref: Option<u32>,
+    pub communities: Vec<u32>,
+    pub originator_id: Option<Ipv4Addr>,
+    pub cluster_list: Vec<Ipv4Addr>,
+    /// Unknown optional transitive attributes, passed on.
+    pub other: Vec<PathAttr>,
+}
+
+impl Attrs {
+    pub fn as_path_len(&self) -> usize {
+        self.as_path
+            .iter()
+            .map(|s| match s {
+                AsSegment::Sequence(v) => v.len(),
+                AsSegment::Set(_) => 1,
+            })
+            .sum()
+    }
+
+    pub fn contains_as(&self, asn: u32) -> bool {
+        self.as_path.iter().any(|s| match s {
+            AsSegment::Sequence(v) | AsSegment::Set(v) => v.contains(&asn),
+        })
+    }
+
+    /// Builds the attributes of a received UPDATE for one address family.
+    pub fn from_update(u: &Update, ipv6: bool) -> Option<Attrs> {
+        let mut a = Attrs {
+            origin: Origin::Incomplete,
+            as_path: Vec::new(),
+            next_hop: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            med: None,
+            local_pref: None,
+            communities: Vec::new(),
+            originator_id: None,
+            cluster_list: Vec::new(),
+            other: Vec::new(),
+        };
+        let mut next_hop = None;
+        for attr in &u.attrs {
+            match attr {
+                PathAttr::Origin(o) => a.origin = *o,
+                PathAttr::AsPath(p) => a.as_path = p.clone(),
+                PathAttr::NextHop(n) if !ipv6 => next_hop = Some(IpAddr::V4(*n)),
+                PathAttr::MpReach { next_hops, .. } if ipv6 => {
+                    // Global address first; a link-local second one is not used for routing.
+                    next_hop = next_hops.first().copied();
+                }
+                PathAttr::MpReach { next_hops, afi, .. }
+                    if !ipv6 && *afi == crate::packet::AFI_IPV4 =>
+                {
+                    next_hop = next_hops.first().copied();
+                }
+                PathAttr::Med(m) => a.med = Some(*m),
+                PathAttr::LocalPref(l) => a.local_pref = Some(*l),
+                PathAttr::Communities(c) => a.communities = c.clone(),
+                PathAttr::OriginatorId(o) => a.originator_id = Some(*o),
+                PathAttr::ClusterList(c) => a.cluster_list = c.clone(),
+                PathAttr::Unknown { flags, .. } if flags & crate::packet::attr::TRANSITIVE != 0 => {
+                    a.other.push(attr.clone())
+                }
+                _ => {}
+            }
+        }
+        a.next_hop = next_hop?;
+        Some(a)
+    }
+}
+
+/// One route to a prefix: who told us and what they said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Path {
+    pub attrs: Arc<Attrs>,
+    /// `None` for routes we originate.
+    pub peer: Option<PeerInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub addr: PeerId,
+    pub router_id: Ipv4Addr,
+    pub ibgp: bool,
+    /// The peer is our route-reflector client.
+    pub rr_client: bool,
+    /// Kept from before the peer's restart (RFC 4724): replaced or swept after End-of-RIB.
+    pub stale: bool,
+}
+
+impl Path {
+    fn local_pref(&self) -> u32 {
+        self.attrs.local_pref.unwrap_or(100)
+    }
+}
+
+/// The decision process (RFC 4271 §9.1.2.2, and RFC 4456 §9 for reflected routes): true when
+/// `a` is preferred over `b`.
+pub fn better(a: &Path, b: &Path) -> bool {
+    use std::cmp::Ordering::*;
+    let key_cmp = [
+        // Higher LOCAL_PREF.
+        b.local_pref().cmp(&a.local_pref()),
+        // Routes we originate first.
+        b.peer.is_none().cmp(&a.peer.is_none()),
+        // Shorter AS_PATH.
+        a.attrs.as_path_len().cmp(&b.attrs.as_path_len()),
+        // Lower ORIGIN.
+        a.attrs.origin.cmp(&b.attrs.origin),
+        // Lower MED (compared across neighbours: Tessera's peers share one policy domain).
+        a.attrs.med.unwrap_or(0).cmp(&b.attrs.med.unwrap_or(0)),
+        // eBGP over iBGP.
+        a.peer
+            .as_ref()
+            .map(|p| p.ibgp)
+            .cmp(&b.peer.as_ref().map(|p| p.ibgp)),
+        // Lower router id (ORIGINATOR_ID for reflected routes), shorter CLUSTER_LIST.
+        ident(a).cmp(&ident(b)),
+        a.attrs.cluster_list.len().cmp(&b.attrs.cluster_list.len()),
+        // Lower peer address.
+        a.peer
+            .as_ref()
+            .map(|p| p.addr)
+            .cmp(&b.peer.as_ref().map(|p| p.addr)),
+    ];
+    key_cmp.into_iter().find(|o| *o != Equal) == Some(Less)
+}
+
+fn ident(p: &Path) -> u32 {
+    p.attrs
+        .originator_id
+        .or(p.peer.as_ref().map(|x| x.router_id))
+        .map(u32::from)
+        .unwrap_or(0)
+}
+
+/// Equal for ECMP: same up to (not including) the router-id tie-breakers.
+fn ecmp_equal(a: &Path, b: &Path) -> bool {
+    a.local_pref() == b.local_pref()
+        && a.peer.is_none() == b.peer.is_none()
+        && a.attrs.as_path_len() == b.attrs.as_path_len()
+        && a.attrs.origin == b.attrs.origin
+        && a.attrs.med.unwrap_or(0) == b.attrs.med.unwrap_or(0)
+        && a.peer.as_ref().map(|p| p.ibgp) == b.peer.as_ref().map(|p| p.ibgp)
+}
+
+/// A change of the best route(s) to a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BestChange {
+    /// New best path, and the equal-cost set (best first) when ECMP is on.
+    Best {
+        prefix: IpNetwork,
+        best: Path,
+        multipath: Vec<Path>,
+    },
+    Gone {
+        prefix: IpNetwork,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct Rib {
+    /// Adj-RIB-In: per peer, per prefix.
+    adj_in: HashMap<PeerId, HashMap<IpNetwork, Path>>,
+    /// Routes we originate.
+    local: BTreeMap<IpNetwork, Path>,
+    /// Loc-RIB: the selected path per prefix.
+    loc: BTreeMap<IpNetwork, (Path, Vec<Path>)>,
+    pub ecmp: bool,
+}
+
+impl Rib {
+    pub fn new(ecmp: bool) -> Self {
+        Rib {
+            ecmp,
+            ..Default::default()
+        }
+    }
+
+    pub fn best(&self, prefix: &IpNetwork) -> Option<&Path> {
+        self.loc.get(prefix).map(|(b, _)| b)
+    }
+
+    pub fn loc_rib(&self) -> impl Iterator<Item = (&IpNetwork, &Path)> {
+        self.loc.iter().map(|(k, (b, _))| (k, b))
+    }
+
+    pub fn received(&self, peer: &PeerId) -> usize {
+        self.adj_in.get(peer).map(HashMap::len).unwrap_or(0)
+    }
+
+    fn reselect(&mut self, prefix: IpNetwork, out: &mut Vec<BestChange>) {
+        let mut candidates: Vec<&Path> = self
+            .adj_in
+            .values()
+            .filter_map(|m| m.get(&prefix))
+            .collect();
+        if let Some(l) = self.local.get(&prefix) {
+            candidates.push(l);
+        }
+        let Some(best) = candidates
+            .iter()
+            .copied()
+            .reduce(|a, b| if better(b, a) { b } else { a })
+        else {
+            if self.loc.remove(&prefix).is_some() {
+                out.push(BestChange::Gone { prefix });
+            }
+            return;
+        };
+        let best = best.clone();
+        let mut multipath = Vec::new();
+        if self.ecmp {
+            multipath = candidates
+                .iter()
+                .filter(|p| ecmp_equal(p, &best))
+                .map(|p| (*p).clone())
+                .collect();
+            multipath.sort_by(|a, b| {
+                if better(a, b) {
+                    std::cmp::Ordering::Less
+                } else {
+                    std::cmp::Ordering::Greater
+                }
+            });
+        }
+        if self.loc.get(&prefix) != Some(&(best.clone(), multipath.clone())) {
+            self.loc.insert(prefix, (best.clone(), multipath.clone()));
+            out.push(BestChange::Best {
+                prefix,
+                best,
+                multipath,
+            });
+        }
+    }
+
+    /// Applies what a peer sent; returns the Loc-RIB changes.
+    pub fn apply(
+        &mut self,
+        peer: &PeerInfo,
+        announced: Vec<(IpNetwork, Arc<Attrs>)>,
+        withdrawn: Vec<IpNetwork>,
+    ) -> Vec<BestChange> {
+        let mut out = Vec::new();
+        let table = self.adj_in.entry(peer.addr).or_default();
+        let mut touched = Vec::with_capacity(announced.len() + withdrawn.len());
+        for prefix in withdrawn {
+            if table.remove(&prefix).is_some() {
+                touched.push(prefix);
+            }
+        }
+        for (prefix, attrs) in announced {
+            table.insert(
+                prefix,
+                Path {
+                    attrs,
+                    peer: Some(PeerInfo {
+                        stale: false,
+                        ..peer.clone()
+                    }),
+                },
+            );
+            touched.push(prefix);
+        }
+        for p in touched {
+            self.reselect(p, &mut out);
+        }
+        out
+    }
+
+    /// The peer's session went down: its routes go.
+    pub fn peer_down(&mut self, peer: &PeerId) -> Vec<BestChange> {
+        let mut out = Vec::new();
+        if let Some(table) = self.adj_in.remove(peer) {
+            for p in table.into_keys() {
+                self.reselect(p, &mut out);
+            }
+        }
+        out
+    }
+
+    /// Graceful restart helper (RFC 4724 §4.2): the peer restarts; keep its routes, marked stale.
+    pub fn mark_stale(&mut self, peer: &PeerId) {
+        if let Some(table) = self.adj_in.get_mut(peer) {
+            for path in table.values_mut() {
+                if let Some(p) = path.peer.as_mut() {
+                    p.stale = true;
+                }
+            }
+        }
+    }
+
+    /// End-of-RIB from a restarted peer: routes it did not send again go.
+    pub fn sweep_stale(&mut self, peer: &PeerId) -> Vec<BestChange> {
+        let mut out = Vec::new();
+        let stale: Vec<IpNetwork> = self
+            .adj_in
+            .get(peer)
+            .map(|t| {
+                t.iter()
+                    .filter(|(_, p)| p.peer.as_ref().is_some_and(|x| x.stale))
+                    .map(|(k, _)| *k)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(table) = self.adj_in.get_mut(peer) {
+            for p in &stale {
+                table.remove(p);
+            }
+        }
+        for p in stale {
+            self.reselect(p, &mut out);
+        }
+        out
+    }
+
+    pub fn originate(&mut self, prefix: IpNetwork, attrs: Arc<Attrs>) -> Vec<BestChange> {
+        let mut out = Vec::new();
+        self.local.insert(prefix, Path { attrs, peer: None });
+        self.reselect(prefix, &mut out);
+        out
+    }
+
+    pub fn withdraw_local(&mut self, prefix: IpNetwork) -> Vec<BestChange> {
+        let mut out = Vec::new();
+        if self.local.remove(&prefix).is_some() {
+            self.reselect(prefix, &mut out);
+        }
+        out
+    }
+
+    pub fn originated(&self) -> impl Iterator<Item = &IpNetwork> {
+        self.local.keys()
+    }
+}
+
+/// Who we are, for export.
+#[derive(Debug, Clone)]
+pub struct Local {
+    pub asn: u32,
+    pub router_id: Ipv4Addr,
+    /// Set when we reflect routes (RFC 4456).
+    pub cluster_id: Option<Ipv4Addr>,
+}
+
+/// What we announce to `to` for a best path (Adj-RIB-Out), or `None` if it must not go
+/// there. `self_next_hop` is our address on the session to `to`.
+pub fn export(
+    local: &Local,
+    best: &Path,
+    to: &PeerInfo,
+    to_asn: u32,
+    self_next_hop: IpAddr,
+) -> Option<Attrs> {
+    // Never back to whoever sent it.
+    if best.peer.as_ref().is_some_and(|p| p.addr == to.addr) {
+        return None;
+    }
+    let mut a = (*best.attrs).clone();
+    let from_ibgp = best.peer.as_ref().is_some_and(|p| p.ibgp);
+    if to.ibgp {
+        if from_ibgp {
+            // iBGP split horizon, unless we reflect: client routes go to everyone, routes
+            // from non-clients go to clients only (RFC 4456 §6).
+            let from_client = best.peer.as_ref().is_some_and(|p| p.rr_client);
+            let cluster = local.cluster_id?;
+            if !from_client && !to.rr_client {
+                return None;
+            }
+            if a.cluster_list.contains(&cluster) {
+                return None;
+            }
+            a.cluster_list.insert(0, cluster);
+            if a.originator_id.is_none() {
+                a.originator_id = best.peer.as_ref().map(|p| p.router_id);
+            }
+            // Reflected routes keep their next hop.
+        } else {
+            if best.peer.is_none() {
+                a.next_hop = self_next_hop;
+            }
+            a.local_pref = Some(a.local_pref.unwrap_or(100));
+        }
+        if best.peer.is_some() && !from_ibgp {
+            // eBGP-learned to iBGP: next hop self, so the mesh need not reach the eBGP peer.
+            a.next_hop = self_next_hop;
+        }
+    } else {
+        if a.contains_as(to_asn) {
+            return None; // the peer would drop it as a loop
+        }
+        a.next_hop = self_next_hop;
+        a.local_pref = None;
+        a.originator_id = None;
+        a.cluster_list.clear();
+        if !from_ibgp {
+            a.med = a.med.filter(|_| best.peer.is_none());
+        }
+        match a.as_path.first_mut() {
+            Some(AsSegment::Sequence(v)) if v.len() < 255 => v.insert(0, local.asn),
+            _ => a.as_path.insert(0, AsSegment::Sequence(vec![local.asn])),
+        }
+    }
+    Some(a)
+}
+
+/// Path attributes for an UPDATE from exported attributes (IPv4 NEXT_HOP or MP_REACH for
+/// the family is added by the caller).
+pub fn to_path_attrs(a: &Attrs, ibgp: bool) -> Vec<PathAttr> {
+    let mut v = vec![
+        PathAttr::Origin(a.origin),
+        PathAttr::AsPath(a.as_path.clone()),
+    ];
+    if let Some(m) = a.med {
+        v.push(PathAttr::Med(m));
+    }
+    if ibgp {
+        v.push(PathAttr::LocalPref(a.local_pref.unwrap_or(100)));
+    }
+    if !a.communities.is_empty() {
+        v.push(PathAttr::Communities(a.communities.clone()));
+    }
+    if let Some(o) = a.originator_id {
+        v.push(PathAttr::OriginatorId(o));
+    }
+    if !a.cluster_list.is_empty() {
+        v.push(PathAttr::ClusterList(a.cluster_list.clone()));
+    }
+    v.extend(a.other.iter().cloned());
+    v
+}
+
+#[cfg(test)]
+mod tests;
