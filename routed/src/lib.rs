@@ -1,4 +1,7 @@
 //! routed
+pub mod config;
 pub mod fsm;
+pub mod kernel;
 pub mod packet;
 pub mod rib;
+pub mod speaker;

@@ -1,1 +1,68 @@
-fn main() {}
+//! `tessera-routed`: Tessera's BGP speaker as a standalone process (a node, or a dedicated
+//! route reflector). `run --config FILE` speaks BGP; `status --socket PATH` prints sessions.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tessera_routed::config::Config;
+use tessera_routed::kernel::NativeRoutes;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the speaker.
+    Run {
+        #[arg(long)]
+        config: String,
+    },
+    /// Print the status of a running speaker as JSON.
+    Status {
+        #[arg(long)]
+        socket: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Run { config } => {
+            let text =
+                std::fs::read_to_string(&config).with_context(|| format!("reading {config}"))?;
+            let cfg = Config::parse(&text).with_context(|| format!("in {config}"))?;
+            let (conn, handle, _) = rtnetlink::new_connection().context("netlink")?;
+            tokio::spawn(conn);
+            let shutdown = async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            };
+            tessera_routed::speaker::run(cfg, Some(handle), Arc::new(NativeRoutes), shutdown).await
+        }
+        Cmd::Status { socket } => {
+            println!(
+                "{}",
+                tessera_routed::speaker::query_status(&socket)
+                    .await
+                    .context("status socket")?
+            );
+            Ok(())
+        }
+    }
+}

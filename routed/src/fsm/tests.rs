@@ -112,7 +112,10 @@ fn wrong_peer_as_gets_open_error_2_2() {
     assert_eq!(s.state(), State::Idle);
 }
 
-/// RFC 4271 §8.2.2 as a table: (state, event) -> (next state, NOTIFICATION sent).
+/// (state, event) -> (next state, NOTIFICATION code/subcode sent).
+type Case = (State, Event, State, Option<(u8, u8)>);
+
+/// RFC 4271 §8.2.2 as a table.
 #[test]
 fn event_state_table() {
     let update = Message::Update(Update::default());
@@ -127,7 +130,7 @@ fn event_state_table() {
         data: vec![],
         reason: "test",
     };
-    let cases: Vec<(State, Event, State, Option<(u8, u8)>)> = vec![
+    let cases: Vec<Case> = vec![
         (State::Connect, Event::TcpFailed, State::Active, None),
         (State::Connect, Event::Stop, State::Idle, None),
         (State::Active, Event::TcpConnected, State::OpenSent, None),

@@ -1,0 +1,758 @@
+//! The tokio driver: one task per peer (socket, timers, FSM) and one speaker task that owns
+//! the RIB, the Adj-RIB-Out and the kernel adapter. This is the only module that spawns.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ipnetwork::IpNetwork;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::config::{Config, PeerConfig};
+use crate::fsm::{keep_our_connection, Action, Event, Session, SessionConfig, State};
+use crate::kernel::{Kernel, RouteTarget};
+use crate::packet::{
+    self, add_as4_path, Capability, Ctx, Message, Open, Origin, PathAttr, Update, AFI_IPV6,
+    SAFI_UNICAST,
+};
+use crate::rib::{export, to_path_attrs, Attrs, BestChange, Local, PeerInfo, Rib};
+
+enum ToPeer {
+    Send(Vec<Message>),
+    Incoming(TcpStream),
+}
+
+enum FromPeer {
+    Up {
+        addr: IpAddr,
+        open: Open,
+        ctx: Ctx,
+        local: IpAddr,
+    },
+    Down {
+        addr: IpAddr,
+        reason: String,
+    },
+    Update {
+        addr: IpAddr,
+        update: Update,
+    },
+    Refresh {
+        addr: IpAddr,
+    },
+    State {
+        addr: IpAddr,
+        state: State,
+    },
+}
+
+/// What `tessera-routed status` prints.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub router_id: String,
+    pub asn: u32,
+    pub loc_rib: usize,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub address: IpAddr,
+    pub asn: u32,
+    pub state: State,
+    pub uptime_seconds: Option<u64>,
+    pub prefixes_received: usize,
+    pub prefixes_sent: usize,
+}
+
+struct Up {
+    ctx: Ctx,
+    local: IpAddr,
+    since: Instant,
+    peer_gr: Option<u16>,
+}
+
+struct Peer {
+    cfg: PeerConfig,
+    tx: mpsc::Sender<ToPeer>,
+    info: PeerInfo,
+    state: State,
+    up: Option<Up>,
+    /// Adj-RIB-Out: what we last announced.
+    adj_out: HashMap<IpNetwork, Arc<Attrs>>,
+    /// Restart deadline while the peer restarts gracefully (its routes are stale).
+    stale_until: Option<Instant>,
+    /// End-of-RIB received since the session came up (all families it negotiated).
+    eor: HashSet<u16>,
+}
+
+/// Runs the speaker until `shutdown` resolves. `kernel` is a netlink handle of the namespace
+/// to install routes in (None: no kernel routes).
+pub async fn run(
+    cfg: Config,
+    kernel: Option<rtnetlink::Handle>,
+    target: Arc<dyn RouteTarget>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(SocketAddr::new(cfg.listen, cfg.listen_port)).await?;
+    let status = Arc::new(Mutex::new(Status::default()));
+    if let Some(path) = cfg.status_socket.clone() {
+        tokio::spawn(serve_status(path, status.clone()));
+    }
+    let (from_tx, mut from_rx) = mpsc::channel::<FromPeer>(1024);
+    let mut peers: HashMap<IpAddr, Peer> = HashMap::new();
+    for pc in &cfg.peers {
+        let (tx, rx) = mpsc::channel(256);
+        let scfg = SessionConfig {
+            local_as: cfg.asn,
+            peer_as: Some(pc.asn),
+            router_id: cfg.router_id,
+            hold_time: cfg.hold_time,
+            connect_retry: Duration::from_secs(cfg.connect_retry_seconds.max(1)),
+            passive: pc.passive,
+            ipv4: true,
+            ipv6: true,
+            graceful_restart: (cfg.graceful_restart_seconds > 0)
+                .then_some(cfg.graceful_restart_seconds),
+            restarting: false,
+        };
+        tokio::spawn(peer_task(pc.clone(), scfg, rx, from_tx.clone()));
+        peers.insert(
+            pc.address,
+            Peer {
+                cfg: pc.clone(),
+                tx,
+                info: PeerInfo {
+                    addr: pc.address,
+                    router_id: match pc.address {
+                        IpAddr::V4(a) => a,
+                        IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+                    },
+                    ibgp: pc.asn == cfg.asn,
+                    rr_client: pc.rr_client,
+                    stale: false,
+                },
+                state: State::Idle,
+                up: None,
+                adj_out: HashMap::new(),
+                stale_until: None,
+                eor: HashSet::new(),
+            },
+        );
+    }
+    let kernel = kernel
+        .map(|h| Kernel::new(h, cfg.kernel.protocol, cfg.kernel.table))
+        .filter(|_| cfg.kernel.install);
+    // Routes a previous run left: swept once every peer sent End-of-RIB (or after a while).
+    let mut leftovers: Option<HashSet<IpNetwork>> = match &kernel {
+        Some(k) => Some(k.ours().await.unwrap_or_default().into_iter().collect()),
+        None => None,
+    };
+    let sweep_deadline =
+        Instant::now() + Duration::from_secs(u64::from(cfg.graceful_restart_seconds.max(30)));
+    let local = Local {
+        asn: cfg.asn,
+        router_id: cfg.router_id,
+        cluster_id: cfg.cluster_id,
+    };
+    let mut sp = SpeakerState {
+        cfg: cfg.clone(),
+        rib: Rib::new(cfg.ecmp),
+        peers,
+        kernel,
+        target,
+        local,
+        installed: HashSet::new(),
+    };
+    // Our blocks.
+    for n in &cfg.networks {
+        let attrs = Arc::new(Attrs {
+            origin: Origin::Igp,
+            as_path: vec![],
+            next_hop: cfg.listen,
+            med: None,
+            local_pref: None,
+            communities: vec![],
+            originator_id: None,
+            cluster_list: vec![],
+            other: vec![],
+        });
+        let ch = sp.rib.originate(*n, attrs);
+        sp.changes(ch).await;
+    }
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Ok((stream, remote)) = listener.accept() => {
+                match sp.peers.get(&remote.ip()) {
+                    Some(p) => { let _ = p.tx.send(ToPeer::Incoming(stream)).await; }
+                    None => tracing::warn!(%remote, "connection from an unknown peer refused"),
+                }
+            }
+            Some(ev) = from_rx.recv() => sp.on_peer_event(ev).await,
+            _ = tick.tick() => {
+                sp.expire_stale().await;
+                if let Some(left) = &leftovers {
+                    let all_eor = sp.peers.values().all(|p| p.up.is_some() && !p.eor.is_empty());
+                    if all_eor || Instant::now() > sweep_deadline {
+                        sp.sweep_leftovers(left).await;
+                        leftovers = None;
+                    }
+                }
+            }
+        }
+        *status.lock().unwrap_or_else(|p| p.into_inner()) = sp.status();
+    }
+    Ok(())
+}
+
+struct SpeakerState {
+    cfg: Config,
+    rib: Rib,
+    peers: HashMap<IpAddr, Peer>,
+    kernel: Option<Kernel>,
+    target: Arc<dyn RouteTarget>,
+    local: Local,
+    /// Prefixes we installed in the kernel.
+    installed: HashSet<IpNetwork>,
+}
+
+impl SpeakerState {
+    fn status(&self) -> Status {
+        let mut peers: Vec<PeerStatus> = self
+            .peers
+            .values()
+            .map(|p| PeerStatus {
+                address: p.cfg.address,
+                asn: p.cfg.asn,
+                state: p.state,
+                uptime_seconds: p.up.as_ref().map(|u| u.since.elapsed().as_secs()),
+                prefixes_received: self.rib.received(&p.cfg.address),
+                prefixes_sent: p.adj_out.len(),
+            })
+            .collect();
+        peers.sort_by_key(|p| p.address);
+        Status {
+            router_id: self.cfg.router_id.to_string(),
+            asn: self.cfg.asn,
+            loc_rib: self.rib.loc_rib().count(),
+            peers,
+        }
+    }
+
+    async fn on_peer_event(&mut self, ev: FromPeer) {
+        match ev {
+            FromPeer::State { addr, state } => {
+                if let Some(p) = self.peers.get_mut(&addr) {
+                    p.state = state;
+                }
+            }
+            FromPeer::Up {
+                addr,
+                open,
+                ctx,
+                local,
+            } => {
+                let Some(p) = self.peers.get_mut(&addr) else {
+                    return;
+                };
+                p.info.router_id = open.bgp_id;
+                p.state = State::Established;
+                p.eor.clear();
+                let peer_gr = open.capabilities.iter().find_map(|c| match c {
+                    Capability::GracefulRestart { time, .. } => Some(*time),
+                    _ => None,
+                });
+                p.up = Some(Up {
+                    ctx,
+                    local,
+                    since: Instant::now(),
+                    peer_gr,
+                });
+                p.adj_out.clear();
+                tracing::info!(peer = %addr, asn = open.asn(), "session established");
+                self.send_full_table(addr).await;
+            }
+            FromPeer::Down { addr, reason } => {
+                let Some(p) = self.peers.get_mut(&addr) else {
+                    return;
+                };
+                tracing::info!(peer = %addr, %reason, "session down");
+                let graceful = p.up.as_ref().and_then(|u| u.peer_gr).filter(|t| *t > 0);
+                p.up = None;
+                p.adj_out.clear();
+                p.state = State::Idle;
+                match graceful {
+                    Some(t) => {
+                        // Helper mode: keep its routes (stale) for its restart time.
+                        p.stale_until = Some(Instant::now() + Duration::from_secs(u64::from(t)));
+                        self.rib.mark_stale(&addr);
+                    }
+                    None => {
+                        let ch = self.rib.peer_down(&addr);
+                        self.changes(ch).await;
+                    }
+                }
+            }
+            FromPeer::Refresh { addr } => self.send_full_table(addr).await,
+            FromPeer::Update { addr, update } => self.on_update(addr, update).await,
+        }
+    }
+
+    async fn on_update(&mut self, addr: IpAddr, u: Update) {
+        let Some(p) = self.peers.get_mut(&addr) else {
+            return;
+        };
+        if let Some((afi, _)) = u.end_of_rib() {
+            p.eor.insert(afi);
+            if p.stale_until.take().is_some() {
+                let ch = self.rib.sweep_stale(&addr);
+                self.changes(ch).await;
+            }
+            return;
+        }
+        let info = p.info.clone();
+        let looped = |a: &Attrs| {
+            (!info.ibgp && a.contains_as(self.cfg.asn))
+                || a.originator_id == Some(self.cfg.router_id)
+                || self
+                    .cfg
+                    .cluster_id
+                    .is_some_and(|c| a.cluster_list.contains(&c))
+        };
+        let mut announced = Vec::new();
+        let mut withdrawn = u.withdrawn_all();
+        if !u.treat_as_withdraw {
+            let v4 = Attrs::from_update(&u, false).map(Arc::new);
+            let v6 = Attrs::from_update(&u, true).map(Arc::new);
+            for n in u.announced() {
+                let attrs = if n.is_ipv4() { v4.clone() } else { v6.clone() };
+                match attrs {
+                    Some(a) if !looped(&a) => announced.push((n, a)),
+                    _ => withdrawn.push(n),
+                }
+            }
+        }
+        let ch = self.rib.apply(&info, announced, withdrawn);
+        self.changes(ch).await;
+    }
+
+    async fn expire_stale(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<IpAddr> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.stale_until.is_some_and(|t| t <= now))
+            .map(|(a, _)| *a)
+            .collect();
+        for addr in expired {
+            if let Some(p) = self.peers.get_mut(&addr) {
+                p.stale_until = None;
+            }
+            let ch = self.rib.sweep_stale(&addr);
+            self.changes(ch).await;
+        }
+    }
+
+    async fn sweep_leftovers(&mut self, left: &HashSet<IpNetwork>) {
+        let Some(k) = &self.kernel else { return };
+        for n in left.iter().filter(|n| !self.installed.contains(n)) {
+            tracing::info!(prefix = %n, "sweeping a route a previous run left");
+            if let Err(e) = k.delete(*n).await {
+                tracing::warn!(prefix = %n, error = %e, "cannot sweep route");
+            }
+        }
+    }
+
+    /// Applies Loc-RIB changes to the kernel and every established peer.
+    async fn changes(&mut self, changes: Vec<BestChange>) {
+        if changes.is_empty() {
+            return;
+        }
+        if let Some(k) = &self.kernel {
+            for c in &changes {
+                let r = match c {
+                    BestChange::Best { prefix, best, .. } if best.peer.is_some() => {
+                        let t = self.target.target(*prefix, best.attrs.next_hop);
+                        self.installed.insert(*prefix);
+                        k.replace(*prefix, best.attrs.next_hop, &t).await
+                    }
+                    BestChange::Best { prefix, .. } | BestChange::Gone { prefix } => {
+                        if self.installed.remove(prefix) {
+                            k.delete(*prefix).await
+                        } else {
+                            Ok(())
+                        }
+                    }
+                };
+                if let Err(e) = r {
+                    tracing::warn!(change = ?c, error = %e, "kernel route update failed");
+                }
+            }
+        }
+        let addrs: Vec<IpAddr> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.up.is_some())
+            .map(|(a, _)| *a)
+            .collect();
+        let prefixes: Vec<IpNetwork> = changes
+            .iter()
+            .map(|c| match c {
+                BestChange::Best { prefix, .. } | BestChange::Gone { prefix } => *prefix,
+            })
+            .collect();
+        for addr in addrs {
+            self.send_prefixes(addr, &prefixes, false).await;
+        }
+    }
+
+    async fn send_full_table(&mut self, addr: IpAddr) {
+        let all: Vec<IpNetwork> = self.rib.loc_rib().map(|(k, _)| *k).collect();
+        self.send_prefixes(addr, &all, true).await;
+    }
+
+    /// Brings the peer's Adj-RIB-Out up to date for `prefixes`, in batched UPDATEs.
+    async fn send_prefixes(&mut self, addr: IpAddr, prefixes: &[IpNetwork], end_of_rib: bool) {
+        let Some(p) = self.peers.get(&addr) else {
+            return;
+        };
+        let Some(up) = &p.up else { return };
+        let self_nh_v4 = up.local;
+        let self_nh_v6 = self.cfg.next_hop_v6.or(if up.local.is_ipv6() {
+            Some(up.local)
+        } else {
+            None
+        });
+        let mut announce: HashMap<(bool, Arc<Attrs>), Vec<IpNetwork>> = HashMap::new();
+        let mut withdraw: Vec<IpNetwork> = Vec::new();
+        let mut new_out: Vec<(IpNetwork, Option<Arc<Attrs>>)> = Vec::new();
+        for prefix in prefixes {
+            let nh = if prefix.is_ipv4() {
+                Some(self_nh_v4)
+            } else {
+                self_nh_v6
+            };
+            let exported = match (self.rib.best(prefix), nh) {
+                (Some(best), Some(nh)) => {
+                    export(&self.local, best, &p.info, p.cfg.asn, nh).map(Arc::new)
+                }
+                _ => None,
+            };
+            match (&exported, p.adj_out.get(prefix)) {
+                (Some(a), Some(old)) if a == old => continue,
+                (Some(a), _) => announce
+                    .entry((prefix.is_ipv4(), a.clone()))
+                    .or_default()
+                    .push(*prefix),
+                (None, Some(_)) => withdraw.push(*prefix),
+                (None, None) => continue,
+            }
+            new_out.push((*prefix, exported));
+        }
+        let ibgp = p.info.ibgp;
+        let ctx = up.ctx;
+        let mut msgs = Vec::new();
+        for ((v4, attrs), nets) in announce {
+            let mut base = to_path_attrs(&attrs, ibgp);
+            if !ctx.four_octet_as {
+                add_as4_path(&mut base);
+            }
+            if v4 {
+                for chunk in nets.chunks(400) {
+                    let mut a = base.clone();
+                    if let IpAddr::V4(nh) = attrs.next_hop {
+                        a.push(PathAttr::NextHop(nh));
+                    }
+                    let nlri = chunk.iter().filter_map(|n| match n {
+                        IpNetwork::V4(v) => Some(*v),
+                        IpNetwork::V6(_) => None,
+                    });
+                    msgs.push(Message::Update(Update {
+                        attrs: a,
+                        nlri: nlri.collect(),
+                        ..Default::default()
+                    }));
+                }
+            } else {
+                for chunk in nets.chunks(150) {
+                    let mut a = base.clone();
+                    a.push(PathAttr::MpReach {
+                        afi: AFI_IPV6,
+                        safi: SAFI_UNICAST,
+                        next_hops: vec![attrs.next_hop],
+                        nlri: chunk.to_vec(),
+                    });
+                    msgs.push(Message::Update(Update {
+                        attrs: a,
+                        ..Default::default()
+                    }));
+                }
+            }
+        }
+        let (w4, w6): (Vec<IpNetwork>, Vec<IpNetwork>) =
+            withdraw.into_iter().partition(IpNetwork::is_ipv4);
+        for chunk in w4.chunks(600) {
+            let withdrawn = chunk.iter().filter_map(|n| match n {
+                IpNetwork::V4(v) => Some(*v),
+                IpNetwork::V6(_) => None,
+            });
+            msgs.push(Message::Update(Update {
+                withdrawn: withdrawn.collect(),
+                ..Default::default()
+            }));
+        }
+        for chunk in w6.chunks(200) {
+            msgs.push(Message::Update(Update {
+                attrs: vec![PathAttr::MpUnreach {
+                    afi: AFI_IPV6,
+                    safi: SAFI_UNICAST,
+                    withdrawn: chunk.to_vec(),
+                }],
+                ..Default::default()
+            }));
+        }
+        if end_of_rib {
+            msgs.push(Message::Update(Update::default()));
+            msgs.push(Message::Update(Update {
+                attrs: vec![PathAttr::MpUnreach {
+                    afi: AFI_IPV6,
+                    safi: SAFI_UNICAST,
+                    withdrawn: vec![],
+                }],
+                ..Default::default()
+            }));
+        }
+        let Some(p) = self.peers.get_mut(&addr) else {
+            return;
+        };
+        for (prefix, a) in new_out {
+            match a {
+                Some(a) => p.adj_out.insert(prefix, a),
+                None => p.adj_out.remove(&prefix),
+            };
+        }
+        if !msgs.is_empty() {
+            let _ = p.tx.send(ToPeer::Send(msgs)).await;
+        }
+    }
+}
+
+/// One peer: its TCP connection, timers and FSM.
+async fn peer_task(
+    pc: PeerConfig,
+    scfg: SessionConfig,
+    mut rx: mpsc::Receiver<ToPeer>,
+    tx: mpsc::Sender<FromPeer>,
+) {
+    let addr = pc.address;
+    let local_id = scfg.router_id;
+    let mut fsm = Session::new(scfg);
+    let origin = Instant::now();
+    let now = || origin.elapsed();
+    let mut conn: Option<TcpStream> = None;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut connecting: Option<tokio::task::JoinHandle<std::io::Result<TcpStream>>> = None;
+    let mut pending = fsm.handle(now(), Event::Start);
+    let mut last_state = fsm.state();
+    loop {
+        // Carry out what the FSM asked for; it may produce more events.
+        while !pending.is_empty() {
+            let mut next = Vec::new();
+            for a in std::mem::take(&mut pending) {
+                match a {
+                    Action::Connect => {
+                        let (peer, local) = (SocketAddr::new(addr, pc.port), pc.local_address);
+                        connecting = Some(tokio::spawn(connect(peer, local)));
+                    }
+                    Action::Disconnect => {
+                        conn = None;
+                        buf.clear();
+                        if let Some(c) = connecting.take() {
+                            c.abort();
+                        }
+                    }
+                    Action::Send(m) => {
+                        if let Some(c) = conn.as_mut() {
+                            let bytes = packet::encode(&m, fsm.ctx());
+                            if c.write_all(&bytes).await.is_err() {
+                                next.extend(fsm.handle(now(), Event::TcpFailed));
+                            }
+                        }
+                    }
+                    Action::Up { peer, ctx } => {
+                        let local = conn
+                            .as_ref()
+                            .and_then(|c| c.local_addr().ok())
+                            .map(|a| a.ip());
+                        let local = local.or(pc.local_address).unwrap_or(addr);
+                        let _ = tx
+                            .send(FromPeer::Up {
+                                addr,
+                                open: peer,
+                                ctx,
+                                local,
+                            })
+                            .await;
+                    }
+                    Action::Down { reason } => {
+                        let _ = tx.send(FromPeer::Down { addr, reason }).await;
+                    }
+                    Action::Deliver(update) => {
+                        let _ = tx.send(FromPeer::Update { addr, update }).await;
+                    }
+                    Action::Refresh { .. } => {
+                        let _ = tx.send(FromPeer::Refresh { addr }).await;
+                    }
+                }
+            }
+            pending = next;
+        }
+        if fsm.state() != last_state {
+            last_state = fsm.state();
+            tracing::debug!(peer = %addr, state = ?last_state, "FSM state");
+            let _ = tx
+                .send(FromPeer::State {
+                    addr,
+                    state: last_state,
+                })
+                .await;
+        }
+        let deadline = fsm.next_deadline().map(|d| origin + d);
+        tokio::select! {
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                pending = fsm.poll_timers(now());
+            }
+            r = async { match connecting.as_mut() { Some(h) => h.await, None => std::future::pending().await } } => {
+                connecting = None;
+                match r {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        conn = Some(s);
+                        pending = fsm.handle(now(), Event::TcpConnected);
+                    }
+                    _ => pending = fsm.handle(now(), Event::TcpFailed),
+                }
+            }
+            r = async { match conn.as_mut() { Some(c) => c.read_buf(&mut buf).await, None => std::future::pending().await } } => {
+                match r {
+                    Ok(0) | Err(_) => pending = fsm.handle(now(), Event::TcpFailed),
+                    Ok(_) => pending = drain_messages(&mut fsm, &mut buf, now()),
+                }
+            }
+            m = rx.recv() => match m {
+                None => return,
+                Some(ToPeer::Send(msgs)) => {
+                    if fsm.state() == State::Established {
+                        if let Some(c) = conn.as_mut() {
+                            let mut out = BytesMut::new();
+                            for m in &msgs {
+                                packet::encode_into(m, fsm.ctx(), &mut out);
+                            }
+                            if c.write_all(&out).await.is_err() {
+                                pending = fsm.handle(now(), Event::TcpFailed);
+                            }
+                        }
+                    }
+                }
+                Some(ToPeer::Incoming(s)) => {
+                    // Collision handling (RFC 4271 §6.8), simplified: without a connection of
+                    // our own in progress, take theirs; with one, the higher identifier's wins.
+                    let ours_in_progress = matches!(fsm.state(), State::OpenSent | State::OpenConfirm | State::Established);
+                    let remote_id = fsm.peer_open().map(|o| o.bgp_id).or(match addr { IpAddr::V4(a) => Some(a), _ => None });
+                    let keep_ours = fsm.state() == State::Established
+                        || (ours_in_progress && remote_id.is_some_and(|r| keep_our_connection(local_id, r)));
+                    if keep_ours {
+                        drop(s);
+                    } else {
+                        if ours_in_progress {
+                            if let Some(c) = conn.as_mut() {
+                                let cease = Message::Notification(packet::Notification { code: packet::err::CEASE, subcode: packet::err::COLLISION_RESOLUTION, data: vec![] });
+                                let _ = c.write_all(&packet::encode(&cease, fsm.ctx())).await;
+                            }
+                            fsm = Session::new(fsm.cfg.clone());
+                            fsm.handle(now(), Event::Start);
+                        }
+                        if let Some(c) = connecting.take() {
+                            c.abort();
+                        }
+                        let _ = s.set_nodelay(true);
+                        conn = Some(s);
+                        buf.clear();
+                        pending = fsm.handle(now(), Event::TcpConnected);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn drain_messages(fsm: &mut Session, buf: &mut BytesMut, now: Duration) -> Vec<Action> {
+    let mut out = Vec::new();
+    loop {
+        match packet::frame(buf) {
+            Ok(Some(len)) => {
+                let msg = buf.split_to(len);
+                let ev = match packet::decode(&msg, fsm.ctx()) {
+                    Ok(m) => Event::Received(m),
+                    Err(e) => Event::Malformed(e),
+                };
+                let stop = matches!(ev, Event::Malformed(_));
+                out.extend(fsm.handle(now, ev));
+                if stop || fsm.state() == State::Idle {
+                    buf.clear();
+                    return out;
+                }
+            }
+            Ok(None) => return out,
+            Err(e) => {
+                buf.clear();
+                out.extend(fsm.handle(now, Event::Malformed(e)));
+                return out;
+            }
+        }
+    }
+}
+
+async fn connect(peer: SocketAddr, local: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let socket = if peer.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(l) = local {
+        socket.bind(SocketAddr::new(l, 0))?;
+    }
+    tokio::time::timeout(Duration::from_secs(5), socket.connect(peer))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+async fn serve_status(path: String, status: Arc<Mutex<Status>>) {
+    let _ = std::fs::remove_file(&path);
+    let Ok(listener) = tokio::net::UnixListener::bind(&path) else {
+        tracing::warn!(%path, "cannot listen for status queries");
+        return;
+    };
+    while let Ok((mut s, _)) = listener.accept().await {
+        let body = serde_json::to_vec(&*status.lock().unwrap_or_else(|p| p.into_inner()))
+            .unwrap_or_default();
+        let _ = s.write_all(&body).await;
+    }
+}
+
+/// `tessera-routed status`: the JSON status of a running speaker.
+pub async fn query_status(path: &str) -> std::io::Result<String> {
+    let mut s = tokio::net::UnixStream::connect(path).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}

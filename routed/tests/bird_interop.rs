@@ -1,0 +1,275 @@
+//! Tessera's speaker against BIRD 2 (Debian's bird2) in the test bed: iBGP and eBGP with a
+//! 4-octet AS, IPv4 and IPv6, routes checked in BIRD and in both kernels, and a ping that
+//! crosses on them.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_testbed::{assert_nothing_left, Child, Lab, LabSpec, Netns};
+
+const ROUTED: &str = env!("CARGO_BIN_EXE_tessera-routed");
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Bird {
+    /// Killed (by PID) and reaped on drop.
+    _child: Child,
+    sock: String,
+}
+
+impl Bird {
+    fn start(ns: &Netns, dir: &Path, conf: &str) -> Bird {
+        let path = dir.join("bird.conf");
+        std::fs::write(&path, conf).expect("bird.conf");
+        let sock = dir.join("bird.ctl").to_string_lossy().into_owned();
+        let mut cmd = ns.command("bird");
+        cmd.args(["-f", "-c", &path.to_string_lossy(), "-s", &sock]);
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        Bird {
+            _child: Child::spawn(cmd, "bird").expect("start bird"),
+            sock,
+        }
+    }
+
+    fn birdc(&self, args: &[&str]) -> String {
+        let out = Command::new("birdc")
+            .args(["-s", &self.sock])
+            .args(args)
+            .output()
+            .expect("birdc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bird_conf(
+    dir: &Path,
+    router: &str,
+    local_as: u32,
+    peer: &str,
+    peer_as: u32,
+    v4: &str,
+    v6: &str,
+    nh6: &str,
+) -> String {
+    format!(
+        r#"router id {router};
+log "{log}" all;
+protocol device {{ scan time 10; }}
+protocol kernel k4 {{ ipv4 {{ import none; export where proto = "peer"; }}; }}
+protocol kernel k6 {{ ipv6 {{ import none; export where proto = "peer"; }}; }}
+protocol static s4 {{ ipv4; route {v4} blackhole; }}
+protocol static s6 {{ ipv6; route {v6} blackhole; }}
+protocol bgp peer {{
+  local {router} as {local_as};
+  neighbor {peer} as {peer_as};
+  direct;
+  connect delay time 1;
+  connect retry time 1;
+  ipv4 {{ import all; export where proto = "s4"; next hop self; }};
+  ipv6 {{ import all; export where proto = "s6"; next hop address {nh6}; }};
+}}
+"#,
+        log = dir.join("bird.log").display()
+    )
+}
+
+fn start_routed(ns: &Netns, dir: &Path, conf: &str) -> Child {
+    let path = dir.join("routed.yaml");
+    std::fs::write(&path, conf).expect("routed.yaml");
+    let mut cmd = ns.command(ROUTED);
+    cmd.args(["run", "--config", &path.to_string_lossy()]);
+    cmd.env("TESSERA_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    Child::spawn(cmd, "tessera-routed").expect("start tessera-routed")
+}
+
+fn route(ns: &Netns, v6: bool, prefix: &str) -> Option<serde_json::Value> {
+    let mut args = vec![];
+    if v6 {
+        args.push("-6");
+    }
+    args.extend(["route", "show", prefix]);
+    let v = ns.ip_json(&args).ok()?;
+    v.as_array()?.first().cloned()
+}
+
+fn status(dir: &Path) -> serde_json::Value {
+    let out = Command::new(ROUTED)
+        .args([
+            "status",
+            "--socket",
+            &dir.join("routed.sock").to_string_lossy(),
+        ])
+        .output()
+        .expect("status");
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+fn routed_conf(
+    dir: &Path,
+    asn: u32,
+    me: &str,
+    me6: &str,
+    peer: &str,
+    peer_as: u32,
+    nets: &[&str],
+) -> String {
+    format!(
+        "asn: {asn}\nrouterId: {me}\nlisten: {me}\nconnectRetrySeconds: 1\nholdTime: 9\nnextHopV6: \"{me6}\"\nnetworks: [{nets}]\nstatusSocket: {sock}\npeers:\n  - {{ address: {peer}, asn: {peer_as}, localAddress: {me} }}\n",
+        nets = nets.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", "),
+        sock = dir.join("routed.sock").display()
+    )
+}
+
+fn exchange_routes(test: &str, tessera_as: u32, bird_as: u32) {
+    let lab = Lab::new(
+        test,
+        LabSpec {
+            nodes: 2,
+            subnets: 1,
+            etcd: false,
+        },
+    )
+    .expect("lab");
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let (a1, a2) = (n1.ipv4.ip().to_string(), n2.ipv4.ip().to_string());
+    let (a16, a26) = (n1.ipv6.ip().to_string(), n2.ipv6.ip().to_string());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bdir = dir.path().join("bird");
+    std::fs::create_dir_all(&bdir).expect("mkdir");
+    // Something to ping behind each node.
+    n1.netns
+        .ip(&["addr", "add", "10.244.1.1/32", "dev", "lo"])
+        .expect("addr");
+    n2.netns
+        .ip(&["addr", "add", "10.244.2.1/32", "dev", "lo"])
+        .expect("addr");
+
+    let bird = Bird::start(
+        &n2.netns,
+        &bdir,
+        &bird_conf(
+            &bdir,
+            &a2,
+            bird_as,
+            &a1,
+            tessera_as,
+            "10.244.2.0/26",
+            "fd10:244::2:0/122",
+            &a26,
+        ),
+    );
+    let mut routed = start_routed(
+        &n1.netns,
+        dir.path(),
+        &routed_conf(
+            dir.path(),
+            tessera_as,
+            &a1,
+            &a16,
+            &a2,
+            bird_as,
+            &["10.244.1.0/26", "fd10:244::1:0/122"],
+        ),
+    );
+
+    // BIRD's routes in Tessera's kernel table, with Tessera's protocol.
+    wait_for(
+        "BIRD's IPv4 route in node1's kernel",
+        Duration::from_secs(20),
+        || route(&n1.netns, false, "10.244.2.0/26").is_some_and(|r| r["gateway"] == a2.as_str()),
+    );
+    let r = route(&n1.netns, false, "10.244.2.0/26").expect("route");
+    assert_eq!(r["protocol"], "80", "{r}");
+    wait_for(
+        "BIRD's IPv6 route in node1's kernel",
+        Duration::from_secs(10),
+        || {
+            route(&n1.netns, true, "fd10:244::2:0/122")
+                .is_some_and(|r| r["gateway"] == a26.as_str())
+        },
+    );
+    // Tessera's routes in BIRD and in node2's kernel.
+    wait_for("Tessera's routes in BIRD", Duration::from_secs(10), || {
+        let out = bird.birdc(&["show", "route", "protocol", "peer"]);
+        out.contains("10.244.1.0/26") && out.contains("fd10:244::1:0/122")
+    });
+    wait_for(
+        "Tessera's route in node2's kernel",
+        Duration::from_secs(10),
+        || route(&n2.netns, false, "10.244.1.0/26").is_some_and(|r| r["gateway"] == a1.as_str()),
+    );
+    let all = bird.birdc(&["show", "route", "all", "10.244.1.0/26"]);
+    assert!(
+        all.contains(
+            &format!(
+                "BGP.as_path: {}",
+                if tessera_as == bird_as {
+                    String::new()
+                } else {
+                    tessera_as.to_string()
+                }
+            )
+            .trim_end()
+            .to_string()
+        ),
+        "{all}"
+    );
+    if tessera_as != bird_as {
+        assert!(
+            all.contains(&tessera_as.to_string()),
+            "4-octet AS in the path: {all}"
+        );
+    }
+    // A ping crosses on the BGP routes.
+    n1.netns
+        .exec("ping", &["-c1", "-W2", "-I", "10.244.1.1", "10.244.2.1"])
+        .expect("ping across the BGP routes");
+    // Status.
+    wait_for(
+        "the status to count both prefixes",
+        Duration::from_secs(5),
+        || status(dir.path())["peers"][0]["prefixes_received"] == 2,
+    );
+    let st = status(dir.path());
+    assert_eq!(st["peers"][0]["state"], "Established", "{st}");
+    assert_eq!(st["peers"][0]["prefixes_sent"], 2, "{st}");
+    assert_eq!(st["loc_rib"], 4, "{st}");
+
+    // BIRD withdraws its IPv4 route: it leaves Tessera's kernel table.
+    bird.birdc(&["disable", "s4"]);
+    wait_for(
+        "the withdrawal in node1's kernel",
+        Duration::from_secs(10),
+        || route(&n1.netns, false, "10.244.2.0/26").is_none(),
+    );
+    assert!(
+        route(&n1.netns, true, "fd10:244::2:0/122").is_some(),
+        "the IPv6 route stays"
+    );
+
+    routed.stop(Duration::from_secs(2));
+    drop(bird);
+    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
+    drop(lab);
+    assert_nothing_left(&prefix, &pids);
+}
+
+#[test]
+fn ibgp_with_bird_ipv4_and_ipv6() {
+    exchange_routes("bgp_ibgp", 64512, 64512);
+}
+
+#[test]
+fn ebgp_with_bird_and_a_4_octet_as() {
+    exchange_routes("bgp_ebgp", 4_200_000_001, 64600);
+}
