@@ -634,6 +634,8 @@ async fn peer_task(
             r = async { match connecting.as_mut() { Some(h) => h.await, None => std::future::pending().await } } => {
                 connecting = None;
                 match r {
+                    // The peer's connection won meanwhile: ours is not needed.
+                    Ok(Ok(_)) if conn.is_some() => {}
                     Ok(Ok(s)) => {
                         let _ = s.set_nodelay(true);
                         conn = Some(s);
@@ -664,6 +666,12 @@ async fn peer_task(
                     }
                 }
                 Some(ToPeer::Incoming(s)) => {
+                    // A peer connecting while we wait to restart: start now (RFC 4271's
+                    // AutomaticStart with passive TCP establishment).
+                    if fsm.state() == State::Idle {
+                        let start = fsm.handle(now(), Event::Start);
+                        pending.extend(start.into_iter().filter(|a| *a != Action::Connect));
+                    }
                     // Collision handling (RFC 4271 §6.8), simplified: without a connection of
                     // our own in progress, take theirs; with one, the higher identifier's wins.
                     let ours_in_progress = matches!(fsm.state(), State::OpenSent | State::OpenConfirm | State::Established);
@@ -687,7 +695,7 @@ async fn peer_task(
                         let _ = s.set_nodelay(true);
                         conn = Some(s);
                         buf.clear();
-                        pending = fsm.handle(now(), Event::TcpConnected);
+                        pending.extend(fsm.handle(now(), Event::TcpConnected));
                     }
                 }
             }
