@@ -98,6 +98,9 @@ fn establish(to: SocketAddr) -> TcpStream {
     s
 }
 
+/// (what, sent after the session is up, the bytes, the NOTIFICATION code/subcode expected)
+type Case = (&'static str, bool, Vec<u8>, (u8, u8));
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_get_the_right_notification_and_other_sessions_stay_up() {
     let port = TcpListener::bind("127.0.0.1:0")
@@ -142,7 +145,7 @@ async fn malformed_messages_get_the_right_notification_and_other_sessions_stay_u
         bad_marker[0] = 0;
         let mut bad_length = msg(4, &[]);
         bad_length[17] = 5;
-        let cases: Vec<(&str, bool, Vec<u8>, (u8, u8))> = vec![
+        let cases: Vec<Case> = vec![
             ("bad marker", true, bad_marker, (1, 1)),
             ("bad length", true, bad_length, (1, 2)),
             ("bad type", true, msg(9, &[]), (1, 3)),
