@@ -73,6 +73,7 @@ protocol bgp peer {{
   direct;
   connect delay time 1;
   connect retry time 1;
+  graceful restart on;
   ipv4 {{ import all; export where proto = "s4"; next hop self; }};
   ipv6 {{ import all; export where proto = "s6"; next hop address {nh6}; }};
 }}
@@ -272,4 +273,95 @@ fn ibgp_with_bird_ipv4_and_ipv6() {
 #[test]
 fn ebgp_with_bird_and_a_4_octet_as() {
     exchange_routes("bgp_ebgp", 4_200_000_001, 64600);
+}
+
+#[test]
+fn graceful_restart_keeps_routes_and_traffic_while_tessera_restarts() {
+    let lab = Lab::new(
+        "bgp_gr",
+        LabSpec {
+            nodes: 2,
+            subnets: 1,
+            etcd: false,
+        },
+    )
+    .expect("lab");
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let (a1, a2) = (n1.ipv4.ip().to_string(), n2.ipv4.ip().to_string());
+    let (a16, a26) = (n1.ipv6.ip().to_string(), n2.ipv6.ip().to_string());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bdir = dir.path().join("bird");
+    std::fs::create_dir_all(&bdir).expect("mkdir");
+    n1.netns
+        .ip(&["addr", "add", "10.244.1.1/32", "dev", "lo"])
+        .expect("addr");
+    n2.netns
+        .ip(&["addr", "add", "10.244.2.1/32", "dev", "lo"])
+        .expect("addr");
+    let bird = Bird::start(
+        &n2.netns,
+        &bdir,
+        &bird_conf(
+            &bdir,
+            &a2,
+            64512,
+            &a1,
+            64512,
+            "10.244.2.0/26",
+            "fd10:244::2:0/122",
+            &a26,
+        ),
+    );
+    let conf = routed_conf(dir.path(), 64512, &a1, &a16, &a2, 64512, &["10.244.1.0/26"]);
+    let mut routed = start_routed(&n1.netns, dir.path(), &conf);
+    wait_for("routes both ways", Duration::from_secs(20), || {
+        route(&n1.netns, false, "10.244.2.0/26").is_some()
+            && route(&n2.netns, false, "10.244.1.0/26").is_some()
+    });
+    n2.netns
+        .exec("ping", &["-c1", "-W2", "-I", "10.244.2.1", "10.244.1.1"])
+        .expect("ping before");
+
+    // kill -9: no NOTIFICATION, no withdrawal. BIRD keeps our route (stale) and our kernel
+    // keeps BIRD's; traffic goes on. (Without our GR capability BIRD drops the route here:
+    // checked by hand with gracefulRestartSeconds: 0.)
+    routed.kill();
+    wait_for(
+        "BIRD to notice the session loss",
+        Duration::from_secs(15),
+        || {
+            !bird
+                .birdc(&["show", "protocols", "peer"])
+                .contains("Established")
+        },
+    );
+    assert!(
+        route(&n2.netns, false, "10.244.1.0/26").is_some(),
+        "BIRD kept the route during the restart"
+    );
+    assert!(bird
+        .birdc(&["show", "route", "10.244.1.0/26"])
+        .contains("10.244.1.0/26"));
+    n2.netns
+        .exec("ping", &["-c1", "-W2", "-I", "10.244.2.1", "10.244.1.1"])
+        .expect("ping during the restart");
+
+    // Restart: the session comes back, our kernel routes were never removed, and after
+    // End-of-RIB everything is current again.
+    let mut routed = start_routed(&n1.netns, dir.path(), &conf);
+    wait_for("the session back", Duration::from_secs(20), || {
+        bird.birdc(&["show", "protocols", "peer"])
+            .contains("Established")
+    });
+    n2.netns
+        .exec("ping", &["-c1", "-W2", "-I", "10.244.2.1", "10.244.1.1"])
+        .expect("ping after");
+    let r = route(&n1.netns, false, "10.244.2.0/26").expect("route kept across the restart");
+    assert_eq!(r["protocol"], "80");
+
+    routed.stop(Duration::from_secs(2));
+    drop(bird);
+    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
+    drop(lab);
+    assert_nothing_left(&prefix, &pids);
 }
