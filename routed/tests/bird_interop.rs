@@ -87,9 +87,14 @@ fn start_routed(ns: &Netns, dir: &Path, conf: &str) -> Child {
     std::fs::write(&path, conf).expect("routed.yaml");
     let mut cmd = ns.command(ROUTED);
     cmd.args(["run", "--config", &path.to_string_lossy()]);
-    cmd.env("TESSERA_LOG", "info")
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("routed.log"))
+        .expect("log");
+    cmd.env("TESSERA_LOG", "debug")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        .stderr(log);
     Child::spawn(cmd, "tessera-routed").expect("start tessera-routed")
 }
 

@@ -34,7 +34,11 @@ fn open(version: u8, asn: u16, hold: u16, id: [u8; 4]) -> Vec<u8> {
 
 /// Reads messages until a NOTIFICATION arrives; returns (code, subcode).
 fn read_notification(s: &mut TcpStream) -> Option<(u8, u8)> {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    read_notification_within(s, Duration::from_secs(5))
+}
+
+fn read_notification_within(s: &mut TcpStream, wait: Duration) -> Option<(u8, u8)> {
+    let deadline = Instant::now() + wait;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     while Instant::now() < deadline {
@@ -224,6 +228,42 @@ async fn malformed_messages_get_the_right_notification_and_other_sessions_stay_u
         good["state"], "Established",
         "the other session stayed up: {v}"
     );
+    let _ = stop_tx.send(());
+    speaker.await.expect("join").expect("speaker ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_gets_hold_timer_expired() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let cfg = Config::parse(&format!(
+        "asn: 64512\nrouterId: 127.0.0.1\nlisten: 127.0.0.1\nlistenPort: {port}\nholdTime: 3\npeers:\n  - {{ address: 127.0.0.2, asn: 64512, passive: true }}\n"
+    ))
+    .expect("config");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let speaker = tokio::spawn(tessera_routed::speaker::run(
+        cfg,
+        None,
+        std::sync::Arc::new(NativeRoutes),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let got = tokio::task::spawn_blocking(move || {
+        // OPEN with hold time 3 and one KEEPALIVE, then silence.
+        let mut s = connect_from("127.0.0.2", to);
+        s.write_all(&open(4, 64512, 3, [127, 0, 0, 2]))
+            .expect("OPEN");
+        s.write_all(&msg(4, &[])).expect("KEEPALIVE");
+        read_notification_within(&mut s, Duration::from_secs(10))
+    })
+    .await
+    .expect("client");
+    assert_eq!(got, Some((4, 0)), "HOLD TIMER EXPIRED");
     let _ = stop_tx.send(());
     speaker.await.expect("join").expect("speaker ran");
 }
