@@ -370,3 +370,142 @@ fn graceful_restart_keeps_routes_and_traffic_while_tessera_restarts() {
     drop(lab);
     assert_nothing_left(&prefix, &pids);
 }
+
+/// BIRD's config for a route reflector with the given clients.
+fn bird_rr_conf(dir: &Path, router: &str, clients: &[&str]) -> String {
+    let mut c = format!(
+        "router id {router};\nlog \"{}\" all;\nprotocol device {{ scan time 10; }}\nprotocol kernel k4 {{ ipv4 {{ import none; export none; }}; }}\n",
+        dir.join("bird.log").display()
+    );
+    for (i, client) in clients.iter().enumerate() {
+        c.push_str(&format!(
+            "protocol bgp c{i} {{\n  local {router} as 64512;\n  neighbor {client} as 64512;\n  direct;\n  rr client;\n  rr cluster id {router};\n  connect delay time 1;\n  connect retry time 1;\n  ipv4 {{ import all; export all; }};\n}}\n"
+        ));
+    }
+    c
+}
+
+#[test]
+fn tessera_clients_of_a_bird_route_reflector() {
+    let lab = Lab::new(
+        "bgp_bird_rr",
+        LabSpec {
+            nodes: 3,
+            subnets: 1,
+            etcd: false,
+        },
+    )
+    .expect("lab");
+    let addr = |i: usize| lab.nodes[i].ipv4.ip().to_string();
+    let addr6 = |i: usize| lab.nodes[i].ipv6.ip().to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bdir = dir.path().join("bird");
+    std::fs::create_dir_all(&bdir).expect("mkdir");
+    let bird = Bird::start(
+        &lab.nodes[0].netns,
+        &bdir,
+        &bird_rr_conf(&bdir, &addr(0), &[&addr(1), &addr(2)]),
+    );
+    let mut speakers = Vec::new();
+    for (i, net) in [(1, "10.244.2.0/26"), (2, "10.244.3.0/26")] {
+        let d = dir.path().join(format!("n{i}"));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        let conf = routed_conf(&d, 64512, &addr(i), &addr6(i), &addr(0), 64512, &[net]);
+        speakers.push(start_routed(&lab.nodes[i].netns, &d, &conf));
+    }
+    // node3 learns node2's block through the reflector, with node2 as next hop.
+    wait_for(
+        "the reflected route on node3",
+        Duration::from_secs(20),
+        || {
+            route(&lab.nodes[2].netns, false, "10.244.2.0/26")
+                .is_some_and(|r| r["gateway"] == addr(1).as_str())
+        },
+    );
+    wait_for(
+        "the reflected route on node2",
+        Duration::from_secs(10),
+        || {
+            route(&lab.nodes[1].netns, false, "10.244.3.0/26")
+                .is_some_and(|r| r["gateway"] == addr(2).as_str())
+        },
+    );
+    for mut s in speakers {
+        s.stop(Duration::from_secs(2));
+    }
+    drop(bird);
+    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
+    drop(lab);
+    assert_nothing_left(&prefix, &pids);
+}
+
+#[test]
+fn tessera_reflects_routes_between_bird_clients() {
+    let lab = Lab::new(
+        "bgp_tessera_rr",
+        LabSpec {
+            nodes: 3,
+            subnets: 1,
+            etcd: false,
+        },
+    )
+    .expect("lab");
+    let addr = |i: usize| lab.nodes[i].ipv4.ip().to_string();
+    let addr6 = |i: usize| lab.nodes[i].ipv6.ip().to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = format!(
+        "asn: 64512\nrouterId: {me}\nlisten: {me}\nconnectRetrySeconds: 1\nclusterId: {me}\nstatusSocket: {sock}\npeers:\n  - {{ address: {a}, asn: 64512, rrClient: true, localAddress: {me} }}\n  - {{ address: {b}, asn: 64512, rrClient: true, localAddress: {me} }}\n",
+        me = addr(0),
+        a = addr(1),
+        b = addr(2),
+        sock = dir.path().join("routed.sock").display()
+    );
+    let mut rr = start_routed(&lab.nodes[0].netns, dir.path(), &conf);
+    let mut birds = Vec::new();
+    for (i, v4, v6) in [
+        (1, "10.244.2.0/26", "fd10:244::2:0/122"),
+        (2, "10.244.3.0/26", "fd10:244::3:0/122"),
+    ] {
+        let d = dir.path().join(format!("bird{i}"));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        birds.push(Bird::start(
+            &lab.nodes[i].netns,
+            &d,
+            &bird_conf(&d, &addr(i), 64512, &addr(0), 64512, v4, v6, &addr6(i)),
+        ));
+    }
+    // BIRD on node3 has node2's block, reflected: next hop node2, ORIGINATOR_ID and
+    // CLUSTER_LIST set by Tessera.
+    wait_for(
+        "the reflected route in node3's BIRD",
+        Duration::from_secs(20),
+        || {
+            birds[1]
+                .birdc(&["show", "route", "10.244.2.0/26"])
+                .contains("10.244.2.0/26")
+        },
+    );
+    let all = birds[1].birdc(&["show", "route", "all", "10.244.2.0/26"]);
+    assert!(all.contains(&format!("BGP.next_hop: {}", addr(1))), "{all}");
+    assert!(
+        all.contains(&format!("BGP.originator_id: {}", addr(1))),
+        "{all}"
+    );
+    assert!(
+        all.contains(&format!("BGP.cluster_list: {}", addr(0))),
+        "{all}"
+    );
+    wait_for(
+        "the reflected route in node3's kernel",
+        Duration::from_secs(10),
+        || {
+            route(&lab.nodes[2].netns, false, "10.244.2.0/26")
+                .is_some_and(|r| r["gateway"] == addr(1).as_str())
+        },
+    );
+    rr.stop(Duration::from_secs(2));
+    drop(birds);
+    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
+    drop(lab);
+    assert_nothing_left(&prefix, &pids);
+}
