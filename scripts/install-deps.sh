@@ -7,7 +7,7 @@ PKGS=(
   iproute2 iputils-ping procps util-linux  # the test bed: namespaces, veth, bridges, ping, sysctl, nsenter
   containernetworking-plugins iptables     # reference CNI plugins (chaining tests, ptp+host-local benchmark)
   podman runc busybox-static               # a real container runtime as CNI client, and its rootfs
-  bird2                                    # the BGP interop peer
+  bird2 tcpdump                            # the BGP interop peer, and captures of its messages
 )
 missing=()
 for p in "${PKGS[@]}"; do

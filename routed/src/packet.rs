@@ -247,6 +247,9 @@ pub struct Update {
     /// RFC 7606: an attribute was malformed in a way that withdraws this UPDATE's NLRI
     /// instead of resetting the session.
     pub treat_as_withdraw: bool,
+    /// Codes of attributes that came with the Extended Length flag although short (BIRD sends
+    /// MP_REACH_NLRI that way); kept so that re-encoding gives the same bytes.
+    pub extended_length: Vec<u8>,
 }
 
 impl Update {
@@ -654,6 +657,9 @@ fn decode_update(mut b: &[u8], ctx: Ctx) -> Result<Update, DecodeError> {
         }
         let data = &attrs_buf[..len];
         attrs_buf.advance(len);
+        if flags & attr::EXTENDED != 0 && len <= 255 {
+            u.extended_length.push(code);
+        }
         if seen[usize::from(code)] {
             if code == attr::MP_REACH || code == attr::MP_UNREACH {
                 return fail(
@@ -1011,7 +1017,7 @@ pub fn encode_into(msg: &Message, ctx: Ctx, buf: &mut BytesMut) {
             buf.put_slice(&w);
             let mut a = BytesMut::new();
             for attr in &u.attrs {
-                encode_attr(attr, ctx, &mut a);
+                encode_attr(attr, ctx, u.extended_length.contains(&attr.code()), &mut a);
             }
             buf.put_u16(a.len() as u16);
             buf.put_slice(&a);
@@ -1107,7 +1113,7 @@ fn put_as_path(segs: &[AsSegment], four: bool, b: &mut BytesMut) {
     }
 }
 
-fn encode_attr(a: &PathAttr, ctx: Ctx, out: &mut BytesMut) {
+fn encode_attr(a: &PathAttr, ctx: Ctx, extended: bool, out: &mut BytesMut) {
     let mut d = BytesMut::new();
     match a {
         PathAttr::Origin(o) => d.put_u8(*o as u8),
@@ -1162,13 +1168,14 @@ fn encode_attr(a: &PathAttr, ctx: Ctx, out: &mut BytesMut) {
         }
         PathAttr::Unknown { data, .. } => d.put_slice(data),
     }
+    let extended = extended || d.len() > 255;
     let mut flags = a.flags();
-    if d.len() > 255 {
+    if extended {
         flags |= attr::EXTENDED;
     }
     out.put_u8(flags);
     out.put_u8(a.code());
-    if d.len() > 255 {
+    if extended {
         out.put_u16(d.len() as u16);
     } else {
         out.put_u8(d.len() as u8);

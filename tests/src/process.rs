@@ -72,6 +72,10 @@ impl Child {
         Ok(c.wait_with_output()?)
     }
 
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.inner.as_mut().and_then(|c| c.stderr.take())
+    }
+
     pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
         self.inner.as_mut().and_then(|c| c.stdout.take())
     }

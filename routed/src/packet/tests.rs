@@ -73,6 +73,7 @@ fn update_with_ipv4_and_ipv6_byte_for_byte() {
         ],
         nlri: vec!["10.244.1.0/26".parse().expect("net")],
         treat_as_withdraw: false,
+        extended_length: vec![],
     };
     let b = encode(&Message::Update(u.clone()), FOUR);
     assert_eq!(decode(&b, FOUR), Ok(Message::Update(u.clone())));
@@ -294,6 +295,7 @@ fn update() -> impl Strategy<Value = Update> {
                 attrs,
                 nlri,
                 treat_as_withdraw: false,
+                extended_length: vec![],
             }
         })
 }
