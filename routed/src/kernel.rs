@@ -149,3 +149,50 @@ impl Kernel {
         Ok(out)
     }
 }
+
+/// One change for the kernel table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelOp {
+    Replace(IpNetwork, IpAddr, Target),
+    Delete(IpNetwork),
+}
+
+impl Kernel {
+    /// Applies batches of changes as they come: whatever queued up meanwhile is coalesced
+    /// (the last change per prefix wins) and written with many netlink requests in flight,
+    /// so that the RIB never waits for the kernel.
+    pub async fn run_worker(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<KernelOp>>) {
+        use futures::StreamExt;
+        while let Some(first) = rx.recv().await {
+            let mut latest: std::collections::HashMap<IpNetwork, KernelOp> =
+                std::collections::HashMap::new();
+            let mut order = Vec::new();
+            let mut absorb = |ops: Vec<KernelOp>| {
+                for op in ops {
+                    let p = match &op {
+                        KernelOp::Replace(p, ..) | KernelOp::Delete(p) => *p,
+                    };
+                    if latest.insert(p, op).is_none() {
+                        order.push(p);
+                    }
+                }
+            };
+            absorb(first);
+            while let Ok(more) = rx.try_recv() {
+                absorb(more);
+            }
+            let this = &self;
+            futures::stream::iter(order.into_iter().filter_map(|p| latest.remove(&p)))
+                .for_each_concurrent(256, |op| async move {
+                    let r = match &op {
+                        KernelOp::Replace(p, nh, t) => this.replace(*p, *nh, t).await,
+                        KernelOp::Delete(p) => this.delete(*p).await,
+                    };
+                    if let Err(e) = r {
+                        tracing::warn!(?op, error = %e, "kernel route update failed");
+                    }
+                })
+                .await;
+        }
+    }
+}

@@ -93,8 +93,10 @@ impl Attrs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Path {
     pub attrs: Arc<Attrs>,
-    /// `None` for routes we originate.
-    pub peer: Option<PeerInfo>,
+    /// `None` for routes we originate. Shared by every route of the peer.
+    pub peer: Option<Arc<PeerInfo>>,
+    /// Kept from before the peer's restart (RFC 4724): replaced or swept after End-of-RIB.
+    pub stale: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,8 +106,6 @@ pub struct PeerInfo {
     pub ibgp: bool,
     /// The peer is our route-reflector client.
     pub rr_client: bool,
-    /// Kept from before the peer's restart (RFC 4724): replaced or swept after End-of-RIB.
-    pub stale: bool,
 }
 
 impl Path {
@@ -257,7 +257,7 @@ impl Rib {
     /// Applies what a peer sent; returns the Loc-RIB changes.
     pub fn apply(
         &mut self,
-        peer: &PeerInfo,
+        peer: &Arc<PeerInfo>,
         announced: Vec<(IpNetwork, Arc<Attrs>)>,
         withdrawn: Vec<IpNetwork>,
     ) -> Vec<BestChange> {
@@ -274,10 +274,8 @@ impl Rib {
                 prefix,
                 Path {
                     attrs,
-                    peer: Some(PeerInfo {
-                        stale: false,
-                        ..peer.clone()
-                    }),
+                    peer: Some(peer.clone()),
+                    stale: false,
                 },
             );
             touched.push(prefix);
@@ -303,9 +301,7 @@ impl Rib {
     pub fn mark_stale(&mut self, peer: &PeerId) {
         if let Some(table) = self.adj_in.get_mut(peer) {
             for path in table.values_mut() {
-                if let Some(p) = path.peer.as_mut() {
-                    p.stale = true;
-                }
+                path.stale = true;
             }
         }
     }
@@ -316,12 +312,7 @@ impl Rib {
         let stale: Vec<IpNetwork> = self
             .adj_in
             .get(peer)
-            .map(|t| {
-                t.iter()
-                    .filter(|(_, p)| p.peer.as_ref().is_some_and(|x| x.stale))
-                    .map(|(k, _)| *k)
-                    .collect()
-            })
+            .map(|t| t.iter().filter(|(_, p)| p.stale).map(|(k, _)| *k).collect())
             .unwrap_or_default();
         if let Some(table) = self.adj_in.get_mut(peer) {
             for p in &stale {
@@ -336,7 +327,14 @@ impl Rib {
 
     pub fn originate(&mut self, prefix: IpNetwork, attrs: Arc<Attrs>) -> Vec<BestChange> {
         let mut out = Vec::new();
-        self.local.insert(prefix, Path { attrs, peer: None });
+        self.local.insert(
+            prefix,
+            Path {
+                attrs,
+                peer: None,
+                stale: false,
+            },
+        );
         self.reselect(prefix, &mut out);
         out
     }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, PeerConfig};
 use crate::fsm::{keep_our_connection, Action, Event, Session, SessionConfig, State};
-use crate::kernel::{Kernel, RouteTarget};
+use crate::kernel::{Kernel, KernelOp, RouteTarget};
 use crate::packet::{
     self, add_as4_path, Capability, Ctx, Message, Open, Origin, PathAttr, Update, AFI_IPV6,
     SAFI_UNICAST,
@@ -81,7 +81,7 @@ struct Up {
 struct Peer {
     cfg: PeerConfig,
     tx: mpsc::Sender<ToPeer>,
-    info: PeerInfo,
+    info: Arc<PeerInfo>,
     state: State,
     up: Option<Up>,
     /// Adj-RIB-Out: what we last announced.
@@ -128,7 +128,7 @@ pub async fn run(
             Peer {
                 cfg: pc.clone(),
                 tx,
-                info: PeerInfo {
+                info: Arc::new(PeerInfo {
                     addr: pc.address,
                     router_id: match pc.address {
                         IpAddr::V4(a) => a,
@@ -136,8 +136,7 @@ pub async fn run(
                     },
                     ibgp: pc.asn == cfg.asn,
                     rr_client: pc.rr_client,
-                    stale: false,
-                },
+                }),
                 state: State::Idle,
                 up: None,
                 adj_out: HashMap::new(),
@@ -154,6 +153,11 @@ pub async fn run(
         Some(k) => Some(k.ours().await.unwrap_or_default().into_iter().collect()),
         None => None,
     };
+    let kernel = kernel.map(|k| {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(k.run_worker(rx));
+        tx
+    });
     let sweep_deadline =
         Instant::now() + Duration::from_secs(u64::from(cfg.graceful_restart_seconds.max(30)));
     let local = Local {
@@ -218,7 +222,8 @@ struct SpeakerState {
     cfg: Config,
     rib: Rib,
     peers: HashMap<IpAddr, Peer>,
-    kernel: Option<Kernel>,
+    /// The kernel worker's queue.
+    kernel: Option<mpsc::UnboundedSender<Vec<KernelOp>>>,
     target: Arc<dyn RouteTarget>,
     local: Local,
     /// Prefixes we installed in the kernel.
@@ -264,7 +269,10 @@ impl SpeakerState {
                 let Some(p) = self.peers.get_mut(&addr) else {
                     return;
                 };
-                p.info.router_id = open.bgp_id;
+                p.info = Arc::new(PeerInfo {
+                    router_id: open.bgp_id,
+                    ..(*p.info).clone()
+                });
                 p.state = State::Established;
                 p.eor.clear();
                 let peer_gr = open.capabilities.iter().find_map(|c| match c {
@@ -364,11 +372,14 @@ impl SpeakerState {
 
     async fn sweep_leftovers(&mut self, left: &HashSet<IpNetwork>) {
         let Some(k) = &self.kernel else { return };
-        for n in left.iter().filter(|n| !self.installed.contains(n)) {
-            tracing::info!(prefix = %n, "sweeping a route a previous run left");
-            if let Err(e) = k.delete(*n).await {
-                tracing::warn!(prefix = %n, error = %e, "cannot sweep route");
-            }
+        let stale: Vec<KernelOp> = left
+            .iter()
+            .filter(|n| !self.installed.contains(n))
+            .map(|n| KernelOp::Delete(*n))
+            .collect();
+        if !stale.is_empty() {
+            tracing::info!(routes = stale.len(), "sweeping routes a previous run left");
+            let _ = k.send(stale);
         }
     }
 
@@ -378,24 +389,23 @@ impl SpeakerState {
             return;
         }
         if let Some(k) = &self.kernel {
+            let mut ops = Vec::with_capacity(changes.len());
             for c in &changes {
-                let r = match c {
+                match c {
                     BestChange::Best { prefix, best, .. } if best.peer.is_some() => {
                         let t = self.target.target(*prefix, best.attrs.next_hop);
                         self.installed.insert(*prefix);
-                        k.replace(*prefix, best.attrs.next_hop, &t).await
+                        ops.push(KernelOp::Replace(*prefix, best.attrs.next_hop, t));
                     }
                     BestChange::Best { prefix, .. } | BestChange::Gone { prefix } => {
                         if self.installed.remove(prefix) {
-                            k.delete(*prefix).await
-                        } else {
-                            Ok(())
+                            ops.push(KernelOp::Delete(*prefix));
                         }
                     }
-                };
-                if let Err(e) = r {
-                    tracing::warn!(change = ?c, error = %e, "kernel route update failed");
                 }
+            }
+            if !ops.is_empty() {
+                let _ = k.send(ops);
             }
         }
         let addrs: Vec<IpAddr> = self

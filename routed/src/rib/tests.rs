@@ -18,14 +18,13 @@ fn attrs(path: &[u32], lp: Option<u32>, nh: &str) -> Arc<Attrs> {
     })
 }
 
-fn peer(addr: &str, id: u8, ibgp: bool) -> PeerInfo {
-    PeerInfo {
+fn peer(addr: &str, id: u8, ibgp: bool) -> Arc<PeerInfo> {
+    Arc::new(PeerInfo {
         addr: addr.parse().expect("addr"),
         router_id: Ipv4Addr::new(10, 0, 0, id),
         ibgp,
         rr_client: false,
-        stale: false,
-    }
+    })
 }
 
 fn net(s: &str) -> IpNetwork {
@@ -34,9 +33,10 @@ fn net(s: &str) -> IpNetwork {
 
 #[test]
 fn decision_process_table() {
-    let p = |a: Arc<Attrs>, from: PeerInfo| Path {
+    let p = |a: Arc<Attrs>, from: Arc<PeerInfo>| Path {
         attrs: a,
         peer: Some(from),
+        stale: false,
     };
     let ib = peer("198.18.0.2", 2, true);
     let eb = peer("198.18.0.3", 3, false);
@@ -162,6 +162,7 @@ fn export_rules() {
     let own = Path {
         attrs: attrs(&[], None, "0.0.0.0"),
         peer: None,
+        stale: false,
     };
     // Our own block to an iBGP peer: next hop self, LOCAL_PREF, empty AS_PATH.
     let a = export(&local, &own, &ib1, 64512, me).expect("exported");
@@ -177,6 +178,7 @@ fn export_rules() {
     let learned = Path {
         attrs: attrs(&[], None, "198.18.0.2"),
         peer: Some(ib1.clone()),
+        stale: false,
     };
     assert!(export(&local, &learned, &ib2, 64512, me).is_none());
     // ... unless we reflect to a client: CLUSTER_LIST and ORIGINATOR_ID are set.
@@ -186,7 +188,7 @@ fn export_rules() {
     };
     let client = PeerInfo {
         rr_client: true,
-        ..ib2.clone()
+        ..(*ib2).clone()
     };
     let a = export(&rr, &learned, &client, 64512, me).expect("reflected");
     assert_eq!(a.cluster_list, vec![Ipv4Addr::new(198, 18, 0, 1)]);
@@ -199,10 +201,11 @@ fn export_rules() {
     // A route that already carries our cluster id is a loop.
     let looped = Path {
         attrs: Arc::new(a.clone()),
-        peer: Some(PeerInfo {
+        peer: Some(Arc::new(PeerInfo {
             rr_client: true,
-            ..ib1.clone()
-        }),
+            ..(*ib1).clone()
+        })),
+        stale: false,
     };
     assert!(export(&rr, &looped, &client, 64512, me).is_none());
     // Never back to the sender; never to an eBGP peer whose AS is in the path.
@@ -210,6 +213,7 @@ fn export_rules() {
     let via = Path {
         attrs: attrs(&[65000], None, "203.0.113.1"),
         peer: Some(eb.clone()),
+        stale: false,
     };
     assert!(export(&local, &via, &peer("203.0.113.2", 8, false), 65000, me).is_none());
 }
