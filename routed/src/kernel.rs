@@ -158,31 +158,22 @@ pub enum KernelOp {
 }
 
 impl Kernel {
-    /// Applies batches of changes as they come: whatever queued up meanwhile is coalesced
-    /// (the last change per prefix wins) and written with many netlink requests in flight,
-    /// so that the RIB never waits for the kernel.
+    /// Applies batches of changes as they come, many netlink requests in flight, so that
+    /// the RIB never waits for the kernel. Changes to one prefix within a batch collapse to
+    /// the last; batches apply in order.
     pub async fn run_worker(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<KernelOp>>) {
         use futures::StreamExt;
-        while let Some(first) = rx.recv().await {
-            let mut latest: std::collections::HashMap<IpNetwork, KernelOp> =
-                std::collections::HashMap::new();
-            let mut order = Vec::new();
-            let mut absorb = |ops: Vec<KernelOp>| {
-                for op in ops {
-                    let p = match &op {
-                        KernelOp::Replace(p, ..) | KernelOp::Delete(p) => *p,
-                    };
-                    if latest.insert(p, op).is_none() {
-                        order.push(p);
-                    }
-                }
-            };
-            absorb(first);
-            while let Ok(more) = rx.try_recv() {
-                absorb(more);
-            }
+        while let Some(mut batch) = rx.recv().await {
+            let mut seen = std::collections::HashSet::with_capacity(batch.len());
+            batch.reverse();
+            batch.retain(|op| {
+                seen.insert(match op {
+                    KernelOp::Replace(p, ..) | KernelOp::Delete(p) => *p,
+                })
+            });
+            drop(seen);
             let this = &self;
-            futures::stream::iter(order.into_iter().filter_map(|p| latest.remove(&p)))
+            futures::stream::iter(batch)
                 .for_each_concurrent(256, |op| async move {
                     let r = match &op {
                         KernelOp::Replace(p, nh, t) => this.replace(*p, *nh, t).await,
