@@ -77,6 +77,9 @@ pub struct PeerConfig {
     /// Source address of our connection and our next hop towards this peer.
     #[serde(default)]
     pub local_address: Option<IpAddr>,
+    /// TCP MD5 signature password (RFC 2385).
+    #[serde(default)]
+    pub password: Option<String>,
 }
 
 fn default_port() -> u16 {

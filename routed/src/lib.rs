@@ -2,6 +2,7 @@
 pub mod config;
 pub mod fsm;
 pub mod kernel;
+pub mod md5;
 pub mod packet;
 pub mod rib;
 pub mod speaker;

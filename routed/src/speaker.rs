@@ -101,6 +101,12 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(SocketAddr::new(cfg.listen, cfg.listen_port)).await?;
+    for p in &cfg.peers {
+        if let Some(pw) = &p.password {
+            crate::md5::set_password(&listener, p.address, pw)
+                .map_err(|e| anyhow::anyhow!("TCP MD5 key for peer {}: {e}", p.address))?;
+        }
+    }
     let status = Arc::new(Mutex::new(Status::default()));
     if let Some(path) = cfg.status_socket.clone() {
         tokio::spawn(serve_status(path, status.clone()));
@@ -581,7 +587,7 @@ async fn peer_task(
                 match a {
                     Action::Connect => {
                         let (peer, local) = (SocketAddr::new(addr, pc.port), pc.local_address);
-                        connecting = Some(tokio::spawn(connect(peer, local)));
+                        connecting = Some(tokio::spawn(connect(peer, local, pc.password.clone())));
                     }
                     Action::Disconnect => {
                         conn = None;
@@ -740,12 +746,19 @@ fn drain_messages(fsm: &mut Session, buf: &mut BytesMut, now: Duration) -> Vec<A
     }
 }
 
-async fn connect(peer: SocketAddr, local: Option<IpAddr>) -> std::io::Result<TcpStream> {
+async fn connect(
+    peer: SocketAddr,
+    local: Option<IpAddr>,
+    password: Option<String>,
+) -> std::io::Result<TcpStream> {
     let socket = if peer.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
+    if let Some(pw) = &password {
+        crate::md5::set_password(&socket, peer.ip(), pw)?;
+    }
     if let Some(l) = local {
         socket.bind(SocketAddr::new(l, 0))?;
     }

@@ -665,3 +665,66 @@ fn bird_messages_decode_and_reencode_byte_for_byte() {
     drop(lab);
     assert_nothing_left(&prefix, &pids);
 }
+
+#[test]
+fn md5_passwords_must_match() {
+    let lab = Lab::new(
+        "bgp_md5",
+        LabSpec {
+            nodes: 2,
+            subnets: 1,
+            etcd: false,
+        },
+    )
+    .expect("lab");
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let (a1, a2) = (n1.ipv4.ip().to_string(), n2.ipv4.ip().to_string());
+    let (a16, a26) = (n1.ipv6.ip().to_string(), n2.ipv6.ip().to_string());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bdir = dir.path().join("bird");
+    std::fs::create_dir_all(&bdir).expect("mkdir");
+    let conf = bird_conf(
+        &bdir,
+        &a2,
+        64512,
+        &a1,
+        64512,
+        "10.244.2.0/26",
+        "fd10:244::2:0/122",
+        &a26,
+    )
+    .replace("  direct;\n", "  direct;\n  password \"s3cret\";\n");
+    let bird = Bird::start(&n2.netns, &bdir, &conf);
+    let with = |pw: &str| {
+        routed_conf(dir.path(), 64512, &a1, &a16, &a2, 64512, &["10.244.1.0/26"]).replace(
+            &format!("localAddress: {a1} }}"),
+            &format!("localAddress: {a1}, password: {pw} }}"),
+        )
+    };
+    // A wrong password: the kernels drop every segment, the session never comes up.
+    let mut wrong = start_routed(&n1.netns, dir.path(), &with("wrong"));
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        !bird
+            .birdc(&["show", "protocols", "peer"])
+            .contains("Established"),
+        "a wrong password must not connect"
+    );
+    assert!(route(&n1.netns, false, "10.244.2.0/26").is_none());
+    wrong.stop(Duration::from_secs(2));
+    // The right one: up, routes exchanged.
+    let mut right = start_routed(&n1.netns, dir.path(), &with("s3cret"));
+    wait_for(
+        "the session with the right password",
+        Duration::from_secs(20),
+        || route(&n1.netns, false, "10.244.2.0/26").is_some(),
+    );
+    assert!(bird
+        .birdc(&["show", "protocols", "peer"])
+        .contains("Established"));
+    right.stop(Duration::from_secs(2));
+    drop(bird);
+    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
+    drop(lab);
+    assert_nothing_left(&prefix, &pids);
+}
