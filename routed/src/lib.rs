@@ -3,6 +3,7 @@ pub mod config;
 pub mod fsm;
 pub mod kernel;
 pub mod md5;
+pub mod mesh;
 pub mod packet;
 pub mod rib;
 pub mod speaker;

@@ -26,6 +26,16 @@ use crate::rib::{export, to_path_attrs, Attrs, BestChange, Local, PeerInfo, Rib}
 enum ToPeer {
     Send(Vec<Message>),
     Incoming(TcpStream),
+    /// Unpeer: Cease, close, end the task.
+    Stop,
+}
+
+/// Changes to a running speaker.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// The dynamic peers (e.g. the full mesh from the datastore's Node records); the
+    /// configuration file's peers stay. Peers not in the list are unpeered.
+    SetDynamicPeers(Vec<PeerConfig>),
 }
 
 enum FromPeer {
@@ -100,6 +110,18 @@ pub async fn run(
     target: Arc<dyn RouteTarget>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let (_keep, control) = mpsc::channel(1);
+    run_with_control(cfg, kernel, target, control, shutdown).await
+}
+
+/// [`run`], taking [`Command`]s while it runs.
+pub async fn run_with_control(
+    cfg: Config,
+    kernel: Option<rtnetlink::Handle>,
+    target: Arc<dyn RouteTarget>,
+    mut control: mpsc::Receiver<Command>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(SocketAddr::new(cfg.listen, cfg.listen_port)).await?;
     for p in &cfg.peers {
         if let Some(pw) = &p.password {
@@ -112,45 +134,6 @@ pub async fn run(
         tokio::spawn(serve_status(path, status.clone()));
     }
     let (from_tx, mut from_rx) = mpsc::channel::<FromPeer>(1024);
-    let mut peers: HashMap<IpAddr, Peer> = HashMap::new();
-    for pc in &cfg.peers {
-        let (tx, rx) = mpsc::channel(256);
-        let scfg = SessionConfig {
-            local_as: cfg.asn,
-            peer_as: Some(pc.asn),
-            router_id: cfg.router_id,
-            hold_time: cfg.hold_time,
-            connect_retry: Duration::from_secs(cfg.connect_retry_seconds.max(1)),
-            passive: pc.passive,
-            ipv4: true,
-            ipv6: true,
-            graceful_restart: (cfg.graceful_restart_seconds > 0)
-                .then_some(cfg.graceful_restart_seconds),
-            restarting: false,
-        };
-        tokio::spawn(peer_task(pc.clone(), scfg, rx, from_tx.clone()));
-        peers.insert(
-            pc.address,
-            Peer {
-                cfg: pc.clone(),
-                tx,
-                info: Arc::new(PeerInfo {
-                    addr: pc.address,
-                    router_id: match pc.address {
-                        IpAddr::V4(a) => a,
-                        IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
-                    },
-                    ibgp: pc.asn == cfg.asn,
-                    rr_client: pc.rr_client,
-                }),
-                state: State::Idle,
-                up: None,
-                adj_out: HashMap::new(),
-                stale_until: None,
-                eor: HashSet::new(),
-            },
-        );
-    }
     let kernel = kernel
         .map(|h| Kernel::new(h, cfg.kernel.protocol, cfg.kernel.table))
         .filter(|_| cfg.kernel.install);
@@ -174,12 +157,17 @@ pub async fn run(
     let mut sp = SpeakerState {
         cfg: cfg.clone(),
         rib: Rib::new(cfg.ecmp),
-        peers,
+        peers: HashMap::new(),
+        from_tx,
+        dynamic: HashSet::new(),
         kernel,
         target,
         local,
         installed: HashSet::new(),
     };
+    for pc in &cfg.peers {
+        sp.add_peer(pc.clone());
+    }
     // Our blocks.
     for n in &cfg.networks {
         let attrs = Arc::new(Attrs {
@@ -208,6 +196,7 @@ pub async fn run(
                 }
             }
             Some(ev) = from_rx.recv() => sp.on_peer_event(ev).await,
+            Some(Command::SetDynamicPeers(list)) = control.recv() => sp.set_dynamic_peers(list, &listener).await,
             _ = tick.tick() => {
                 sp.expire_stale().await;
                 if let Some(left) = &leftovers {
@@ -234,9 +223,96 @@ struct SpeakerState {
     local: Local,
     /// Prefixes we installed in the kernel.
     installed: HashSet<IpNetwork>,
+    from_tx: mpsc::Sender<FromPeer>,
+    /// Peers that came from [`Command::SetDynamicPeers`].
+    dynamic: HashSet<IpAddr>,
 }
 
 impl SpeakerState {
+    fn add_peer(&mut self, pc: PeerConfig) {
+        let cfg = &self.cfg;
+        let (tx, rx) = mpsc::channel(256);
+        let scfg = SessionConfig {
+            local_as: cfg.asn,
+            peer_as: Some(pc.asn),
+            router_id: cfg.router_id,
+            hold_time: cfg.hold_time,
+            connect_retry: Duration::from_secs(cfg.connect_retry_seconds.max(1)),
+            passive: pc.passive,
+            ipv4: true,
+            ipv6: true,
+            graceful_restart: (cfg.graceful_restart_seconds > 0)
+                .then_some(cfg.graceful_restart_seconds),
+            restarting: false,
+        };
+        tokio::spawn(peer_task(pc.clone(), scfg, rx, self.from_tx.clone()));
+        let info = Arc::new(PeerInfo {
+            addr: pc.address,
+            router_id: match pc.address {
+                IpAddr::V4(a) => a,
+                IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+            },
+            ibgp: pc.asn == cfg.asn,
+            rr_client: pc.rr_client,
+        });
+        self.peers.insert(
+            pc.address,
+            Peer {
+                cfg: pc,
+                tx,
+                info,
+                state: State::Idle,
+                up: None,
+                adj_out: HashMap::new(),
+                stale_until: None,
+                eor: HashSet::new(),
+            },
+        );
+    }
+
+    async fn remove_peer(&mut self, addr: IpAddr) {
+        if let Some(p) = self.peers.remove(&addr) {
+            tracing::info!(peer = %addr, "unpeering");
+            let _ = p.tx.send(ToPeer::Stop).await;
+            let ch = self.rib.peer_down(&addr);
+            self.changes(ch).await;
+        }
+    }
+
+    async fn set_dynamic_peers(&mut self, list: Vec<PeerConfig>, listener: &TcpListener) {
+        let wanted: HashMap<IpAddr, PeerConfig> = list
+            .into_iter()
+            .filter(|p| !self.cfg.peers.iter().any(|s| s.address == p.address))
+            .map(|p| (p.address, p))
+            .collect();
+        let gone: Vec<IpAddr> = self
+            .dynamic
+            .iter()
+            .filter(|a| {
+                wanted.get(*a).is_none_or(|w| {
+                    self.peers
+                        .get(*a)
+                        .is_none_or(|p| p.cfg.asn != w.asn || p.cfg.rr_client != w.rr_client)
+                })
+            })
+            .copied()
+            .collect();
+        for a in gone {
+            self.dynamic.remove(&a);
+            self.remove_peer(a).await;
+        }
+        for (a, pc) in wanted {
+            if self.dynamic.insert(a) {
+                if let Some(pw) = &pc.password {
+                    if let Err(e) = crate::md5::set_password(listener, a, pw) {
+                        tracing::warn!(peer = %a, error = %e, "cannot set the TCP MD5 key");
+                    }
+                }
+                tracing::info!(peer = %a, asn = pc.asn, "peering");
+                self.add_peer(pc);
+            }
+        }
+    }
     fn status(&self) -> Status {
         let mut peers: Vec<PeerStatus> = self
             .peers
@@ -668,6 +744,14 @@ async fn peer_task(
             }
             m = rx.recv() => match m {
                 None => return,
+                Some(ToPeer::Stop) => {
+                    for a in fsm.handle(now(), Event::Stop) {
+                        if let (Action::Send(m), Some(c)) = (&a, conn.as_mut()) {
+                            let _ = c.write_all(&packet::encode(m, fsm.ctx())).await;
+                        }
+                    }
+                    return;
+                }
                 Some(ToPeer::Send(msgs)) => {
                     if fsm.state() == State::Established {
                         if let Some(c) = conn.as_mut() {

@@ -20,6 +20,12 @@ enum Cmd {
     Run {
         #[arg(long)]
         config: String,
+        /// Peer with the nodes in this etcd (full mesh or route reflectors), following changes.
+        #[arg(long)]
+        etcd: Option<String>,
+        /// This node's name in the datastore (with --etcd).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Print the status of a running speaker as JSON.
     Status {
@@ -38,10 +44,10 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Run { config } => {
+        Cmd::Run { config, etcd, node } => {
             let text =
                 std::fs::read_to_string(&config).with_context(|| format!("reading {config}"))?;
-            let cfg = Config::parse(&text).with_context(|| format!("in {config}"))?;
+            let mut cfg = Config::parse(&text).with_context(|| format!("in {config}"))?;
             let (conn, handle, _) = rtnetlink::new_connection().context("netlink")?;
             tokio::spawn(conn);
             let shutdown = async {
@@ -53,7 +59,30 @@ async fn main() -> anyhow::Result<()> {
                     _ = tokio::signal::ctrl_c() => {}
                 }
             };
-            tessera_routed::speaker::run(cfg, Some(handle), Arc::new(NativeRoutes), shutdown).await
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            if let Some(endpoint) = etcd {
+                let node = node.context("--node is required with --etcd")?;
+                let kv = tessera_datastore::EtcdKv::connect(
+                    &[endpoint.clone()],
+                    std::time::Duration::from_secs(3),
+                )
+                .await
+                .with_context(|| format!("connecting to {endpoint}"))?;
+                // A node that reflects for its clients needs a cluster id; its router id will do.
+                cfg.cluster_id.get_or_insert(cfg.router_id);
+                let period = std::time::Duration::from_secs(1);
+                tokio::spawn(tessera_routed::mesh::follow_datastore(
+                    kv, node, cfg.asn, period, tx,
+                ));
+            }
+            tessera_routed::speaker::run_with_control(
+                cfg,
+                Some(handle),
+                Arc::new(NativeRoutes),
+                rx,
+                shutdown,
+            )
+            .await
         }
         Cmd::Status { socket } => {
             println!(
