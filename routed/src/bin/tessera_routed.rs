@@ -63,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
             if let Some(endpoint) = etcd {
                 let node = node.context("--node is required with --etcd")?;
                 let kv = tessera_datastore::EtcdKv::connect(
-                    &[endpoint.clone()],
+                    std::slice::from_ref(&endpoint),
                     std::time::Duration::from_secs(3),
                 )
                 .await
