@@ -8,6 +8,7 @@ PKGS=(
   containernetworking-plugins iptables     # reference CNI plugins (chaining tests, ptp+host-local benchmark)
   podman runc busybox-static               # a real container runtime as CNI client, and its rootfs
   bird2 tcpdump                            # the BGP interop peer, and captures of its messages
+  frr                                      # bfdd, the BFD interop peer
 )
 missing=()
 for p in "${PKGS[@]}"; do

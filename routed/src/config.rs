@@ -39,6 +39,18 @@ pub struct Config {
     /// Where `tessera-routed status` finds us.
     #[serde(default)]
     pub status_socket: Option<String>,
+    /// BFD timers for peers with `bfd: true`.
+    #[serde(default = "default_bfd_interval")]
+    pub bfd_interval_ms: u64,
+    #[serde(default = "default_bfd_mult")]
+    pub bfd_detect_mult: u8,
+}
+
+fn default_bfd_interval() -> u64 {
+    300
+}
+fn default_bfd_mult() -> u8 {
+    3
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +92,9 @@ pub struct PeerConfig {
     /// TCP MD5 signature password (RFC 2385).
     #[serde(default)]
     pub password: Option<String>,
+    /// Watch the peer with BFD (single hop) and drop the session when BFD says Down.
+    #[serde(default)]
+    pub bfd: bool,
 }
 
 fn default_port() -> u16 {

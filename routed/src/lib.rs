@@ -1,4 +1,5 @@
 //! routed
+pub mod bfd;
 pub mod config;
 pub mod fsm;
 pub mod kernel;

@@ -49,6 +49,7 @@ pub fn mesh_peers(me: &str, default_asn: u32, nodes: &[Node]) -> Vec<PeerConfig>
                     && asn == me_node.as_number.unwrap_or(default_asn),
                 local_address: local,
                 password: None,
+                bfd: false,
             })
         })
         .collect();

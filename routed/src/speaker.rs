@@ -28,6 +28,8 @@ enum ToPeer {
     Incoming(TcpStream),
     /// Unpeer: Cease, close, end the task.
     Stop,
+    /// BFD saw the peer die: drop the session now, not at the hold time.
+    BfdDown,
 }
 
 /// Changes to a running speaker.
@@ -79,6 +81,7 @@ pub struct PeerStatus {
     pub uptime_seconds: Option<u64>,
     pub prefixes_received: usize,
     pub prefixes_sent: usize,
+    pub bfd: Option<crate::bfd::BfdState>,
 }
 
 struct Up {
@@ -100,6 +103,7 @@ struct Peer {
     stale_until: Option<Instant>,
     /// End-of-RIB received since the session came up (all families it negotiated).
     eor: HashSet<u16>,
+    bfd: crate::bfd::BfdState,
 }
 
 /// Runs the speaker until `shutdown` resolves. `kernel` is a netlink handle of the namespace
@@ -168,6 +172,26 @@ pub async fn run_with_control(
     for pc in &cfg.peers {
         sp.add_peer(pc.clone());
     }
+    // BFD for the peers that ask for it (static peers; RFC 5882: BFD Down ends the session).
+    let (bfd_tx, mut bfd_rx) = mpsc::channel::<crate::bfd::BfdEvent>(64);
+    let bfd_peers: Vec<IpAddr> = cfg
+        .peers
+        .iter()
+        .filter(|p| p.bfd)
+        .map(|p| p.address)
+        .collect();
+    if !bfd_peers.is_empty() {
+        let bcfg = crate::bfd::BfdConfig {
+            interval: Duration::from_millis(cfg.bfd_interval_ms.max(10)),
+            detect_mult: cfg.bfd_detect_mult.max(1),
+        };
+        let local = cfg.listen;
+        tokio::spawn(async move {
+            if let Err(e) = crate::bfd::run(local, bfd_peers, bcfg, bfd_tx).await {
+                tracing::error!(error = %e, "BFD stopped");
+            }
+        });
+    }
     // Our blocks.
     for n in &cfg.networks {
         let attrs = Arc::new(Attrs {
@@ -196,6 +220,20 @@ pub async fn run_with_control(
                 }
             }
             Some(ev) = from_rx.recv() => sp.on_peer_event(ev).await,
+            Some(ev) = bfd_rx.recv() => {
+                if let Some(p) = sp.peers.get_mut(&ev.peer) {
+                    tracing::info!(peer = %ev.peer, state = ?ev.state, "BFD");
+                    p.bfd = ev.state;
+                    if ev.state == crate::bfd::BfdState::Down {
+                        if let Some(up) = p.up.as_mut() {
+                            // The forwarding path is gone: no graceful-restart grace either
+                            // (RFC 5882 §4.3.1; the peer's BFD is not control-plane independent).
+                            up.peer_gr = None;
+                            let _ = p.tx.send(ToPeer::BfdDown).await;
+                        }
+                    }
+                }
+            }
             Some(Command::SetDynamicPeers(list)) = control.recv() => sp.set_dynamic_peers(list, &listener).await,
             _ = tick.tick() => {
                 sp.expire_stale().await;
@@ -266,6 +304,7 @@ impl SpeakerState {
                 adj_out: HashMap::new(),
                 stale_until: None,
                 eor: HashSet::new(),
+                bfd: crate::bfd::BfdState::Down,
             },
         );
     }
@@ -324,6 +363,7 @@ impl SpeakerState {
                 uptime_seconds: p.up.as_ref().map(|u| u.since.elapsed().as_secs()),
                 prefixes_received: self.rib.received(&p.cfg.address),
                 prefixes_sent: p.adj_out.len(),
+                bfd: p.cfg.bfd.then_some(p.bfd),
             })
             .collect();
         peers.sort_by_key(|p| p.address);
@@ -744,6 +784,7 @@ async fn peer_task(
             }
             m = rx.recv() => match m {
                 None => return,
+                Some(ToPeer::BfdDown) => pending = fsm.handle(now(), Event::TcpFailed),
                 Some(ToPeer::Stop) => {
                     for a in fsm.handle(now(), Event::Stop) {
                         if let (Action::Send(m), Some(c)) = (&a, conn.as_mut()) {

@@ -728,3 +728,109 @@ fn md5_passwords_must_match() {
     drop(lab);
     assert_nothing_left(&prefix, &pids);
 }
+
+#[test]
+fn bfd_with_frr_detects_a_dead_peer_long_before_the_hold_time() {
+    let lab = Lab::new(
+        "bgp_bfd",
+        LabSpec {
+            nodes: 2,
+            subnets: 1,
+            etcd: false,
+        },
+    )
+    .expect("lab");
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let (a1, a2) = (n1.ipv4.ip().to_string(), n2.ipv4.ip().to_string());
+    let (a16, a26) = (n1.ipv6.ip().to_string(), n2.ipv6.ip().to_string());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bdir = dir.path().join("bird");
+    std::fs::create_dir_all(&bdir).expect("mkdir");
+    // BGP with BIRD (no graceful restart: a dead peer's routes must go), BFD with FRR's bfdd.
+    let conf = bird_conf(
+        &bdir,
+        &a2,
+        64512,
+        &a1,
+        64512,
+        "10.244.2.0/26",
+        "fd10:244::2:0/122",
+        &a26,
+    )
+    .replace("  graceful restart on;\n", "");
+    let bird = Bird::start(&n2.netns, &bdir, &conf);
+    let fdir = dir.path().join("frr");
+    std::fs::create_dir_all(&fdir).expect("mkdir");
+    // bfdd drops privileges to the frr user: its directory must be writable for it.
+    std::process::Command::new("chmod")
+        .args([
+            "0777",
+            &fdir.to_string_lossy(),
+            &dir.path().to_string_lossy(),
+        ])
+        .status()
+        .expect("chmod");
+    std::fs::write(
+        fdir.join("bfdd.conf"),
+        format!("bfd\n peer {a1} local-address {a2}\n  receive-interval 300\n  transmit-interval 300\n exit\nexit\n"),
+    )
+    .expect("bfdd.conf");
+    let f = |name: &str| fdir.join(name).to_string_lossy().into_owned();
+    let mut cmd = n2.netns.command("/usr/lib/frr/bfdd");
+    cmd.args([
+        "-f",
+        &f("bfdd.conf"),
+        "-u",
+        "frr",
+        "-g",
+        "frr",
+        "-i",
+        &f("bfdd.pid"),
+        "--vty_socket",
+        &f(""),
+        "--bfdctl",
+        &f("bfdd.sock"),
+        "-z",
+        &f("zserv.api"),
+        "-P",
+        "0",
+        "--log",
+        "stdout",
+    ]);
+    cmd.stdout(std::fs::File::create(fdir.join("bfdd.log")).expect("log"))
+        .stderr(Stdio::null());
+    let _bfdd = Child::spawn(cmd, "bfdd").expect("bfdd");
+
+    // Hold time 90 s: only BFD can bring the session down within seconds.
+    let conf = routed_conf(dir.path(), 64512, &a1, &a16, &a2, 64512, &["10.244.1.0/26"])
+        .replace("holdTime: 9", "holdTime: 90")
+        .replace(
+            &format!("localAddress: {a1} }}"),
+            &format!("localAddress: {a1}, bfd: true }}"),
+        );
+    let mut routed = start_routed(&n1.netns, dir.path(), &conf);
+    wait_for("BGP routes and BFD Up", Duration::from_secs(20), || {
+        route(&n1.netns, false, "10.244.2.0/26").is_some()
+            && status(dir.path())["peers"][0]["bfd"] == "Up"
+    });
+
+    // node2 drops off the network (its link goes down: no NOTIFICATION, no FIN).
+    n2.netns
+        .ip(&["link", "set", "eth0", "down"])
+        .expect("link down");
+    wait_for(
+        "BFD Down and the route withdrawn, well before the 90 s hold time",
+        Duration::from_secs(10),
+        || {
+            status(dir.path())["peers"][0]["bfd"] == "Down"
+                && route(&n1.netns, false, "10.244.2.0/26").is_none()
+        },
+    );
+    assert_ne!(status(dir.path())["peers"][0]["state"], "Established");
+
+    routed.stop(Duration::from_secs(2));
+    drop(bird);
+    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
+    drop(lab);
+    assert_nothing_left(&prefix, &pids);
+}
