@@ -174,7 +174,7 @@ impl Session {
 
     /// The packet to send now.
     pub fn packet(&mut self) -> Control {
-        let c = Control {
+        Control {
             diag: self.diag,
             state: self.state,
             poll: self.polling,
@@ -184,8 +184,7 @@ impl Session {
             your_disc: self.your_disc,
             desired_min_tx_us: self.desired_tx().as_micros() as u32,
             required_min_rx_us: self.cfg.interval.as_micros() as u32,
-        };
-        c
+        }
     }
 
     /// When to send next, and whether detection expires first.
@@ -241,11 +240,10 @@ impl Session {
         use BfdState::*;
         match (self.state, c.state) {
             (AdminDown, _) => return (None, None),
+            (Down, AdminDown) => {}
             (_, AdminDown) => {
-                if self.state != Down {
-                    self.diag = diag::NEIGHBOR_DOWN;
-                    self.state = Down;
-                }
+                self.diag = diag::NEIGHBOR_DOWN;
+                self.state = Down;
             }
             (Down, Down) => self.state = Init,
             (Down, Init) => self.state = Up,
