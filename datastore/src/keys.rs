@@ -9,6 +9,7 @@ pub const PREFIX: &str = "/tessera/v1/";
 pub const CONFIG_EPOCH: &str = "/tessera/v1/config/epoch";
 pub const POOLS: &str = "/tessera/v1/config/pools/";
 pub const RESERVATIONS: &str = "/tessera/v1/config/reservations/";
+pub const BGP_PEERS: &str = "/tessera/v1/config/bgppeers/";
 /// Pools, reservations and the epoch, readable in one range request.
 pub const CONFIG: &str = "/tessera/v1/config/";
 
@@ -29,6 +30,9 @@ pub fn cidr_segment(cidr: IpNetwork) -> String {
 
 pub fn pool(name: &str) -> String {
     format!("{POOLS}{name}")
+}
+pub fn bgp_peer(name: &str) -> String {
+    format!("{BGP_PEERS}{name}")
 }
 pub fn reservation(name: &str) -> String {
     format!("{RESERVATIONS}{name}")

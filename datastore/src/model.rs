@@ -223,6 +223,22 @@ pub struct WorkloadEndpoint {
     pub floating_ips: Vec<IpAddr>,
 }
 
+/// An external BGP peer (a top-of-rack router, a route reflector outside the cluster), for
+/// every node or for the nodes `nodeSelector` matches: `/tessera/v1/config/bgppeers/<name>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpPeer {
+    pub name: String,
+    pub peer_ip: IpAddr,
+    pub as_number: u32,
+    #[serde(default)]
+    pub node_selector: Selector,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub bfd: bool,
+}
+
 /// What a pod asks of the network, as Calico reads it from pod annotations:
 /// `/tessera/v1/pod-intents/<namespace>/<pod>`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

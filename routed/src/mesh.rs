@@ -8,7 +8,7 @@ use std::time::Duration;
 use ipnetwork::IpNetwork;
 use tessera_datastore::keys;
 use tessera_datastore::kv::Kv;
-use tessera_datastore::model::Node;
+use tessera_datastore::model::{BgpPeer, Node};
 use tokio::sync::mpsc;
 
 use crate::config::PeerConfig;
@@ -57,6 +57,28 @@ pub fn mesh_peers(me: &str, default_asn: u32, nodes: &[Node]) -> Vec<PeerConfig>
     peers
 }
 
+/// External peers (`BgpPeer` resources) whose node selector matches node `me`.
+pub fn external_peers(me: &str, nodes: &[Node], peers: &[BgpPeer]) -> Vec<PeerConfig> {
+    let Some(me_node) = nodes.iter().find(|n| n.name == me) else {
+        return Vec::new();
+    };
+    let local = me_node.ipv4_address.map(|a| a.ip());
+    peers
+        .iter()
+        .filter(|p| p.node_selector.matches(&me_node.labels))
+        .map(|p| PeerConfig {
+            address: p.peer_ip,
+            asn: p.as_number,
+            port: 179,
+            passive: false,
+            rr_client: false,
+            local_address: local.filter(|l| l.is_ipv4() == p.peer_ip.is_ipv4()),
+            password: p.password.clone(),
+            bfd: p.bfd,
+        })
+        .collect()
+}
+
 /// Re-reads the Node records every `period` and sends the speaker its peers when they change.
 pub async fn follow_datastore<K: Kv>(
     kv: K,
@@ -67,13 +89,24 @@ pub async fn follow_datastore<K: Kv>(
 ) {
     let mut last: Option<Vec<(std::net::IpAddr, u32, bool)>> = None;
     loop {
-        match kv.get_prefix(keys::NODES).await {
-            Ok((kvs, _)) => {
+        let (nodes, bgp_peers) =
+            tokio::join!(kv.get_prefix(keys::NODES), kv.get_prefix(keys::BGP_PEERS));
+        match nodes.and_then(|n| bgp_peers.map(|p| (n, p))) {
+            Ok(((kvs, _), (pkvs, _))) => {
                 let nodes: Vec<Node> = kvs
                     .iter()
                     .filter_map(|k| serde_json::from_slice(&k.value).ok())
                     .collect();
-                let peers = mesh_peers(&me, default_asn, &nodes);
+                let external: Vec<BgpPeer> = pkvs
+                    .iter()
+                    .filter_map(|k| serde_json::from_slice(&k.value).ok())
+                    .collect();
+                let mut peers = mesh_peers(&me, default_asn, &nodes);
+                for e in external_peers(&me, &nodes, &external) {
+                    if !peers.iter().any(|p| p.address == e.address) {
+                        peers.push(e);
+                    }
+                }
                 let key: Vec<_> = peers
                     .iter()
                     .map(|p| (p.address, p.asn, p.rr_client))
@@ -123,6 +156,28 @@ mod tests {
         assert!(p.iter().all(|p| !p.rr_client
             && p.local_address.map(|a| a.to_string()) == Some("198.18.0.10".into())));
         assert!(mesh_peers("unknown", 64512, &nodes).is_empty());
+    }
+
+    #[test]
+    fn external_peers_follow_the_node_selector() {
+        let mut a = node("a", "198.18.0.10", false);
+        a.labels.insert("rack".into(), "r1".into());
+        let nodes = [a, node("b", "198.18.0.11", false)];
+        let tor = BgpPeer {
+            name: "tor-r1".into(),
+            peer_ip: "198.18.0.1".parse().expect("addr"),
+            as_number: 65001,
+            node_selector: "rack == \"r1\"".parse().expect("selector"),
+            password: Some("pw".into()),
+            bfd: true,
+        };
+        let p = external_peers("a", &nodes, std::slice::from_ref(&tor));
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            (p[0].asn, p[0].bfd, p[0].password.as_deref()),
+            (65001, true, Some("pw"))
+        );
+        assert!(external_peers("b", &nodes, &[tor]).is_empty());
     }
 
     #[test]

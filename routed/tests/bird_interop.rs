@@ -834,3 +834,81 @@ fn bfd_with_frr_detects_a_dead_peer_long_before_the_hold_time() {
     drop(lab);
     assert_nothing_left(&prefix, &pids);
 }
+
+#[test]
+fn external_peers_come_from_bgppeer_resources_in_the_datastore() {
+    let lab = Lab::new(
+        "bgp_external",
+        LabSpec {
+            nodes: 2,
+            subnets: 1,
+            etcd: true,
+        },
+    )
+    .expect("lab");
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let (a1, a2) = (n1.ipv4.ip().to_string(), n2.ipv4.ip().to_string());
+    let a26 = n2.ipv6.ip().to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bdir = dir.path().join("bird");
+    std::fs::create_dir_all(&bdir).expect("mkdir");
+    // BIRD plays a top-of-rack router in AS 65001.
+    let bird = Bird::start(
+        &n2.netns,
+        &bdir,
+        &bird_conf(
+            &bdir,
+            &a2,
+            65001,
+            &a1,
+            64512,
+            "10.244.9.0/24",
+            "fd10:244::9:0/122",
+            &a26,
+        ),
+    );
+    let node = serde_json::json!({ "name": "node1", "ipv4Address": n1.ipv4.to_string(), "labels": { "rack": "r1" } });
+    lab.etcdctl(&["put", "/tessera/v1/nodes/node1", &node.to_string()])
+        .expect("node");
+    let peer = serde_json::json!({ "name": "tor", "peerIp": a2, "asNumber": 65001, "nodeSelector": "rack == \"r1\"" });
+    lab.etcdctl(&["put", "/tessera/v1/config/bgppeers/tor", &peer.to_string()])
+        .expect("bgppeer");
+
+    let conf = dir.path().join("routed.yaml");
+    std::fs::write(&conf, format!("asn: 64512\nrouterId: {a1}\nlisten: {a1}\nconnectRetrySeconds: 1\nnetworks: [\"10.244.1.0/26\"]\nstatusSocket: {}\n", dir.path().join("routed.sock").display())).expect("conf");
+    let log = std::fs::File::create(dir.path().join("routed.log")).expect("log");
+    let mut cmd = n1.netns.command(ROUTED);
+    cmd.args([
+        "run",
+        "--config",
+        &conf.to_string_lossy(),
+        "--etcd",
+        &lab.etcd_endpoint(),
+        "--node",
+        "node1",
+    ]);
+    cmd.stdout(Stdio::null()).stderr(log);
+    let mut routed = Child::spawn(cmd, "tessera-routed").expect("spawn");
+
+    wait_for(
+        "the ToR's route, over eBGP",
+        Duration::from_secs(20),
+        || route(&n1.netns, false, "10.244.9.0/24").is_some_and(|r| r["gateway"] == a2.as_str()),
+    );
+    wait_for("our block at the ToR", Duration::from_secs(10), || {
+        bird.birdc(&["show", "route", "10.244.1.0/26"])
+            .contains("10.244.1.0/26")
+    });
+    // The resource goes: the peering goes, and so does the route.
+    lab.etcdctl(&["del", "/tessera/v1/config/bgppeers/tor"])
+        .expect("delete bgppeer");
+    wait_for("the ToR unpeered", Duration::from_secs(10), || {
+        route(&n1.netns, false, "10.244.9.0/24").is_none()
+    });
+
+    routed.stop(Duration::from_secs(2));
+    drop(bird);
+    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
+    drop(lab);
+    assert_nothing_left(&prefix, &pids);
+}
