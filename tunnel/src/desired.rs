@@ -1,0 +1,129 @@
+//! What the kernel should hold for VXLAN, computed from the nodes (pure, no I/O).
+
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+
+/// When a pool's traffic to a node is encapsulated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Always,
+    /// Only towards nodes on another underlay subnet.
+    CrossSubnet,
+    Never,
+}
+
+/// Another node, as the tunnel needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteNode {
+    pub name: String,
+    /// Underlay address with its prefix (e.g. 198.18.1.10/24).
+    pub underlay: IpNetwork,
+    pub vtep_ip: IpAddr,
+    pub vtep_mac: [u8; 6],
+    /// The node's blocks.
+    pub blocks: Vec<IpNetwork>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Route {
+    /// `<block> via <vtep ip> dev vxlan.calico onlink`
+    Vxlan { block: IpNetwork, via: IpAddr },
+    /// `<block> via <underlay ip>` (same subnet under CrossSubnet).
+    Native { block: IpNetwork, via: IpAddr },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VxlanEntries {
+    /// Permanent neighbour entries on the VXLAN device: VTEP IP -> VTEP MAC.
+    pub neighbours: Vec<(IpAddr, [u8; 6])>,
+    /// FDB entries on the VXLAN device: VTEP MAC -> underlay IP.
+    pub fdb: Vec<([u8; 6], IpAddr)>,
+    pub routes: Vec<Route>,
+}
+
+/// The entries for `local` (its underlay network) towards `remotes` in `mode`.
+pub fn vxlan_entries(local: IpNetwork, mode: Mode, remotes: &[RemoteNode]) -> VxlanEntries {
+    let mut e = VxlanEntries::default();
+    for r in remotes {
+        let same_subnet = local.contains(r.underlay.ip()) && local.prefix() == r.underlay.prefix();
+        let encapsulate = match mode {
+            Mode::Always => true,
+            Mode::CrossSubnet => !same_subnet,
+            Mode::Never => false,
+        };
+        if encapsulate {
+            e.neighbours.push((r.vtep_ip, r.vtep_mac));
+            e.fdb.push((r.vtep_mac, r.underlay.ip()));
+            e.routes.extend(r.blocks.iter().map(|b| Route::Vxlan {
+                block: *b,
+                via: r.vtep_ip,
+            }));
+        } else if same_subnet {
+            e.routes.extend(r.blocks.iter().map(|b| Route::Native {
+                block: *b,
+                via: r.underlay.ip(),
+            }));
+        }
+    }
+    e.routes.sort();
+    e
+}
+
+/// A VTEP MAC derived from the node name: stable across restarts, locally administered
+/// unicast (66:...).
+pub fn vtep_mac(node: &str) -> [u8; 6] {
+    let h = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let b = h.to_be_bytes();
+    [0x66, b[0], b[1], b[2], b[3], b[4]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, underlay: &str, vtep: &str, block: &str) -> RemoteNode {
+        RemoteNode {
+            name: name.into(),
+            underlay: underlay.parse().expect("net"),
+            vtep_ip: vtep.parse().expect("ip"),
+            vtep_mac: vtep_mac(name),
+            blocks: vec![block.parse().expect("net")],
+        }
+    }
+
+    #[test]
+    fn modes_table() {
+        let local: IpNetwork = "198.18.0.10/24".parse().expect("net");
+        let same = node("b", "198.18.0.11/24", "10.244.2.0", "10.244.2.0/26");
+        let other = node("c", "198.18.1.10/24", "10.244.3.0", "10.244.3.0/26");
+        let all = [same.clone(), other.clone()];
+        let always = vxlan_entries(local, Mode::Always, &all);
+        assert_eq!(always.fdb.len(), 2);
+        assert!(always
+            .routes
+            .iter()
+            .all(|r| matches!(r, Route::Vxlan { .. })));
+        let cross = vxlan_entries(local, Mode::CrossSubnet, &all);
+        assert_eq!(cross.fdb, vec![(other.vtep_mac, other.underlay.ip())]);
+        assert!(cross.routes.contains(&Route::Native {
+            block: same.blocks[0],
+            via: same.underlay.ip()
+        }));
+        assert!(cross.routes.contains(&Route::Vxlan {
+            block: other.blocks[0],
+            via: other.vtep_ip
+        }));
+        let never = vxlan_entries(local, Mode::Never, &all);
+        assert!(never.fdb.is_empty() && never.neighbours.is_empty());
+    }
+
+    #[test]
+    fn vtep_macs_are_stable_and_locally_administered() {
+        assert_eq!(vtep_mac("node1"), vtep_mac("node1"));
+        assert_ne!(vtep_mac("node1"), vtep_mac("node2"));
+        assert_eq!(vtep_mac("x")[0] & 0x03, 0x02);
+    }
+}

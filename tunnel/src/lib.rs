@@ -1,0 +1,12 @@
+//! Tessera's encapsulation devices for underlays that cannot route pod addresses.
+//!
+//! - [`desired`]: which neighbour, FDB and route entries a node needs, per pool mode (pure).
+//! - [`vxlan`]: `VxlanDevice` and its entries through rtnetlink, idempotent `ensure_*`.
+//!
+//! IPIP (`tunl0`) is not here yet: this kernel has no ipip module (see the issue notes).
+
+pub mod desired;
+pub mod vxlan;
+
+pub use desired::{vtep_mac, vxlan_entries, Mode, RemoteNode, Route, VxlanEntries};
+pub use vxlan::{ensure_device, ensure_entries, remove_device, TunnelError, VxlanDevice};

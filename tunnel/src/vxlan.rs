@@ -1,0 +1,425 @@
+//! `VxlanDevice` and its entries through rtnetlink, converging from any state: a device with
+//! the wrong VNI, port or local address is replaced, a wrong MTU or MAC fixed; missing
+//! neighbour/FDB entries and routes are added, stray ones of ours removed.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+
+use crate::desired::{Route, VxlanEntries};
+
+/// Tessera's route protocol (the one routed uses): routes of ours are recognisable.
+pub const PROTO: u8 = 80;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("netlink: {what}: {source}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("underlay interface {0} not found")]
+    NoUnderlay(String),
+    #[error("device {name} exists and is not a VXLAN device; not touching it")]
+    NotOurs { name: String },
+    #[error("VNI {vni} is already used by device {other}")]
+    VniClash { vni: u32, other: String },
+    #[error("the VXLAN local address {0} is not IPv4 (use the IPv6 device for IPv6 underlays)")]
+    WrongFamily(IpAddr),
+}
+
+fn nl(what: &str) -> impl Fn(rtnetlink::Error) -> TunnelError + '_ {
+    move |source| TunnelError::Netlink {
+        what: what.to_string(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VxlanDevice {
+    pub name: String,
+    pub vni: u32,
+    pub port: u16,
+    pub local: IpAddr,
+    pub underlay_if: String,
+    pub mtu: u32,
+    pub mac: [u8; 6],
+    pub vtep_ip: IpAddr,
+}
+
+impl VxlanDevice {
+    /// Calico's defaults: `vxlan.calico`, VNI 4096, UDP 4789, MTU = underlay MTU - 50.
+    pub fn calico(
+        local: IpAddr,
+        underlay_if: &str,
+        underlay_mtu: u32,
+        mac: [u8; 6],
+        vtep_ip: IpAddr,
+    ) -> Self {
+        VxlanDevice {
+            name: "vxlan.calico".into(),
+            vni: 4096,
+            port: 4789,
+            local,
+            underlay_if: underlay_if.into(),
+            mtu: underlay_mtu.saturating_sub(50),
+            mac,
+            vtep_ip,
+        }
+    }
+}
+
+async fn link(h: &Handle, name: &str) -> Result<Option<LinkMessage>, TunnelError> {
+    match h
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(l) => Ok(l),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
+        Err(e) => Err(TunnelError::Netlink {
+            what: format!("looking up {name}"),
+            source: e,
+        }),
+    }
+}
+
+fn vxlan_info(l: &LinkMessage) -> Option<Vec<InfoVxlan>> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(v)) => Some(v.clone()),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+fn link_name(l: &LinkMessage) -> String {
+    l.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Creates or fixes the device; returns its index.
+pub async fn ensure_device(h: &Handle, d: &VxlanDevice) -> Result<u32, TunnelError> {
+    let IpAddr::V4(local) = d.local else {
+        return Err(TunnelError::WrongFamily(d.local));
+    };
+    let underlay = link(h, &d.underlay_if)
+        .await?
+        .ok_or_else(|| TunnelError::NoUnderlay(d.underlay_if.clone()))?;
+    // Another VXLAN device with our VNI and port would make creation fail half-way.
+    let all: Vec<LinkMessage> = h
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("listing links"))?;
+    for l in &all {
+        let name = link_name(l);
+        if name == d.name {
+            continue;
+        }
+        if let Some(info) = vxlan_info(l) {
+            let same_vni = info.contains(&InfoVxlan::Id(d.vni));
+            let same_port = info.contains(&InfoVxlan::Port(d.port));
+            if same_vni && same_port {
+                return Err(TunnelError::VniClash {
+                    vni: d.vni,
+                    other: name,
+                });
+            }
+        }
+    }
+    if let Some(existing) = link(h, &d.name).await? {
+        let Some(info) = vxlan_info(&existing) else {
+            return Err(TunnelError::NotOurs {
+                name: d.name.clone(),
+            });
+        };
+        let right = info.contains(&InfoVxlan::Id(d.vni))
+            && info.contains(&InfoVxlan::Port(d.port))
+            && info.contains(&InfoVxlan::Local(local))
+            && info.contains(&InfoVxlan::Learning(false));
+        if !right {
+            tracing::info!(device = %d.name, "VXLAN device has the wrong VNI, port, local address or learning: recreating");
+            h.link()
+                .del(existing.header.index)
+                .execute()
+                .await
+                .map_err(nl("deleting the device"))?;
+        }
+    }
+    if link(h, &d.name).await?.is_none() {
+        let msg = LinkVxlan::new(&d.name, d.vni)
+            .port(d.port)
+            .local(local)
+            .dev(underlay.header.index)
+            .learning(false)
+            .build();
+        h.link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl("creating the VXLAN device"))?;
+    }
+    let dev = link(h, &d.name)
+        .await?
+        .ok_or_else(|| TunnelError::NotOurs {
+            name: d.name.clone(),
+        })?;
+    // MTU, MAC and up are idempotent sets.
+    h.link()
+        .set(
+            LinkUnspec::new_with_index(dev.header.index)
+                .mtu(d.mtu)
+                .address(d.mac.to_vec())
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(nl("setting MTU, MAC, up"))?;
+    let plen = if d.vtep_ip.is_ipv4() { 32 } else { 128 };
+    h.address()
+        .add(dev.header.index, d.vtep_ip, plen)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl("the VTEP address"))?;
+    Ok(dev.header.index)
+}
+
+fn neigh_dst(m: &NeighbourMessage) -> Option<IpAddr> {
+    m.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        // FDB entries (AF_BRIDGE) carry their IP destination undecoded.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => match b.len() {
+            4 => Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
+            16 => <[u8; 16]>::try_from(b.as_slice())
+                .ok()
+                .map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+fn neigh_lladdr(m: &NeighbourMessage) -> Option<Vec<u8>> {
+    m.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(l) => Some(l.clone()),
+        _ => None,
+    })
+}
+
+/// Adds the missing entries and removes stray ones on the device; routes of protocol
+/// [`PROTO`] not desired are removed, other routes are never touched.
+pub async fn ensure_entries(h: &Handle, dev: u32, e: &VxlanEntries) -> Result<(), TunnelError> {
+    // Neighbours (ARP): VTEP IP -> VTEP MAC.
+    // One dump per family: ARP, ND and the bridge FDB (a plain dump covers only one).
+    let mut neighbours: Vec<NeighbourMessage> = Vec::new();
+    for family in [
+        AddressFamily::Inet,
+        AddressFamily::Inet6,
+        AddressFamily::Bridge,
+    ] {
+        let part: Vec<NeighbourMessage> = h
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing neighbours"))?;
+        neighbours.extend(part);
+    }
+    let mut have_arp = HashSet::new();
+    let mut have_fdb = HashSet::new();
+    for n in neighbours.iter().filter(|n| n.header.ifindex == dev) {
+        match (n.header.family, neigh_dst(n), neigh_lladdr(n)) {
+            (AddressFamily::Bridge, Some(dst), Some(mac)) => {
+                if e.fdb.iter().any(|(m, u)| m.as_slice() == mac && *u == dst) {
+                    have_fdb.insert((mac, dst));
+                } else if n.header.state == NeighbourState::Permanent {
+                    h.neighbours()
+                        .del(n.clone())
+                        .execute()
+                        .await
+                        .map_err(nl("removing a stray FDB entry"))?;
+                }
+            }
+            (AddressFamily::Inet | AddressFamily::Inet6, Some(dst), mac) => {
+                let wanted = e
+                    .neighbours
+                    .iter()
+                    .any(|(ip, m)| *ip == dst && mac.as_deref() == Some(m.as_slice()));
+                if wanted {
+                    have_arp.insert(dst);
+                } else if n.header.state == NeighbourState::Permanent {
+                    h.neighbours()
+                        .del(n.clone())
+                        .execute()
+                        .await
+                        .map_err(nl("removing a stray neighbour"))?;
+                }
+            }
+            _ => {}
+        }
+    }
+    for (ip, mac) in &e.neighbours {
+        if !have_arp.contains(ip) {
+            h.neighbours()
+                .add(dev, *ip)
+                .link_layer_address(mac)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl("adding a neighbour"))?;
+        }
+    }
+    for (mac, underlay) in &e.fdb {
+        if !have_fdb.contains(&(mac.to_vec(), *underlay)) {
+            h.neighbours()
+                .add_bridge(dev, mac)
+                .destination(*underlay)
+                .flags(NeighbourFlags::Own)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl("adding an FDB entry"))?;
+        }
+    }
+    // Routes.
+    let wanted: Vec<RouteMessage> = e.routes.iter().map(|r| route_message(r, dev)).collect();
+    let mut existing = Vec::new();
+    for msg in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let rs: Vec<RouteMessage> = h
+            .route()
+            .get(msg)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing routes"))?;
+        existing.extend(
+            rs.into_iter()
+                .filter(|r| r.header.protocol == RouteProtocol::Other(PROTO)),
+        );
+    }
+    let key = |r: &RouteMessage| {
+        let dst = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+            _ => None,
+        });
+        let gw = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+            _ => None,
+        });
+        let oif = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        (
+            dst,
+            r.header.destination_prefix_length,
+            gw,
+            oif.filter(|i| *i == dev),
+        )
+    };
+    let wanted_keys: HashSet<_> = wanted.iter().map(key).collect();
+    for r in &existing {
+        if !wanted_keys.contains(&key(r)) {
+            h.route()
+                .del(r.clone())
+                .execute()
+                .await
+                .map_err(nl("removing a stray route"))?;
+        }
+    }
+    let have: HashSet<_> = existing.iter().map(key).collect();
+    for m in wanted {
+        if !have.contains(&key(&m)) {
+            h.route()
+                .add(m)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl("adding a route"))?;
+        }
+    }
+    Ok(())
+}
+
+fn route_message(r: &Route, dev: u32) -> RouteMessage {
+    let proto = RouteProtocol::Other(PROTO);
+    match r {
+        Route::Vxlan {
+            block: IpNetwork::V4(b),
+            via: IpAddr::V4(v),
+        } => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(b.network(), b.prefix())
+            .gateway(*v)
+            .output_interface(dev)
+            .onlink()
+            .protocol(proto)
+            .build(),
+        Route::Native {
+            block: IpNetwork::V4(b),
+            via: IpAddr::V4(v),
+        } => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(b.network(), b.prefix())
+            .gateway(*v)
+            .protocol(proto)
+            .build(),
+        Route::Vxlan { block, via } | Route::Native { block, via } => {
+            let mut b = RouteMessageBuilder::<Ipv6Addr>::new().protocol(proto);
+            if let (IpNetwork::V6(n), IpAddr::V6(g)) = (block, via) {
+                b = b.destination_prefix(n.network(), n.prefix()).gateway(*g);
+            }
+            if matches!(r, Route::Vxlan { .. }) {
+                b = b.output_interface(dev).onlink();
+            }
+            b.build()
+        }
+    }
+}
+
+/// Removes the device (and with it every entry on it).
+pub async fn remove_device(h: &Handle, name: &str) -> Result<(), TunnelError> {
+    if let Some(l) = link(h, name).await? {
+        if vxlan_info(&l).is_none() {
+            return Err(TunnelError::NotOurs { name: name.into() });
+        }
+        h.link()
+            .del(l.header.index)
+            .execute()
+            .await
+            .map_err(nl("deleting the device"))?;
+    }
+    Ok(())
+}
