@@ -2,10 +2,12 @@
 //!
 //! - [`desired`]: which neighbour, FDB and route entries a node needs, per pool mode (pure).
 //! - [`vxlan`]: `VxlanDevice` and its entries through rtnetlink, idempotent `ensure_*`.
+//! - [`mtu`]: the pod MTU from the underlay's, written for the CNI plugin.
 //!
 //! IPIP (`tunl0`) is not here yet: this kernel has no ipip module (see the issue notes).
 
 pub mod desired;
+pub mod mtu;
 pub mod vxlan;
 
 pub use desired::{vtep_mac, vxlan_entries, Mode, RemoteNode, Route, VxlanEntries};

@@ -233,6 +233,28 @@ fn vxlan_always_and_cross_subnet_with_convergence_from_drift() {
     assert_eq!(d[0]["mtu"], 1450);
     ping(&pods[0], &pod_ip(2));
     ping(&pods[0], &pod_ip(3));
+    // The pod MTU from the underlay's, and no fragmentation: a DF ping that fills the pod MTU
+    // (1450 - 28 bytes of IP and ICMP headers) crosses the tunnel.
+    let mtu = in_ns(&lab.nodes[0].netns, |h| {
+        Box::pin(async move { tessera_tunnel::mtu::interface_mtu(&h, "eth0").await })
+    })
+    .expect("underlay MTU");
+    assert_eq!(tessera_tunnel::mtu::pod_mtu(mtu, true, false), 1450);
+    pods[0]
+        .exec(
+            "ping",
+            &["-c1", "-W2", "-M", "do", "-s", "1422", &pod_ip(2)],
+        )
+        .expect("DF ping at the full pod MTU");
+    assert!(
+        pods[0]
+            .exec(
+                "ping",
+                &["-c1", "-W1", "-M", "do", "-s", "1423", &pod_ip(2)]
+            )
+            .is_err(),
+        "one byte more does not fit"
+    );
     let seen = capture(&lab.nodes[1], "udp port 4789", &pods[0], &pod_ip(2));
     assert!(
         seen.contains("VXLAN") && seen.contains("vni 4096"),
