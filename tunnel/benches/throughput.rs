@@ -1,0 +1,181 @@
+//! iperf3 between pods on two nodes (same underlay subnet) in each mode, against iperf3
+//! between the two node namespaces over the bare underlay, in the same run; VXLAN also
+//! against a VXLAN device made by hand with `ip link` (the kernel's reference).
+//!
+//! `cargo bench -p tessera-tunnel --bench throughput [-- --seconds N]`
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{ensure, pod, pod_ip};
+use tessera_testbed::{Child, Lab, LabSpec, Netns};
+use tessera_tunnel::Mode;
+
+/// Gbit/s received, from `client` to `server_ip` (server running in `server`).
+fn iperf(server: &Netns, client: &Netns, server_ip: &str, streams: u32, seconds: u32) -> f64 {
+    let mut cmd = server.command("iperf3");
+    cmd.args(["-s", "-1", "-B", server_ip])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut srv = Child::spawn(cmd, "iperf3 server").expect("iperf3 -s");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = client
+        .exec(
+            "iperf3",
+            &[
+                "-c",
+                server_ip,
+                "-J",
+                "-t",
+                &seconds.to_string(),
+                "-P",
+                &streams.to_string(),
+            ],
+        )
+        .expect("iperf3 -c");
+    srv.stop(Duration::from_secs(2));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds: u32 = args
+        .iter()
+        .position(|a| a == "--seconds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let lab = Lab::new(
+        "tunnel_bench",
+        LabSpec {
+            nodes: 2,
+            subnets: 1,
+            etcd: false,
+        },
+    )
+    .expect("lab");
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let pods: Vec<Netns> = (1..=2).map(|i| pod(&lab, i)).collect();
+    let underlay = n2.ipv4.ip().to_string();
+    println!("iperf3, {seconds} s per run, Gbit/s received; ratio = / bare underlay of the same stream count");
+    println!();
+    println!("| path | 1 stream | ratio | 4 streams | ratio |");
+    println!("|---|---:|---:|---:|---:|");
+    let base1 = iperf(&n2.netns, &n1.netns, &underlay, 1, seconds);
+    let base4 = iperf(&n2.netns, &n1.netns, &underlay, 4, seconds);
+    println!("| bare underlay (node to node) | {base1:.2} | 1.00 | {base4:.2} | 1.00 |");
+    let row = |name: &str| {
+        let a = iperf(&pods[1], &pods[0], &pod_ip(2), 1, seconds);
+        let b = iperf(&pods[1], &pods[0], &pod_ip(2), 4, seconds);
+        println!(
+            "| {name} | {a:.2} | {:.2} | {b:.2} | {:.2} |",
+            a / base1,
+            b / base4
+        );
+    };
+    // Native: same subnet under CrossSubnet routes pods directly via the underlay.
+    for i in 1..=2 {
+        ensure(&lab, i, Mode::CrossSubnet).expect("ensure");
+    }
+    row("pods, native (CrossSubnet, same subnet)");
+    for i in 1..=2 {
+        ensure(&lab, i, Mode::Always).expect("ensure");
+    }
+    row("pods, Tessera VXLAN (Always)");
+    // The reference: the same topology with a VXLAN device and entries made by hand.
+    for (i, n) in lab.nodes.iter().enumerate() {
+        n.netns.ip(&["link", "del", "vxlan.calico"]).expect("del");
+        n.netns
+            .ip(&[
+                "link",
+                "add",
+                "vxlan.ref",
+                "type",
+                "vxlan",
+                "id",
+                "4096",
+                "dstport",
+                "4789",
+                "local",
+                &n.ipv4.ip().to_string(),
+                "dev",
+                "eth0",
+                "nolearning",
+            ])
+            .expect("ref dev");
+        n.netns
+            .ip(&[
+                "link",
+                "set",
+                "vxlan.ref",
+                "address",
+                &format!("66:00:00:00:00:0{}", i + 1),
+                "mtu",
+                "1450",
+                "up",
+            ])
+            .expect("ref up");
+        n.netns
+            .ip(&[
+                "addr",
+                "add",
+                &format!("10.244.{}.0/32", i + 1),
+                "dev",
+                "vxlan.ref",
+            ])
+            .expect("ref addr");
+    }
+    for (i, n) in lab.nodes.iter().enumerate() {
+        let j = if i == 0 { 2 } else { 1 };
+        let other = &lab.nodes[j - 1];
+        n.netns
+            .ip(&[
+                "neigh",
+                "add",
+                &format!("10.244.{j}.0"),
+                "lladdr",
+                &format!("66:00:00:00:00:0{j}"),
+                "dev",
+                "vxlan.ref",
+                "nud",
+                "permanent",
+            ])
+            .expect("neigh");
+        n.netns
+            .exec(
+                "bridge",
+                &[
+                    "fdb",
+                    "add",
+                    &format!("66:00:00:00:00:0{j}"),
+                    "dev",
+                    "vxlan.ref",
+                    "dst",
+                    &other.ipv4.ip().to_string(),
+                ],
+            )
+            .expect("fdb");
+        n.netns
+            .ip(&[
+                "route",
+                "replace",
+                &format!("10.244.{j}.0/26"),
+                "via",
+                &format!("10.244.{j}.0"),
+                "dev",
+                "vxlan.ref",
+                "onlink",
+            ])
+            .expect("route");
+    }
+    row("pods, hand-made VXLAN (reference)");
+    drop(pods);
+    drop(lab);
+}
