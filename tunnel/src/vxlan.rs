@@ -34,7 +34,7 @@ pub enum TunnelError {
     NotOurs { name: String },
     #[error("VNI {vni} is already used by device {other}")]
     VniClash { vni: u32, other: String },
-    #[error("the VXLAN local address {0} is not IPv4 (use the IPv6 device for IPv6 underlays)")]
+    #[error("address {0} is of the wrong family for this device (vxlan.calico: IPv4, vxlan-v6.calico: IPv6)")]
     WrongFamily(IpAddr),
 }
 
@@ -55,6 +55,8 @@ pub struct VxlanDevice {
     pub mtu: u32,
     pub mac: [u8; 6],
     pub vtep_ip: IpAddr,
+    /// The device carries IPv6 pools over an IPv6 underlay (`vxlan-v6.calico`).
+    pub ipv6: bool,
 }
 
 impl VxlanDevice {
@@ -72,9 +74,27 @@ impl VxlanDevice {
             port: 4789,
             local,
             underlay_if: underlay_if.into(),
-            mtu: underlay_mtu.saturating_sub(50),
+            mtu: underlay_mtu.saturating_sub(crate::mtu::VXLAN_OVERHEAD),
             mac,
             vtep_ip,
+            ipv6: false,
+        }
+    }
+
+    /// Calico's IPv6 device: `vxlan-v6.calico`, VNI 6096, MTU = underlay MTU - 70.
+    pub fn calico_v6(
+        local: IpAddr,
+        underlay_if: &str,
+        underlay_mtu: u32,
+        mac: [u8; 6],
+        vtep_ip: IpAddr,
+    ) -> Self {
+        VxlanDevice {
+            name: "vxlan-v6.calico".into(),
+            vni: 6096,
+            mtu: underlay_mtu.saturating_sub(crate::mtu::VXLAN_V6_OVERHEAD),
+            ipv6: true,
+            ..Self::calico(local, underlay_if, underlay_mtu, mac, vtep_ip)
         }
     }
 }
@@ -119,8 +139,16 @@ fn link_name(l: &LinkMessage) -> String {
 
 /// Creates or fixes the device; returns its index.
 pub async fn ensure_device(h: &Handle, d: &VxlanDevice) -> Result<u32, TunnelError> {
-    let IpAddr::V4(local) = d.local else {
-        return Err(TunnelError::WrongFamily(d.local));
+    if d.local.is_ipv6() != d.ipv6 || d.vtep_ip.is_ipv6() != d.ipv6 {
+        return Err(TunnelError::WrongFamily(if d.local.is_ipv6() != d.ipv6 {
+            d.local
+        } else {
+            d.vtep_ip
+        }));
+    }
+    let local_attr = match d.local {
+        IpAddr::V4(a) => InfoVxlan::Local(a),
+        IpAddr::V6(a) => InfoVxlan::Local6(a),
     };
     let underlay = link(h, &d.underlay_if)
         .await?
@@ -157,7 +185,7 @@ pub async fn ensure_device(h: &Handle, d: &VxlanDevice) -> Result<u32, TunnelErr
         };
         let right = info.contains(&InfoVxlan::Id(d.vni))
             && info.contains(&InfoVxlan::Port(d.port))
-            && info.contains(&InfoVxlan::Local(local))
+            && info.contains(&local_attr)
             && info.contains(&InfoVxlan::Learning(false));
         if !right {
             tracing::info!(device = %d.name, "VXLAN device has the wrong VNI, port, local address or learning: recreating");
@@ -169,12 +197,15 @@ pub async fn ensure_device(h: &Handle, d: &VxlanDevice) -> Result<u32, TunnelErr
         }
     }
     if link(h, &d.name).await?.is_none() {
-        let msg = LinkVxlan::new(&d.name, d.vni)
+        let b = LinkVxlan::new(&d.name, d.vni)
             .port(d.port)
-            .local(local)
             .dev(underlay.header.index)
-            .learning(false)
-            .build();
+            .learning(false);
+        let msg = match d.local {
+            IpAddr::V4(a) => b.local(a),
+            IpAddr::V6(a) => b.local6(a),
+        }
+        .build();
         h.link()
             .add(msg)
             .execute()

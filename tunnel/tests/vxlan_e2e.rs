@@ -254,3 +254,125 @@ fn bad_input_is_refused_and_nothing_is_half_built() {
     drop(lab);
     assert_nothing_left(&prefix, &pids);
 }
+
+#[test]
+fn ipv6_pools_over_an_ipv6_underlay() {
+    use tessera_tunnel::{ensure_entries, vxlan_entries, RemoteNode, VxlanDevice};
+    let lab = Lab::new(
+        "vxlan6",
+        LabSpec {
+            nodes: 2,
+            subnets: 1,
+            etcd: false,
+        },
+    )
+    .expect("lab");
+    let block6 = |i: usize| format!("fd10:244::{i}:0/122");
+    let vtep6 = |i: usize| -> std::net::IpAddr { format!("fd10:244::{i}:0").parse().expect("ip") };
+    let pod6 = |i: usize| format!("fd10:244::{i}:1");
+    let mut pods = Vec::new();
+    for (k, n) in lab.nodes.iter().enumerate() {
+        let i = k + 1;
+        let ns = Netns::new(&format!("{}-q{i}", lab.prefix())).expect("pod ns");
+        let host = format!("cali{i}");
+        n.netns
+            .ip(&[
+                "link",
+                "add",
+                &host,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ])
+            .expect("veth");
+        n.netns
+            .ip(&["link", "set", &host, "address", "ee:ee:ee:ee:ee:ee", "up"])
+            .expect("host up");
+        ns.ip(&["link", "set", "eth0", "mtu", "1430", "up"])
+            .expect("pod up");
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/128", pod6(i)),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .expect("addr");
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fe80::ecee:eeff:feee:eeee",
+            "dev",
+            "eth0",
+        ])
+        .expect("route");
+        n.netns
+            .sysctl("net.ipv6.conf.all.forwarding", "1")
+            .expect("forwarding");
+        n.netns
+            .ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{}/128", pod6(i)),
+                "dev",
+                &host,
+            ])
+            .expect("host route");
+        pods.push(ns);
+    }
+    for (k, me) in lab.nodes.iter().enumerate() {
+        let i = k + 1;
+        let remotes: Vec<RemoteNode> = lab
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != k)
+            .map(|(j, n)| RemoteNode {
+                name: n.name.clone(),
+                underlay: ipnetwork::IpNetwork::V6(n.ipv6),
+                vtep_ip: vtep6(j + 1),
+                vtep_mac: vtep_mac(&format!("{}-v6", n.name)),
+                blocks: vec![block6(j + 1).parse().expect("net")],
+            })
+            .collect();
+        let dev = VxlanDevice::calico_v6(
+            me.ipv6.ip().into(),
+            "eth0",
+            1500,
+            vtep_mac(&format!("{}-v6", me.name)),
+            vtep6(i),
+        );
+        let entries = vxlan_entries(ipnetwork::IpNetwork::V6(me.ipv6), Mode::Always, &remotes);
+        in_ns(&me.netns, move |h| {
+            Box::pin(async move {
+                let idx = ensure_device(&h, &dev).await?;
+                ensure_entries(&h, idx, &entries).await
+            })
+        })
+        .expect("ensure IPv6 VXLAN");
+    }
+    let d = lab.nodes[0]
+        .netns
+        .ip_json(&["-d", "link", "show", "vxlan-v6.calico"])
+        .expect("device");
+    assert_eq!(d[0]["linkinfo"]["info_data"]["id"].as_u64(), Some(6096));
+    assert_eq!(d[0]["mtu"], 1430);
+    pods[0]
+        .exec("ping", &["-6", "-c1", "-W2", &pod6(2)])
+        .expect("IPv6 pod to pod over vxlan-v6.calico");
+    let seen = capture(&lab.nodes[1], "udp port 4789", &pods[0], &pod6(2));
+    assert!(seen.contains("vni 6096"), "{seen}");
+    drop(pods);
+    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
+    drop(lab);
+    assert_nothing_left(&prefix, &pids);
+}
