@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tessera_testbed::{assert_nothing_left, Child, Lab, LabSpec, Netns};
+use tessera_testbed::{Child, Lab, LabSpec, Netns};
 
 const ROUTED: &str = env!("CARGO_BIN_EXE_tessera-routed");
 
@@ -265,9 +265,7 @@ fn exchange_routes(test: &str, tessera_as: u32, bird_as: u32) {
 
     routed.stop(Duration::from_secs(2));
     drop(bird);
-    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
-    drop(lab);
-    assert_nothing_left(&prefix, &pids);
+    lab.finish();
 }
 
 #[test]
@@ -366,9 +364,7 @@ fn graceful_restart_keeps_routes_and_traffic_while_tessera_restarts() {
 
     routed.stop(Duration::from_secs(2));
     drop(bird);
-    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
-    drop(lab);
-    assert_nothing_left(&prefix, &pids);
+    lab.finish();
 }
 
 /// BIRD's config for a route reflector with the given clients.
@@ -434,9 +430,7 @@ fn tessera_clients_of_a_bird_route_reflector() {
         s.stop(Duration::from_secs(2));
     }
     drop(bird);
-    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
-    drop(lab);
-    assert_nothing_left(&prefix, &pids);
+    lab.finish();
 }
 
 #[test]
@@ -505,9 +499,7 @@ fn tessera_reflects_routes_between_bird_clients() {
     );
     rr.stop(Duration::from_secs(2));
     drop(birds);
-    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
-    drop(lab);
-    assert_nothing_left(&prefix, &pids);
+    lab.finish();
 }
 
 /// TCP payload bytes sent by `from` (IPv4) in a pcap file, per connection (keyed by the
@@ -661,9 +653,7 @@ fn bird_messages_decode_and_reencode_byte_for_byte() {
     assert!(seen.iter().any(|m| matches!(m, Message::Keepalive)));
     routed.stop(Duration::from_secs(2));
     drop(bird);
-    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
-    drop(lab);
-    assert_nothing_left(&prefix, &pids);
+    lab.finish();
 }
 
 #[test]
@@ -724,9 +714,7 @@ fn md5_passwords_must_match() {
         .contains("Established"));
     right.stop(Duration::from_secs(2));
     drop(bird);
-    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
-    drop(lab);
-    assert_nothing_left(&prefix, &pids);
+    lab.finish();
 }
 
 #[test]
@@ -830,9 +818,7 @@ fn bfd_with_frr_detects_a_dead_peer_long_before_the_hold_time() {
 
     routed.stop(Duration::from_secs(2));
     drop(bird);
-    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
-    drop(lab);
-    assert_nothing_left(&prefix, &pids);
+    lab.finish();
 }
 
 #[test]
@@ -908,7 +894,5 @@ fn external_peers_come_from_bgppeer_resources_in_the_datastore() {
 
     routed.stop(Duration::from_secs(2));
     drop(bird);
-    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
-    drop(lab);
-    assert_nothing_left(&prefix, &pids);
+    lab.finish();
 }

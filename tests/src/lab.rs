@@ -210,6 +210,13 @@ impl Lab {
         Ok(())
     }
 
+    /// Tears the lab down and asserts that it left nothing behind (namespaces, processes).
+    pub fn finish(self) {
+        let (prefix, pids) = (self.prefix.clone(), self.pids());
+        drop(self);
+        crate::assert_nothing_left(&prefix, &pids);
+    }
+
     pub fn node(&self, name: &str) -> &LabNode {
         self.nodes
             .iter()

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use tessera_testbed::{assert_nothing_left, Child, Lab, LabNode, LabSpec};
+use tessera_testbed::{Child, Lab, LabNode, LabSpec};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_ipam-worker");
 
@@ -136,9 +136,7 @@ fn eight_allocators_on_four_nodes_never_double_allocate() {
     // Each node filled its own blocks: 2,000 addresses need at least 32 blocks of 64.
     assert!(state["blocks"].as_u64().expect("blocks") >= 32);
 
-    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
-    drop(lab);
-    assert_nothing_left(&prefix, &pids);
+    lab.finish();
 }
 
 #[test]
@@ -226,7 +224,5 @@ fn kill_9_at_random_points_then_gc_leaves_nothing_leaked_or_doubled() {
         "leaked: {state:#}"
     );
 
-    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
-    drop(lab);
-    assert_nothing_left(&prefix, &pids);
+    lab.finish();
 }

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{block, device, ensure, in_ns, pod, pod_ip};
-use tessera_testbed::{assert_nothing_left, Child, Lab, LabNode, LabSpec, Netns};
+use tessera_testbed::{Child, Lab, LabNode, LabSpec, Netns};
 use tessera_tunnel::{ensure_device, vtep_mac, Mode, TunnelError};
 
 fn ping(from: &Netns, to: &str) {
@@ -187,9 +187,7 @@ fn vxlan_always_and_cross_subnet_with_convergence_from_drift() {
     assert_eq!(snapshot(), after);
 
     drop(pods);
-    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
-    drop(lab);
-    assert_nothing_left(&prefix, &pids);
+    lab.finish();
 }
 
 fn tessera_mac(node: &str) -> String {
@@ -250,9 +248,7 @@ fn bad_input_is_refused_and_nothing_is_half_built() {
         Box::pin(async move { ensure_device(&h, &dev6).await })
     });
     assert!(matches!(r, Err(TunnelError::WrongFamily(_))), "{r:?}");
-    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
-    drop(lab);
-    assert_nothing_left(&prefix, &pids);
+    lab.finish();
 }
 
 #[test]
@@ -372,7 +368,5 @@ fn ipv6_pools_over_an_ipv6_underlay() {
     let seen = capture(&lab.nodes[1], "udp port 4789", &pods[0], &pod6(2));
     assert!(seen.contains("vni 6096"), "{seen}");
     drop(pods);
-    let (prefix, pids) = (lab.prefix().to_string(), lab.pids());
-    drop(lab);
-    assert_nothing_left(&prefix, &pids);
+    lab.finish();
 }
