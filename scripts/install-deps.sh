@@ -9,6 +9,7 @@ PKGS=(
   podman runc busybox-static               # a real container runtime as CNI client, and its rootfs
   bird2 tcpdump                            # the BGP interop peer, and captures of its messages
   frr                                      # bfdd, the BFD interop peer
+  qemu-system-x86 cpio                     # IPIP end to end in VMs (this kernel has no ipip module)
 )
 missing=()
 for p in "${PKGS[@]}"; do
@@ -18,4 +19,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# Debian's cloud kernel (with its ipip module) for the IPIP test VMs, unpacked, not installed.
+VMDIR=/var/cache/tessera/vm
+if ! ls "$VMDIR"/root/boot/vmlinuz-* >/dev/null 2>&1; then
+  pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+  mkdir -p "$VMDIR"
+  (cd "$VMDIR" && apt-get download -qq "$pkg" && dpkg-deb -x "${pkg}"_*.deb root && rm -f "${pkg}"_*.deb)
 fi

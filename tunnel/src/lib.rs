@@ -3,10 +3,11 @@
 //! - [`desired`]: which neighbour, FDB and route entries a node needs, per pool mode (pure).
 //! - [`vxlan`]: `VxlanDevice` and its entries through rtnetlink, idempotent `ensure_*`.
 //! - [`mtu`]: the pod MTU from the underlay's, written for the CNI plugin.
-//!
-//! IPIP (`tunl0`) is not here yet: this kernel has no ipip module (see the issue notes).
+//! - [`ipip`]: `tunl0` and its onlink routes (end to end in QEMU VMs: this development
+//!   kernel has no ipip module).
 
 pub mod desired;
+pub mod ipip;
 pub mod mtu;
 pub mod vxlan;
 

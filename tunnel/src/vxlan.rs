@@ -28,6 +28,10 @@ pub enum TunnelError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error(
+        "IPIP is not available: the kernel has no `tunl0` (load the `ipip` module: modprobe ipip)"
+    )]
+    IpipUnavailable,
     #[error("underlay interface {0} not found")]
     NoUnderlay(String),
     #[error("device {name} exists and is not a VXLAN device; not touching it")]

@@ -1,0 +1,132 @@
+//! `IpipDevice`: `tunl0`, the fallback IPIP device the kernel creates when the `ipip` module
+//! loads. Tessera brings it up with the right MTU and the node's tunnel address, and routes
+//! each remote block `via <node underlay ip> dev tunl0 onlink`.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+use crate::vxlan::{TunnelError, PROTO};
+
+pub const TUNL0: &str = "tunl0";
+
+#[derive(Debug, Clone)]
+pub struct IpipDevice {
+    /// Underlay MTU - 20.
+    pub mtu: u32,
+    /// The node's tunnel address (from IPAM, per-node handle).
+    pub tunnel_addr: Ipv4Addr,
+}
+
+/// Brings `tunl0` up with the MTU and address; returns its index. Without the kernel's
+/// `ipip` module there is no `tunl0`: the error says so.
+pub async fn ensure_ipip(h: &Handle, d: &IpipDevice) -> Result<u32, TunnelError> {
+    let link = match h
+        .link()
+        .get()
+        .match_name(TUNL0.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(Some(l)) => l,
+        Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => {
+            return Err(TunnelError::IpipUnavailable)
+        }
+        Err(source) => {
+            return Err(TunnelError::Netlink {
+                what: "looking up tunl0".into(),
+                source,
+            })
+        }
+    };
+    let idx = link.header.index;
+    h.link()
+        .set(LinkUnspec::new_with_index(idx).mtu(d.mtu).up().build())
+        .execute()
+        .await
+        .map_err(|source| TunnelError::Netlink {
+            what: "tunl0 MTU and up".into(),
+            source,
+        })?;
+    h.address()
+        .add(idx, IpAddr::V4(d.tunnel_addr), 32)
+        .replace()
+        .execute()
+        .await
+        .map_err(|source| TunnelError::Netlink {
+            what: "tunl0 address".into(),
+            source,
+        })?;
+    Ok(idx)
+}
+
+/// Routes `block via node dev tunl0 onlink` for each (block, node underlay ip), replacing
+/// ours that differ and removing ours on tunl0 that are no longer wanted.
+pub async fn ensure_ipip_routes(
+    h: &Handle,
+    tunl0: u32,
+    routes: &[(IpNetwork, Ipv4Addr)],
+) -> Result<(), TunnelError> {
+    let nl = |what: &'static str| {
+        move |source| TunnelError::Netlink {
+            what: what.into(),
+            source,
+        }
+    };
+    let existing: Vec<RouteMessage> = h
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("listing routes"))?;
+    let on_tunl0 = |r: &RouteMessage| {
+        r.header.protocol == RouteProtocol::Other(PROTO)
+            && r.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == tunl0))
+    };
+    let dst = |r: &RouteMessage| {
+        r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => {
+                Some((*d, r.header.destination_prefix_length))
+            }
+            _ => None,
+        })
+    };
+    for r in existing.iter().filter(|r| on_tunl0(r)) {
+        let wanted = dst(r).is_some_and(|(d, p)| {
+            routes
+                .iter()
+                .any(|(b, _)| b.ip() == IpAddr::V4(d) && b.prefix() == p)
+        });
+        if !wanted {
+            h.route()
+                .del(r.clone())
+                .execute()
+                .await
+                .map_err(nl("removing a stray tunl0 route"))?;
+        }
+    }
+    for (block, via) in routes {
+        let IpNetwork::V4(b) = block else { continue };
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(b.network(), b.prefix())
+            .gateway(*via)
+            .output_interface(tunl0)
+            .onlink()
+            .protocol(RouteProtocol::Other(PROTO))
+            .build();
+        h.route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl("adding a tunl0 route"))?;
+    }
+    Ok(())
+}
