@@ -70,6 +70,30 @@ pub fn vxlan_entries(local: IpNetwork, mode: Mode, remotes: &[RemoteNode]) -> Vx
     e
 }
 
+/// IPIP routes for `local` towards `remotes` in `mode`: `(block, remote underlay ip, via
+/// tunl0)`; same-subnet nodes under CrossSubnet (and every node under Never) get a native
+/// route through the underlay instead.
+pub fn ipip_routes(
+    local: IpNetwork,
+    mode: Mode,
+    remotes: &[RemoteNode],
+) -> Vec<(IpNetwork, IpAddr, bool)> {
+    let mut out = Vec::new();
+    for r in remotes {
+        let same_subnet = local.contains(r.underlay.ip()) && local.prefix() == r.underlay.prefix();
+        let tunnel = match mode {
+            Mode::Always => true,
+            Mode::CrossSubnet => !same_subnet,
+            Mode::Never => false,
+        };
+        if tunnel || same_subnet {
+            out.extend(r.blocks.iter().map(|b| (*b, r.underlay.ip(), tunnel)));
+        }
+    }
+    out.sort();
+    out
+}
+
 /// A VTEP MAC derived from the node name: stable across restarts, locally administered
 /// unicast (66:...).
 pub fn vtep_mac(node: &str) -> [u8; 6] {
@@ -118,6 +142,24 @@ mod tests {
         }));
         let never = vxlan_entries(local, Mode::Never, &all);
         assert!(never.fdb.is_empty() && never.neighbours.is_empty());
+    }
+
+    #[test]
+    fn ipip_cross_subnet_tunnels_only_to_other_subnets() {
+        let local: IpNetwork = "198.18.0.10/24".parse().expect("net");
+        let same = node("b", "198.18.0.11/24", "10.244.2.0", "10.244.2.0/26");
+        let other = node("c", "198.18.1.10/24", "10.244.3.0", "10.244.3.0/26");
+        let r = ipip_routes(local, Mode::CrossSubnet, &[same.clone(), other.clone()]);
+        assert_eq!(
+            r,
+            vec![
+                (same.blocks[0], same.underlay.ip(), false),
+                (other.blocks[0], other.underlay.ip(), true)
+            ]
+        );
+        assert!(ipip_routes(local, Mode::Always, std::slice::from_ref(&same))[0].2);
+        // Never: only what the underlay can reach natively.
+        assert_eq!(ipip_routes(local, Mode::Never, &[same, other]).len(), 1);
     }
 
     #[test]
