@@ -44,54 +44,15 @@ fn iperf(server: &Netns, client: &Netns, server_ip: &str, streams: u32, seconds:
         / 1e9
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let seconds: u32 = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let lab = Lab::new(
-        "tunnel_bench",
-        LabSpec {
-            nodes: 2,
-            subnets: 1,
-            etcd: false,
-        },
-    )
-    .expect("lab");
-    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
-    let pods: Vec<Netns> = (1..=2).map(|i| pod(&lab, i)).collect();
-    let underlay = n2.ipv4.ip().to_string();
-    println!("iperf3, {seconds} s per run, Gbit/s received; ratio = / bare underlay of the same stream count");
-    println!();
-    println!("| path | 1 stream | ratio | 4 streams | ratio |");
-    println!("|---|---:|---:|---:|---:|");
-    let base1 = iperf(&n2.netns, &n1.netns, &underlay, 1, seconds);
-    let base4 = iperf(&n2.netns, &n1.netns, &underlay, 4, seconds);
-    println!("| bare underlay (node to node) | {base1:.2} | 1.00 | {base4:.2} | 1.00 |");
-    let row = |name: &str| {
-        let a = iperf(&pods[1], &pods[0], &pod_ip(2), 1, seconds);
-        let b = iperf(&pods[1], &pods[0], &pod_ip(2), 4, seconds);
-        println!(
-            "| {name} | {a:.2} | {:.2} | {b:.2} | {:.2} |",
-            a / base1,
-            b / base4
-        );
-    };
-    // Native: same subnet under CrossSubnet routes pods directly via the underlay.
-    for i in 1..=2 {
-        ensure(&lab, i, Mode::CrossSubnet).expect("ensure");
-    }
-    row("pods, native (CrossSubnet, same subnet)");
-    for i in 1..=2 {
-        ensure(&lab, i, Mode::Always).expect("ensure");
-    }
-    row("pods, Tessera VXLAN (Always)");
-    // The reference: the same topology with a VXLAN device and entries made by hand.
+/// The reference: a VXLAN device and entries made by hand with iproute2, as in the test
+/// bed recipe, in place of Tessera's.
+fn hand_made_vxlan(lab: &Lab, up: bool) {
     for (i, n) in lab.nodes.iter().enumerate() {
-        n.netns.ip(&["link", "del", "vxlan.calico"]).expect("del");
+        if !up {
+            n.netns.ip(&["link", "del", "vxlan.ref"]).expect("del ref");
+            continue;
+        }
+        let _ = n.netns.ip(&["link", "del", "vxlan.calico"]);
         n.netns
             .ip(&[
                 "link",
@@ -131,6 +92,9 @@ fn main() {
                 "vxlan.ref",
             ])
             .expect("ref addr");
+    }
+    if !up {
+        return;
     }
     for (i, n) in lab.nodes.iter().enumerate() {
         let j = if i == 0 { 2 } else { 1 };
@@ -175,7 +139,82 @@ fn main() {
             ])
             .expect("route");
     }
-    row("pods, hand-made VXLAN (reference)");
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str, default: u32| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let (seconds, rounds) = (arg("--seconds", 3), arg("--rounds", 3));
+    let lab = Lab::new(
+        "tunnel_bench",
+        LabSpec {
+            nodes: 2,
+            subnets: 1,
+            etcd: false,
+        },
+    )
+    .expect("lab");
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let pods: Vec<Netns> = (1..=2).map(|i| pod(&lab, i)).collect();
+    let underlay = n2.ipv4.ip().to_string();
+    // Pod MTU as the node agent sets it per mode: the underlay's for native routing, 50 less
+    // for VXLAN.
+    let set_mtu = |mtu: &str| {
+        for p in &pods {
+            p.ip(&["link", "set", "eth0", "mtu", mtu]).expect("pod mtu");
+        }
+    };
+    let paths = [
+        "bare underlay (node to node)",
+        "pods, native (CrossSubnet, same subnet)",
+        "pods, Tessera VXLAN (Always)",
+        "pods, hand-made VXLAN (reference)",
+    ];
+    // results[path][streams index] = samples; the paths are interleaved in every round so that
+    // drift on the shared machine hits all of them alike.
+    let mut results = vec![[Vec::new(), Vec::new()]; paths.len()];
+    for _ in 0..rounds {
+        for (k, streams) in [1u32, 4].into_iter().enumerate() {
+            results[0][k].push(iperf(&n2.netns, &n1.netns, &underlay, streams, seconds));
+            for i in 1..=2 {
+                ensure(&lab, i, Mode::CrossSubnet).expect("ensure");
+            }
+            set_mtu("1500");
+            results[1][k].push(iperf(&pods[1], &pods[0], &pod_ip(2), streams, seconds));
+            set_mtu("1450");
+            for i in 1..=2 {
+                ensure(&lab, i, Mode::Always).expect("ensure");
+            }
+            results[2][k].push(iperf(&pods[1], &pods[0], &pod_ip(2), streams, seconds));
+            hand_made_vxlan(&lab, true);
+            results[3][k].push(iperf(&pods[1], &pods[0], &pod_ip(2), streams, seconds));
+            hand_made_vxlan(&lab, false);
+        }
+    }
+    println!("iperf3, {seconds} s per run, median of {rounds} interleaved rounds, Gbit/s received; ratio = / bare underlay");
+    println!();
+    println!("| path | 1 stream | ratio | 4 streams | ratio |");
+    println!("|---|---:|---:|---:|---:|");
+    let base = [median(results[0][0].clone()), median(results[0][1].clone())];
+    for (p, r) in paths.iter().zip(&results) {
+        let (a, b) = (median(r[0].clone()), median(r[1].clone()));
+        println!(
+            "| {p} | {a:.2} | {:.2} | {b:.2} | {:.2} |",
+            a / base[0],
+            b / base[1]
+        );
+    }
     drop(pods);
     drop(lab);
 }
