@@ -181,11 +181,14 @@ pub enum BestChange {
 #[derive(Debug, Default)]
 pub struct Rib {
     /// Adj-RIB-In: per peer, per prefix.
-    adj_in: HashMap<PeerId, HashMap<IpNetwork, Path>>,
+    /// B-trees, not hash maps: a hash table of 120k routes rounds up to 262k buckets.
+    adj_in: HashMap<PeerId, BTreeMap<IpNetwork, Path>>,
     /// Routes we originate.
     local: BTreeMap<IpNetwork, Path>,
     /// Loc-RIB: the selected path per prefix.
-    loc: BTreeMap<IpNetwork, (Path, Vec<Path>)>,
+    loc: BTreeMap<IpNetwork, Path>,
+    /// The equal-cost set per prefix, kept only with ECMP on (most tables have none).
+    multipaths: HashMap<IpNetwork, Vec<Path>>,
     pub ecmp: bool,
 }
 
@@ -198,15 +201,15 @@ impl Rib {
     }
 
     pub fn best(&self, prefix: &IpNetwork) -> Option<&Path> {
-        self.loc.get(prefix).map(|(b, _)| b)
+        self.loc.get(prefix)
     }
 
     pub fn loc_rib(&self) -> impl Iterator<Item = (&IpNetwork, &Path)> {
-        self.loc.iter().map(|(k, (b, _))| (k, b))
+        self.loc.iter()
     }
 
     pub fn received(&self, peer: &PeerId) -> usize {
-        self.adj_in.get(peer).map(HashMap::len).unwrap_or(0)
+        self.adj_in.get(peer).map(BTreeMap::len).unwrap_or(0)
     }
 
     fn reselect(&mut self, prefix: IpNetwork, out: &mut Vec<BestChange>) {
@@ -223,6 +226,7 @@ impl Rib {
             .copied()
             .reduce(|a, b| if better(b, a) { b } else { a })
         else {
+            self.multipaths.remove(&prefix);
             if self.loc.remove(&prefix).is_some() {
                 out.push(BestChange::Gone { prefix });
             }
@@ -244,8 +248,15 @@ impl Rib {
                 }
             });
         }
-        if self.loc.get(&prefix) != Some(&(best.clone(), multipath.clone())) {
-            self.loc.insert(prefix, (best.clone(), multipath.clone()));
+        let same_best = self.loc.get(&prefix) == Some(&best);
+        let same_set = self.multipaths.get(&prefix).map(Vec::as_slice).unwrap_or(&[]) == multipath.as_slice();
+        if !same_best || !same_set {
+            self.loc.insert(prefix, best.clone());
+            if multipath.is_empty() {
+                self.multipaths.remove(&prefix);
+            } else {
+                self.multipaths.insert(prefix, multipath.clone());
+            }
             out.push(BestChange::Best {
                 prefix,
                 best,

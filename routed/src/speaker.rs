@@ -137,7 +137,9 @@ pub async fn run_with_control(
     if let Some(path) = cfg.status_socket.clone() {
         tokio::spawn(serve_status(path, status.clone()));
     }
-    let (from_tx, mut from_rx) = mpsc::channel::<FromPeer>(1024);
+    // Small: a peer sending faster than the RIB absorbs waits on its socket instead of
+    // queueing decoded UPDATEs here.
+    let (from_tx, mut from_rx) = mpsc::channel::<FromPeer>(32);
     let kernel = kernel
         .map(|h| Kernel::new(h, cfg.kernel.protocol, cfg.kernel.table))
         .filter(|_| cfg.kernel.install);
@@ -167,7 +169,6 @@ pub async fn run_with_control(
         kernel,
         target,
         local,
-        installed: HashSet::new(),
     };
     for pc in &cfg.peers {
         sp.add_peer(pc.clone());
@@ -259,8 +260,6 @@ struct SpeakerState {
     kernel: Option<mpsc::UnboundedSender<Vec<KernelOp>>>,
     target: Arc<dyn RouteTarget>,
     local: Local,
-    /// Prefixes we installed in the kernel.
-    installed: HashSet<IpNetwork>,
     from_tx: mpsc::Sender<FromPeer>,
     /// Peers that came from [`Command::SetDynamicPeers`].
     dynamic: HashSet<IpAddr>,
@@ -494,9 +493,11 @@ impl SpeakerState {
 
     async fn sweep_leftovers(&mut self, left: &HashSet<IpNetwork>) {
         let Some(k) = &self.kernel else { return };
+        // Installed now: every learned best path.
+        let installed: HashSet<&IpNetwork> = self.rib.loc_rib().filter(|(_, p)| p.peer.is_some()).map(|(n, _)| n).collect();
         let stale: Vec<KernelOp> = left
             .iter()
-            .filter(|n| !self.installed.contains(n))
+            .filter(|n| !installed.contains(n))
             .map(|n| KernelOp::Delete(*n))
             .collect();
         if !stale.is_empty() {
@@ -516,13 +517,13 @@ impl SpeakerState {
                 match c {
                     BestChange::Best { prefix, best, .. } if best.peer.is_some() => {
                         let t = self.target.target(*prefix, best.attrs.next_hop);
-                        self.installed.insert(*prefix);
                         ops.push(KernelOp::Replace(*prefix, best.attrs.next_hop, t));
                     }
+                    // Our own prefix became best, or nothing is left: remove a learned
+                    // route if there was one (deleting one that is not there is a no-op:
+                    // the kernel matches Tessera's protocol).
                     BestChange::Best { prefix, .. } | BestChange::Gone { prefix } => {
-                        if self.installed.remove(prefix) {
-                            ops.push(KernelOp::Delete(*prefix));
-                        }
+                        ops.push(KernelOp::Delete(*prefix));
                     }
                 }
             }
