@@ -249,7 +249,12 @@ impl Rib {
             });
         }
         let same_best = self.loc.get(&prefix) == Some(&best);
-        let same_set = self.multipaths.get(&prefix).map(Vec::as_slice).unwrap_or(&[]) == multipath.as_slice();
+        let same_set = self
+            .multipaths
+            .get(&prefix)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+            == multipath.as_slice();
         if !same_best || !same_set {
             self.loc.insert(prefix, best.clone());
             if multipath.is_empty() {

@@ -494,7 +494,12 @@ impl SpeakerState {
     async fn sweep_leftovers(&mut self, left: &HashSet<IpNetwork>) {
         let Some(k) = &self.kernel else { return };
         // Installed now: every learned best path.
-        let installed: HashSet<&IpNetwork> = self.rib.loc_rib().filter(|(_, p)| p.peer.is_some()).map(|(n, _)| n).collect();
+        let installed: HashSet<&IpNetwork> = self
+            .rib
+            .loc_rib()
+            .filter(|(_, p)| p.peer.is_some())
+            .map(|(n, _)| n)
+            .collect();
         let stale: Vec<KernelOp> = left
             .iter()
             .filter(|n| !installed.contains(n))
