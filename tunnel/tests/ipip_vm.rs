@@ -4,27 +4,14 @@
 //! converges `tunl0` through the real netlink code. The VMs' taps sit on a bridge inside a
 //! network namespace; tcpdump there shows the protocol-4 packets.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::vm::{boot, build_initramfs, vm_lan};
 use tessera_testbed::{Child, Netns};
-
-const NODE_BIN: &str = env!("CARGO_BIN_EXE_tessera-ipip-node");
-const VMDIR: &str = "/var/cache/tessera/vm/root";
-const MODULES: [&str; 11] = [
-    "net/core/failover",
-    "drivers/net/net_failover",
-    "drivers/virtio/virtio_ring",
-    "drivers/virtio/virtio",
-    "drivers/virtio/virtio_pci_modern_dev",
-    "drivers/virtio/virtio_pci_legacy_dev",
-    "drivers/virtio/virtio_pci",
-    "drivers/net/virtio_net",
-    "net/ipv4/tunnel4",
-    "net/ipv4/ip_tunnel",
-    "net/ipv4/ipip",
-];
 
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -49,88 +36,13 @@ echo "TB: done"
 poweroff -f
 "#;
 
-fn sh(cmd: &str) {
-    let ok = Command::new("sh")
-        .args(["-c", cmd])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "failed: {cmd}");
-}
-
-/// Copies `bin` and the shared libraries it needs into `root`.
-fn copy_with_libs(bin: &str, root: &Path, dest: &str) {
-    std::fs::copy(bin, root.join(dest)).unwrap_or_else(|e| panic!("copy {bin}: {e}"));
-    let ldd = Command::new("ldd").arg(bin).output().expect("ldd");
-    for lib in String::from_utf8_lossy(&ldd.stdout)
-        .split_whitespace()
-        .filter(|w| w.starts_with('/'))
-    {
-        let target = root.join(lib.trim_start_matches('/'));
-        std::fs::create_dir_all(target.parent().expect("dir")).expect("mkdir");
-        std::fs::copy(lib, &target).unwrap_or_else(|e| panic!("copy {lib}: {e}"));
-    }
-}
-
-fn build_initramfs(work: &Path) -> (PathBuf, PathBuf) {
-    let boot = Path::new(VMDIR).join("boot");
-    let kernel = std::fs::read_dir(&boot)
-        .ok()
-        .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))))
-        .expect("Debian's cloud kernel is unpacked in /var/cache/tessera/vm (run scripts/install-deps.sh)");
-    let kver = kernel
-        .file_name()
-        .expect("name")
-        .to_string_lossy()
-        .trim_start_matches("vmlinuz-")
-        .to_string();
-    let root = work.join("initramfs");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "lib/modules", "usr/bin"] {
-        std::fs::create_dir_all(root.join(d)).expect("mkdir");
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
-    let km = Path::new(VMDIR)
-        .join("lib/modules")
-        .join(&kver)
-        .join("kernel");
-    for m in MODULES {
-        let name = Path::new(m)
-            .file_name()
-            .expect("module")
-            .to_string_lossy()
-            .into_owned();
-        std::fs::copy(
-            km.join(format!("{m}.ko")),
-            root.join("lib/modules").join(format!("{name}.ko")),
-        )
-        .unwrap_or_else(|e| panic!("module {m}: {e}"));
-    }
-    copy_with_libs(NODE_BIN, &root, "bin/tessera-ipip-node");
-    copy_with_libs("/usr/bin/iperf3", &root, "usr/bin/iperf3");
-    std::fs::write(root.join("init"), INIT).expect("init");
-    sh(&format!(
-        "chmod +x {0}/init && cd {0} && find . | cpio -o -H newc --quiet | gzip -1 > {1}",
-        root.display(),
-        work.join("initrd.gz").display()
-    ));
-    (kernel, work.join("initrd.gz"))
-}
-
 #[test]
 fn ipip_between_two_vms_running_debians_kernel() {
     tessera_testbed::require_root();
     let work = tempfile::tempdir().expect("tempdir");
-    let (kernel, initrd) = build_initramfs(work.path());
+    let (kernel, initrd) = build_initramfs(work.path(), INIT);
     let prefix = tessera_testbed::unique_prefix("ipip_vm");
-    let lab = Netns::new(&format!("{prefix}-vmlan")).expect("netns");
-    lab.ip(&["link", "add", "br0", "type", "bridge"])
-        .expect("bridge");
-    lab.ip(&["link", "set", "br0", "up"]).expect("up");
-    for t in ["tap1", "tap2"] {
-        lab.ip(&["tuntap", "add", t, "mode", "tap"]).expect("tap");
-        lab.ip(&["link", "set", t, "master", "br0", "up"])
-            .expect("tap up");
-    }
+    let lab = vm_lan(&format!("{prefix}-vmlan"));
     let pcap_txt = work.path().join("tcpdump.txt");
     let mut dump_cmd = lab.command("tcpdump");
     dump_cmd
@@ -138,51 +50,9 @@ fn ipip_between_two_vms_running_debians_kernel() {
         .stdout(std::fs::File::create(&pcap_txt).expect("file"))
         .stderr(Stdio::null());
     let mut dump = Child::spawn(dump_cmd, "tcpdump").expect("tcpdump");
-    let vm = |n: u8, role: &str, peer: u8| {
-        let mut c = lab.command("qemu-system-x86_64");
-        c.args([
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "256",
-            "-smp",
-            "1",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-no-reboot",
-            "-nodefaults",
-        ]);
-        c.args([
-            "-kernel",
-            &kernel.to_string_lossy(),
-            "-initrd",
-            &initrd.to_string_lossy(),
-        ]);
-        c.args([
-            "-serial",
-            &format!("file:{}", work.path().join(format!("vm{n}.log")).display()),
-        ]);
-        c.args([
-            "-netdev",
-            &format!("tap,id=n0,ifname=tap{n},script=no,downscript=no"),
-        ]);
-        c.args([
-            "-device",
-            &format!("virtio-net-pci,netdev=n0,mac=52:54:00:00:01:2{n}"),
-        ]);
-        c.args([
-            "-append",
-            &format!("console=ttyS0 panic=-1 tb.role={role} tb.ip=198.18.1.2{n} tb.peer=198.18.1.2{peer} tb.blk={n} tb.peerblk={peer}"),
-        ]);
-        c.stdout(Stdio::null()).stderr(Stdio::null());
-        Child::spawn(c, "qemu").expect("qemu")
-    };
-    let mut vm1 = vm(1, "server", 2);
-    let mut vm2 = vm(2, "client", 1);
+    let log = |n: u8| work.path().join(format!("vm{n}.log"));
+    let mut vm1 = boot(&lab, &kernel, &initrd, &log(1), 1, "server", 2);
+    let mut vm2 = boot(&lab, &kernel, &initrd, &log(2), 2, "client", 1);
     let deadline = Instant::now() + Duration::from_secs(180);
     while vm2.try_wait().is_none() || vm1.try_wait().is_none() {
         assert!(

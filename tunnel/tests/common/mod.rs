@@ -2,6 +2,8 @@
 //! wired by hand as the CNI plugin would.
 #![allow(dead_code)]
 
+pub mod vm;
+
 use std::net::IpAddr;
 
 use tessera_testbed::{Lab, LabNode, Netns};
