@@ -25,6 +25,67 @@ pub struct RemoteNode {
     pub blocks: Vec<IpNetwork>,
 }
 
+/// Why a Node record cannot be a VXLAN peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("node {0} has no VTEP MAC (vxlanTunnelMac)")]
+    NoVtepMac(String),
+    #[error("node {node} has an invalid VTEP MAC {mac:?}")]
+    BadVtepMac { node: String, mac: String },
+    #[error("node {0} has no VTEP address (vxlanTunnelAddress)")]
+    NoVtepAddress(String),
+    #[error("node {node}: no {family} underlay address")]
+    NoUnderlay { node: String, family: &'static str },
+    #[error("node {node}: VTEP address {vtep} is not of the underlay's family")]
+    FamilyMismatch { node: String, vtep: IpAddr },
+}
+
+impl RemoteNode {
+    /// A peer from its Node record and blocks; `ipv6` picks the IPv6 underlay and VTEP.
+    pub fn from_node(
+        n: &tessera_datastore::model::Node,
+        blocks: Vec<IpNetwork>,
+        ipv6: bool,
+    ) -> Result<Self, NodeError> {
+        let family = if ipv6 { "IPv6" } else { "IPv4" };
+        let underlay =
+            if ipv6 { n.ipv6_address } else { n.ipv4_address }.ok_or(NodeError::NoUnderlay {
+                node: n.name.clone(),
+                family,
+            })?;
+        let vtep_ip = n
+            .vxlan_tunnel_address
+            .ok_or_else(|| NodeError::NoVtepAddress(n.name.clone()))?;
+        if vtep_ip.is_ipv6() != ipv6 {
+            return Err(NodeError::FamilyMismatch {
+                node: n.name.clone(),
+                vtep: vtep_ip,
+            });
+        }
+        let mac_text = n
+            .vxlan_tunnel_mac
+            .as_deref()
+            .ok_or_else(|| NodeError::NoVtepMac(n.name.clone()))?;
+        let bad = || NodeError::BadVtepMac {
+            node: n.name.clone(),
+            mac: mac_text.to_string(),
+        };
+        let bytes: Vec<u8> = mac_text
+            .split(':')
+            .map(|p| u8::from_str_radix(p, 16))
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad())?;
+        let vtep_mac: [u8; 6] = bytes.try_into().map_err(|_| bad())?;
+        Ok(RemoteNode {
+            name: n.name.clone(),
+            underlay,
+            vtep_ip,
+            vtep_mac,
+            blocks,
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Route {
     /// `<block> via <vtep ip> dev vxlan.calico onlink`
@@ -116,6 +177,51 @@ mod tests {
             vtep_mac: vtep_mac(name),
             blocks: vec![block.parse().expect("net")],
         }
+    }
+
+    #[test]
+    fn node_records_without_vxlan_fields_are_refused_clearly() {
+        use tessera_datastore::model::Node;
+        let ok = Node {
+            name: "n2".into(),
+            ipv4_address: Some("198.18.0.11/24".parse().expect("net")),
+            vxlan_tunnel_address: Some("10.244.2.0".parse().expect("ip")),
+            vxlan_tunnel_mac: Some("66:01:02:03:04:05".into()),
+            ..Default::default()
+        };
+        let blocks = vec!["10.244.2.0/26".parse().expect("net")];
+        assert_eq!(
+            RemoteNode::from_node(&ok, blocks.clone(), false)
+                .expect("valid")
+                .vtep_mac,
+            [0x66, 1, 2, 3, 4, 5]
+        );
+        let no_mac = Node {
+            vxlan_tunnel_mac: None,
+            ..ok.clone()
+        };
+        assert_eq!(
+            RemoteNode::from_node(&no_mac, blocks.clone(), false).unwrap_err(),
+            NodeError::NoVtepMac("n2".into())
+        );
+        let bad_mac = Node {
+            vxlan_tunnel_mac: Some("66:01".into()),
+            ..ok.clone()
+        };
+        assert!(matches!(
+            RemoteNode::from_node(&bad_mac, blocks.clone(), false),
+            Err(NodeError::BadVtepMac { .. })
+        ));
+        let e = RemoteNode::from_node(&ok, blocks.clone(), true).unwrap_err();
+        assert!(e.to_string().contains("no IPv6 underlay"), "{e}");
+        let v6vtep = Node {
+            vxlan_tunnel_address: Some("fd10::1".parse().expect("ip")),
+            ..ok
+        };
+        assert!(matches!(
+            RemoteNode::from_node(&v6vtep, blocks, false),
+            Err(NodeError::FamilyMismatch { .. })
+        ));
     }
 
     #[test]

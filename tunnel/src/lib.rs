@@ -11,5 +11,7 @@ pub mod ipip;
 pub mod mtu;
 pub mod vxlan;
 
-pub use desired::{ipip_routes, vtep_mac, vxlan_entries, Mode, RemoteNode, Route, VxlanEntries};
+pub use desired::{
+    ipip_routes, vtep_mac, vxlan_entries, Mode, NodeError, RemoteNode, Route, VxlanEntries,
+};
 pub use vxlan::{ensure_device, ensure_entries, remove_device, TunnelError, VxlanDevice};

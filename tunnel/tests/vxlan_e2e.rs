@@ -115,6 +115,17 @@ fn vxlan_always_and_cross_subnet_with_convergence_from_drift() {
         seen.contains("VXLAN") && seen.contains("vni 4096"),
         "{seen}"
     );
+    // A TCP transfer across the tunnel (1 MB with iperf3).
+    let mut srv = pods[1].command("iperf3");
+    srv.args(["-s", "-1", "-B", &pod_ip(2)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut srv = Child::spawn(srv, "iperf3").expect("iperf3 -s");
+    std::thread::sleep(Duration::from_millis(300));
+    pods[0]
+        .exec("iperf3", &["-c", &pod_ip(2), "-n", "1M"])
+        .expect("TCP pod to pod over VXLAN");
+    srv.stop(Duration::from_secs(2));
     let seen = capture(&lab.nodes[2], "udp port 4789", &pods[0], &pod_ip(3));
     assert!(
         seen.contains("vni 4096"),
