@@ -406,3 +406,36 @@ fn pod_intents_ask_for_addresses_and_pools() {
     assert_eq!(c.host_links("node1").len(), 1);
     finish(c);
 }
+
+#[test]
+fn pods_get_the_mtu_the_tunnel_code_writes() {
+    let mut c = CniLab::new("cni_mtu", 1);
+    // What the node agent does at start: underlay MTU minus the VXLAN overhead, to the file.
+    let mtu_file = c.logs.path().join("mtu");
+    let mtu = tessera_tunnel::mtu::pod_mtu(1500, true, false);
+    tessera_tunnel::mtu::write_mtu_file(&mtu_file, mtu).expect("write mtu");
+    let mut plugin = c.plugin("node1", false);
+    plugin.as_object_mut().expect("object").remove("mtu");
+    plugin["mtuFile"] = json!(mtu_file);
+    let d = c.driver_with("node1", "1.1.0", vec![plugin]);
+    let pod = c.pod_netns();
+    let att = c.attachment(pod);
+    let r = d.add(&att).expect("ADD");
+    let link = c.pods[pod]
+        .ip_json(&["link", "show", "eth0"])
+        .expect("link");
+    assert_eq!(link[0]["mtu"], 1450);
+    let host_if = r["interfaces"][0]["name"]
+        .as_str()
+        .expect("host if")
+        .to_string();
+    let host = c
+        .lab
+        .node("node1")
+        .netns
+        .ip_json(&["link", "show", &host_if])
+        .expect("host link");
+    assert_eq!(host[0]["mtu"], 1450);
+    d.del(&att, Some(&r)).expect("DEL");
+    finish(c);
+}
