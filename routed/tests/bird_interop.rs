@@ -136,29 +136,55 @@ fn routed_conf(
     )
 }
 
-fn exchange_routes(test: &str, tessera_as: u32, bird_as: u32) {
+/// Two lab nodes on one subnet, a temp dir and a directory in it for BIRD.
+fn two_nodes(test: &str, etcd: bool) -> (Lab, tempfile::TempDir, std::path::PathBuf) {
     let lab = Lab::new(
         test,
         LabSpec {
             nodes: 2,
             subnets: 1,
-            etcd: false,
+            etcd,
         },
     )
     .expect("lab");
-    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
-    let (a1, a2) = (n1.ipv4.ip().to_string(), n2.ipv4.ip().to_string());
-    let (a16, a26) = (n1.ipv6.ip().to_string(), n2.ipv6.ip().to_string());
     let dir = tempfile::tempdir().expect("tempdir");
     let bdir = dir.path().join("bird");
     std::fs::create_dir_all(&bdir).expect("mkdir");
-    // Something to ping behind each node.
-    n1.netns
-        .ip(&["addr", "add", "10.244.1.1/32", "dev", "lo"])
-        .expect("addr");
-    n2.netns
-        .ip(&["addr", "add", "10.244.2.1/32", "dev", "lo"])
-        .expect("addr");
+    (lab, dir, bdir)
+}
+
+/// node1's and node2's IPv4 and IPv6 underlay addresses.
+fn addresses(lab: &Lab) -> [String; 4] {
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    [n1.ipv4.ip(), n2.ipv4.ip()]
+        .map(|a| a.to_string())
+        .into_iter()
+        .chain([n1.ipv6.ip(), n2.ipv6.ip()].map(|a| a.to_string()))
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("four addresses")
+}
+
+/// Something to ping behind each node: 10.244.N.1 on its loopback.
+fn pods_on_lo(lab: &Lab) {
+    for (i, n) in lab.nodes.iter().enumerate() {
+        n.netns
+            .ip(&[
+                "addr",
+                "add",
+                &format!("10.244.{}.1/32", i + 1),
+                "dev",
+                "lo",
+            ])
+            .expect("addr");
+    }
+}
+
+fn exchange_routes(test: &str, tessera_as: u32, bird_as: u32) {
+    let (lab, dir, bdir) = two_nodes(test, false);
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let [a1, a2, a16, a26] = addresses(&lab);
+    pods_on_lo(&lab);
 
     let bird = Bird::start(
         &n2.netns,
@@ -280,27 +306,10 @@ fn ebgp_with_bird_and_a_4_octet_as() {
 
 #[test]
 fn graceful_restart_keeps_routes_and_traffic_while_tessera_restarts() {
-    let lab = Lab::new(
-        "bgp_gr",
-        LabSpec {
-            nodes: 2,
-            subnets: 1,
-            etcd: false,
-        },
-    )
-    .expect("lab");
+    let (lab, dir, bdir) = two_nodes("bgp_gr", false);
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
-    let (a1, a2) = (n1.ipv4.ip().to_string(), n2.ipv4.ip().to_string());
-    let (a16, a26) = (n1.ipv6.ip().to_string(), n2.ipv6.ip().to_string());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bdir = dir.path().join("bird");
-    std::fs::create_dir_all(&bdir).expect("mkdir");
-    n1.netns
-        .ip(&["addr", "add", "10.244.1.1/32", "dev", "lo"])
-        .expect("addr");
-    n2.netns
-        .ip(&["addr", "add", "10.244.2.1/32", "dev", "lo"])
-        .expect("addr");
+    let [a1, a2, a16, a26] = addresses(&lab);
+    pods_on_lo(&lab);
     let bird = Bird::start(
         &n2.netns,
         &bdir,
@@ -538,21 +547,9 @@ fn tcp_streams_from(pcap: &[u8], from: std::net::Ipv4Addr) -> Vec<Vec<u8>> {
 #[test]
 fn bird_messages_decode_and_reencode_byte_for_byte() {
     use tessera_routed::packet::{decode, encode, frame, Ctx, Message};
-    let lab = Lab::new(
-        "bgp_golden",
-        LabSpec {
-            nodes: 2,
-            subnets: 1,
-            etcd: false,
-        },
-    )
-    .expect("lab");
+    let (lab, dir, bdir) = two_nodes("bgp_golden", false);
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
-    let (a1, a2) = (n1.ipv4.ip().to_string(), n2.ipv4.ip().to_string());
-    let (a16, a26) = (n1.ipv6.ip().to_string(), n2.ipv6.ip().to_string());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bdir = dir.path().join("bird");
-    std::fs::create_dir_all(&bdir).expect("mkdir");
+    let [a1, a2, a16, a26] = addresses(&lab);
     let pcap = dir.path().join("bgp.pcap");
     // tcpdump on node2's underlay, as the capture the issue asks for.
     let mut cmd = n2.netns.command("tcpdump");
@@ -658,21 +655,9 @@ fn bird_messages_decode_and_reencode_byte_for_byte() {
 
 #[test]
 fn md5_passwords_must_match() {
-    let lab = Lab::new(
-        "bgp_md5",
-        LabSpec {
-            nodes: 2,
-            subnets: 1,
-            etcd: false,
-        },
-    )
-    .expect("lab");
+    let (lab, dir, bdir) = two_nodes("bgp_md5", false);
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
-    let (a1, a2) = (n1.ipv4.ip().to_string(), n2.ipv4.ip().to_string());
-    let (a16, a26) = (n1.ipv6.ip().to_string(), n2.ipv6.ip().to_string());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bdir = dir.path().join("bird");
-    std::fs::create_dir_all(&bdir).expect("mkdir");
+    let [a1, a2, a16, a26] = addresses(&lab);
     let conf = bird_conf(
         &bdir,
         &a2,
@@ -719,21 +704,9 @@ fn md5_passwords_must_match() {
 
 #[test]
 fn bfd_with_frr_detects_a_dead_peer_long_before_the_hold_time() {
-    let lab = Lab::new(
-        "bgp_bfd",
-        LabSpec {
-            nodes: 2,
-            subnets: 1,
-            etcd: false,
-        },
-    )
-    .expect("lab");
+    let (lab, dir, bdir) = two_nodes("bgp_bfd", false);
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
-    let (a1, a2) = (n1.ipv4.ip().to_string(), n2.ipv4.ip().to_string());
-    let (a16, a26) = (n1.ipv6.ip().to_string(), n2.ipv6.ip().to_string());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bdir = dir.path().join("bird");
-    std::fs::create_dir_all(&bdir).expect("mkdir");
+    let [a1, a2, a16, a26] = addresses(&lab);
     // BGP with BIRD (no graceful restart: a dead peer's routes must go), BFD with FRR's bfdd.
     let conf = bird_conf(
         &bdir,
@@ -823,21 +796,9 @@ fn bfd_with_frr_detects_a_dead_peer_long_before_the_hold_time() {
 
 #[test]
 fn external_peers_come_from_bgppeer_resources_in_the_datastore() {
-    let lab = Lab::new(
-        "bgp_external",
-        LabSpec {
-            nodes: 2,
-            subnets: 1,
-            etcd: true,
-        },
-    )
-    .expect("lab");
+    let (lab, dir, bdir) = two_nodes("bgp_external", true);
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
-    let (a1, a2) = (n1.ipv4.ip().to_string(), n2.ipv4.ip().to_string());
-    let a26 = n2.ipv6.ip().to_string();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bdir = dir.path().join("bird");
-    std::fs::create_dir_all(&bdir).expect("mkdir");
+    let [a1, a2, _, a26] = addresses(&lab);
     // BIRD plays a top-of-rack router in AS 65001.
     let bird = Bird::start(
         &n2.netns,

@@ -24,25 +24,9 @@ pub struct IpipDevice {
 /// Brings `tunl0` up with the MTU and address; returns its index. Without the kernel's
 /// `ipip` module there is no `tunl0`: the error says so.
 pub async fn ensure_ipip(h: &Handle, d: &IpipDevice) -> Result<u32, TunnelError> {
-    let link = match h
-        .link()
-        .get()
-        .match_name(TUNL0.to_string())
-        .execute()
-        .try_next()
-        .await
-    {
-        Ok(Some(l)) => l,
-        Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => {
-            return Err(TunnelError::IpipUnavailable)
-        }
-        Err(source) => {
-            return Err(TunnelError::Netlink {
-                what: "looking up tunl0".into(),
-                source,
-            })
-        }
-    };
+    let link = crate::vxlan::link(h, TUNL0)
+        .await?
+        .ok_or(TunnelError::IpipUnavailable)?;
     let idx = link.header.index;
     h.link()
         .set(LinkUnspec::new_with_index(idx).mtu(d.mtu).up().build())

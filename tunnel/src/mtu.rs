@@ -1,7 +1,6 @@
 //! Pod MTU: the underlay interface's MTU minus the encapsulation overhead of the pools in
 //! use, written where the CNI plugin reads it (`mtuFile`, default /var/lib/tessera/mtu).
 
-use futures::TryStreamExt;
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::Handle;
 
@@ -25,25 +24,9 @@ pub fn pod_mtu(underlay_mtu: u32, vxlan: bool, ipip: bool) -> u32 {
 
 /// The MTU of interface `name`.
 pub async fn interface_mtu(h: &Handle, name: &str) -> Result<u32, TunnelError> {
-    let link = match h
-        .link()
-        .get()
-        .match_name(name.to_string())
-        .execute()
-        .try_next()
-        .await
-    {
-        Ok(Some(l)) => l,
-        Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => {
-            return Err(TunnelError::NoUnderlay(name.into()))
-        }
-        Err(source) => {
-            return Err(TunnelError::Netlink {
-                what: format!("reading {name}"),
-                source,
-            })
-        }
-    };
+    let link = crate::vxlan::link(h, name)
+        .await?
+        .ok_or_else(|| TunnelError::NoUnderlay(name.into()))?;
     link.attributes
         .iter()
         .find_map(|a| match a {

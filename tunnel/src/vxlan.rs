@@ -103,7 +103,8 @@ impl VxlanDevice {
     }
 }
 
-async fn link(h: &Handle, name: &str) -> Result<Option<LinkMessage>, TunnelError> {
+/// The link called `name`, if any.
+pub(crate) async fn link(h: &Handle, name: &str) -> Result<Option<LinkMessage>, TunnelError> {
     match h
         .link()
         .get()
