@@ -10,6 +10,7 @@ PKGS=(
   bird2 tcpdump                            # the BGP interop peer, and captures of its messages
   frr                                      # bfdd, the BFD interop peer
   qemu-system-x86 cpio                     # IPIP end to end in VMs (this kernel has no ipip module)
+  nftables                                 # the node agent's natOutgoing rules (nft -j)
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -144,6 +144,11 @@ impl EtcdKv {
             .map_err(etcd_error)?;
         Ok(EtcdKv { client })
     }
+
+    /// The underlying client, for what the [`Kv`] trait does not cover (watches).
+    pub fn client(&self) -> etcd_client::Client {
+        self.client.clone()
+    }
 }
 
 fn etcd_error(e: etcd_client::Error) -> KvError {

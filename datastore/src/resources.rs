@@ -124,6 +124,14 @@ pub async fn list_workload_endpoints<K: Kv>(
     kvs.iter().map(decode).collect()
 }
 
+/// Every node's workload endpoints.
+pub async fn list_all_workload_endpoints<K: Kv>(
+    kv: &K,
+) -> Result<Vec<WorkloadEndpoint>, IpamError> {
+    let (kvs, _) = with_retry(|| kv.get_prefix(keys::WORKLOADS)).await?;
+    kvs.iter().map(decode).collect()
+}
+
 pub async fn put_pod_intent<K: Kv>(
     kv: &K,
     namespace: &str,

@@ -33,11 +33,18 @@ enum ToPeer {
 }
 
 /// Changes to a running speaker.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Command {
     /// The dynamic peers (e.g. the full mesh from the datastore's Node records); the
     /// configuration file's peers stay. Peers not in the list are unpeered.
     SetDynamicPeers(Vec<PeerConfig>),
+    /// The prefixes this node originates (its blocks), replacing the configuration's.
+    SetNetworks(Vec<IpNetwork>),
+    /// Puts every learned best route into the kernel again, asking the [`RouteTarget`] anew:
+    /// after a pool's mode changed or someone deleted one of our routes by hand.
+    Resync,
+    /// A snapshot of the sessions, for health and metrics.
+    Status(tokio::sync::oneshot::Sender<Status>),
 }
 
 enum FromPeer {
@@ -193,22 +200,7 @@ pub async fn run_with_control(
             }
         });
     }
-    // Our blocks.
-    for n in &cfg.networks {
-        let attrs = Arc::new(Attrs {
-            origin: Origin::Igp,
-            as_path: vec![],
-            next_hop: cfg.listen,
-            med: None,
-            local_pref: None,
-            communities: vec![],
-            originator_id: None,
-            cluster_list: vec![],
-            other: vec![],
-        });
-        let ch = sp.rib.originate(*n, attrs);
-        sp.changes(ch).await;
-    }
+    sp.set_networks(cfg.networks.clone()).await;
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -235,7 +227,12 @@ pub async fn run_with_control(
                     }
                 }
             }
-            Some(Command::SetDynamicPeers(list)) = control.recv() => sp.set_dynamic_peers(list, &listener).await,
+            Some(cmd) = control.recv() => match cmd {
+                Command::SetDynamicPeers(list) => sp.set_dynamic_peers(list, &listener).await,
+                Command::SetNetworks(nets) => sp.set_networks(nets).await,
+                Command::Resync => sp.resync_kernel(),
+                Command::Status(reply) => { let _ = reply.send(sp.status()); }
+            },
             _ = tick.tick() => {
                 sp.expire_stale().await;
                 if let Some(left) = &leftovers {
@@ -512,6 +509,54 @@ impl SpeakerState {
     }
 
     /// Applies Loc-RIB changes to the kernel and every established peer.
+    /// Originates exactly `nets` (our blocks): new ones announced, released ones withdrawn.
+    async fn set_networks(&mut self, nets: Vec<IpNetwork>) {
+        let wanted: HashSet<IpNetwork> = nets.into_iter().collect();
+        let gone: Vec<IpNetwork> = self
+            .rib
+            .originated()
+            .filter(|n| !wanted.contains(n))
+            .copied()
+            .collect();
+        let mut ch = Vec::new();
+        for n in gone {
+            ch.extend(self.rib.withdraw_local(n));
+        }
+        let have: HashSet<IpNetwork> = self.rib.originated().copied().collect();
+        for n in wanted.into_iter().filter(|n| !have.contains(n)) {
+            let attrs = Arc::new(Attrs {
+                origin: Origin::Igp,
+                as_path: vec![],
+                next_hop: self.cfg.listen,
+                med: None,
+                local_pref: None,
+                communities: vec![],
+                originator_id: None,
+                cluster_list: vec![],
+                other: vec![],
+            });
+            ch.extend(self.rib.originate(n, attrs));
+        }
+        self.changes(ch).await;
+    }
+
+    /// Every learned best route to the kernel again (idempotent replaces).
+    fn resync_kernel(&self) {
+        let Some(k) = &self.kernel else { return };
+        let ops: Vec<KernelOp> = self
+            .rib
+            .loc_rib()
+            .filter(|(_, best)| best.peer.is_some())
+            .map(|(prefix, best)| {
+                let t = self.target.target(*prefix, best.attrs.next_hop);
+                KernelOp::Replace(*prefix, best.attrs.next_hop, t)
+            })
+            .collect();
+        if !ops.is_empty() {
+            let _ = k.send(ops);
+        }
+    }
+
     async fn changes(&mut self, changes: Vec<BestChange>) {
         if changes.is_empty() {
             return;

@@ -9,6 +9,7 @@
 pub mod desired;
 pub mod ipip;
 pub mod mtu;
+pub mod routes;
 pub mod vxlan;
 
 pub use desired::{

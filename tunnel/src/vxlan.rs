@@ -6,19 +6,20 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
-use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
 
 use crate::desired::{Route, VxlanEntries};
+use crate::routes::{KernelRoute, RouteKind};
 
-/// Tessera's route protocol (the one routed uses): routes of ours are recognisable.
-pub const PROTO: u8 = 80;
+/// The route protocol of routes Tessera programs from the datastore (VXLAN and IPIP): ours
+/// are recognisable, and distinct from the BGP speaker's (80), so that neither sweeps the
+/// other's routes.
+pub const PROTO: u8 = 81;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -270,6 +271,37 @@ fn neigh_lladdr(m: &NeighbourMessage) -> Option<Vec<u8>> {
 /// Adds the missing entries and removes stray ones on the device; routes of protocol
 /// [`PROTO`] not desired are removed, other routes are never touched.
 pub async fn ensure_entries(h: &Handle, dev: u32, e: &VxlanEntries) -> Result<(), TunnelError> {
+    ensure_neighbours(h, dev, e).await?;
+    let routes: Vec<KernelRoute> = e.routes.iter().map(|r| kernel_route(r, dev)).collect();
+    crate::routes::ensure_routes(h, &routes).await?;
+    Ok(())
+}
+
+/// The route a desired VXLAN-pool route is in the kernel.
+pub fn kernel_route(r: &Route, dev: u32) -> KernelRoute {
+    match *r {
+        Route::Vxlan { block, via } => KernelRoute {
+            dst: block,
+            kind: RouteKind::Via {
+                gw: via,
+                dev: Some(dev),
+            },
+        },
+        Route::Native { block, via } => KernelRoute {
+            dst: block,
+            kind: RouteKind::Via { gw: via, dev: None },
+        },
+    }
+}
+
+/// The neighbour (VTEP IP -> MAC) and FDB (MAC -> underlay) entries on the device: missing
+/// ones added, permanent ones nobody wants removed. Returns how many it changed.
+pub async fn ensure_neighbours(
+    h: &Handle,
+    dev: u32,
+    e: &VxlanEntries,
+) -> Result<usize, TunnelError> {
+    let mut changed = 0;
     // Neighbours (ARP): VTEP IP -> VTEP MAC.
     // One dump per family: ARP, ND and the bridge FDB (a plain dump covers only one).
     let mut neighbours: Vec<NeighbourMessage> = Vec::new();
@@ -301,6 +333,7 @@ pub async fn ensure_entries(h: &Handle, dev: u32, e: &VxlanEntries) -> Result<()
                         .execute()
                         .await
                         .map_err(nl("removing a stray FDB entry"))?;
+                    changed += 1;
                 }
             }
             (AddressFamily::Inet | AddressFamily::Inet6, Some(dst), mac) => {
@@ -316,6 +349,7 @@ pub async fn ensure_entries(h: &Handle, dev: u32, e: &VxlanEntries) -> Result<()
                         .execute()
                         .await
                         .map_err(nl("removing a stray neighbour"))?;
+                    changed += 1;
                 }
             }
             _ => {}
@@ -331,6 +365,7 @@ pub async fn ensure_entries(h: &Handle, dev: u32, e: &VxlanEntries) -> Result<()
                 .execute()
                 .await
                 .map_err(nl("adding a neighbour"))?;
+            changed += 1;
         }
     }
     for (mac, underlay) in &e.fdb {
@@ -344,105 +379,10 @@ pub async fn ensure_entries(h: &Handle, dev: u32, e: &VxlanEntries) -> Result<()
                 .execute()
                 .await
                 .map_err(nl("adding an FDB entry"))?;
+            changed += 1;
         }
     }
-    // Routes.
-    let wanted: Vec<RouteMessage> = e.routes.iter().map(|r| route_message(r, dev)).collect();
-    let mut existing = Vec::new();
-    for msg in [
-        RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<Ipv6Addr>::new().build(),
-    ] {
-        let rs: Vec<RouteMessage> = h
-            .route()
-            .get(msg)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("listing routes"))?;
-        existing.extend(
-            rs.into_iter()
-                .filter(|r| r.header.protocol == RouteProtocol::Other(PROTO)),
-        );
-    }
-    let key = |r: &RouteMessage| {
-        let dst = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
-            RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
-            _ => None,
-        });
-        let gw = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Gateway(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
-            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
-            _ => None,
-        });
-        let oif = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        });
-        (
-            dst,
-            r.header.destination_prefix_length,
-            gw,
-            oif.filter(|i| *i == dev),
-        )
-    };
-    let wanted_keys: HashSet<_> = wanted.iter().map(key).collect();
-    for r in &existing {
-        if !wanted_keys.contains(&key(r)) {
-            h.route()
-                .del(r.clone())
-                .execute()
-                .await
-                .map_err(nl("removing a stray route"))?;
-        }
-    }
-    let have: HashSet<_> = existing.iter().map(key).collect();
-    for m in wanted {
-        if !have.contains(&key(&m)) {
-            h.route()
-                .add(m)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl("adding a route"))?;
-        }
-    }
-    Ok(())
-}
-
-fn route_message(r: &Route, dev: u32) -> RouteMessage {
-    let proto = RouteProtocol::Other(PROTO);
-    match r {
-        Route::Vxlan {
-            block: IpNetwork::V4(b),
-            via: IpAddr::V4(v),
-        } => RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(b.network(), b.prefix())
-            .gateway(*v)
-            .output_interface(dev)
-            .onlink()
-            .protocol(proto)
-            .build(),
-        Route::Native {
-            block: IpNetwork::V4(b),
-            via: IpAddr::V4(v),
-        } => RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(b.network(), b.prefix())
-            .gateway(*v)
-            .protocol(proto)
-            .build(),
-        Route::Vxlan { block, via } | Route::Native { block, via } => {
-            let mut b = RouteMessageBuilder::<Ipv6Addr>::new().protocol(proto);
-            if let (IpNetwork::V6(n), IpAddr::V6(g)) = (block, via) {
-                b = b.destination_prefix(n.network(), n.prefix()).gateway(*g);
-            }
-            if matches!(r, Route::Vxlan { .. }) {
-                b = b.output_interface(dev).onlink();
-            }
-            b.build()
-        }
-    }
+    Ok(changed)
 }
 
 /// Removes the device (and with it every entry on it).

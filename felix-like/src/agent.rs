@@ -1,0 +1,604 @@
+//! The node agent's adapters and loop: registers the node, follows the datastore, runs the
+//! BGP speaker in-process, and applies [`desired`](crate::state::desired) to the kernel
+//! (netlink, nftables), again whenever the datastore or the kernel changes.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_core::NetlinkPayload;
+use rtnetlink::packet_route::route::RouteProtocol;
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::{Handle, MulticastGroup};
+use tessera_datastore::liveness::NodeLease;
+use tessera_datastore::model::{EncapMode, Node};
+use tessera_datastore::resources::{get_node, put_node};
+use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Owner};
+use tessera_routed::kernel::{RouteTarget, Target};
+use tessera_routed::speaker::Command;
+use tessera_tunnel::desired::vtep_mac;
+use tessera_tunnel::ipip::{ensure_ipip, IpipDevice};
+use tessera_tunnel::routes::{ensure_routes, KernelRoute, RouteKind};
+use tessera_tunnel::vxlan::{
+    ensure_device, ensure_neighbours, kernel_route, remove_device, TunnelError, VxlanDevice,
+};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::autodetect::{self, Underlay};
+use crate::config::AgentConfig;
+use crate::health::{KindLabel, PeerLabel, PoolNode, Shared};
+use crate::state::{desired, ClusterView, Desired, Me, TargetTable};
+use crate::sync::Synced;
+
+/// The speaker asks this for every learned route; the agent swaps the table as pools change.
+struct AgentTarget(RwLock<TargetTable>);
+
+impl RouteTarget for AgentTarget {
+    fn target(&self, prefix: IpNetwork, next_hop: IpAddr) -> Target {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .target(prefix, next_hop)
+    }
+}
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let shared = Shared::new(cfg.bgp.enabled);
+    let health = tokio::spawn(crate::health::serve(cfg.health()?, shared.clone()));
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(conn);
+    let ifaces = autodetect::interfaces(&handle).await?;
+    let underlay = autodetect::choose(
+        &cfg.ip_autodetection_method,
+        &ifaces,
+        autodetect::kernel_source_for,
+    )?;
+    tracing::info!(?underlay, "underlay address");
+    let underlay_mtu = tessera_tunnel::mtu::interface_mtu(&handle, &underlay.interface).await?;
+    tokio::pin!(shutdown);
+
+    // The datastore: keep trying (not ready meanwhile) until etcd answers.
+    let kv = tokio::select! {
+        kv = connect(&cfg, &shared) => kv,
+        _ = &mut shutdown => return Ok(()),
+    };
+    register(&kv, &cfg, &underlay).await?;
+    let lease = NodeLease::acquire(
+        kv.clone(),
+        &cfg.node_name,
+        Duration::from_secs(cfg.lease_ttl_seconds),
+    )
+    .await?;
+    let (view_tx, mut view_rx) = watch::channel(Synced::default());
+    tokio::spawn(crate::sync::follow(kv.clone(), view_tx));
+    if cfg.gc.enabled {
+        tokio::spawn(crate::gc::run(
+            kv.clone(),
+            cfg.node_name.clone(),
+            cfg.gc.clone(),
+            shared.clone(),
+        ));
+    }
+
+    // The BGP speaker, in-process, with our per-pool route decision.
+    let target = Arc::new(AgentTarget(RwLock::new(TargetTable::default())));
+    let (speaker_tx, speaker_rx) = mpsc::channel(16);
+    let (stop_speaker, speaker_stopped) = tokio::sync::oneshot::channel::<()>();
+    let speaker = if cfg.bgp.enabled {
+        let IpAddr::V4(router_id) = underlay.v4.ip() else {
+            anyhow::bail!("the underlay address must be IPv4 (router id)");
+        };
+        let rcfg = tessera_routed::config::Config {
+            asn: cfg.as_number,
+            router_id,
+            listen: underlay.v4.ip(),
+            listen_port: cfg.bgp.port,
+            hold_time: cfg.bgp.hold_time,
+            connect_retry_seconds: 1,
+            graceful_restart_seconds: cfg.bgp.graceful_restart_seconds,
+            cluster_id: None,
+            ecmp: false,
+            kernel: Default::default(),
+            networks: vec![],
+            next_hop_v6: underlay.v6.map(|a| a.ip()),
+            peers: vec![],
+            status_socket: None,
+            bfd_interval_ms: 300,
+            bfd_detect_mult: 3,
+        };
+        let t: Arc<dyn RouteTarget> = target.clone();
+        let h = handle.clone();
+        Some(tokio::spawn(async move {
+            let stop = async {
+                let _ = speaker_stopped.await;
+            };
+            tessera_routed::speaker::run_with_control(rcfg, Some(h), t, speaker_rx, stop).await
+        }))
+    } else {
+        None
+    };
+
+    // Kernel changes made by someone else wake the loop at once.
+    let drift = Arc::new(Notify::new());
+    let bgp_route_gone = Arc::new(Notify::new());
+    tokio::spawn(watch_kernel(drift.clone(), bgp_route_gone.clone()));
+
+    let me = Me {
+        name: cfg.node_name.clone(),
+        asn: cfg.as_number,
+        v4: underlay.v4,
+        v6: underlay.v6,
+    };
+    let mut node = Reconciler {
+        cfg: cfg.clone(),
+        me,
+        underlay,
+        underlay_mtu,
+        handle,
+        kv,
+        shared: shared.clone(),
+        target,
+        speaker: cfg.bgp.enabled.then_some(speaker_tx),
+        last: None,
+        nat_listing: None,
+        mtu_written: None,
+        vxlan_up: false,
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_full = Instant::now();
+    loop {
+        let full = tokio::select! {
+            _ = &mut shutdown => break,
+            r = view_rx.changed() => { if r.is_err() { break; } false }
+            _ = drift.notified() => {
+                // Let a burst of notifications settle into one pass.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                false
+            }
+            _ = bgp_route_gone.notified() => {
+                node.send(Command::Resync).await;
+                continue;
+            }
+            _ = tick.tick() => {
+                node.speaker_status().await;
+                if last_full.elapsed() < cfg.reconcile_interval() { continue; }
+                true
+            }
+        };
+        if full {
+            last_full = Instant::now();
+        }
+        let synced = view_rx.borrow_and_update().clone();
+        node.reconcile(&synced, full).await;
+    }
+    tracing::info!("shutting down; routes stay in the kernel and (graceful restart) on peers");
+    let _ = stop_speaker.send(());
+    if let Some(s) = speaker {
+        let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
+    }
+    health.abort();
+    // The lease is left to lapse on its own: a restarting agent takes it over in time, a
+    // node that never comes back is reclaimed after the TTL.
+    drop(lease);
+    Ok(())
+}
+
+async fn connect(cfg: &AgentConfig, shared: &Shared) -> EtcdKv {
+    use tessera_datastore::kv::Kv;
+    loop {
+        let r = match EtcdKv::connect(&cfg.etcd_endpoints, Duration::from_secs(3)).await {
+            Ok(kv) => kv
+                .get(tessera_datastore::keys::CONFIG_EPOCH)
+                .await
+                .map(|_| kv),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(kv) => return kv,
+            Err(e) => {
+                tracing::warn!(error = %e, endpoints = ?cfg.etcd_endpoints, "etcd unreachable; retrying");
+                shared.health().not_ready = vec![format!("etcd unreachable: {e}")];
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Creates or updates our Node record (keeping the tunnel addresses it already has).
+async fn register(kv: &EtcdKv, cfg: &AgentConfig, u: &Underlay) -> anyhow::Result<()> {
+    let mut node = get_node(kv, &cfg.node_name).await?.unwrap_or(Node {
+        name: cfg.node_name.clone(),
+        ..Default::default()
+    });
+    node.ipv4_address = Some(u.v4);
+    node.ipv6_address = u.v6;
+    node.labels = cfg.labels.clone();
+    node.as_number = Some(cfg.as_number);
+    node.vxlan_tunnel_mac = Some(mac_text(vtep_mac(&cfg.node_name)));
+    put_node(kv, &node).await?;
+    Ok(())
+}
+
+/// Netlink notifications: any change to links, neighbours or routes may be drift.
+async fn watch_kernel(drift: Arc<Notify>, bgp_route_gone: Arc<Notify>) {
+    let groups = [
+        MulticastGroup::Link,
+        MulticastGroup::Neigh,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
+    ];
+    let (conn, _h, mut messages) = match rtnetlink::new_multicast_connection(&groups) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "no netlink notifications; drift is found by the periodic reconcile only");
+            return;
+        }
+    };
+    tokio::spawn(conn);
+    while let Some((msg, _)) = messages.next().await {
+        if let NetlinkPayload::InnerMessage(m) = msg.payload {
+            match m {
+                RouteNetlinkMessage::DelRoute(r)
+                    if r.header.protocol
+                        == RouteProtocol::Other(tessera_routed::config::TESSERA_PROTO) =>
+                {
+                    bgp_route_gone.notify_one()
+                }
+                RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r)
+                    if r.header.protocol
+                        == RouteProtocol::Other(tessera_routed::config::TESSERA_PROTO) => {}
+                _ => drift.notify_one(),
+            }
+        }
+    }
+}
+
+struct Reconciler {
+    cfg: AgentConfig,
+    me: Me,
+    underlay: Underlay,
+    underlay_mtu: u32,
+    handle: Handle,
+    kv: EtcdKv,
+    shared: Arc<Shared>,
+    target: Arc<AgentTarget>,
+    speaker: Option<mpsc::Sender<Command>>,
+    /// What the last pass applied (to tell the speaker only about changes).
+    last: Option<Desired>,
+    nat_listing: Option<String>,
+    mtu_written: Option<u32>,
+    vxlan_up: bool,
+}
+
+impl Reconciler {
+    async fn send(&self, c: Command) {
+        if let Some(s) = &self.speaker {
+            let _ = s.send(c).await;
+        }
+    }
+
+    /// Asks the speaker for its sessions: proof it answers, and the BGP metrics.
+    async fn speaker_status(&self) {
+        let Some(s) = &self.speaker else { return };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if s.send(Command::Status(tx)).await.is_err() {
+            return;
+        }
+        let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), rx).await else {
+            return;
+        };
+        let m = &self.shared.metrics;
+        for p in &status.peers {
+            let l = PeerLabel {
+                peer: p.address.to_string(),
+            };
+            let up = p.state == tessera_routed::fsm::State::Established;
+            m.bgp_established.get_or_create(&l).set(i64::from(up));
+            m.bgp_received
+                .get_or_create(&l)
+                .set(p.prefixes_received as i64);
+            m.bgp_sent.get_or_create(&l).set(p.prefixes_sent as i64);
+        }
+        let mut h = self.shared.health();
+        h.last_speaker_answer = Some(Instant::now());
+        // Routed pools need their sessions up.
+        let routed_pools = self.last.as_ref().is_some_and(|d| {
+            d.targets
+                .pools
+                .iter()
+                .any(|p| p.vxlan == tessera_tunnel::desired::Mode::Never)
+        });
+        let down: Vec<String> = status
+            .peers
+            .iter()
+            .filter(|p| p.state != tessera_routed::fsm::State::Established)
+            .map(|p| p.address.to_string())
+            .collect();
+        h.not_ready.retain(|r| !r.starts_with("BGP"));
+        if routed_pools && !down.is_empty() {
+            h.not_ready
+                .push(format!("BGP sessions not established: {}", down.join(", ")));
+        }
+    }
+
+    /// The tunnel address for `kind` (vxlan/ipip): the one the handle holds, or a new one from
+    /// one of `pools` (a block affine to us, like pod addresses).
+    async fn tunnel_address(&self, kind: &str, pools: Vec<String>) -> anyhow::Result<IpAddr> {
+        let ipam = Ipam::new(self.kv.clone(), self.me.name.clone());
+        let handle = format!("{kind}-tunnel-addr-{}", self.me.name);
+        if let Some(a) = ipam
+            .handle_addresses(&handle)
+            .await?
+            .into_iter()
+            .find(|a| a.is_ipv4())
+        {
+            return Ok(a);
+        }
+        let req = AssignRequest {
+            owner: Owner {
+                handle,
+                workload: None,
+                attrs: [
+                    ("node".to_string(), self.me.name.clone()),
+                    ("type".to_string(), format!("{kind}TunnelAddress")),
+                ]
+                .into(),
+            },
+            num_v4: 1,
+            num_v6: 0,
+            pools,
+        };
+        let a = ipam.auto_assign(&req).await?;
+        a.first()
+            .map(|a| a.addr)
+            .ok_or_else(|| anyhow::anyhow!("no {kind} tunnel address available"))
+    }
+
+    /// Makes sure our Node record carries the tunnel addresses the pools need.
+    async fn ensure_tunnel_addresses(&self, view: &ClusterView) -> Result<(), String> {
+        let Some(mut node) = view.node(&self.me.name).cloned() else {
+            return Err("our Node record is missing".into());
+        };
+        let pools_with =
+            |f: &dyn Fn(&tessera_datastore::model::IpPoolSpec) -> bool| -> Vec<String> {
+                view.pools
+                    .iter()
+                    .filter(|p| !p.spec.disabled && p.spec.cidr.is_ipv4() && f(&p.spec))
+                    .map(|p| p.name.clone())
+                    .collect()
+            };
+        let vx = pools_with(&|s| s.vxlan_mode != EncapMode::Never);
+        let ip = pools_with(&|s| s.ipip_mode != EncapMode::Never);
+        let mut changed = false;
+        if !vx.is_empty() && node.vxlan_tunnel_address.is_none() {
+            let a = self
+                .tunnel_address("vxlan", vx)
+                .await
+                .map_err(|e| format!("VXLAN tunnel address: {e}"))?;
+            node.vxlan_tunnel_address = Some(a);
+            changed = true;
+        }
+        if !ip.is_empty() && node.ipip_tunnel_address.is_none() {
+            let a = self
+                .tunnel_address("ipip", ip)
+                .await
+                .map_err(|e| format!("IPIP tunnel address: {e}"))?;
+            node.ipip_tunnel_address = Some(a);
+            changed = true;
+        }
+        if changed {
+            put_node(&self.kv, &node).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn reconcile(&mut self, synced: &Synced, full: bool) {
+        let started = Instant::now();
+        let view = &synced.view;
+        let mut not_ready = Vec::new();
+        if !synced.in_sync && view.revision == 0 {
+            // Nothing read yet: touching the kernel now would remove what is still right.
+            self.shared.health().in_sync = false;
+            return;
+        }
+        if let Err(e) = self.ensure_tunnel_addresses(view).await {
+            not_ready.push(e);
+        }
+        let d = desired(&self.me, view);
+        for p in &d.problems {
+            tracing::warn!(problem = %p, "datastore record not usable");
+        }
+        let mut corrections = 0usize;
+
+        // VXLAN device and entries.
+        let my = view.node(&self.me.name);
+        let mut vxlan_dev = None;
+        if d.vxlan {
+            match my.and_then(|n| n.vxlan_tunnel_address) {
+                Some(vtep) => {
+                    let dev = VxlanDevice::calico(
+                        self.underlay.v4.ip(),
+                        &self.underlay.interface,
+                        self.underlay_mtu,
+                        vtep_mac(&self.me.name),
+                        vtep,
+                    );
+                    match ensure_device(&self.handle, &dev).await {
+                        Ok(idx) => {
+                            vxlan_dev = Some(idx);
+                            match ensure_neighbours(&self.handle, idx, &d.vxlan_entries).await {
+                                Ok(n) => corrections += n,
+                                Err(e) => not_ready.push(format!("VXLAN entries: {e}")),
+                            }
+                        }
+                        Err(e) => not_ready.push(format!("vxlan.calico: {e}")),
+                    }
+                }
+                None => not_ready.push("waiting for our VXLAN tunnel address".into()),
+            }
+        } else if self.vxlan_up || full {
+            if let Err(e) = remove_device(&self.handle, "vxlan.calico").await {
+                tracing::warn!(error = %e, "cannot remove vxlan.calico");
+            }
+        }
+        self.vxlan_up = vxlan_dev.is_some();
+
+        // IPIP: tunl0 (the kernel must have the ipip module).
+        let mut tunl0 = None;
+        if d.ipip {
+            match my.and_then(|n| n.ipip_tunnel_address) {
+                Some(IpAddr::V4(a)) => {
+                    let dev = IpipDevice {
+                        mtu: self
+                            .underlay_mtu
+                            .saturating_sub(tessera_tunnel::mtu::IPIP_OVERHEAD),
+                        tunnel_addr: a,
+                    };
+                    match ensure_ipip(&self.handle, &dev).await {
+                        Ok(idx) => tunnel_ok(&mut tunl0, idx),
+                        Err(e @ TunnelError::IpipUnavailable) => {
+                            not_ready.push(format!("IPIP pools cannot be served: {e}"))
+                        }
+                        Err(e) => not_ready.push(format!("tunl0: {e}")),
+                    }
+                }
+                _ => not_ready.push("waiting for our IPIP tunnel address".into()),
+            }
+        }
+
+        // Routes of ours: VXLAN pools' and blackholes for our blocks.
+        let mut routes: Vec<KernelRoute> = d
+            .my_blocks
+            .iter()
+            .map(|b| KernelRoute {
+                dst: *b,
+                kind: RouteKind::Blackhole,
+            })
+            .collect();
+        if let Some(dev) = vxlan_dev {
+            routes.extend(d.routes.iter().map(|r| kernel_route(r, dev)));
+        }
+        match ensure_routes(&self.handle, &routes).await {
+            Ok(c) => corrections += c.total(),
+            Err(e) => not_ready.push(format!("routes: {e}")),
+        }
+
+        // natOutgoing.
+        let nat_changed = self.last.as_ref().is_none_or(|l| l.nat != d.nat);
+        let nat_drifted =
+            full && self.nat_listing.is_some() && nat_current().await != self.nat_listing;
+        if nat_changed || nat_drifted || self.nat_listing.is_none() {
+            let rules = d.nat.clone();
+            match tokio::task::spawn_blocking(move || crate::nat::apply(&rules)).await {
+                Ok(Ok(listing)) => {
+                    if !nat_changed {
+                        corrections += 1;
+                    }
+                    self.nat_listing = Some(listing);
+                }
+                Ok(Err(e)) => not_ready.push(e.to_string()),
+                Err(e) => not_ready.push(format!("nft: {e}")),
+            }
+        }
+
+        // Pod MTU for the CNI plugin.
+        let mtu = tessera_tunnel::mtu::pod_mtu(self.underlay_mtu, d.vxlan, d.ipip);
+        if self.mtu_written != Some(mtu) {
+            match tessera_tunnel::mtu::write_mtu_file(&self.cfg.mtu_file, mtu) {
+                Ok(()) => self.mtu_written = Some(mtu),
+                Err(e) => not_ready.push(format!("MTU file {}: {e}", self.cfg.mtu_file.display())),
+            }
+        }
+
+        // The speaker: our blocks, peers, and the route decision.
+        let mut targets = d.targets.clone();
+        targets.tunl0 = tunl0;
+        let retarget = {
+            let mut t = self.target.0.write().unwrap_or_else(|p| p.into_inner());
+            let changed = *t != targets;
+            *t = targets;
+            changed
+        };
+        let prev = self.last.take();
+        if prev.as_ref().is_none_or(|p| p.my_blocks != d.my_blocks) {
+            self.send(Command::SetNetworks(d.my_blocks.clone())).await;
+        }
+        if prev.as_ref().is_none_or(|p| p.peers != d.peers) {
+            self.send(Command::SetDynamicPeers(d.peers.clone())).await;
+        }
+        if retarget {
+            self.send(Command::Resync).await;
+        }
+
+        if corrections > 0 && prev.is_some() {
+            tracing::info!(corrections, "kernel state corrected");
+        }
+        self.record_metrics(view, corrections, started.elapsed());
+        let mut h = self.shared.health();
+        h.in_sync = synced.in_sync;
+        h.last_reconcile = Some(Instant::now());
+        let bgp: Vec<String> = h
+            .not_ready
+            .iter()
+            .filter(|r| r.starts_with("BGP"))
+            .cloned()
+            .collect();
+        h.not_ready = not_ready;
+        h.not_ready.extend(bgp);
+        drop(h);
+        self.shared.metrics.in_sync.set(i64::from(synced.in_sync));
+        self.last = Some(d);
+    }
+
+    fn record_metrics(&self, view: &ClusterView, corrections: usize, took: Duration) {
+        let m = &self.shared.metrics;
+        if let Some(h) = &m.reconcile_seconds {
+            h.observe(took.as_secs_f64());
+        }
+        if corrections > 0 {
+            m.corrections
+                .get_or_create(&KindLabel {
+                    kind: "kernel".into(),
+                })
+                .inc_by(corrections as u64);
+        }
+        m.ipam_in_use.clear();
+        m.ipam_capacity.clear();
+        for b in &view.blocks {
+            let pool = view
+                .pool_of(b.cidr)
+                .map(|p| p.name.clone())
+                .unwrap_or_default();
+            let l = PoolNode {
+                pool,
+                node: b.affinity.clone().unwrap_or_default(),
+            };
+            m.ipam_in_use.get_or_create(&l).inc_by(b.in_use() as i64);
+            m.ipam_capacity
+                .get_or_create(&l)
+                .inc_by(b.allocations.len() as i64);
+        }
+    }
+}
+
+fn tunnel_ok(slot: &mut Option<u32>, idx: u32) {
+    *slot = Some(idx);
+}
+
+async fn nat_current() -> Option<String> {
+    tokio::task::spawn_blocking(crate::nat::current)
+        .await
+        .ok()
+        .flatten()
+}

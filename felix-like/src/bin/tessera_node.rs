@@ -1,0 +1,52 @@
+//! `tessera-node`: the agent the DaemonSet runs on every node.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use tessera_node::config::AgentConfig;
+
+#[derive(Parser)]
+#[command(about = "Tessera's node agent: routes, tunnels, NAT and BGP from the datastore")]
+struct Args {
+    /// YAML configuration (the ConfigMap); environment variables override it.
+    #[arg(long, env = "TESSERA_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let cfg = match AgentConfig::load(args.config.as_deref(), |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tessera-node: configuration: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let shutdown = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    };
+    match tessera_node::agent::run(cfg, shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera-node: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

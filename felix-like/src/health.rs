@@ -1,0 +1,223 @@
+//! /livez, /readyz and /metrics over HTTP (TCP, or a Unix socket for tests and sidecars).
+//!
+//! Live means the loops answer: the reconcile loop finished a pass and the BGP speaker
+//! answered a status query recently (not merely that the process exists). Ready means the
+//! datastore view is current, the devices the pools need exist, and the BGP sessions the
+//! routed pools need are established.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::config::HealthListen;
+
+/// How long a loop may stay silent before the agent is not live.
+pub const LIVENESS_WINDOW: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone)]
+pub struct HealthState {
+    pub started: Instant,
+    pub last_reconcile: Option<Instant>,
+    pub last_speaker_answer: Option<Instant>,
+    pub bgp_enabled: bool,
+    pub in_sync: bool,
+    /// Why we are not ready, if we are not (empty: ready, given the above).
+    pub not_ready: Vec<String>,
+}
+
+impl HealthState {
+    pub fn new(bgp_enabled: bool) -> Self {
+        HealthState {
+            started: Instant::now(),
+            last_reconcile: None,
+            last_speaker_answer: None,
+            bgp_enabled,
+            in_sync: false,
+            not_ready: vec!["starting".into()],
+        }
+    }
+
+    pub fn live(&self) -> Result<(), String> {
+        let fresh = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() < LIVENESS_WINDOW);
+        // Startup (etcd may be down for a while) counts as live: not ready says the rest.
+        let starting = self.started.elapsed() < LIVENESS_WINDOW;
+        if !starting && !fresh(self.last_reconcile) && self.in_sync {
+            return Err("the reconcile loop has not run recently".into());
+        }
+        if self.bgp_enabled && !starting && !fresh(self.last_speaker_answer) {
+            return Err("the BGP speaker does not answer".into());
+        }
+        Ok(())
+    }
+
+    pub fn ready(&self) -> Result<(), String> {
+        self.live()?;
+        if !self.in_sync {
+            return Err("datastore not in sync".into());
+        }
+        if !self.not_ready.is_empty() {
+            return Err(self.not_ready.join("; "));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolNode {
+    pub pool: String,
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+/// The agent's metrics.
+#[derive(Default)]
+pub struct Metrics {
+    pub ipam_in_use: Family<PoolNode, Gauge>,
+    pub ipam_capacity: Family<PoolNode, Gauge>,
+    pub bgp_established: Family<PeerLabel, Gauge>,
+    pub bgp_received: Family<PeerLabel, Gauge>,
+    pub bgp_sent: Family<PeerLabel, Gauge>,
+    pub reconcile_seconds: Option<Histogram>,
+    pub corrections: Family<KindLabel, Counter>,
+    pub gc_reclaims: Family<KindLabel, Counter>,
+    pub in_sync: Gauge,
+}
+
+pub struct Shared {
+    pub health: Mutex<HealthState>,
+    pub metrics: Metrics,
+    registry: Registry,
+}
+
+impl Shared {
+    pub fn new(bgp_enabled: bool) -> Arc<Self> {
+        let metrics = Metrics {
+            reconcile_seconds: Some(Histogram::new(exponential_buckets(0.0005, 2.0, 14))),
+            ..Default::default()
+        };
+        let mut registry = Registry::with_prefix("tessera");
+        registry.register(
+            "ipam_addresses_in_use",
+            "Addresses allocated, per pool and node of the block",
+            metrics.ipam_in_use.clone(),
+        );
+        registry.register(
+            "ipam_block_addresses",
+            "Addresses in claimed blocks, per pool and node",
+            metrics.ipam_capacity.clone(),
+        );
+        registry.register(
+            "bgp_session_established",
+            "1 when the BGP session is Established",
+            metrics.bgp_established.clone(),
+        );
+        registry.register(
+            "bgp_prefixes_received",
+            "Prefixes received from the peer",
+            metrics.bgp_received.clone(),
+        );
+        registry.register(
+            "bgp_prefixes_sent",
+            "Prefixes sent to the peer",
+            metrics.bgp_sent.clone(),
+        );
+        if let Some(h) = &metrics.reconcile_seconds {
+            registry.register(
+                "reconcile_duration_seconds",
+                "Time of one pass of the kernel reconcile",
+                h.clone(),
+            );
+        }
+        registry.register(
+            "reconcile_corrections",
+            "Kernel objects added, fixed or removed by the reconcile",
+            metrics.corrections.clone(),
+        );
+        registry.register(
+            "gc_reclaims",
+            "IPAM garbage collection repairs, by kind",
+            metrics.gc_reclaims.clone(),
+        );
+        registry.register(
+            "datastore_in_sync",
+            "1 when the datastore view is current",
+            metrics.in_sync.clone(),
+        );
+        Arc::new(Shared {
+            health: Mutex::new(HealthState::new(bgp_enabled)),
+            metrics,
+            registry,
+        })
+    }
+
+    pub fn health(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn answer(r: Result<(), String>) -> (StatusCode, String) {
+    match r {
+        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            "/livez",
+            get(|State(s): State<Arc<Shared>>| async move { answer(s.health().live()) }),
+        )
+        .route(
+            "/readyz",
+            get(|State(s): State<Arc<Shared>>| async move { answer(s.health().ready()) }),
+        )
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<Shared>>| async move { s.encode() }),
+        )
+        .with_state(shared)
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(listen: HealthListen, shared: Arc<Shared>) -> std::io::Result<()> {
+    let app = router(shared);
+    match listen {
+        HealthListen::Tcp(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await?;
+            axum::serve(l, app).await
+        }
+        HealthListen::Unix(path) => {
+            let _ = std::fs::remove_file(&path);
+            let l = tokio::net::UnixListener::bind(&path)?;
+            axum::serve(l, app).await
+        }
+    }
+}

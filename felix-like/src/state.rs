@@ -1,0 +1,435 @@
+//! The pure core of the agent: the cluster as read from the datastore ([`ClusterView`]) and
+//! what this node's kernel and BGP speaker should hold for it ([`Desired`]). No I/O here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use tessera_datastore::block::IpamBlock;
+use tessera_datastore::keys;
+use tessera_datastore::model::{BgpPeer, EncapMode, IpPool, Node, WorkloadEndpoint};
+use tessera_routed::config::PeerConfig;
+use tessera_routed::kernel::Target;
+use tessera_tunnel::desired::{Mode, RemoteNode, Route, VxlanEntries};
+
+/// Everything the agent needs from the datastore, at one revision.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    pub revision: i64,
+    pub pools: Vec<IpPool>,
+    pub nodes: Vec<Node>,
+    pub blocks: Vec<IpamBlock>,
+    pub bgp_peers: Vec<BgpPeer>,
+    /// Nodes whose liveness lease is held.
+    pub live: BTreeSet<String>,
+    pub workloads: Vec<WorkloadEndpoint>,
+    /// Keys that did not decode (reported, never fatal).
+    pub corrupt: Vec<String>,
+}
+
+impl ClusterView {
+    /// Decodes the keys under `/tessera/v1/` (any order).
+    pub fn from_kvs<'a>(kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>, revision: i64) -> Self {
+        let mut v = ClusterView {
+            revision,
+            ..Default::default()
+        };
+        fn take<T: serde::de::DeserializeOwned>(
+            key: &str,
+            value: &[u8],
+            out: &mut Vec<T>,
+            bad: &mut Vec<String>,
+        ) {
+            match serde_json::from_slice(value) {
+                Ok(x) => out.push(x),
+                Err(_) => bad.push(key.to_string()),
+            }
+        }
+        for (k, val) in kvs {
+            if k.starts_with(keys::POOLS) {
+                take(k, val, &mut v.pools, &mut v.corrupt);
+            } else if k.starts_with(keys::NODES) {
+                take(k, val, &mut v.nodes, &mut v.corrupt);
+            } else if k.starts_with(keys::BLOCKS) {
+                take(k, val, &mut v.blocks, &mut v.corrupt);
+            } else if k.starts_with(keys::BGP_PEERS) {
+                take(k, val, &mut v.bgp_peers, &mut v.corrupt);
+            } else if k.starts_with(keys::WORKLOADS) {
+                take(k, val, &mut v.workloads, &mut v.corrupt);
+            } else if let Some(n) = k.strip_prefix(keys::LIVENESS) {
+                v.live.insert(n.to_string());
+            }
+        }
+        v.pools.sort_by(|a, b| a.name.cmp(&b.name));
+        v.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        v.blocks.sort_by_key(|b| b.cidr);
+        v
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn pool_of(&self, net: IpNetwork) -> Option<&IpPool> {
+        self.pools
+            .iter()
+            .find(|p| !p.spec.disabled && p.spec.cidr.contains(net.network()))
+    }
+
+    /// Blocks per affine node.
+    pub fn blocks_of(&self, node: &str) -> Vec<IpNetwork> {
+        self.blocks
+            .iter()
+            .filter(|b| b.affinity.as_deref() == Some(node))
+            .map(|b| b.cidr)
+            .collect()
+    }
+}
+
+fn mode(m: EncapMode) -> Mode {
+    match m {
+        EncapMode::Always => Mode::Always,
+        EncapMode::CrossSubnet => Mode::CrossSubnet,
+        EncapMode::Never => Mode::Never,
+    }
+}
+
+/// How one pool's traffic leaves the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolRouting {
+    pub cidr: IpNetwork,
+    pub vxlan: Mode,
+    pub ipip: Mode,
+}
+
+/// The decision the BGP speaker asks for each learned route (see [`RouteTarget`]): VXLAN
+/// pools are routed by the agent from the datastore, IPIP pools through tunl0 (onlink), the
+/// rest natively when the next hop is on our subnet; a next hop elsewhere is left to the
+/// underlay's router (which learns pod routes over BGP too).
+///
+/// [`RouteTarget`]: tessera_routed::kernel::RouteTarget
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetTable {
+    pub pools: Vec<PoolRouting>,
+    pub subnets: Vec<IpNetwork>,
+    pub tunl0: Option<u32>,
+}
+
+impl TargetTable {
+    pub fn target(&self, prefix: IpNetwork, next_hop: IpAddr) -> Target {
+        let same_subnet = self.subnets.iter().any(|s| s.contains(next_hop));
+        let native = if same_subnet {
+            Target::Native
+        } else {
+            Target::Skip
+        };
+        let Some(pool) = self
+            .pools
+            .iter()
+            .find(|p| p.cidr.contains(prefix.network()))
+        else {
+            return native;
+        };
+        if pool.vxlan != Mode::Never {
+            return Target::Skip;
+        }
+        let tunnel = match pool.ipip {
+            Mode::Always => true,
+            Mode::CrossSubnet => !same_subnet,
+            Mode::Never => false,
+        };
+        match (tunnel, self.tunl0) {
+            (true, Some(dev)) => Target::Onlink(dev),
+            (true, None) => Target::Skip,
+            (false, _) => native,
+        }
+    }
+}
+
+/// The NAT rules: masquerade from `masquerade` pools to anything outside `pools`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatRules {
+    pub pools: Vec<IpNetwork>,
+    pub masquerade: Vec<IpNetwork>,
+}
+
+/// Where this node is, as the calculation needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Me {
+    pub name: String,
+    pub asn: u32,
+    pub v4: IpNetwork,
+    pub v6: Option<IpNetwork>,
+}
+
+/// This node's wanted state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Blocks affine to us: announced over BGP, blackholed locally.
+    pub my_blocks: Vec<IpNetwork>,
+    /// `vxlan.calico` is wanted (some enabled IPv4 pool has a VXLAN mode).
+    pub vxlan: bool,
+    /// Neighbour and FDB entries on `vxlan.calico` (its `routes` stay empty: see `routes`).
+    pub vxlan_entries: VxlanEntries,
+    /// Routes of VXLAN pools (onlink via VTEPs, or native via same-subnet nodes).
+    pub routes: Vec<Route>,
+    /// IPIP pools exist: tunl0 is needed.
+    pub ipip: bool,
+    pub nat: NatRules,
+    pub targets: TargetTable,
+    /// The BGP mesh and external peers (live nodes only).
+    pub peers: Vec<PeerConfig>,
+    /// Records we could not use, with why (surfaced in logs and /readyz).
+    pub problems: Vec<String>,
+}
+
+/// The pure calculation.
+pub fn desired(me: &Me, view: &ClusterView) -> Desired {
+    let mut d = Desired {
+        my_blocks: view.blocks_of(&me.name),
+        ..Default::default()
+    };
+    let enabled: Vec<&IpPool> = view.pools.iter().filter(|p| !p.spec.disabled).collect();
+    d.targets.pools = enabled
+        .iter()
+        .map(|p| PoolRouting {
+            cidr: p.spec.cidr,
+            vxlan: mode(p.spec.vxlan_mode),
+            ipip: mode(p.spec.ipip_mode),
+        })
+        .collect();
+    d.targets.subnets = [Some(me.v4), me.v6].into_iter().flatten().collect();
+    d.nat = NatRules {
+        pools: enabled.iter().map(|p| p.spec.cidr).collect(),
+        masquerade: enabled
+            .iter()
+            .filter(|p| p.spec.nat_outgoing)
+            .map(|p| p.spec.cidr)
+            .collect(),
+    };
+    d.ipip = enabled
+        .iter()
+        .any(|p| p.spec.cidr.is_ipv4() && p.spec.ipip_mode != EncapMode::Never);
+
+    // VXLAN (IPv4 pools): per pool, the entries towards every other node with blocks in it.
+    let vxlan_pools: Vec<&&IpPool> = enabled
+        .iter()
+        .filter(|p| p.spec.cidr.is_ipv4() && p.spec.vxlan_mode != EncapMode::Never)
+        .collect();
+    d.vxlan = !vxlan_pools.is_empty();
+    let mut neighbours = BTreeMap::new();
+    let mut fdb = BTreeMap::new();
+    for pool in &vxlan_pools {
+        let remotes: Vec<RemoteNode> = view
+            .nodes
+            .iter()
+            .filter(|n| n.name != me.name)
+            .filter_map(|n| {
+                let blocks: Vec<IpNetwork> = view
+                    .blocks_of(&n.name)
+                    .into_iter()
+                    .filter(|b| pool.spec.cidr.contains(b.network()))
+                    .collect();
+                if blocks.is_empty() {
+                    return None;
+                }
+                match RemoteNode::from_node(n, blocks, false) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        d.problems.push(format!("pool {}: {e}", pool.name));
+                        None
+                    }
+                }
+            })
+            .collect();
+        let e = tessera_tunnel::desired::vxlan_entries(me.v4, mode(pool.spec.vxlan_mode), &remotes);
+        neighbours.extend(e.neighbours);
+        fdb.extend(e.fdb);
+        d.routes.extend(e.routes);
+    }
+    d.vxlan_entries.neighbours = neighbours.into_iter().collect();
+    d.vxlan_entries.fdb = fdb.into_iter().collect();
+    d.routes.sort();
+    d.routes.dedup();
+
+    // BGP: the full mesh (or reflectors) over live nodes, and external peers.
+    let live_nodes: Vec<Node> = view
+        .nodes
+        .iter()
+        .filter(|n| n.name == me.name || view.live.contains(&n.name))
+        .cloned()
+        .collect();
+    let mut peers = tessera_routed::mesh::mesh_peers(&me.name, me.asn, &live_nodes);
+    for e in tessera_routed::mesh::external_peers(&me.name, &live_nodes, &view.bgp_peers) {
+        if !peers.iter().any(|p| p.address == e.address) {
+            peers.push(e);
+        }
+    }
+    peers.sort_by_key(|p| p.address);
+    d.peers = peers;
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_datastore::model::IpPoolSpec;
+
+    fn pool(name: &str, cidr: &str, vxlan: EncapMode, ipip: EncapMode, nat: bool) -> IpPool {
+        IpPool {
+            name: name.into(),
+            spec: IpPoolSpec {
+                cidr: cidr.parse().expect("cidr"),
+                block_size: None,
+                ipip_mode: ipip,
+                vxlan_mode: vxlan,
+                nat_outgoing: nat,
+                disabled: false,
+                node_selector: Default::default(),
+                owner_selector: None,
+                strict_affinity: false,
+                min_reuse_delay_seconds: 0,
+            },
+        }
+    }
+
+    fn node(name: &str, ip: &str, vtep: &str) -> Node {
+        Node {
+            name: name.into(),
+            ipv4_address: Some(format!("{ip}/24").parse().expect("net")),
+            vxlan_tunnel_address: Some(vtep.parse().expect("vtep")),
+            vxlan_tunnel_mac: Some("66:00:00:00:00:01".into()),
+            ..Default::default()
+        }
+    }
+
+    fn block(cidr: &str, node: &str) -> IpamBlock {
+        IpamBlock::new(cidr.parse().expect("cidr"), Some(node.into()))
+    }
+
+    fn view() -> ClusterView {
+        ClusterView {
+            pools: vec![
+                pool(
+                    "bgp",
+                    "10.244.0.0/18",
+                    EncapMode::Never,
+                    EncapMode::Never,
+                    false,
+                ),
+                pool(
+                    "cross",
+                    "10.244.64.0/18",
+                    EncapMode::CrossSubnet,
+                    EncapMode::Never,
+                    true,
+                ),
+                pool(
+                    "ipip",
+                    "10.244.192.0/18",
+                    EncapMode::Never,
+                    EncapMode::Always,
+                    false,
+                ),
+            ],
+            nodes: vec![
+                node("a", "198.18.1.10", "10.244.64.1"),
+                node("b", "198.18.1.11", "10.244.64.65"),
+                node("c", "198.18.2.10", "10.244.64.129"),
+            ],
+            blocks: vec![
+                block("10.244.0.0/26", "a"),
+                block("10.244.0.64/26", "b"),
+                block("10.244.64.0/26", "a"),
+                block("10.244.64.64/26", "b"),
+                block("10.244.64.128/26", "c"),
+            ],
+            live: ["a", "b"].iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn me() -> Me {
+        Me {
+            name: "a".into(),
+            asn: 64512,
+            v4: "198.18.1.10/24".parse().expect("net"),
+            v6: None,
+        }
+    }
+
+    #[test]
+    fn crosssubnet_vxlan_encapsulates_only_across_the_router() {
+        let d = desired(&me(), &view());
+        assert_eq!(
+            d.my_blocks
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>(),
+            ["10.244.0.0/26", "10.244.64.0/26"]
+        );
+        assert!(d.vxlan && d.ipip);
+        assert_eq!(
+            d.routes,
+            vec![
+                Route::Vxlan {
+                    block: "10.244.64.128/26".parse().expect("net"),
+                    via: "10.244.64.129".parse().expect("ip")
+                },
+                Route::Native {
+                    block: "10.244.64.64/26".parse().expect("net"),
+                    via: "198.18.1.11".parse().expect("ip")
+                },
+            ]
+        );
+        assert_eq!(d.vxlan_entries.fdb.len(), 1);
+        assert_eq!(
+            d.nat.masquerade,
+            vec!["10.244.64.0/18".parse().expect("net")]
+        );
+        // Only live nodes are BGP peers (c's lease lapsed).
+        assert_eq!(
+            d.peers
+                .iter()
+                .map(|p| p.address.to_string())
+                .collect::<Vec<_>>(),
+            ["198.18.1.11"]
+        );
+    }
+
+    #[test]
+    fn route_targets_per_pool() {
+        let mut t = desired(&me(), &view()).targets;
+        t.tunl0 = Some(7);
+        let nh_same: IpAddr = "198.18.1.11".parse().expect("ip");
+        let nh_far: IpAddr = "198.18.2.10".parse().expect("ip");
+        let p = |s: &str| s.parse::<IpNetwork>().expect("net");
+        assert_eq!(t.target(p("10.244.0.64/26"), nh_same), Target::Native);
+        assert_eq!(t.target(p("10.244.0.128/26"), nh_far), Target::Skip);
+        assert_eq!(t.target(p("10.244.64.64/26"), nh_same), Target::Skip);
+        assert_eq!(t.target(p("10.244.192.0/26"), nh_same), Target::Onlink(7));
+        t.tunl0 = None;
+        assert_eq!(t.target(p("10.244.192.0/26"), nh_far), Target::Skip);
+    }
+
+    #[test]
+    fn a_mode_switch_changes_the_routes() {
+        let mut v = view();
+        v.pools[1].spec.vxlan_mode = EncapMode::Always;
+        let d = desired(&me(), &v);
+        assert!(d.routes.iter().all(|r| matches!(r, Route::Vxlan { .. })));
+        assert_eq!(d.routes.len(), 2);
+        v.pools[1].spec.vxlan_mode = EncapMode::Never;
+        let d = desired(&me(), &v);
+        assert!(d.routes.is_empty() && !d.vxlan);
+    }
+
+    #[test]
+    fn a_node_without_a_vtep_is_a_problem_not_a_crash() {
+        let mut v = view();
+        v.nodes[2].vxlan_tunnel_mac = None;
+        let d = desired(&me(), &v);
+        assert_eq!(d.routes.len(), 1);
+        assert!(d.problems[0].contains("VTEP MAC"), "{:?}", d.problems);
+    }
+}

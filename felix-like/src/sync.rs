@@ -1,0 +1,133 @@
+//! Follows the datastore: one range read of `/tessera/v1/`, then an etcd watch resumed from
+//! that revision. Each batch of events updates a local copy and publishes a new
+//! [`ClusterView`]. When the watch breaks (etcd restarted, network) it resumes from the last
+//! revision seen; when that revision was compacted away it reads everything again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions};
+use tessera_datastore::keys;
+use tessera_datastore::kv::Kv;
+use tessera_datastore::EtcdKv;
+use tokio::sync::watch;
+
+use crate::state::ClusterView;
+
+/// What the rest of the agent sees: the latest view, and whether it is current.
+#[derive(Debug, Clone, Default)]
+pub struct Synced {
+    pub view: Arc<ClusterView>,
+    /// False while the watch is broken (the view may be stale).
+    pub in_sync: bool,
+}
+
+/// Runs forever; publishes on `tx`.
+pub async fn follow(kv: EtcdKv, tx: watch::Sender<Synced>) {
+    let mut copy: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut revision: Option<i64> = None;
+    loop {
+        if revision.is_none() {
+            match kv.get_prefix(keys::PREFIX).await {
+                Ok((kvs, rev)) => {
+                    copy = kvs.into_iter().map(|k| (k.key, k.value)).collect();
+                    revision = Some(rev);
+                    publish(&tx, &copy, rev, true);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "datastore read failed; retrying");
+                    mark_stale(&tx);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(rev) = revision else { continue };
+        match watch_from(&kv, rev, &mut copy, &tx).await {
+            WatchEnd::Compacted => {
+                tracing::warn!(
+                    revision = rev,
+                    "watch revision compacted; reading everything again"
+                );
+                revision = None;
+            }
+            WatchEnd::Broken(last, why) => {
+                tracing::warn!(error = %why, "datastore watch broken; resuming");
+                revision = Some(last);
+                mark_stale(&tx);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+}
+
+enum WatchEnd {
+    Compacted,
+    Broken(i64, String),
+}
+
+async fn watch_from(
+    kv: &EtcdKv,
+    rev: i64,
+    copy: &mut BTreeMap<String, Vec<u8>>,
+    tx: &watch::Sender<Synced>,
+) -> WatchEnd {
+    let mut client = kv.client();
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(rev + 1)
+        .with_progress_notify();
+    let mut stream = match client.watch(keys::PREFIX, Some(opts)).await {
+        Ok(s) => s,
+        Err(e) => return WatchEnd::Broken(rev, e.to_string()),
+    };
+    let mut last = rev;
+    // The watch is established: the copy is current as of `rev`.
+    publish(tx, copy, last, true);
+    loop {
+        match stream.message().await {
+            Ok(Some(resp)) => {
+                if resp.compact_revision() > 0 {
+                    return WatchEnd::Compacted;
+                }
+                if resp.canceled() {
+                    return WatchEnd::Broken(last, format!("canceled: {}", resp.cancel_reason()));
+                }
+                for ev in resp.events() {
+                    let Some(k) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(k.key()).into_owned();
+                    match ev.event_type() {
+                        EventType::Put => {
+                            copy.insert(key, k.value().to_vec());
+                        }
+                        EventType::Delete => {
+                            copy.remove(&key);
+                        }
+                    }
+                    last = last.max(k.mod_revision());
+                }
+                if let Some(h) = resp.header() {
+                    last = last.max(h.revision());
+                }
+                if !resp.events().is_empty() || !tx.borrow().in_sync {
+                    publish(tx, copy, last, true);
+                }
+            }
+            Ok(None) => return WatchEnd::Broken(last, "stream ended".into()),
+            Err(e) => return WatchEnd::Broken(last, e.to_string()),
+        }
+    }
+}
+
+fn publish(tx: &watch::Sender<Synced>, copy: &BTreeMap<String, Vec<u8>>, rev: i64, in_sync: bool) {
+    let view = ClusterView::from_kvs(copy.iter().map(|(k, v)| (k.as_str(), v.as_slice())), rev);
+    tx.send_replace(Synced {
+        view: Arc::new(view),
+        in_sync,
+    });
+}
+
+fn mark_stale(tx: &watch::Sender<Synced>) {
+    tx.send_if_modified(|s| std::mem::replace(&mut s.in_sync, false));
+}

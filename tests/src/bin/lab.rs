@@ -1,0 +1,244 @@
+//! `tessera-lab`: the README's main command. Brings up etcd, a router and nodes as network
+//! namespaces on two underlay subnets, a `tessera-node` agent on each node, one pool per
+//! mode (BGP, VXLAN CrossSubnet, VXLAN Always, and IPIP when the kernel has it), a pod per
+//! node and pool through the real CNI plugin, then prints who reaches whom, with latency.
+//! Everything is torn down at the end (or on Ctrl-C); `--keep` leaves it up for poking.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tessera_testbed::cluster::{Cluster, ClusterSpec};
+use tessera_testbed::LabSpec;
+
+#[derive(Parser)]
+#[command(about = "Tessera's lab: nodes as network namespaces, pods talking across them")]
+struct Args {
+    /// Nodes (spread over two underlay subnets).
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    /// Keep the lab up (until Ctrl-C) and print commands to poke around.
+    #[arg(long)]
+    keep: bool,
+}
+
+const POOLS: &str = "
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: bgp }
+spec: { cidr: 10.244.0.0/20, blockSize: 26, natOutgoing: true }
+---
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: vxlan-crosssubnet }
+spec: { cidr: 10.244.16.0/20, blockSize: 26, vxlanMode: CrossSubnet }
+---
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: vxlan-always }
+spec: { cidr: 10.244.32.0/20, blockSize: 26, vxlanMode: Always }
+";
+
+const IPIP_POOL: &str = "
+---
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: ipip-always }
+spec: { cidr: 10.244.48.0/20, blockSize: 26, ipipMode: Always }
+";
+
+fn interrupted(flag: &AtomicBool) -> anyhow::Result<()> {
+    if flag.load(Ordering::SeqCst) {
+        anyhow::bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Ctrl-C / SIGTERM: stop at the next step; dropping the cluster removes everything.
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                if let (Ok(mut i), Ok(mut t)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) {
+                    tokio::select! { _ = i.recv() => {}, _ = t.recv() => {} }
+                    stop.store(true, Ordering::SeqCst);
+                }
+            });
+        });
+    }
+    match run(&args, &stop) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tessera-lab: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
+    let t0 = Instant::now();
+    let step = |what: &str| println!("[{:5.1}s] {what}", t0.elapsed().as_secs_f64());
+    if args.nodes < 2 {
+        anyhow::bail!("--nodes: at least 2");
+    }
+    step("building the underlay: router, control namespace with etcd, nodes on 198.18.0.0/24 and 198.18.1.0/24");
+    let mut c = Cluster::new(
+        "lab",
+        ClusterSpec {
+            lab: LabSpec {
+                nodes: args.nodes,
+                subnets: 2,
+                etcd: true,
+            },
+            pools: POOLS.into(),
+            ..Default::default()
+        },
+    )?;
+    let ipip = c.lab.nodes[0].netns.ip(&["link", "show", "tunl0"]).is_ok();
+    let mut pools = vec!["bgp", "vxlan-crosssubnet", "vxlan-always"];
+    if ipip {
+        c.lab.apply_yaml(&format!("{POOLS}{IPIP_POOL}"))?;
+        pools.push("ipip-always");
+    } else {
+        step("IPIP pools skipped: this kernel has no ipip module (tunl0); the IPIP tests run in QEMU VMs");
+    }
+    interrupted(stop)?;
+    step(&format!(
+        "starting tessera-node on {} nodes",
+        c.lab.nodes.len()
+    ));
+    c.start_agents()?;
+    c.wait_ready(Duration::from_secs(60))?;
+    step("every agent ready (datastore in sync, devices present, BGP sessions up)");
+    interrupted(stop)?;
+    let nodes: Vec<String> = c.lab.nodes.iter().map(|n| n.name.clone()).collect();
+    for pool in &pools {
+        for n in &nodes {
+            c.add_pod(n, pool)?;
+            interrupted(stop)?;
+        }
+    }
+    step(&format!(
+        "{} pods started through the CNI plugin",
+        c.pods.len()
+    ));
+
+    // Every pod to every pod of its pool on other nodes (the first packets may wait for
+    // routes to converge, so each pair gets a few seconds before it counts as failed).
+    let mut all_ok = true;
+    let mut pairs = 0;
+    for pool in &pools {
+        let idx: Vec<usize> = (0..c.pods.len())
+            .filter(|&i| c.pods[i].pool == *pool)
+            .collect();
+        println!("\n{pool}: ping from row pod to column pod (ms)");
+        print!("{:>26}", "");
+        for &j in &idx {
+            print!(" {:>12}", format!("{}", c.pods[j].ip));
+        }
+        println!();
+        for &i in &idx {
+            let p = &c.pods[i];
+            print!("{:>26}", format!("{} {}", p.node, p.ip));
+            for &j in &idx {
+                if i == j {
+                    print!(" {:>12}", "-");
+                    continue;
+                }
+                interrupted(stop)?;
+                let to = c.pods[j].ip;
+                let ok = c.wait_ping(i, to, Duration::from_secs(10));
+                let rtt = if ok { c.ping(i, to) } else { None };
+                pairs += 1;
+                match rtt {
+                    Some(ms) => print!(" {:>12}", format!("{ms:.3}")),
+                    None => {
+                        all_ok = false;
+                        print!(" {:>12}", "FAIL");
+                    }
+                }
+            }
+            println!();
+        }
+    }
+    // natOutgoing: from a bgp-pool pod to the router's outside-facing address happens in
+    // the tests (203.0.113.0/24); here, node to remote pod:
+    let far = c
+        .pods
+        .iter()
+        .position(|p| p.node != nodes[0] && p.pool == "bgp");
+    if let Some(j) = far {
+        let ok = tessera_testbed::cluster::ping_in(&c.lab.nodes[0].netns, c.pods[j].ip, 3);
+        println!(
+            "\nnode {} -> pod {} on {}: {}",
+            nodes[0],
+            c.pods[j].ip,
+            c.pods[j].node,
+            ok.map(|ms| format!("{ms:.3} ms")).unwrap_or("FAIL".into())
+        );
+        all_ok &= ok.is_some();
+    }
+    println!();
+    step(&format!(
+        "{pairs} pod pairs across {} modes: {}",
+        pools.len(),
+        if all_ok {
+            "all reachable"
+        } else {
+            "SOME FAILED"
+        }
+    ));
+    if args.keep {
+        let n0 = &c.lab.nodes[0];
+        println!("\nThe lab stays up until Ctrl-C. To poke around:");
+        println!("  ip netns list | grep {}", c.lab.prefix());
+        println!(
+            "  ip -n {} route                       # node1's routes (proto 80: BGP, 81: tunnels)",
+            n0.netns.name()
+        );
+        println!(
+            "  ip netns exec {} nft list table inet tessera",
+            n0.netns.name()
+        );
+        println!(
+            "  ip netns exec {} ping {}",
+            c.pods[0].netns.name(),
+            c.pods[c.pods.len() - 1].ip
+        );
+        println!(
+            "  ip netns exec {} etcdctl --endpoints {} get --prefix /tessera/v1/nodes/",
+            c.lab.ctl.name(),
+            c.lab.etcd_endpoint()
+        );
+        println!(
+            "  curl -s --unix-socket {} http://agent/metrics",
+            c.health_socket(&n0.name).display()
+        );
+        println!(
+            "  less {}                    # node1's agent log",
+            c.agent_log(&n0.name).display()
+        );
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    step("tearing down");
+    c.finish();
+    step("done: nothing left behind");
+    Ok(all_ok)
+}

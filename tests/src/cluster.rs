@@ -1,0 +1,395 @@
+//! A running cluster on the test bed: the [`Lab`]'s namespaces and etcd, a `tessera-node`
+//! agent per node, a BGP router on the underlay (Tessera's own speaker, as a top-of-rack
+//! router would be), and pods wired by the real CNI plugin. Used by the README's lab command
+//! and by the end-to-end tests. Everything it starts it stops by PID on drop.
+
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_datastore::keys;
+use tessera_datastore::model::PodIntent;
+
+use crate::process::Child;
+use crate::{Lab, LabSpec, Netns};
+
+/// The router's BGP address (on subnet 0; nodes on other subnets reach it through it).
+pub const ROUTER_BGP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+
+/// Where the project's binaries are: next to this executable (bins) or one level up (tests
+/// and benches run from `target/<profile>/deps`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    for d in [
+        dir.clone(),
+        dir.parent().map(Path::to_path_buf).unwrap_or_default(),
+    ] {
+        let p = d.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "binary {name} not found next to {} (build the workspace first: cargo build --workspace)",
+        exe.display()
+    );
+}
+
+pub struct Pod {
+    pub name: String,
+    pub node: String,
+    pub pool: String,
+    pub ip: Ipv4Addr,
+    pub netns: Netns,
+    container_id: String,
+}
+
+/// Options for the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub lab: LabSpec,
+    /// Pools (YAML) applied before the agents start.
+    pub pools: String,
+    /// Extra agent configuration (YAML), merged into every agent's file.
+    pub agent_yaml: String,
+    /// Run the underlay router's BGP speaker (needed for routed pools across subnets).
+    pub router_bgp: bool,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            lab: LabSpec {
+                nodes: 4,
+                subnets: 2,
+                etcd: true,
+            },
+            pools: String::new(),
+            agent_yaml: String::new(),
+            router_bgp: true,
+        }
+    }
+}
+
+/// Fields drop in order: pods and processes before the lab's namespaces.
+pub struct Cluster {
+    pub pods: Vec<Pod>,
+    agents: Vec<Option<Child>>,
+    router: Option<Child>,
+    pub lab: Lab,
+    pub dir: tempfile::TempDir,
+    spec: ClusterSpec,
+    pod_seq: usize,
+}
+
+impl Cluster {
+    pub fn new(test: &str, spec: ClusterSpec) -> anyhow::Result<Self> {
+        let lab = Lab::new(test, spec.lab.clone())?;
+        let dir = tempfile::tempdir()?;
+        if !spec.pools.trim().is_empty() {
+            lab.apply_yaml(&spec.pools)?;
+        }
+        let mut c = Cluster {
+            pods: Vec::new(),
+            agents: Vec::new(),
+            router: None,
+            lab,
+            dir,
+            spec,
+            pod_seq: 0,
+        };
+        c.agents = (0..c.lab.nodes.len()).map(|_| None).collect();
+        if c.spec.router_bgp {
+            c.start_router()?;
+        }
+        Ok(c)
+    }
+
+    /// The underlay router peers with every node (iBGP, AS 64512) and installs their blocks:
+    /// pods of routed pools on different subnets reach each other through it.
+    fn start_router(&mut self) -> anyhow::Result<()> {
+        let mut yaml = format!(
+            "asn: 64512\nrouterId: {ROUTER_BGP}\nlisten: 0.0.0.0\nconnectRetrySeconds: 1\ngracefulRestartSeconds: 120\npeers:\n"
+        );
+        for n in &self.lab.nodes {
+            yaml.push_str(&format!("  - {{ address: {}, asn: 64512 }}\n", n.ipv4.ip()));
+        }
+        let cfg = self.dir.path().join("router.yaml");
+        std::fs::write(&cfg, yaml)?;
+        let log = std::fs::File::create(self.dir.path().join("router.log"))?;
+        let mut cmd = self
+            .lab
+            .router
+            .command(&bin("tessera-routed").to_string_lossy());
+        cmd.args(["run", "--config"]).arg(&cfg);
+        cmd.stdout(Stdio::null()).stderr(log);
+        self.router = Some(Child::spawn(cmd, "the router's BGP speaker")?);
+        // Every node peers with the router.
+        let peer = serde_json::json!({
+            "name": "underlay-router", "peerIp": ROUTER_BGP.to_string(), "asNumber": 64512
+        });
+        self.lab
+            .etcdctl(&["put", &keys::bgp_peer("underlay-router"), &peer.to_string()])?;
+        Ok(())
+    }
+
+    pub fn node_index(&self, node: &str) -> usize {
+        self.lab
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .unwrap_or_else(|| panic!("no node {node}"))
+    }
+
+    pub fn health_socket(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("{node}.health"))
+    }
+
+    pub fn mtu_file(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("{node}.mtu"))
+    }
+
+    pub fn agent_log(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("{node}.log"))
+    }
+
+    /// Starts (or restarts) the agent of `node`.
+    pub fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let i = self.node_index(node);
+        let cfg = self.dir.path().join("agent.yaml");
+        if !cfg.exists() {
+            let yaml = if self.spec.agent_yaml.trim().is_empty() {
+                "leaseTtlSeconds: 10\ngc:\n  workloadGraceSeconds: 30\n".to_string()
+            } else {
+                self.spec.agent_yaml.clone()
+            };
+            std::fs::write(&cfg, yaml)?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log(node))?;
+        let mut cmd = self.lab.nodes[i]
+            .netns
+            .command(&bin("tessera-node").to_string_lossy());
+        cmd.arg("--config")
+            .arg(&cfg)
+            .env("NODENAME", node)
+            .env("ETCD_ENDPOINTS", self.lab.etcd_endpoint())
+            .env("IP_AUTODETECTION_METHOD", "interface=eth0")
+            .env(
+                "TESSERA_HEALTH_LISTEN",
+                format!("unix:{}", self.health_socket(node).display()),
+            )
+            .env("TESSERA_MTU_FILE", self.mtu_file(node))
+            .env("TESSERA_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.agents[i] = Some(Child::spawn(cmd, &format!("tessera-node on {node}"))?);
+        Ok(())
+    }
+
+    pub fn start_agents(&mut self) -> anyhow::Result<()> {
+        let names: Vec<String> = self.lab.nodes.iter().map(|n| n.name.clone()).collect();
+        for n in names {
+            self.start_agent(&n)?;
+        }
+        Ok(())
+    }
+
+    /// kill -9 the agent of `node`.
+    pub fn kill_agent(&mut self, node: &str) {
+        let i = self.node_index(node);
+        if let Some(mut a) = self.agents[i].take() {
+            a.kill();
+        }
+    }
+
+    /// SIGTERM; returns whether it exited within `grace`.
+    pub fn stop_agent(&mut self, node: &str, grace: Duration) -> Option<std::process::ExitStatus> {
+        let i = self.node_index(node);
+        self.agents[i].take().and_then(|mut a| a.stop(grace))
+    }
+
+    pub fn agent_exited(&mut self, node: &str) -> Option<std::process::ExitStatus> {
+        let i = self.node_index(node);
+        self.agents[i].as_mut().and_then(Child::try_wait)
+    }
+
+    /// GET `path` from the agent's health endpoint: (status code, body).
+    pub fn http(&self, node: &str, path: &str) -> anyhow::Result<(u16, String)> {
+        let mut s = std::os::unix::net::UnixStream::connect(self.health_socket(node))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("not an HTTP answer: {out:?}"))?;
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+        Ok((code, body))
+    }
+
+    /// Waits until every agent answers /readyz with 200.
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        for n in &self.lab.nodes {
+            loop {
+                match self.http(&n.name, "/readyz") {
+                    Ok((200, _)) => break,
+                    other if Instant::now() > deadline => {
+                        anyhow::bail!("{} not ready: {other:?}", n.name)
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn cni_config(&self, node: &str) -> String {
+        serde_json::json!({
+            "cniVersion": "1.1.0",
+            "name": "k8s-pod-network",
+            "type": "tessera",
+            "nodename": node,
+            "datastore": { "etcdEndpoints": [self.lab.etcd_endpoint()], "timeoutMs": 3000 },
+            "mtuFile": self.mtu_file(node),
+            "logFile": self.dir.path().join("cni.log"),
+            "ipam": { "type": "tessera-ipam", "assignIpv4": true, "assignIpv6": false }
+        })
+        .to_string()
+    }
+
+    fn cni(
+        &self,
+        node: &str,
+        command: &str,
+        pod: &str,
+        container_id: &str,
+        netns: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let i = self.node_index(node);
+        let plugin = bin("tessera");
+        let mut cmd: Command = self.lab.nodes[i].netns.command(&plugin.to_string_lossy());
+        cmd.env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", plugin.parent().unwrap_or(Path::new("/")))
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(self.cni_config(node).as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            anyhow::bail!("CNI {command} of {pod} on {node}: {text}");
+        }
+        Ok(if text.trim().is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text)?
+        })
+    }
+
+    /// Starts a pod on `node` with an address from `pool`; returns its index.
+    pub fn add_pod(&mut self, node: &str, pool: &str) -> anyhow::Result<usize> {
+        self.pod_seq += 1;
+        let name = format!("{node}-{pool}-{}", self.pod_seq);
+        let intent = PodIntent {
+            ipv4_pools: vec![pool.to_string()],
+            ..Default::default()
+        };
+        self.lab.etcdctl(&[
+            "put",
+            &keys::pod_intent("default", &name),
+            &serde_json::to_string(&intent)?,
+        ])?;
+        let netns = Netns::new(&format!("{}-p{}", self.lab.prefix(), self.pod_seq))?;
+        let container_id = format!("{:064x}", self.pod_seq);
+        let r = self.cni(node, "ADD", &name, &container_id, &netns.path())?;
+        let ip: Ipv4Addr = r["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no IPv4 address in {r}"))?;
+        self.pods.push(Pod {
+            name,
+            node: node.to_string(),
+            pool: pool.to_string(),
+            ip,
+            netns,
+            container_id,
+        });
+        Ok(self.pods.len() - 1)
+    }
+
+    /// CNI DEL of a pod, and its namespace gone.
+    pub fn delete_pod(&mut self, i: usize) -> anyhow::Result<()> {
+        let p = self.pods.remove(i);
+        self.cni(&p.node, "DEL", &p.name, &p.container_id, &p.netns.path())?;
+        Ok(())
+    }
+
+    /// One ping from pod `from` to `to`: the round trip in ms, or None if it did not cross.
+    pub fn ping(&self, from: usize, to: Ipv4Addr) -> Option<f64> {
+        ping_in(&self.pods[from].netns, to, 1)
+    }
+
+    /// Waits until pod `from` reaches `to` (convergence), or `timeout`.
+    pub fn wait_ping(&self, from: usize, to: Ipv4Addr, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.ping(from, to).is_some() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Node namespaces, router and control: what [`crate::assert_nothing_left`] checks.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut p = self.lab.pids();
+        p.extend(self.agents.iter().flatten().map(Child::pid));
+        p.extend(self.router.iter().map(Child::pid));
+        p
+    }
+
+    /// Tears everything down and checks nothing is left.
+    pub fn finish(self) {
+        let prefix = self.lab.prefix().to_string();
+        let pids = self.pids();
+        drop(self);
+        crate::assert_nothing_left(&prefix, &pids);
+    }
+}
+
+/// `ping -c1 -W<secs>` from `ns`: the round trip in ms.
+pub fn ping_in(ns: &Netns, to: Ipv4Addr, wait_secs: u32) -> Option<f64> {
+    let out = ns
+        .exec(
+            "ping",
+            &["-n", "-c1", &format!("-W{wait_secs}"), &to.to_string()],
+        )
+        .ok()?;
+    out.split("time=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+}

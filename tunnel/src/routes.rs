@@ -1,0 +1,196 @@
+//! The routes Tessera programs from the datastore (protocol [`PROTO`]): one reconciler for
+//! every kind (VXLAN onlink, native via the underlay, tunl0 onlink, blackholes for our own
+//! blocks). Routes of other protocols are never looked at; ours that nobody wants are removed.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
+};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+use crate::vxlan::{TunnelError, PROTO};
+
+/// One route as Tessera wants it in the main table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KernelRoute {
+    pub dst: IpNetwork,
+    pub kind: RouteKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteKind {
+    /// `via <gw>`, on `dev` (`onlink`) when given, else wherever the kernel reaches `gw`.
+    Via { gw: IpAddr, dev: Option<u32> },
+    /// `blackhole <dst>`: our own block's unallocated addresses go nowhere.
+    Blackhole,
+}
+
+/// What a reconcile changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteChanges {
+    pub added: usize,
+    pub removed: usize,
+}
+
+impl RouteChanges {
+    pub fn total(&self) -> usize {
+        self.added + self.removed
+    }
+}
+
+/// The route a kernel message describes, if it is one of the shapes we program.
+fn parse(r: &RouteMessage) -> Option<KernelRoute> {
+    let dst_ip = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+            _ => None,
+        })
+        .unwrap_or(match r.header.address_family {
+            rtnetlink::packet_route::AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        });
+    let dst = IpNetwork::new(dst_ip, r.header.destination_prefix_length).ok()?;
+    if r.header.kind == RouteType::BlackHole {
+        return Some(KernelRoute {
+            dst,
+            kind: RouteKind::Blackhole,
+        });
+    }
+    let gw = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        RouteAttribute::Gateway(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        _ => None,
+    })?;
+    let oif = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    });
+    let onlink = r
+        .header
+        .flags
+        .contains(rtnetlink::packet_route::route::RouteFlags::Onlink);
+    Some(KernelRoute {
+        dst,
+        kind: RouteKind::Via {
+            gw,
+            dev: oif.filter(|_| onlink),
+        },
+    })
+}
+
+fn message(r: &KernelRoute) -> RouteMessage {
+    let proto = RouteProtocol::Other(PROTO);
+    match (r.dst, r.kind) {
+        (IpNetwork::V4(d), kind) => {
+            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.network(), d.prefix())
+                .protocol(proto);
+            match kind {
+                RouteKind::Blackhole => b = b.kind(RouteType::BlackHole),
+                RouteKind::Via { gw, dev } => {
+                    if let IpAddr::V4(g) = gw {
+                        b = b.gateway(g);
+                    }
+                    if let Some(dev) = dev {
+                        b = b.output_interface(dev).onlink();
+                    }
+                }
+            }
+            b.build()
+        }
+        (IpNetwork::V6(d), kind) => {
+            let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.network(), d.prefix())
+                .protocol(proto);
+            match kind {
+                RouteKind::Blackhole => b = b.kind(RouteType::BlackHole),
+                RouteKind::Via { gw, dev } => {
+                    if let IpAddr::V6(g) = gw {
+                        b = b.gateway(g);
+                    }
+                    if let Some(dev) = dev {
+                        b = b.output_interface(dev).onlink();
+                    }
+                }
+            }
+            b.build()
+        }
+    }
+}
+
+/// Our routes in the main table now.
+pub async fn current_routes(h: &Handle) -> Result<Vec<(KernelRoute, RouteMessage)>, TunnelError> {
+    let mut out = Vec::new();
+    for msg in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let rs: Vec<RouteMessage> =
+            h.route()
+                .get(msg)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|source| TunnelError::Netlink {
+                    what: "listing routes".into(),
+                    source,
+                })?;
+        out.extend(
+            rs.into_iter()
+                .filter(|r| r.header.protocol == RouteProtocol::Other(PROTO))
+                .filter_map(|r| parse(&r).map(|k| (k, r))),
+        );
+    }
+    Ok(out)
+}
+
+/// Makes our routes exactly `wanted` (one route per destination): missing or different ones
+/// replaced, ours that are not wanted removed.
+pub async fn ensure_routes(
+    h: &Handle,
+    wanted: &[KernelRoute],
+) -> Result<RouteChanges, TunnelError> {
+    let nl = |what: &'static str| {
+        move |source| TunnelError::Netlink {
+            what: what.into(),
+            source,
+        }
+    };
+    let want: HashMap<IpNetwork, KernelRoute> = wanted.iter().map(|r| (r.dst, *r)).collect();
+    let mut changes = RouteChanges::default();
+    let mut have: HashMap<IpNetwork, KernelRoute> = HashMap::new();
+    for (route, msg) in current_routes(h).await? {
+        if want.get(&route.dst) == Some(&route) {
+            have.insert(route.dst, route);
+        } else {
+            h.route()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(nl("removing a route of ours"))?;
+            changes.removed += 1;
+        }
+    }
+    for r in want.values() {
+        if have.get(&r.dst) != Some(r) {
+            h.route()
+                .add(message(r))
+                .replace()
+                .execute()
+                .await
+                .map_err(|source| TunnelError::Netlink {
+                    what: format!("adding route {r:?}"),
+                    source,
+                })?;
+            changes.added += 1;
+        }
+    }
+    Ok(changes)
+}
