@@ -12,4 +12,6 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# End-to-end tests run the workspace's binaries (agent, CNI plugin, speaker) from target/.
+cargo build --workspace --bins
 cargo test --workspace

@@ -155,6 +155,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         mtu_written: None,
         vxlan_up: false,
     };
+    {
+        let mut h = shared.health();
+        h.loop_started = Some(Instant::now());
+        if speaker.is_some() {
+            h.speaker_started = Some(Instant::now());
+        }
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_full = Instant::now();
     loop {
@@ -171,6 +178,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 continue;
             }
             _ = tick.tick() => {
+                shared.health().last_loop = Some(Instant::now());
                 node.speaker_status().await;
                 if last_full.elapsed() < cfg.reconcile_interval() { continue; }
                 true
@@ -312,6 +320,7 @@ impl Reconciler {
         }
         let mut h = self.shared.health();
         h.last_speaker_answer = Some(Instant::now());
+        h.bgp_checked = true;
         // Routed pools need their sessions up.
         let routed_pools = self.last.as_ref().is_some_and(|d| {
             d.targets
@@ -416,8 +425,11 @@ impl Reconciler {
             not_ready.push(e);
         }
         let d = desired(&self.me, view);
+        // Each problem is logged once, when it appears.
         for p in &d.problems {
-            tracing::warn!(problem = %p, "datastore record not usable");
+            if self.last.as_ref().is_none_or(|l| !l.problems.contains(p)) {
+                tracing::warn!(problem = %p, "datastore record not usable");
+            }
         }
         let mut corrections = 0usize;
 
@@ -536,6 +548,7 @@ impl Reconciler {
         }
         if prev.as_ref().is_none_or(|p| p.peers != d.peers) {
             self.send(Command::SetDynamicPeers(d.peers.clone())).await;
+            self.shared.health().bgp_checked = false;
         }
         if retarget {
             self.send(Command::Resync).await;

@@ -27,11 +27,16 @@ pub const LIVENESS_WINDOW: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone)]
 pub struct HealthState {
-    pub started: Instant,
     pub last_reconcile: Option<Instant>,
+    /// When the main loop began, and its last turn (it turns at least every second).
+    pub loop_started: Option<Instant>,
+    pub last_loop: Option<Instant>,
+    pub speaker_started: Option<Instant>,
     pub last_speaker_answer: Option<Instant>,
     pub bgp_enabled: bool,
     pub in_sync: bool,
+    /// The speaker reported its sessions since the peers last changed.
+    pub bgp_checked: bool,
     /// Why we are not ready, if we are not (empty: ready, given the above).
     pub not_ready: Vec<String>,
 }
@@ -39,23 +44,28 @@ pub struct HealthState {
 impl HealthState {
     pub fn new(bgp_enabled: bool) -> Self {
         HealthState {
-            started: Instant::now(),
             last_reconcile: None,
+            loop_started: None,
+            last_loop: None,
+            speaker_started: None,
             last_speaker_answer: None,
             bgp_enabled,
             in_sync: false,
+            bgp_checked: false,
             not_ready: vec!["starting".into()],
         }
     }
 
     pub fn live(&self) -> Result<(), String> {
         let fresh = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() < LIVENESS_WINDOW);
-        // Startup (etcd may be down for a while) counts as live: not ready says the rest.
-        let starting = self.started.elapsed() < LIVENESS_WINDOW;
-        if !starting && !fresh(self.last_reconcile) && self.in_sync {
-            return Err("the reconcile loop has not run recently".into());
+        let overdue =
+            |since: Option<Instant>| since.is_some_and(|t| t.elapsed() >= LIVENESS_WINDOW);
+        // Each loop is judged once it has had time to answer (etcd may be down for long
+        // before the speaker starts: not ready says so, it is not a reason to restart).
+        if overdue(self.loop_started) && !fresh(self.last_loop) {
+            return Err("the reconcile loop does not answer".into());
         }
-        if self.bgp_enabled && !starting && !fresh(self.last_speaker_answer) {
+        if overdue(self.speaker_started) && !fresh(self.last_speaker_answer) {
             return Err("the BGP speaker does not answer".into());
         }
         Ok(())
@@ -63,11 +73,14 @@ impl HealthState {
 
     pub fn ready(&self) -> Result<(), String> {
         self.live()?;
+        if !self.not_ready.is_empty() {
+            return Err(self.not_ready.join("; "));
+        }
         if !self.in_sync {
             return Err("datastore not in sync".into());
         }
-        if !self.not_ready.is_empty() {
-            return Err(self.not_ready.join("; "));
+        if self.bgp_enabled && !self.bgp_checked {
+            return Err("BGP sessions not checked yet".into());
         }
         Ok(())
     }

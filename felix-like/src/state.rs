@@ -189,6 +189,11 @@ pub fn desired(me: &Me, view: &ClusterView) -> Desired {
         my_blocks: view.blocks_of(&me.name),
         ..Default::default()
     };
+    d.problems.extend(
+        view.corrupt
+            .iter()
+            .map(|k| format!("{k} does not decode; ignored")),
+    );
     let enabled: Vec<&IpPool> = view.pools.iter().filter(|p| !p.spec.disabled).collect();
     d.targets.pools = enabled
         .iter()

@@ -18,6 +18,24 @@ use crate::{Lab, LabSpec, Netns};
 /// The router's BGP address (on subnet 0; nodes on other subnets reach it through it).
 pub const ROUTER_BGP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 
+/// One pool per mode: routed by BGP (with natOutgoing), VXLAN CrossSubnet, VXLAN Always.
+pub const MODE_POOLS: &str = "
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: bgp }
+spec: { cidr: 10.244.0.0/20, blockSize: 26, natOutgoing: true }
+---
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: vxlan-crosssubnet }
+spec: { cidr: 10.244.16.0/20, blockSize: 26, vxlanMode: CrossSubnet }
+---
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: vxlan-always }
+spec: { cidr: 10.244.32.0/20, blockSize: 26, vxlanMode: Always }
+";
+
 /// Where the project's binaries are: next to this executable (bins) or one level up (tests
 /// and benches run from `target/<profile>/deps`).
 pub fn bin(name: &str) -> PathBuf {
@@ -79,6 +97,7 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     agents: Vec<Option<Child>>,
     router: Option<Child>,
+    outside: Option<Netns>,
     pub lab: Lab,
     pub dir: tempfile::TempDir,
     spec: ClusterSpec,
@@ -96,6 +115,7 @@ impl Cluster {
             pods: Vec::new(),
             agents: Vec::new(),
             router: None,
+            outside: None,
             lab,
             dir,
             spec,
@@ -361,6 +381,49 @@ impl Cluster {
             }
         }
         false
+    }
+
+    /// An "outside" host, 203.0.113.10/24 behind the router, that knows the underlay
+    /// (198.18.0.0/15) but has no route to pods: a pod reaches it only with its source
+    /// translated. Returns its namespace (dropped with the cluster).
+    pub fn add_outside_host(&mut self) -> anyhow::Result<Ipv4Addr> {
+        let ns = Netns::new(&format!("{}-out", self.lab.prefix()))?;
+        self.lab.router.ip(&[
+            "link",
+            "add",
+            "out0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        self.lab
+            .router
+            .ip(&["addr", "add", "203.0.113.254/24", "dev", "out0"])?;
+        self.lab.router.ip(&["link", "set", "out0", "up"])?;
+        ns.ip(&["addr", "add", "203.0.113.10/24", "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "198.18.0.0/15", "via", "203.0.113.254"])?;
+        self.outside = Some(ns);
+        Ok(Ipv4Addr::new(203, 0, 113, 10))
+    }
+
+    pub fn outside(&self) -> Option<&Netns> {
+        self.outside.as_ref()
+    }
+
+    /// `ip -j route` of a node's main table, IPv4.
+    pub fn routes(&self, node: &str) -> Vec<serde_json::Value> {
+        let i = self.node_index(node);
+        self.lab.nodes[i]
+            .netns
+            .ip_json(&["route", "show"])
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
     }
 
     /// Node namespaces, router and control: what [`crate::assert_nothing_left`] checks.

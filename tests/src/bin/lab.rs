@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use tessera_testbed::cluster::{Cluster, ClusterSpec};
+use tessera_testbed::cluster::{Cluster, ClusterSpec, MODE_POOLS as POOLS};
 use tessera_testbed::LabSpec;
 
 #[derive(Parser)]
@@ -22,23 +22,6 @@ struct Args {
     #[arg(long)]
     keep: bool,
 }
-
-const POOLS: &str = "
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: bgp }
-spec: { cidr: 10.244.0.0/20, blockSize: 26, natOutgoing: true }
----
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: vxlan-crosssubnet }
-spec: { cidr: 10.244.16.0/20, blockSize: 26, vxlanMode: CrossSubnet }
----
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: vxlan-always }
-spec: { cidr: 10.244.32.0/20, blockSize: 26, vxlanMode: Always }
-";
 
 const IPIP_POOL: &str = "
 ---
