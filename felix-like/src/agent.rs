@@ -133,6 +133,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let drift = Arc::new(Notify::new());
     let bgp_route_gone = Arc::new(Notify::new());
     tokio::spawn(watch_kernel(drift.clone(), bgp_route_gone.clone()));
+    let nft_changed = Arc::new(Notify::new());
+    watch_nftables(nft_changed.clone());
 
     let me = Me {
         name: cfg.node_name.clone(),
@@ -172,6 +174,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 // Let a burst of notifications settle into one pass.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 false
+            }
+            _ = nft_changed.notified() => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                true
             }
             _ = bgp_route_gone.notified() => {
                 node.send(Command::Resync).await;
@@ -270,6 +276,33 @@ async fn watch_kernel(drift: Arc<Notify>, bgp_route_gone: Arc<Notify>) {
             }
         }
     }
+}
+
+/// nftables changes (any table) arrive on the netfilter netlink group; the reconcile then
+/// compares our table with what it applied. A blocking socket on its own thread.
+fn watch_nftables(changed: Arc<Notify>) {
+    const NFNLGRP_NFTABLES: u32 = 7;
+    std::thread::spawn(move || {
+        let socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).and_then(
+            |mut s| {
+                s.bind_auto()?;
+                s.add_membership(NFNLGRP_NFTABLES)?;
+                Ok(s)
+            },
+        );
+        let s = match socket {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "no nftables notifications; the periodic reconcile checks the NAT table");
+                return;
+            }
+        };
+        let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+        while s.recv(&mut buf, 0).is_ok() {
+            buf.clear();
+            changed.notify_one();
+        }
+    });
 }
 
 struct Reconciler {
@@ -416,9 +449,11 @@ impl Reconciler {
         let started = Instant::now();
         let view = &synced.view;
         let mut not_ready = Vec::new();
-        if !synced.in_sync && view.revision == 0 {
-            // Nothing read yet: touching the kernel now would remove what is still right.
+        if !synced.in_sync {
+            // A stale or empty view: sweeping by it could remove what is still right. The
+            // kernel keeps forwarding as it is until the datastore is back in sync.
             self.shared.health().in_sync = false;
+            self.shared.metrics.in_sync.set(0);
             return;
         }
         if let Err(e) = self.ensure_tunnel_addresses(view).await {

@@ -80,8 +80,8 @@ pub struct GcSettings {
     /// An allocation whose workload is gone is released only after this long.
     #[serde(default = "default_grace")]
     pub workload_grace_seconds: u64,
-    /// TTL of the leader lease.
-    #[serde(default = "default_lease_ttl")]
+    /// TTL of the leader lease: how long GC pauses when its leader dies.
+    #[serde(default = "default_leader_lease")]
     pub leader_lease_seconds: u64,
 }
 
@@ -91,7 +91,7 @@ impl Default for GcSettings {
             enabled: true,
             interval_seconds: default_gc_interval(),
             workload_grace_seconds: default_grace(),
-            leader_lease_seconds: default_lease_ttl(),
+            leader_lease_seconds: default_leader_lease(),
         }
     }
 }
@@ -110,6 +110,9 @@ fn default_health() -> String {
 }
 fn default_lease_ttl() -> u64 {
     30
+}
+fn default_leader_lease() -> u64 {
+    10
 }
 fn default_reconcile() -> u64 {
     5000

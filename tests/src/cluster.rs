@@ -228,6 +228,17 @@ impl Cluster {
         }
     }
 
+    /// The node dies: its agent is killed, its pods' and its own namespace vanish, and no
+    /// CNI DEL ever runs.
+    pub fn kill_node(&mut self, node: &str) {
+        let i = self.node_index(node);
+        if let Some(mut a) = self.agents.remove(i) {
+            a.kill();
+        }
+        self.pods.retain(|p| p.node != node);
+        drop(self.lab.nodes.remove(i));
+    }
+
     /// SIGTERM; returns whether it exited within `grace`.
     pub fn stop_agent(&mut self, node: &str, grace: Duration) -> Option<std::process::ExitStatus> {
         let i = self.node_index(node);
@@ -440,6 +451,41 @@ impl Cluster {
         let pids = self.pids();
         drop(self);
         crate::assert_nothing_left(&prefix, &pids);
+    }
+}
+
+/// A ping running in the background (every 50 ms) until [`ContinuousPing::finish`].
+pub struct ContinuousPing(Child);
+
+impl ContinuousPing {
+    pub fn start(ns: &Netns, to: Ipv4Addr) -> anyhow::Result<Self> {
+        let mut cmd = ns.command("ping");
+        cmd.args(["-n", "-q", "-i", "0.05", &to.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        Ok(ContinuousPing(Child::spawn(cmd, "ping")?))
+    }
+
+    /// Stops it (SIGINT, so it prints its summary): (transmitted, received).
+    pub fn finish(mut self) -> anyhow::Result<(u64, u64)> {
+        self.0.signal(nix::sys::signal::Signal::SIGINT);
+        let mut out = String::new();
+        if let Some(mut o) = self.0.take_stdout() {
+            o.read_to_string(&mut out)?;
+        }
+        self.0.stop(Duration::from_secs(2));
+        let line = out
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .ok_or_else(|| anyhow::anyhow!("no ping summary in {out:?}"))?;
+        let num = |i: usize| -> u64 {
+            line.split(',')
+                .nth(i)
+                .and_then(|p| p.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((num(0), num(1)))
     }
 }
 
