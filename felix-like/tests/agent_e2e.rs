@@ -431,6 +431,28 @@ fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
         .etcdctl(&["del", "/tessera/v1/config/pools/broken"])
         .expect("del");
 
+    // An IPIP pool on a kernel without the ipip module: not ready, and the reason names the
+    // module; ready again once the pool is gone.
+    c.lab
+        .apply_yaml("apiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: { name: ipip }\nspec: { cidr: 10.244.48.0/20, ipipMode: Always }\n")
+        .expect("ipip pool");
+    let t = Instant::now();
+    let why = loop {
+        match c.http("node1", "/readyz") {
+            Ok((503, body)) if body.contains("IPIP") => break body,
+            other => {
+                assert!(t.elapsed() < Duration::from_secs(15), "{other:?}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert!(why.contains("modprobe ipip"), "{why}");
+    c.lab
+        .etcdctl(&["del", "/tessera/v1/config/pools/ipip"])
+        .expect("del");
+    c.wait_ready(Duration::from_secs(15))
+        .expect("ready without the IPIP pool");
+
     // A configuration error names the field; autodetection that finds nothing says so.
     let node = &c.lab.node("node1").netns;
     let bin = tessera_testbed::cluster::bin("tessera-node");
@@ -467,10 +489,28 @@ fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
         err.contains("interface=ens.*") && err.contains("no matching interface"),
         "{err}"
     );
-    // SIGTERM: a clean, prompt exit.
+    // SIGTERM: a clean, prompt exit, and (graceful restart) node1 keeps node2's BGP route.
+    let p2 = c.add_pod("node2", "bgp").expect("pod");
+    let p1 = c.add_pod("node1", "bgp").expect("pod");
+    let to = c.pods[p2].ip;
+    assert!(c.wait_ping(p1, to, Duration::from_secs(15)), "bgp pods");
     let st = c
         .stop_agent("node2", Duration::from_secs(10))
         .expect("exited on SIGTERM");
     assert!(st.success(), "{st:?}");
+    let kept = c
+        .lab
+        .node("node1")
+        .netns
+        .ip_json(&["route", "show", &block_of(to)])
+        .expect("routes");
+    assert_eq!(
+        kept[0]["protocol"], "80",
+        "node2's route kept while it restarts: {kept}"
+    );
+    assert!(
+        c.ping(p1, to).is_some(),
+        "traffic still flows while node2's agent is down"
+    );
     c.finish();
 }

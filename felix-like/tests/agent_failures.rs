@@ -8,11 +8,6 @@ use std::time::{Duration, Instant};
 use tessera_testbed::cluster::{Cluster, ClusterSpec, ContinuousPing, MODE_POOLS};
 use tessera_testbed::LabSpec;
 
-fn block_of(ip: Ipv4Addr, prefix: u8) -> String {
-    let mask = u32::MAX << (32 - prefix);
-    format!("{}/{prefix}", Ipv4Addr::from(u32::from(ip) & mask))
-}
-
 /// The routes of protocol `proto` in a node's table, by destination (duplicates kept).
 fn proto_routes(c: &Cluster, node: &str, proto: &str) -> Vec<String> {
     c.routes(node)
@@ -74,14 +69,21 @@ fn an_agent_killed_during_pod_churn_converges_and_pings_lose_nothing() {
         .lab
         .etcd_prefix("/tessera/v1/ipam/blocks/")
         .expect("blocks");
-    let blocks: Vec<(String, String, String)> = blocks_json
+    // (block, affine node) of the BGP pool.
+    let bgp_pool: ipnetwork::IpNetwork = "10.244.0.0/20".parse().expect("net");
+    let blocks: Vec<(String, String)> = blocks_json
         .iter()
         .map(|(_, v)| serde_json::from_str::<serde_json::Value>(v).expect("json"))
+        .filter(|b| {
+            b["cidr"]
+                .as_str()
+                .and_then(|c| c.parse::<ipnetwork::IpNetwork>().ok())
+                .is_some_and(|c| bgp_pool.contains(c.network()))
+        })
         .map(|b| {
             (
                 b["cidr"].as_str().unwrap_or_default().to_string(),
                 b["affinity"].as_str().unwrap_or_default().to_string(),
-                String::new(),
             )
         })
         .collect();
@@ -93,18 +95,8 @@ fn an_agent_killed_during_pod_churn_converges_and_pings_lose_nothing() {
             let mut have = proto_routes(&c, n, "80");
             let want: BTreeSet<String> = blocks
                 .iter()
-                .filter(|(cidr, owner, _)| {
-                    owner != n
-                        && !owner.is_empty()
-                        && subnet(owner) == subnet(n)
-                        && cidr.starts_with("10.244.")
-                        && cidr
-                            .split('.')
-                            .nth(2)
-                            .and_then(|x| x.parse::<u8>().ok())
-                            .is_some_and(|x| x < 16)
-                })
-                .map(|(cidr, _, _)| cidr.clone())
+                .filter(|(_, owner)| owner != n && !owner.is_empty() && subnet(owner) == subnet(n))
+                .map(|(cidr, _)| cidr.clone())
                 .collect();
             let len = have.len();
             have.sort();

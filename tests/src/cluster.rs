@@ -437,6 +437,11 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// PIDs of the running agents.
+    pub fn agent_pids(&self) -> Vec<u32> {
+        self.agents.iter().flatten().map(Child::pid).collect()
+    }
+
     /// Node namespaces, router and control: what [`crate::assert_nothing_left`] checks.
     pub fn pids(&self) -> Vec<u32> {
         let mut p = self.lab.pids();
