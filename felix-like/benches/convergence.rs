@@ -142,22 +142,25 @@ fn round(n: usize) -> Round {
         .filter(|p| p.pool == "vx")
         .map(|p| (p.node.clone(), block_of(p.ip)))
         .collect();
-    let remote_vx = |me: &str| {
+    let remote_vx = |me: &str| -> Vec<String> {
         vx_blocks
             .iter()
-            .filter(move |(o, _)| o != me)
+            .filter(|(o, _)| o != me)
             .map(|(_, b)| b.clone())
+            .collect()
     };
     // Settled: CrossSubnet routes everywhere.
     converge(&watched, Instant::now(), |me, r| {
-        remote_vx(me).all(|b| r.contains_key(&b))
+        remote_vx(me).into_iter().all(|b| r.contains_key(&b))
     });
 
     // 1. Mode change: CrossSubnet -> Always; every remote block through vxlan.calico.
     let t0 = Instant::now();
     c.lab.apply_yaml(&vx_pool("Always")).expect("switch");
     let mode_change = converge(&watched, t0, |me, r| {
-        remote_vx(me).all(|b| r.get(&b).map(String::as_str) == Some("vxlan.calico"))
+        remote_vx(me)
+            .into_iter()
+            .all(|b| r.get(&b).map(String::as_str) == Some("vxlan.calico"))
     });
 
     // 2. A node joins: its pods exist already (the CNI plugin needs no agent); from its agent
