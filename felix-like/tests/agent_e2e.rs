@@ -339,6 +339,20 @@ fn a_pool_changes_mode_live() {
     };
     let far = c.pods.iter().find(|p| p.node == "node2").expect("pod").ip;
     let far_block = block_of(far);
+    // One TCP connection from node1's pod to node2's lives through all three switches.
+    let probe = tessera_testbed::cluster::bin("tcp-probe");
+    let far_pod = c.pods.iter().find(|p| p.node == "node2").expect("pod");
+    let mut server = far_pod.netns.command(&probe.to_string_lossy());
+    server.args(["serve", "7777"]);
+    let _server = tessera_testbed::Child::spawn(server, "tcp-probe server").expect("server");
+    let near = c.pods.iter().position(|p| p.node == "node1").expect("pod");
+    let mut client = c.pods[near].netns.command(&probe.to_string_lossy());
+    client
+        .args(["send", &format!("{far}:7777"), "8"])
+        .stdout(std::process::Stdio::piped());
+    std::thread::sleep(Duration::from_millis(300));
+    let client = tessera_testbed::Child::spawn(client, "tcp-probe client").expect("client");
+    std::thread::sleep(Duration::from_millis(500));
     for mode in ["Always", "Never", "CrossSubnet"] {
         c.lab.apply_yaml(&pool(mode)).expect("switch");
         // node1 -> node2 crosses the router: Always/CrossSubnet encapsulate, Never routes
@@ -364,6 +378,13 @@ fn a_pool_changes_mode_live() {
         eprintln!("{mode}: node1 converged in {:?}", t.elapsed());
         assert_full_mesh(&c, "vxlan-crosssubnet");
     }
+    let out = client.wait_output().expect("client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("TCP connection across the switches: {text}");
+    assert!(
+        out.status.success() && text.starts_with("ok "),
+        "the established connection broke: {text}"
+    );
     c.finish();
 }
 
