@@ -36,6 +36,13 @@ use crate::sync::Synced;
 /// The speaker asks this for every learned route; the agent swaps the table as pools change.
 struct AgentTarget(RwLock<TargetTable>);
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Datastore,
+    Kernel,
+    Full,
+}
+
 impl RouteTarget for AgentTarget {
     fn target(&self, prefix: IpNetwork, next_hop: IpAddr) -> Target {
         self.0
@@ -153,6 +160,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         target,
         speaker: cfg.bgp.enabled.then_some(speaker_tx),
         last: None,
+        last_me: None,
         nat_listing: None,
         mtu_written: None,
         vxlan_up: false,
@@ -167,17 +175,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_full = Instant::now();
     loop {
-        let full = tokio::select! {
+        // What woke us: a datastore change (apply only if the wanted state changed), kernel
+        // drift (check the kernel), or the periodic full pass (check everything).
+        let pass = tokio::select! {
             _ = &mut shutdown => break,
-            r = view_rx.changed() => { if r.is_err() { break; } false }
+            r = view_rx.changed() => { if r.is_err() { break; } Pass::Datastore }
             _ = drift.notified() => {
                 // Let a burst of notifications settle into one pass.
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                false
+                Pass::Kernel
             }
             _ = nft_changed.notified() => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                true
+                Pass::Full
             }
             _ = bgp_route_gone.notified() => {
                 node.send(Command::Resync).await;
@@ -187,14 +197,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 shared.health().last_loop = Some(Instant::now());
                 node.speaker_status().await;
                 if last_full.elapsed() < cfg.reconcile_interval() { continue; }
-                true
+                Pass::Full
             }
         };
-        if full {
+        if pass == Pass::Full {
             last_full = Instant::now();
         }
         let synced = view_rx.borrow_and_update().clone();
-        node.reconcile(&synced, full).await;
+        node.reconcile(&synced, pass).await;
     }
     tracing::info!("shutting down; routes stay in the kernel and (graceful restart) on peers");
     let _ = stop_speaker.send(());
@@ -262,19 +272,53 @@ async fn watch_kernel(drift: Arc<Notify>, bgp_route_gone: Arc<Notify>) {
     tokio::spawn(conn);
     while let Some((msg, _)) = messages.next().await {
         if let NetlinkPayload::InnerMessage(m) = msg.payload {
-            match m {
-                RouteNetlinkMessage::DelRoute(r)
-                    if r.header.protocol
-                        == RouteProtocol::Other(tessera_routed::config::TESSERA_PROTO) =>
-                {
-                    bgp_route_gone.notify_one()
-                }
-                RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r)
-                    if r.header.protocol
-                        == RouteProtocol::Other(tessera_routed::config::TESSERA_PROTO) => {}
-                _ => drift.notify_one(),
+            match classify(&m) {
+                Notice::BgpRouteGone => bgp_route_gone.notify_one(),
+                Notice::Ours => drift.notify_one(),
+                Notice::NotOurs => {}
             }
         }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Notice {
+    /// One of the speaker's routes went away.
+    BgpRouteGone,
+    /// Something the agent owns changed.
+    Ours,
+    NotOurs,
+}
+
+/// Which notifications concern what the agent owns: routes of protocol 81, our devices,
+/// permanent neighbour and FDB entries. Pods coming and going (cali* links, their routes and
+/// ARP entries) do not wake the loop.
+fn classify(m: &RouteNetlinkMessage) -> Notice {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    use rtnetlink::packet_route::neighbour::NeighbourState;
+    let bgp = RouteProtocol::Other(tessera_routed::config::TESSERA_PROTO);
+    let ours = RouteProtocol::Other(tessera_tunnel::vxlan::PROTO);
+    match m {
+        RouteNetlinkMessage::DelRoute(r) if r.header.protocol == bgp => Notice::BgpRouteGone,
+        RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r)
+            if r.header.protocol == ours =>
+        {
+            Notice::Ours
+        }
+        RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l)
+            if l.attributes.iter().any(
+                |a| matches!(a, LinkAttribute::IfName(n) if n == "vxlan.calico" || n == "tunl0"),
+            ) =>
+        {
+            Notice::Ours
+        }
+        RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n)
+            if n.header.state == NeighbourState::Permanent
+                || n.header.family == rtnetlink::packet_route::AddressFamily::Bridge =>
+        {
+            Notice::Ours
+        }
+        _ => Notice::NotOurs,
     }
 }
 
@@ -317,6 +361,8 @@ struct Reconciler {
     speaker: Option<mpsc::Sender<Command>>,
     /// What the last pass applied (to tell the speaker only about changes).
     last: Option<Desired>,
+    /// Our own Node record as the last pass saw it (tunnel addresses).
+    last_me: Option<Node>,
     nat_listing: Option<String>,
     mtu_written: Option<u32>,
     vxlan_up: bool,
@@ -445,7 +491,8 @@ impl Reconciler {
         Ok(())
     }
 
-    async fn reconcile(&mut self, synced: &Synced, full: bool) {
+    async fn reconcile(&mut self, synced: &Synced, pass: Pass) {
+        let full = pass == Pass::Full;
         let started = Instant::now();
         let view = &synced.view;
         let mut not_ready = Vec::new();
@@ -460,6 +507,19 @@ impl Reconciler {
             not_ready.push(e);
         }
         let d = desired(&self.me, view);
+        // Most datastore events (a pod's address allocated in an existing block) change
+        // nothing this node programs: then the kernel is not even looked at.
+        let my = view.node(&self.me.name).cloned();
+        if pass == Pass::Datastore && self.last.as_ref() == Some(&d) && self.last_me == my {
+            let mut h = self.shared.health();
+            h.in_sync = true;
+            h.last_reconcile = Some(Instant::now());
+            drop(h);
+            self.shared.metrics.in_sync.set(1);
+            self.record_metrics(view, 0, started.elapsed());
+            return;
+        }
+        self.last_me = my;
         // Each problem is logged once, when it appears.
         for p in &d.problems {
             if self.last.as_ref().is_none_or(|l| !l.problems.contains(p)) {

@@ -348,3 +348,42 @@ mod tests {
         assert!(e.to_string().contains("AS"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod deploy_tests {
+    use super::*;
+
+    /// The ConfigMap in deploy/ stays a valid agent configuration.
+    #[test]
+    fn the_daemonsets_configmap_is_valid() {
+        let manifest = include_str!("../../deploy/tessera-node.yaml");
+        let start = manifest
+            .find("tessera-node.yaml: |")
+            .expect("the ConfigMap key");
+        let body: String = manifest[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("tessera-node.yaml");
+        std::fs::write(&f, body).expect("write");
+        let c = AgentConfig::load(Some(&f), |k| (k == "NODENAME").then(|| "node-a".into()))
+            .expect("valid");
+        assert_eq!(c.etcd_endpoints, ["http://10.0.0.1:2379"]);
+        assert_eq!(c.gc.workload_grace_seconds, 60);
+        assert_eq!(
+            c.health().expect("health"),
+            HealthListen::Tcp("127.0.0.1:9099".parse().expect("addr"))
+        );
+    }
+
+    #[test]
+    fn the_example_pools_parse() {
+        let r = tessera_datastore::yaml::parse_resources(include_str!("../../deploy/pools.yaml"))
+            .expect("valid pools");
+        assert_eq!(r.pools.len(), 4);
+    }
+}

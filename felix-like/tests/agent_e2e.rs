@@ -460,7 +460,8 @@ fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
     let t = Instant::now();
     let why = loop {
         match c.http("node1", "/readyz") {
-            Ok((503, body)) if body.contains("IPIP") => break body,
+            // (First "waiting for our IPIP tunnel address", then the kernel's verdict.)
+            Ok((503, body)) if body.contains("IPIP pools cannot be served") => break body,
             other => {
                 assert!(t.elapsed() < Duration::from_secs(15), "{other:?}");
                 std::thread::sleep(Duration::from_millis(50));
@@ -533,5 +534,73 @@ fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
         c.ping(p1, to).is_some(),
         "traffic still flows while node2's agent is down"
     );
+    c.finish();
+}
+
+#[test]
+fn the_watch_reads_everything_again_after_its_revision_was_compacted() {
+    let mut c = Cluster::new(
+        "agent_compact",
+        ClusterSpec {
+            lab: tessera_testbed::LabSpec {
+                nodes: 2,
+                subnets: 1,
+                etcd: true,
+            },
+            pools: MODE_POOLS.into(),
+            router_bgp: false,
+            ..Default::default()
+        },
+    )
+    .expect("cluster");
+    c.start_agents().expect("agents");
+    c.wait_ready(Duration::from_secs(60)).expect("ready");
+    let a = c.add_pod("node1", "vxlan-always").expect("pod");
+    let b = c.add_pod("node2", "vxlan-always").expect("pod");
+    let to = c.pods[b].ip;
+    assert!(c.wait_ping(a, to, Duration::from_secs(15)));
+    let block = block_of(to);
+    let dev = |c: &Cluster| {
+        route_to(&c.routes("node1"), &block).and_then(|r| r["dev"].as_str().map(String::from))
+    };
+    assert_eq!(dev(&c).as_deref(), Some("vxlan.calico"));
+
+    // node1's agent is frozen while etcd restarts (its watch breaks), the pool changes, and
+    // etcd compacts away the revisions the watch would resume from.
+    c.signal_agent("node1", nix::sys::signal::Signal::SIGSTOP);
+    c.lab.etcd().kill();
+    c.lab.etcd().restart().expect("etcd");
+    c.lab
+        .apply_yaml("apiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: { name: vxlan-always }\nspec: { cidr: 10.244.32.0/20, blockSize: 26, vxlanMode: CrossSubnet }\n")
+        .expect("switch");
+    let status = c
+        .lab
+        .etcdctl(&["get", "/", "-w", "json"])
+        .expect("revision");
+    let rev = serde_json::from_str::<serde_json::Value>(&status).expect("json")["header"]
+        ["revision"]
+        .as_i64()
+        .expect("revision");
+    c.lab
+        .etcdctl(&["compact", &rev.to_string()])
+        .expect("compact");
+    c.signal_agent("node1", nix::sys::signal::Signal::SIGCONT);
+
+    // Same subnet under CrossSubnet: native through eth0.
+    let t = Instant::now();
+    while dev(&c).as_deref() != Some("eth0") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "node1 never saw the change: {:?}",
+            dev(&c)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(c.agent_log("node1")).expect("log");
+    assert!(
+        log.contains("compacted"),
+        "the agent should say it resynced: {log}"
+    );
+    assert!(c.wait_ping(a, to, Duration::from_secs(15)));
     c.finish();
 }

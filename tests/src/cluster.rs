@@ -239,6 +239,14 @@ impl Cluster {
         drop(self.lab.nodes.remove(i));
     }
 
+    /// Sends `sig` to the agent of `node` (SIGSTOP/SIGCONT freeze and thaw it).
+    pub fn signal_agent(&self, node: &str, sig: nix::sys::signal::Signal) {
+        let i = self.node_index(node);
+        if let Some(a) = &self.agents[i] {
+            a.signal(sig);
+        }
+    }
+
     /// SIGTERM; returns whether it exited within `grace`.
     pub fn stop_agent(&mut self, node: &str, grace: Duration) -> Option<std::process::ExitStatus> {
         let i = self.node_index(node);

@@ -28,23 +28,52 @@ pub async fn ensure_ipip(h: &Handle, d: &IpipDevice) -> Result<u32, TunnelError>
         .await?
         .ok_or(TunnelError::IpipUnavailable)?;
     let idx = link.header.index;
-    h.link()
-        .set(LinkUnspec::new_with_index(idx).mtu(d.mtu).up().build())
+    // Written only when they differ: a converged tunl0 sees no writes.
+    let mtu = link.attributes.iter().find_map(|a| match a {
+        rtnetlink::packet_route::link::LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    });
+    let up = link
+        .header
+        .flags
+        .contains(rtnetlink::packet_route::link::LinkFlags::Up);
+    if mtu != Some(d.mtu) || !up {
+        h.link()
+            .set(LinkUnspec::new_with_index(idx).mtu(d.mtu).up().build())
+            .execute()
+            .await
+            .map_err(|source| TunnelError::Netlink {
+                what: "tunl0 MTU and up".into(),
+                source,
+            })?;
+    }
+    let addrs: Vec<_> = h
+        .address()
+        .get()
+        .set_link_index_filter(idx)
         .execute()
+        .try_collect()
         .await
         .map_err(|source| TunnelError::Netlink {
-            what: "tunl0 MTU and up".into(),
+            what: "listing tunl0 addresses".into(),
             source,
         })?;
-    h.address()
-        .add(idx, IpAddr::V4(d.tunnel_addr), 32)
-        .replace()
-        .execute()
-        .await
-        .map_err(|source| TunnelError::Netlink {
-            what: "tunl0 address".into(),
-            source,
-        })?;
+    let has = addrs.iter().any(|a| {
+        a.attributes.iter().any(|x| {
+            matches!(x, rtnetlink::packet_route::address::AddressAttribute::Address(ip) if *ip == IpAddr::V4(d.tunnel_addr))
+        })
+    });
+    if !has {
+        h.address()
+            .add(idx, IpAddr::V4(d.tunnel_addr), 32)
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| TunnelError::Netlink {
+                what: "tunl0 address".into(),
+                source,
+            })?;
+    }
     Ok(idx)
 }
 

@@ -223,25 +223,56 @@ pub async fn ensure_device(h: &Handle, d: &VxlanDevice) -> Result<u32, TunnelErr
         .ok_or_else(|| TunnelError::NotOurs {
             name: d.name.clone(),
         })?;
-    // MTU, MAC and up are idempotent sets.
-    h.link()
-        .set(
-            LinkUnspec::new_with_index(dev.header.index)
-                .mtu(d.mtu)
-                .address(d.mac.to_vec())
-                .up()
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(nl("setting MTU, MAC, up"))?;
+    // MTU, MAC and up: written only when they differ, so a converged device sees no writes
+    // (and the node agent's netlink watch no echo of its own reconcile).
+    let mtu = dev.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    });
+    let mac = dev.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(m) => Some(m.clone()),
+        _ => None,
+    });
+    let up = dev
+        .header
+        .flags
+        .contains(rtnetlink::packet_route::link::LinkFlags::Up);
+    if mtu != Some(d.mtu) || mac.as_deref() != Some(d.mac.as_slice()) || !up {
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(dev.header.index)
+                    .mtu(d.mtu)
+                    .address(d.mac.to_vec())
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl("setting MTU, MAC, up"))?;
+    }
     let plen = if d.vtep_ip.is_ipv4() { 32 } else { 128 };
-    h.address()
-        .add(dev.header.index, d.vtep_ip, plen)
-        .replace()
+    let addrs: Vec<_> = h
+        .address()
+        .get()
+        .set_link_index_filter(dev.header.index)
         .execute()
+        .try_collect()
         .await
-        .map_err(nl("the VTEP address"))?;
+        .map_err(nl("listing the VTEP address"))?;
+    let has_vtep = addrs.iter().any(|a| {
+        a.header.prefix_len == plen
+            && a.attributes.iter().any(|x| {
+                matches!(x, rtnetlink::packet_route::address::AddressAttribute::Address(ip) if *ip == d.vtep_ip)
+            })
+    });
+    if !has_vtep {
+        h.address()
+            .add(dev.header.index, d.vtep_ip, plen)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl("the VTEP address"))?;
+    }
     Ok(dev.header.index)
 }
 
