@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use tessera_datastore::block::IpamBlock;
 use tessera_datastore::keys;
-use tessera_datastore::model::{BgpPeer, EncapMode, IpPool, Node, WorkloadEndpoint};
+use tessera_datastore::model::{BgpPeer, EncapMode, IpPool, Node};
 use tessera_routed::config::PeerConfig;
 use tessera_routed::kernel::Target;
 use tessera_tunnel::desired::{Mode, RemoteNode, Route, VxlanEntries};
@@ -22,7 +22,6 @@ pub struct ClusterView {
     pub bgp_peers: Vec<BgpPeer>,
     /// Nodes whose liveness lease is held.
     pub live: BTreeSet<String>,
-    pub workloads: Vec<WorkloadEndpoint>,
     /// Keys that did not decode (reported, never fatal).
     pub corrupt: Vec<String>,
 }
@@ -54,8 +53,6 @@ impl ClusterView {
                 take(k, val, &mut v.blocks, &mut v.corrupt);
             } else if k.starts_with(keys::BGP_PEERS) {
                 take(k, val, &mut v.bgp_peers, &mut v.corrupt);
-            } else if k.starts_with(keys::WORKLOADS) {
-                take(k, val, &mut v.workloads, &mut v.corrupt);
             } else if let Some(n) = k.strip_prefix(keys::LIVENESS) {
                 v.live.insert(n.to_string());
             }
