@@ -31,7 +31,11 @@ pub async fn follow(kv: EtcdKv, tx: watch::Sender<Synced>) {
         if revision.is_none() {
             match kv.get_prefix(keys::PREFIX).await {
                 Ok((kvs, rev)) => {
-                    copy = kvs.into_iter().map(|k| (k.key, k.value)).collect();
+                    copy = kvs
+                        .into_iter()
+                        .filter(|k| relevant(&k.key))
+                        .map(|k| (k.key, k.value))
+                        .collect();
                     revision = Some(rev);
                     publish(&tx, &copy, rev, true);
                 }
@@ -94,9 +98,15 @@ async fn watch_from(
                 if resp.canceled() {
                     return WatchEnd::Broken(last, format!("canceled: {}", resp.cancel_reason()));
                 }
+                let mut changed = false;
                 for ev in resp.events() {
                     let Some(k) = ev.kv() else { continue };
+                    last = last.max(k.mod_revision());
                     let key = String::from_utf8_lossy(k.key()).into_owned();
+                    if !relevant(&key) {
+                        continue;
+                    }
+                    changed = true;
                     match ev.event_type() {
                         EventType::Put => {
                             copy.insert(key, k.value().to_vec());
@@ -105,12 +115,15 @@ async fn watch_from(
                             copy.remove(&key);
                         }
                     }
-                    last = last.max(k.mod_revision());
                 }
-                if let Some(h) = resp.header() {
-                    last = last.max(h.revision());
+                // A progress notification (no events) says everything up to its revision was
+                // sent; an event batch's header may be ahead of events still to come.
+                if resp.events().is_empty() {
+                    if let Some(h) = resp.header() {
+                        last = last.max(h.revision());
+                    }
                 }
-                if !resp.events().is_empty() || !tx.borrow().in_sync {
+                if changed || !tx.borrow().in_sync {
                     publish(tx, copy, last, true);
                 }
             }
@@ -118,6 +131,20 @@ async fn watch_from(
             Err(e) => return WatchEnd::Broken(last, e.to_string()),
         }
     }
+}
+
+/// The keys the calculation reads; pods coming and going (handles, endpoints, last
+/// addresses, intents) change only blocks as far as the agent is concerned.
+fn relevant(key: &str) -> bool {
+    [
+        keys::POOLS,
+        keys::NODES,
+        keys::BLOCKS,
+        keys::BGP_PEERS,
+        keys::LIVENESS,
+    ]
+    .iter()
+    .any(|p| key.starts_with(p))
 }
 
 fn publish(tx: &watch::Sender<Synced>, copy: &BTreeMap<String, Vec<u8>>, rev: i64, in_sync: bool) {
