@@ -178,15 +178,107 @@ pub enum BestChange {
     },
 }
 
+/// The paths to one prefix, best first. Most prefixes have exactly one, kept inline.
+#[derive(Debug, Clone)]
+enum Paths {
+    One(Path),
+    /// Two or more, sorted by the decision process.
+    Many(Vec<Path>),
+}
+
+impl Paths {
+    fn as_slice(&self) -> &[Path] {
+        match self {
+            Paths::One(p) => std::slice::from_ref(p),
+            Paths::Many(v) => v,
+        }
+    }
+
+    fn best(&self) -> &Path {
+        &self.as_slice()[0]
+    }
+
+    fn source(p: &Path) -> Option<PeerId> {
+        p.peer.as_ref().map(|i| i.addr)
+    }
+
+    /// Puts `path` in place of the one from the same source (peer, or us); true if new.
+    fn upsert(&mut self, path: Path) -> bool {
+        let src = Self::source(&path);
+        if let Paths::One(p) = self {
+            if Self::source(p) == src {
+                *p = path;
+                return false;
+            }
+        }
+        let mut v = match std::mem::replace(self, Paths::Many(Vec::new())) {
+            Paths::One(p) => vec![p],
+            Paths::Many(v) => v,
+        };
+        let new = match v.iter_mut().find(|p| Self::source(p) == src) {
+            Some(slot) => {
+                *slot = path;
+                false
+            }
+            None => {
+                v.push(path);
+                true
+            }
+        };
+        *self = Self::from_vec(v);
+        new
+    }
+
+    /// Removes the path from `src`; returns whether there was one, and what is left.
+    fn remove(self, src: Option<PeerId>) -> (bool, Option<Paths>) {
+        if let Paths::One(p) = &self {
+            return if Self::source(p) == src {
+                (true, None)
+            } else {
+                (false, Some(self))
+            };
+        }
+        let mut v = match self {
+            Paths::One(p) => vec![p],
+            Paths::Many(v) => v,
+        };
+        let before = v.len();
+        v.retain(|p| Self::source(p) != src);
+        let removed = v.len() != before;
+        (removed, (!v.is_empty()).then(|| Self::from_vec(v)))
+    }
+
+    fn from_vec(mut v: Vec<Path>) -> Paths {
+        if v.len() == 1 {
+            if let Some(p) = v.pop() {
+                return Paths::One(p);
+            }
+        }
+        v.sort_by(|a, b| {
+            if better(a, b) {
+                std::cmp::Ordering::Less
+            } else if better(b, a) {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        });
+        v.shrink_to_fit();
+        Paths::Many(v)
+    }
+}
+
+/// Adj-RIBs-In and the Loc-RIB in one table: every path to every prefix (each peer's and
+/// ours), best first, so the selected route is the first path and a prefix that one peer
+/// sent costs one entry. A B-tree, not a hash map: a hash table of 120k routes rounds up to
+/// 262k buckets.
 #[derive(Debug, Default)]
 pub struct Rib {
-    /// Adj-RIB-In: per peer, per prefix.
-    /// B-trees, not hash maps: a hash table of 120k routes rounds up to 262k buckets.
-    adj_in: HashMap<PeerId, BTreeMap<IpNetwork, Path>>,
-    /// Routes we originate.
-    local: BTreeMap<IpNetwork, Path>,
-    /// Loc-RIB: the selected path per prefix.
-    loc: BTreeMap<IpNetwork, Path>,
+    table: BTreeMap<IpNetwork, Paths>,
+    /// Prefixes per peer (Adj-RIB-In sizes).
+    received: HashMap<PeerId, usize>,
+    /// Prefixes we originate.
+    local: std::collections::BTreeSet<IpNetwork>,
     /// The equal-cost set per prefix, kept only with ECMP on (most tables have none).
     multipaths: HashMap<IpNetwork, Vec<Path>>,
     pub ecmp: bool,
@@ -201,73 +293,103 @@ impl Rib {
     }
 
     pub fn best(&self, prefix: &IpNetwork) -> Option<&Path> {
-        self.loc.get(prefix)
+        self.table.get(prefix).map(Paths::best)
     }
 
     pub fn loc_rib(&self) -> impl Iterator<Item = (&IpNetwork, &Path)> {
-        self.loc.iter()
+        self.table.iter().map(|(k, p)| (k, p.best()))
     }
 
     pub fn received(&self, peer: &PeerId) -> usize {
-        self.adj_in.get(peer).map(BTreeMap::len).unwrap_or(0)
+        self.received.get(peer).copied().unwrap_or(0)
     }
 
-    fn reselect(&mut self, prefix: IpNetwork, out: &mut Vec<BestChange>) {
-        let mut candidates: Vec<&Path> = self
-            .adj_in
-            .values()
-            .filter_map(|m| m.get(&prefix))
-            .collect();
-        if let Some(l) = self.local.get(&prefix) {
-            candidates.push(l);
-        }
-        let Some(best) = candidates
-            .iter()
-            .copied()
-            .reduce(|a, b| if better(b, a) { b } else { a })
-        else {
-            self.multipaths.remove(&prefix);
-            if self.loc.remove(&prefix).is_some() {
-                out.push(BestChange::Gone { prefix });
-            }
-            return;
-        };
-        let best = best.clone();
-        let mut multipath = Vec::new();
-        if self.ecmp {
-            multipath = candidates
+    /// The selection for `prefix` now (best and equal-cost set).
+    fn selection(&self, prefix: &IpNetwork) -> Option<(Path, Vec<Path>)> {
+        let paths = self.table.get(prefix)?.as_slice();
+        let best = paths[0].clone();
+        let multipath = if self.ecmp {
+            paths
                 .iter()
                 .filter(|p| ecmp_equal(p, &best))
-                .map(|p| (*p).clone())
-                .collect();
-            multipath.sort_by(|a, b| {
-                if better(a, b) {
-                    std::cmp::Ordering::Less
-                } else {
-                    std::cmp::Ordering::Greater
-                }
-            });
-        }
-        let same_best = self.loc.get(&prefix) == Some(&best);
-        let same_set = self
-            .multipaths
-            .get(&prefix)
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
-            == multipath.as_slice();
-        if !same_best || !same_set {
-            self.loc.insert(prefix, best.clone());
-            if multipath.is_empty() {
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Some((best, multipath))
+    }
+
+    /// Reports the change of selection for `prefix` (if any) since `before`.
+    fn changed(
+        &mut self,
+        prefix: IpNetwork,
+        before: Option<(Path, Vec<Path>)>,
+        out: &mut Vec<BestChange>,
+    ) {
+        let after = self.selection(&prefix);
+        match after {
+            None => {
                 self.multipaths.remove(&prefix);
-            } else {
-                self.multipaths.insert(prefix, multipath.clone());
+                if before.is_some() {
+                    out.push(BestChange::Gone { prefix });
+                }
             }
-            out.push(BestChange::Best {
-                prefix,
-                best,
-                multipath,
-            });
+            Some((best, multipath)) => {
+                if before.as_ref() != Some(&(best.clone(), multipath.clone())) {
+                    if multipath.is_empty() {
+                        self.multipaths.remove(&prefix);
+                    } else {
+                        self.multipaths.insert(prefix, multipath.clone());
+                    }
+                    out.push(BestChange::Best {
+                        prefix,
+                        best,
+                        multipath,
+                    });
+                }
+            }
         }
+    }
+
+    /// Sets the path from `path`'s source for `prefix`; returns whether it is new.
+    fn set_path(&mut self, prefix: IpNetwork, path: Path, out: &mut Vec<BestChange>) -> bool {
+        let before = self.selection(&prefix);
+        let new = match self.table.get_mut(&prefix) {
+            Some(paths) => paths.upsert(path),
+            None => {
+                self.table.insert(prefix, Paths::One(path));
+                true
+            }
+        };
+        self.changed(prefix, before, out);
+        new
+    }
+
+    /// Removes the path from `src` for `prefix`; returns whether there was one.
+    fn remove_path(
+        &mut self,
+        prefix: IpNetwork,
+        src: Option<PeerId>,
+        out: &mut Vec<BestChange>,
+    ) -> bool {
+        let before = self.selection(&prefix);
+        let Some(paths) = self.table.remove(&prefix) else {
+            return false;
+        };
+        let (removed, left) = paths.remove(src);
+        if let Some(left) = left {
+            self.table.insert(prefix, left);
+        }
+        if removed {
+            self.changed(prefix, before, out);
+        }
+        removed
+    }
+
+    fn count(&mut self, peer: PeerId, delta: isize) {
+        let c = self.received.entry(peer).or_default();
+        *c = c.saturating_add_signed(delta);
     }
 
     /// Applies what a peer sent; returns the Loc-RIB changes.
@@ -278,46 +400,56 @@ impl Rib {
         withdrawn: Vec<IpNetwork>,
     ) -> Vec<BestChange> {
         let mut out = Vec::new();
-        let table = self.adj_in.entry(peer.addr).or_default();
-        let mut touched = Vec::with_capacity(announced.len() + withdrawn.len());
         for prefix in withdrawn {
-            if table.remove(&prefix).is_some() {
-                touched.push(prefix);
+            if self.remove_path(prefix, Some(peer.addr), &mut out) {
+                self.count(peer.addr, -1);
             }
         }
         for (prefix, attrs) in announced {
-            table.insert(
-                prefix,
-                Path {
-                    attrs,
-                    peer: Some(peer.clone()),
-                    stale: false,
-                },
-            );
-            touched.push(prefix);
-        }
-        for p in touched {
-            self.reselect(p, &mut out);
+            let path = Path {
+                attrs,
+                peer: Some(peer.clone()),
+                stale: false,
+            };
+            if self.set_path(prefix, path, &mut out) {
+                self.count(peer.addr, 1);
+            }
         }
         out
+    }
+
+    /// The prefixes for which `peer` has a path (optionally: only stale ones).
+    fn prefixes_of(&self, peer: &PeerId, stale_only: bool) -> Vec<IpNetwork> {
+        self.table
+            .iter()
+            .filter(|(_, paths)| {
+                paths.as_slice().iter().any(|p| {
+                    Paths::source(p) == Some(*peer) && (!stale_only || p.stale)
+                })
+            })
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     /// The peer's session went down: its routes go.
     pub fn peer_down(&mut self, peer: &PeerId) -> Vec<BestChange> {
         let mut out = Vec::new();
-        if let Some(table) = self.adj_in.remove(peer) {
-            for p in table.into_keys() {
-                self.reselect(p, &mut out);
-            }
+        for p in self.prefixes_of(peer, false) {
+            self.remove_path(p, Some(*peer), &mut out);
         }
+        self.received.remove(peer);
         out
     }
 
     /// Graceful restart helper (RFC 4724 §4.2): the peer restarts; keep its routes, marked stale.
     pub fn mark_stale(&mut self, peer: &PeerId) {
-        if let Some(table) = self.adj_in.get_mut(peer) {
-            for path in table.values_mut() {
-                path.stale = true;
+        for paths in self.table.values_mut() {
+            let slice: &mut [Path] = match paths {
+                Paths::One(p) => std::slice::from_mut(p),
+                Paths::Many(v) => v,
+            };
+            for p in slice.iter_mut().filter(|p| Paths::source(p) == Some(*peer)) {
+                p.stale = true;
             }
         }
     }
@@ -325,46 +457,39 @@ impl Rib {
     /// End-of-RIB from a restarted peer: routes it did not send again go.
     pub fn sweep_stale(&mut self, peer: &PeerId) -> Vec<BestChange> {
         let mut out = Vec::new();
-        let stale: Vec<IpNetwork> = self
-            .adj_in
-            .get(peer)
-            .map(|t| t.iter().filter(|(_, p)| p.stale).map(|(k, _)| *k).collect())
-            .unwrap_or_default();
-        if let Some(table) = self.adj_in.get_mut(peer) {
-            for p in &stale {
-                table.remove(p);
+        for p in self.prefixes_of(peer, true) {
+            if self.remove_path(p, Some(*peer), &mut out) {
+                self.count(*peer, -1);
             }
-        }
-        for p in stale {
-            self.reselect(p, &mut out);
         }
         out
     }
 
     pub fn originate(&mut self, prefix: IpNetwork, attrs: Arc<Attrs>) -> Vec<BestChange> {
         let mut out = Vec::new();
-        self.local.insert(
+        self.local.insert(prefix);
+        self.set_path(
             prefix,
             Path {
                 attrs,
                 peer: None,
                 stale: false,
             },
+            &mut out,
         );
-        self.reselect(prefix, &mut out);
         out
     }
 
     pub fn withdraw_local(&mut self, prefix: IpNetwork) -> Vec<BestChange> {
         let mut out = Vec::new();
-        if self.local.remove(&prefix).is_some() {
-            self.reselect(prefix, &mut out);
+        if self.local.remove(&prefix) {
+            self.remove_path(prefix, None, &mut out);
         }
         out
     }
 
     pub fn originated(&self) -> impl Iterator<Item = &IpNetwork> {
-        self.local.keys()
+        self.local.iter()
     }
 }
 
