@@ -300,6 +300,11 @@ impl Rib {
         self.table.iter().map(|(k, p)| (k, p.best()))
     }
 
+    /// Prefixes in the Loc-RIB (constant time: the speaker reports it after every event).
+    pub fn loc_len(&self) -> usize {
+        self.table.len()
+    }
+
     pub fn received(&self, peer: &PeerId) -> usize {
         self.received.get(peer).copied().unwrap_or(0)
     }
@@ -336,7 +341,10 @@ impl Rib {
                 }
             }
             Some((best, multipath)) => {
-                if before.as_ref() != Some(&(best.clone(), multipath.clone())) {
+                let same = before
+                    .as_ref()
+                    .is_some_and(|(b, m)| *b == best && *m == multipath);
+                if !same {
                     if multipath.is_empty() {
                         self.multipaths.remove(&prefix);
                     } else {
@@ -423,9 +431,10 @@ impl Rib {
         self.table
             .iter()
             .filter(|(_, paths)| {
-                paths.as_slice().iter().any(|p| {
-                    Paths::source(p) == Some(*peer) && (!stale_only || p.stale)
-                })
+                paths
+                    .as_slice()
+                    .iter()
+                    .any(|p| Paths::source(p) == Some(*peer) && (!stale_only || p.stale))
             })
             .map(|(k, _)| *k)
             .collect()

@@ -366,7 +366,7 @@ impl SpeakerState {
         Status {
             router_id: self.cfg.router_id.to_string(),
             asn: self.cfg.asn,
-            loc_rib: self.rib.loc_rib().count(),
+            loc_rib: self.rib.loc_len(),
             peers,
         }
     }
