@@ -158,13 +158,42 @@ pub enum KernelOp {
 }
 
 impl Kernel {
-    /// Applies batches of changes as they come, 32 netlink requests in flight (256 measured no
-    /// faster: the kernel serialises route changes anyway), so that
-    /// the RIB never waits for the kernel. Changes to one prefix within a batch collapse to
-    /// the last; batches apply in order.
-    pub async fn run_worker(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<KernelOp>>) {
-        use futures::StreamExt;
-        while let Some(mut batch) = rx.recv().await {
+    /// Applies batches of changes as they come, in order, on a blocking thread of its own so
+    /// that the RIB never waits for the kernel. Changes to one prefix within what is queued
+    /// collapse to the last.
+    ///
+    /// The changes go out as route messages packed into datagrams of up to 60 KiB on a
+    /// netlink socket of the worker's: the kernel applies every message of a datagram in one
+    /// `sendmsg`, and without `NLM_F_ACK` only failures come back. (rtnetlink's one request,
+    /// one acknowledgement round trip, even 32 in flight, left the table a second behind
+    /// BIRD's at 120k routes.)
+    pub async fn run_worker(self, rx: tokio::sync::mpsc::UnboundedReceiver<Vec<KernelOp>>) {
+        let worker = tokio::task::spawn_blocking(move || self.blocking_worker(rx));
+        if let Err(e) = worker.await {
+            tracing::error!(error = %e, "kernel route worker stopped");
+        }
+    }
+
+    fn blocking_worker(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<KernelOp>>) {
+        use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket};
+        let sock = Socket::new(NETLINK_ROUTE).and_then(|mut s| {
+            s.bind_auto()?;
+            Ok(s)
+        });
+        let sock = match sock {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "no netlink socket: learned routes stay out of the kernel");
+                return;
+            }
+        };
+        let mut seq: u32 = 0;
+        let mut out: Vec<u8> = Vec::with_capacity(DATAGRAM);
+        while let Some(mut batch) = rx.blocking_recv() {
+            // Whatever else is queued goes in the same pass (order kept).
+            while let Ok(more) = rx.try_recv() {
+                batch.extend(more);
+            }
             let mut seen = std::collections::HashSet::with_capacity(batch.len());
             batch.reverse();
             batch.retain(|op| {
@@ -173,22 +202,92 @@ impl Kernel {
                 })
             });
             drop(seen);
-            let this = &self;
-            futures::stream::iter(batch)
-                .for_each_concurrent(32, |op| async move {
-                    let r = match &op {
-                        KernelOp::Replace(p, nh, t) => this.replace(*p, *nh, t).await,
-                        KernelOp::Delete(p) => this.delete(*p).await,
-                    };
-                    if let Err(e) = r {
-                        tracing::warn!(?op, error = %e, "kernel route update failed");
-                    }
-                })
-                .await;
+            batch.reverse();
+            for op in batch {
+                let msg = self.netlink_message(&op, &mut seq);
+                let len = msg.buffer_len();
+                if out.len() + len > DATAGRAM {
+                    send_datagram(&sock, &mut out);
+                }
+                let off = out.len();
+                out.resize(off + len, 0);
+                msg.serialize(&mut out[off..]);
+            }
+            send_datagram(&sock, &mut out);
             if rx.is_empty() {
                 release_freed_memory();
             }
         }
+    }
+
+    fn netlink_message(
+        &self,
+        op: &KernelOp,
+        seq: &mut u32,
+    ) -> rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage> {
+        use rtnetlink::packet_core::{NetlinkMessage, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST};
+        use rtnetlink::packet_route::RouteNetlinkMessage;
+        let (inner, flags) = match op {
+            KernelOp::Replace(p, nh, t) if *t != Target::Skip => (
+                RouteNetlinkMessage::NewRoute(self.message(*p, Some(*nh), t)),
+                NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
+            ),
+            // Skip, or gone: delete ours (the kernel matches protocol and table).
+            KernelOp::Replace(p, ..) | KernelOp::Delete(p) => (
+                RouteNetlinkMessage::DelRoute(self.message(*p, None, &Target::Native)),
+                NLM_F_REQUEST,
+            ),
+        };
+        let mut msg = NetlinkMessage::from(inner);
+        msg.header.flags = flags;
+        *seq = seq.wrapping_add(1);
+        msg.header.sequence_number = *seq;
+        msg.finalize();
+        msg
+    }
+}
+
+/// The largest datagram the worker sends (the socket's send buffer is larger).
+const DATAGRAM: usize = 60 * 1024;
+
+/// Sends the packed messages, then reads what failed (nothing comes back for successes).
+fn send_datagram(sock: &rtnetlink::sys::Socket, out: &mut Vec<u8>) {
+    if out.is_empty() {
+        return;
+    }
+    if let Err(e) = sock.send(out, 0) {
+        tracing::warn!(error = %e, "kernel route batch not sent");
+    }
+    out.clear();
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+    loop {
+        buf.clear();
+        match sock.recv(&mut buf, libc::MSG_DONTWAIT) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => report_failures(&buf),
+        }
+    }
+}
+
+fn report_failures(mut buf: &[u8]) {
+    use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    while !buf.is_empty() {
+        let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(buf) else {
+            return;
+        };
+        let len = (msg.header.length as usize).max(16);
+        if let NetlinkPayload::Error(e) = &msg.payload {
+            // ESRCH: deleting a route that is not there (a Skip target's prefix).
+            if let Some(code) = e.code.filter(|c| c.get() != -libc::ESRCH) {
+                tracing::warn!(
+                    code = code.get(),
+                    seq = msg.header.sequence_number,
+                    "kernel refused a route change"
+                );
+            }
+        }
+        buf = &buf[len.min(buf.len())..];
     }
 }
 
