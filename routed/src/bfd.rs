@@ -283,7 +283,7 @@ pub struct BfdEvent {
 /// Runs BFD with `peers` from `local`, reporting state changes.
 pub async fn run(
     local: IpAddr,
-    peers: Vec<IpAddr>,
+    mut peers: tokio::sync::watch::Receiver<Vec<IpAddr>>,
     cfg: BfdConfig,
     events: mpsc::Sender<BfdEvent>,
 ) -> std::io::Result<()> {
@@ -291,11 +291,19 @@ pub async fn run(
     let tx = bind_source(local).await?;
     tx.set_ttl(255)?;
     let origin = Instant::now();
-    let mut sessions: HashMap<IpAddr, Session> = peers
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (*p, Session::new(cfg, 0x7e55_0000 | (i as u32 + 1))))
-        .collect();
+    // Our discriminators: unique for the life of the task.
+    let mut next_disc: u32 = 0x7e55_0000;
+    let mut sessions: HashMap<IpAddr, Session> = HashMap::new();
+    let mut sync = |sessions: &mut HashMap<IpAddr, Session>, wanted: &[IpAddr]| {
+        sessions.retain(|p, _| wanted.contains(p));
+        for p in wanted {
+            sessions.entry(*p).or_insert_with(|| {
+                next_disc = next_disc.wrapping_add(1);
+                Session::new(cfg, next_disc)
+            });
+        }
+    };
+    sync(&mut sessions, &peers.borrow_and_update());
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
     let mut jitter = move || {
         seed ^= seed << 13;
@@ -311,6 +319,14 @@ pub async fn run(
             .min()
             .unwrap_or(Duration::from_secs(1));
         tokio::select! {
+            changed = peers.changed() => {
+                if changed.is_err() {
+                    // The speaker is gone.
+                    return Ok(());
+                }
+                let wanted = peers.borrow_and_update().clone();
+                sync(&mut sessions, &wanted);
+            }
             _ = tokio::time::sleep_until(origin + next) => {
                 let now = origin.elapsed();
                 for (peer, s) in sessions.iter_mut() {

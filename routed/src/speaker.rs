@@ -167,6 +167,9 @@ pub async fn run_with_control(
         router_id: cfg.router_id,
         cluster_id: cfg.cluster_id,
     };
+    // BFD for the peers that ask for it, static or from the datastore (RFC 5882: BFD Down
+    // ends the session). Its task starts with the first such peer.
+    let (bfd_events, mut bfd_rx) = mpsc::channel::<crate::bfd::BfdEvent>(64);
     let mut sp = SpeakerState {
         cfg: cfg.clone(),
         rib: Rib::new(cfg.ecmp),
@@ -176,30 +179,13 @@ pub async fn run_with_control(
         kernel,
         target,
         local,
+        bfd_events,
+        bfd_peers: None,
     };
     for pc in &cfg.peers {
         sp.add_peer(pc.clone());
     }
-    // BFD for the peers that ask for it (static peers; RFC 5882: BFD Down ends the session).
-    let (bfd_tx, mut bfd_rx) = mpsc::channel::<crate::bfd::BfdEvent>(64);
-    let bfd_peers: Vec<IpAddr> = cfg
-        .peers
-        .iter()
-        .filter(|p| p.bfd)
-        .map(|p| p.address)
-        .collect();
-    if !bfd_peers.is_empty() {
-        let bcfg = crate::bfd::BfdConfig {
-            interval: Duration::from_millis(cfg.bfd_interval_ms.max(10)),
-            detect_mult: cfg.bfd_detect_mult.max(1),
-        };
-        let local = cfg.listen;
-        tokio::spawn(async move {
-            if let Err(e) = crate::bfd::run(local, bfd_peers, bcfg, bfd_tx).await {
-                tracing::error!(error = %e, "BFD stopped");
-            }
-        });
-    }
+    sp.update_bfd();
     sp.set_networks(cfg.networks.clone()).await;
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -260,6 +246,9 @@ struct SpeakerState {
     from_tx: mpsc::Sender<FromPeer>,
     /// Peers that came from [`Command::SetDynamicPeers`].
     dynamic: HashSet<IpAddr>,
+    bfd_events: mpsc::Sender<crate::bfd::BfdEvent>,
+    /// The BFD task's peer list, once it runs.
+    bfd_peers: Option<tokio::sync::watch::Sender<Vec<IpAddr>>>,
 }
 
 impl SpeakerState {
@@ -314,6 +303,41 @@ impl SpeakerState {
         }
     }
 
+    /// Tells the BFD task which peers to watch (starting it for the first).
+    fn update_bfd(&mut self) {
+        let mut wanted: Vec<IpAddr> = self
+            .peers
+            .values()
+            .filter(|p| p.cfg.bfd)
+            .map(|p| p.cfg.address)
+            .collect();
+        wanted.sort();
+        match &self.bfd_peers {
+            Some(tx) => {
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != wanted;
+                    *cur = wanted;
+                    changed
+                });
+            }
+            None if !wanted.is_empty() => {
+                let (tx, rx) = tokio::sync::watch::channel(wanted);
+                let bcfg = crate::bfd::BfdConfig {
+                    interval: Duration::from_millis(self.cfg.bfd_interval_ms.max(10)),
+                    detect_mult: self.cfg.bfd_detect_mult.max(1),
+                };
+                let (local, events) = (self.cfg.listen, self.bfd_events.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = crate::bfd::run(local, rx, bcfg, events).await {
+                        tracing::error!(error = %e, "BFD stopped");
+                    }
+                });
+                self.bfd_peers = Some(tx);
+            }
+            None => {}
+        }
+    }
+
     async fn set_dynamic_peers(&mut self, list: Vec<PeerConfig>, listener: &TcpListener) {
         let wanted: HashMap<IpAddr, PeerConfig> = list
             .into_iter()
@@ -324,11 +348,9 @@ impl SpeakerState {
             .dynamic
             .iter()
             .filter(|a| {
-                wanted.get(*a).is_none_or(|w| {
-                    self.peers
-                        .get(*a)
-                        .is_none_or(|p| p.cfg.asn != w.asn || p.cfg.rr_client != w.rr_client)
-                })
+                wanted
+                    .get(*a)
+                    .is_none_or(|w| self.peers.get(*a).is_none_or(|p| p.cfg != *w))
             })
             .copied()
             .collect();
@@ -347,6 +369,7 @@ impl SpeakerState {
                 self.add_peer(pc);
             }
         }
+        self.update_bfd();
     }
     fn status(&self) -> Status {
         let mut peers: Vec<PeerStatus> = self

@@ -702,42 +702,22 @@ fn md5_passwords_must_match() {
     lab.finish();
 }
 
-#[test]
-fn bfd_with_frr_detects_a_dead_peer_long_before_the_hold_time() {
-    let (lab, dir, bdir) = two_nodes("bgp_bfd", false);
-    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
-    let [a1, a2, a16, a26] = addresses(&lab);
-    // BGP with BIRD (no graceful restart: a dead peer's routes must go), BFD with FRR's bfdd.
-    let conf = bird_conf(
-        &bdir,
-        &a2,
-        64512,
-        &a1,
-        64512,
-        "10.244.2.0/26",
-        "fd10:244::2:0/122",
-        &a26,
-    )
-    .replace("  graceful restart on;\n", "");
-    let bird = Bird::start(&n2.netns, &bdir, &conf);
-    let fdir = dir.path().join("frr");
+/// FRR's bfdd in `ns`, with a single-hop session from `local` to `peer` at 300 ms.
+fn start_bfdd(ns: &Netns, dir: &Path, local: &str, peer: &str) -> Child {
+    let fdir = dir.join("frr");
     std::fs::create_dir_all(&fdir).expect("mkdir");
     // bfdd drops privileges to the frr user: its directory must be writable for it.
     std::process::Command::new("chmod")
-        .args([
-            "0777",
-            &fdir.to_string_lossy(),
-            &dir.path().to_string_lossy(),
-        ])
+        .args(["0777", &fdir.to_string_lossy(), &dir.to_string_lossy()])
         .status()
         .expect("chmod");
     std::fs::write(
         fdir.join("bfdd.conf"),
-        format!("bfd\n peer {a1} local-address {a2}\n  receive-interval 300\n  transmit-interval 300\n exit\nexit\n"),
+        format!("bfd\n peer {peer} local-address {local}\n  receive-interval 300\n  transmit-interval 300\n exit\nexit\n"),
     )
     .expect("bfdd.conf");
     let f = |name: &str| fdir.join(name).to_string_lossy().into_owned();
-    let mut cmd = n2.netns.command("/usr/lib/frr/bfdd");
+    let mut cmd = ns.command("/usr/lib/frr/bfdd");
     cmd.args([
         "-f",
         &f("bfdd.conf"),
@@ -760,7 +740,28 @@ fn bfd_with_frr_detects_a_dead_peer_long_before_the_hold_time() {
     ]);
     cmd.stdout(std::fs::File::create(fdir.join("bfdd.log")).expect("log"))
         .stderr(Stdio::null());
-    let _bfdd = Child::spawn(cmd, "bfdd").expect("bfdd");
+    Child::spawn(cmd, "bfdd").expect("bfdd")
+}
+
+#[test]
+fn bfd_with_frr_detects_a_dead_peer_long_before_the_hold_time() {
+    let (lab, dir, bdir) = two_nodes("bgp_bfd", false);
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let [a1, a2, a16, a26] = addresses(&lab);
+    // BGP with BIRD (no graceful restart: a dead peer's routes must go), BFD with FRR's bfdd.
+    let conf = bird_conf(
+        &bdir,
+        &a2,
+        64512,
+        &a1,
+        64512,
+        "10.244.2.0/26",
+        "fd10:244::2:0/122",
+        &a26,
+    )
+    .replace("  graceful restart on;\n", "");
+    let bird = Bird::start(&n2.netns, &bdir, &conf);
+    let _bfdd = start_bfdd(&n2.netns, dir.path(), &a2, &a1);
 
     // Hold time 90 s: only BFD can bring the session down within seconds.
     let conf = routed_conf(dir.path(), 64512, &a1, &a16, &a2, 64512, &["10.244.1.0/26"])
@@ -817,7 +818,9 @@ fn external_peers_come_from_bgppeer_resources_in_the_datastore() {
     let node = serde_json::json!({ "name": "node1", "ipv4Address": n1.ipv4.to_string(), "labels": { "rack": "r1" } });
     lab.etcdctl(&["put", "/tessera/v1/nodes/node1", &node.to_string()])
         .expect("node");
-    let peer = serde_json::json!({ "name": "tor", "peerIp": a2, "asNumber": 65001, "nodeSelector": "rack == \"r1\"" });
+    // The ToR also runs BFD (FRR's bfdd); the resource asks for it.
+    let _bfdd = start_bfdd(&n2.netns, dir.path(), &a2, &a1);
+    let peer = serde_json::json!({ "name": "tor", "peerIp": a2, "asNumber": 65001, "nodeSelector": "rack == \"r1\"", "bfd": true });
     lab.etcdctl(&["put", "/tessera/v1/config/bgppeers/tor", &peer.to_string()])
         .expect("bgppeer");
 
@@ -846,6 +849,11 @@ fn external_peers_come_from_bgppeer_resources_in_the_datastore() {
         bird.birdc(&["show", "route", "10.244.1.0/26"])
             .contains("10.244.1.0/26")
     });
+    wait_for(
+        "BFD Up with the peer from the datastore",
+        Duration::from_secs(10),
+        || status(dir.path())["peers"][0]["bfd"] == "Up",
+    );
     // The resource goes: the peering goes, and so does the route.
     lab.etcdctl(&["del", "/tessera/v1/config/bgppeers/tor"])
         .expect("delete bgppeer");
