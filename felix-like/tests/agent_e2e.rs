@@ -20,6 +20,24 @@ fn cluster(test: &str) -> Cluster {
     c
 }
 
+/// Two nodes on one subnet, no underlay router; agents not started.
+fn two_nodes_one_subnet(test: &str) -> Cluster {
+    Cluster::new(
+        test,
+        ClusterSpec {
+            lab: tessera_testbed::LabSpec {
+                nodes: 2,
+                subnets: 1,
+                etcd: true,
+            },
+            pools: MODE_POOLS.into(),
+            router_bgp: false,
+            ..Default::default()
+        },
+    )
+    .expect("cluster")
+}
+
 /// Every pod reaches every pod of its pool on other nodes (waiting for convergence first).
 fn assert_full_mesh(c: &Cluster, pool: &str) {
     let idx: Vec<usize> = (0..c.pods.len())
@@ -390,20 +408,7 @@ fn a_pool_changes_mode_live() {
 
 #[test]
 fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
-    let mut c = Cluster::new(
-        "agent_bad",
-        ClusterSpec {
-            lab: tessera_testbed::LabSpec {
-                nodes: 2,
-                subnets: 1,
-                etcd: true,
-            },
-            pools: MODE_POOLS.into(),
-            router_bgp: false,
-            ..Default::default()
-        },
-    )
-    .expect("cluster");
+    let mut c = two_nodes_one_subnet("agent_bad");
     // etcd down at start: the agent keeps trying and says why it is not ready.
     c.lab.etcd().kill();
     c.start_agent("node1").expect("agent");
@@ -539,20 +544,7 @@ fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
 
 #[test]
 fn the_watch_reads_everything_again_after_its_revision_was_compacted() {
-    let mut c = Cluster::new(
-        "agent_compact",
-        ClusterSpec {
-            lab: tessera_testbed::LabSpec {
-                nodes: 2,
-                subnets: 1,
-                etcd: true,
-            },
-            pools: MODE_POOLS.into(),
-            router_bgp: false,
-            ..Default::default()
-        },
-    )
-    .expect("cluster");
+    let mut c = two_nodes_one_subnet("agent_compact");
     c.start_agents().expect("agents");
     c.wait_ready(Duration::from_secs(60)).expect("ready");
     let a = c.add_pod("node1", "vxlan-always").expect("pod");

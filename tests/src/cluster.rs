@@ -407,18 +407,7 @@ impl Cluster {
     /// translated. Returns its namespace (dropped with the cluster).
     pub fn add_outside_host(&mut self) -> anyhow::Result<Ipv4Addr> {
         let ns = Netns::new(&format!("{}-out", self.lab.prefix()))?;
-        self.lab.router.ip(&[
-            "link",
-            "add",
-            "out0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])?;
+        self.lab.router.veth_to("out0", &ns, "eth0")?;
         self.lab
             .router
             .ip(&["addr", "add", "203.0.113.254/24", "dev", "out0"])?;

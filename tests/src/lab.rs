@@ -125,18 +125,7 @@ impl Lab {
         v4: Ipv4Addr,
         v6: Ipv6Addr,
     ) -> anyhow::Result<()> {
-        self.router.ip(&[
-            "link",
-            "add",
-            port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])?;
+        self.router.veth_to(port, ns, "eth0")?;
         self.router
             .ip(&["link", "set", port, "master", &format!("br{s}"), "up"])?;
         ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;

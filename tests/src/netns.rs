@@ -69,6 +69,24 @@ impl Netns {
         ip(&full)
     }
 
+    /// A veth pair: `local` here, `remote` created directly inside `peer` (nothing passes
+    /// through the root namespace).
+    pub fn veth_to(&self, local: &str, peer: &Netns, remote: &str) -> anyhow::Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            local,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            remote,
+            "netns",
+            peer.name(),
+        ])?;
+        Ok(())
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         self.exec("sysctl", &["-qw", &format!("{key}={value}")])?;
         Ok(())

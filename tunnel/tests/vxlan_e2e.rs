@@ -282,20 +282,7 @@ fn ipv6_pools_over_an_ipv6_underlay() {
         let i = k + 1;
         let ns = Netns::new(&format!("{}-q{i}", lab.prefix())).expect("pod ns");
         let host = format!("cali{i}");
-        n.netns
-            .ip(&[
-                "link",
-                "add",
-                &host,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ])
-            .expect("veth");
+        n.netns.veth_to(&host, &ns, "eth0").expect("veth");
         n.netns
             .ip(&["link", "set", &host, "address", "ee:ee:ee:ee:ee:ee", "up"])
             .expect("host up");

@@ -92,20 +92,7 @@ pub fn pod(lab: &Lab, i: usize) -> Netns {
     let node = &lab.nodes[i - 1];
     let ns = Netns::new(&format!("{}-p{i}", lab.prefix())).expect("pod ns");
     let host = format!("cali{i}");
-    node.netns
-        .ip(&[
-            "link",
-            "add",
-            &host,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])
-        .expect("veth");
+    node.netns.veth_to(&host, &ns, "eth0").expect("veth");
     ns.ip(&["link", "set", "eth0", "mtu", "1450", "up"])
         .expect("up");
     ns.ip(&["addr", "add", &format!("{}/32", pod_ip(i)), "dev", "eth0"])
