@@ -638,8 +638,12 @@ impl Reconciler {
             changed
         };
         let prev = self.last.take();
-        if prev.as_ref().is_none_or(|p| p.my_blocks != d.my_blocks) {
-            self.send(Command::SetNetworks(d.my_blocks.clone())).await;
+        if prev
+            .as_ref()
+            .is_none_or(|p| p.my_blocks != d.my_blocks || p.my_borrowed != d.my_borrowed)
+        {
+            let nets = d.my_blocks.iter().chain(&d.my_borrowed).copied().collect();
+            self.send(Command::SetNetworks(nets)).await;
         }
         if prev.as_ref().is_none_or(|p| p.peers != d.peers) {
             self.send(Command::SetDynamicPeers(d.peers.clone())).await;

@@ -73,6 +73,21 @@ impl ClusterView {
             .find(|p| !p.spec.disabled && p.spec.cidr.contains(net.network()))
     }
 
+    /// Addresses `node`'s workloads hold in blocks that are not `node`'s (borrowed when its
+    /// own blocks were full, or left from a block whose affinity moved), as /32 or /128.
+    pub fn borrowed_by(&self, node: &str) -> Vec<IpNetwork> {
+        self.blocks
+            .iter()
+            .filter(|b| b.affinity.as_deref() != Some(node))
+            .flat_map(|b| {
+                b.allocated()
+                    .filter(|(_, a)| a.attrs.get("node").map(String::as_str) == Some(node))
+                    .map(|(ip, _)| IpNetwork::from(ip))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Blocks per affine node.
     pub fn blocks_of(&self, node: &str) -> Vec<IpNetwork> {
         self.blocks
@@ -164,6 +179,10 @@ pub struct Me {
 pub struct Desired {
     /// Blocks affine to us: announced over BGP, blackholed locally.
     pub my_blocks: Vec<IpNetwork>,
+    /// Our workloads' addresses in other nodes' blocks: announced as /32 (or /128) so that
+    /// the longest match beats the block's owner (never blackholed: the pod's own route is
+    /// there).
+    pub my_borrowed: Vec<IpNetwork>,
     /// `vxlan.calico` is wanted (some enabled IPv4 pool has a VXLAN mode).
     pub vxlan: bool,
     /// Neighbour and FDB entries on `vxlan.calico` (its `routes` stay empty: see `routes`).
@@ -184,6 +203,7 @@ pub struct Desired {
 pub fn desired(me: &Me, view: &ClusterView) -> Desired {
     let mut d = Desired {
         my_blocks: view.blocks_of(&me.name),
+        my_borrowed: view.borrowed_by(&me.name),
         ..Default::default()
     };
     d.problems.extend(
@@ -227,9 +247,11 @@ pub fn desired(me: &Me, view: &ClusterView) -> Desired {
             .iter()
             .filter(|n| n.name != me.name)
             .filter_map(|n| {
+                // Its blocks, and the addresses it borrowed, in this pool.
                 let blocks: Vec<IpNetwork> = view
                     .blocks_of(&n.name)
                     .into_iter()
+                    .chain(view.borrowed_by(&n.name))
                     .filter(|b| pool.spec.cidr.contains(b.network()))
                     .collect();
                 if blocks.is_empty() {
@@ -424,6 +446,36 @@ mod tests {
         v.pools[1].spec.vxlan_mode = EncapMode::Never;
         let d = desired(&me(), &v);
         assert!(d.routes.is_empty() && !d.vxlan);
+    }
+
+    #[test]
+    fn a_borrowed_address_is_routed_to_the_node_that_holds_it() {
+        let mut v = view();
+        // c (other subnet) holds 10.244.64.5 in a's block.
+        let attrs = [("node".to_string(), "c".to_string())].into();
+        v.blocks[2]
+            .assign_exact("10.244.64.5".parse().expect("ip"), "h", &attrs, |_| false)
+            .expect("assign");
+        let a = desired(&me(), &v);
+        assert!(a.routes.contains(&Route::Vxlan {
+            block: "10.244.64.5/32".parse().expect("net"),
+            via: "10.244.64.129".parse().expect("ip"),
+        }));
+        // a still blackholes (and announces) its block; the /32 wins by the longest match.
+        assert!(a
+            .my_blocks
+            .contains(&"10.244.64.0/26".parse().expect("net")));
+        assert!(a.my_borrowed.is_empty());
+        let c = desired(
+            &Me {
+                name: "c".into(),
+                asn: 64512,
+                v4: "198.18.2.10/24".parse().expect("net"),
+                v6: None,
+            },
+            &v,
+        );
+        assert_eq!(c.my_borrowed, vec!["10.244.64.5/32".parse().expect("net")]);
     }
 
     #[test]

@@ -127,6 +127,24 @@ fn an_agent_killed_during_pod_churn_converges_and_pings_lose_nothing() {
     c.finish();
 }
 
+/// Every pod pings every pod on another node (waiting for convergence first).
+fn assert_pods_reach_each_other(c: &Cluster) {
+    for i in 0..c.pods.len() {
+        for j in 0..c.pods.len() {
+            if i != j && c.pods[i].node != c.pods[j].node {
+                let to = c.pods[j].ip;
+                assert!(
+                    c.wait_ping(i, to, Duration::from_secs(15)),
+                    "{} on {} cannot reach {to} on {}",
+                    c.pods[i].ip,
+                    c.pods[i].node,
+                    c.pods[j].node
+                );
+            }
+        }
+    }
+}
+
 const TEN: &str = "
 apiVersion: tessera.dev/v1
 kind: IPPool
@@ -172,6 +190,16 @@ fn a_dead_nodes_addresses_and_routes_come_back_without_a_human() {
     assert!(all
         .iter()
         .all(|a| pool.contains(*a) && !(10..16).contains(&a.octets()[3])));
+    // node3's third pod borrowed an address from node2's block: it is announced as a /32,
+    // which wins over node2's block by the longest match.
+    assert!(
+        c.pods
+            .iter()
+            .any(|p| p.node == "node3" && !(8..10).contains(&p.ip.octets()[3])),
+        "{:?}",
+        c.pods.iter().map(|p| (&p.node, p.ip)).collect::<Vec<_>>()
+    );
+    assert_pods_reach_each_other(&c);
     // Exactly ten: the eleventh finds none.
     let err = c.add_pod("node1", "ten").expect_err("the pool is full");
     assert!(err.to_string().contains("\"code\""), "{err}");
@@ -253,5 +281,7 @@ fn a_dead_nodes_addresses_and_routes_come_back_without_a_human() {
     let now: BTreeSet<Ipv4Addr> = c.pods.iter().map(|p| p.ip).collect();
     assert_eq!(now.len(), 10);
     assert!(now.iter().all(|a| pool.contains(*a)));
+    // And they all reach each other.
+    assert_pods_reach_each_other(&c);
     c.finish();
 }
