@@ -429,6 +429,17 @@ fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
     c.wait_ready(Duration::from_secs(30))
         .expect("ready once etcd is back");
 
+    // An invalid pool YAML is refused as a whole with an error that names the field, and
+    // nothing of it reaches the datastore.
+    let bad = "apiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: { name: typo }\nspec: { cidr: 10.244.64.0/20, vxlanMod: Always }\n";
+    let err = c.lab.apply_yaml(bad).expect_err("invalid pool");
+    assert!(err.to_string().contains("vxlanMod"), "{err}");
+    assert!(c
+        .lab
+        .etcd_prefix("/tessera/v1/config/pools/typo")
+        .expect("etcd")
+        .is_empty());
+
     // A corrupt pool record: reported; the agent keeps serving what it knows.
     let a = c.add_pod("node1", "vxlan-always").expect("pod");
     let b = c.add_pod("node2", "vxlan-always").expect("pod");
