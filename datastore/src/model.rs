@@ -199,6 +199,9 @@ pub struct Node {
     pub vxlan_tunnel_address: Option<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vxlan_tunnel_mac: Option<String>,
+    /// The VTEP address of `vxlan-v6.calico` (IPv6 pools over the IPv6 underlay; same MAC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan_tunnel_address_v6: Option<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipip_tunnel_address: Option<IpAddr>,
 }

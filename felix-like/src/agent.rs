@@ -163,7 +163,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         last_me: None,
         nat_listing: None,
         mtu_written: None,
-        vxlan_up: false,
+        vxlan_up: [false; 2],
     };
     {
         let mut h = shared.health();
@@ -307,7 +307,7 @@ fn classify(m: &RouteNetlinkMessage) -> Notice {
         }
         RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l)
             if l.attributes.iter().any(
-                |a| matches!(a, LinkAttribute::IfName(n) if n == "vxlan.calico" || n == "tunl0"),
+                |a| matches!(a, LinkAttribute::IfName(n) if ["vxlan.calico", "vxlan-v6.calico", "tunl0"].contains(&n.as_str())),
             ) =>
         {
             Notice::Ours
@@ -365,7 +365,8 @@ struct Reconciler {
     last_me: Option<Node>,
     nat_listing: Option<String>,
     mtu_written: Option<u32>,
-    vxlan_up: bool,
+    /// vxlan.calico, vxlan-v6.calico are up.
+    vxlan_up: [bool; 2],
 }
 
 impl Reconciler {
@@ -422,14 +423,19 @@ impl Reconciler {
 
     /// The tunnel address for `kind` (vxlan/ipip): the one the handle holds, or a new one from
     /// one of `pools` (a block affine to us, like pod addresses).
-    async fn tunnel_address(&self, kind: &str, pools: Vec<String>) -> anyhow::Result<IpAddr> {
+    async fn tunnel_address(
+        &self,
+        kind: &str,
+        pools: Vec<String>,
+        v6: bool,
+    ) -> anyhow::Result<IpAddr> {
         let ipam = Ipam::new(self.kv.clone(), self.me.name.clone());
         let handle = format!("{kind}-tunnel-addr-{}", self.me.name);
         if let Some(a) = ipam
             .handle_addresses(&handle)
             .await?
             .into_iter()
-            .find(|a| a.is_ipv4())
+            .find(|a| a.is_ipv6() == v6)
         {
             return Ok(a);
         }
@@ -443,8 +449,8 @@ impl Reconciler {
                 ]
                 .into(),
             },
-            num_v4: 1,
-            num_v6: 0,
+            num_v4: usize::from(!v6),
+            num_v6: usize::from(v6),
             pools,
         };
         let a = ipam.auto_assign(&req).await?;
@@ -459,27 +465,36 @@ impl Reconciler {
             return Err("our Node record is missing".into());
         };
         let pools_with =
-            |f: &dyn Fn(&tessera_datastore::model::IpPoolSpec) -> bool| -> Vec<String> {
+            |v6: bool, f: &dyn Fn(&tessera_datastore::model::IpPoolSpec) -> bool| -> Vec<String> {
                 view.pools
                     .iter()
-                    .filter(|p| !p.spec.disabled && p.spec.cidr.is_ipv4() && f(&p.spec))
+                    .filter(|p| !p.spec.disabled && p.spec.cidr.is_ipv6() == v6 && f(&p.spec))
                     .map(|p| p.name.clone())
                     .collect()
             };
-        let vx = pools_with(&|s| s.vxlan_mode != EncapMode::Never);
-        let ip = pools_with(&|s| s.ipip_mode != EncapMode::Never);
+        let vx = pools_with(false, &|s| s.vxlan_mode != EncapMode::Never);
+        let vx6 = pools_with(true, &|s| s.vxlan_mode != EncapMode::Never);
+        let ip = pools_with(false, &|s| s.ipip_mode != EncapMode::Never);
         let mut changed = false;
         if !vx.is_empty() && node.vxlan_tunnel_address.is_none() {
             let a = self
-                .tunnel_address("vxlan", vx)
+                .tunnel_address("vxlan", vx, false)
                 .await
                 .map_err(|e| format!("VXLAN tunnel address: {e}"))?;
             node.vxlan_tunnel_address = Some(a);
             changed = true;
         }
+        if !vx6.is_empty() && node.vxlan_tunnel_address_v6.is_none() {
+            let a = self
+                .tunnel_address("vxlan-v6", vx6, true)
+                .await
+                .map_err(|e| format!("IPv6 VXLAN tunnel address: {e}"))?;
+            node.vxlan_tunnel_address_v6 = Some(a);
+            changed = true;
+        }
         if !ip.is_empty() && node.ipip_tunnel_address.is_none() {
             let a = self
-                .tunnel_address("ipip", ip)
+                .tunnel_address("ipip", ip, false)
                 .await
                 .map_err(|e| format!("IPIP tunnel address: {e}"))?;
             node.ipip_tunnel_address = Some(a);
@@ -489,6 +504,62 @@ impl Reconciler {
             put_node(&self.kv, &node).await.map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+
+    /// `vxlan.calico` (or `vxlan-v6.calico`) and its neighbour/FDB entries when `wanted`,
+    /// removed when not: Ok((device index if up, entries changed)), or why not ready.
+    async fn vxlan_device(
+        &mut self,
+        v6: bool,
+        wanted: bool,
+        vtep: Option<IpAddr>,
+        entries: &tessera_tunnel::desired::VxlanEntries,
+        full: bool,
+    ) -> Result<(Option<u32>, usize), String> {
+        let slot = usize::from(v6);
+        let name = if v6 {
+            "vxlan-v6.calico"
+        } else {
+            "vxlan.calico"
+        };
+        if !wanted {
+            if self.vxlan_up[slot] || full {
+                if let Err(e) = remove_device(&self.handle, name).await {
+                    tracing::warn!(device = name, error = %e, "cannot remove the device");
+                }
+            }
+            self.vxlan_up[slot] = false;
+            return Ok((None, 0));
+        }
+        let local = if v6 {
+            self.underlay.v6.map(|a| a.ip())
+        } else {
+            Some(self.underlay.v4.ip())
+        };
+        let (Some(vtep), Some(local)) = (vtep, local) else {
+            self.vxlan_up[slot] = false;
+            return Err(format!("waiting for our {name} tunnel address"));
+        };
+        let make = if v6 {
+            VxlanDevice::calico_v6
+        } else {
+            VxlanDevice::calico
+        };
+        let dev = make(
+            local,
+            &self.underlay.interface,
+            self.underlay_mtu,
+            vtep_mac(&self.me.name),
+            vtep,
+        );
+        let idx = ensure_device(&self.handle, &dev)
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+        self.vxlan_up[slot] = true;
+        let changed = ensure_neighbours(&self.handle, idx, entries)
+            .await
+            .map_err(|e| format!("{name} entries: {e}"))?;
+        Ok((Some(idx), changed))
     }
 
     async fn reconcile(&mut self, synced: &Synced, pass: Pass) {
@@ -528,38 +599,37 @@ impl Reconciler {
         }
         let mut corrections = 0usize;
 
-        // VXLAN device and entries.
+        // VXLAN devices and entries, per family.
         let my = view.node(&self.me.name);
-        let mut vxlan_dev = None;
-        if d.vxlan {
-            match my.and_then(|n| n.vxlan_tunnel_address) {
-                Some(vtep) => {
-                    let dev = VxlanDevice::calico(
-                        self.underlay.v4.ip(),
-                        &self.underlay.interface,
-                        self.underlay_mtu,
-                        vtep_mac(&self.me.name),
-                        vtep,
-                    );
-                    match ensure_device(&self.handle, &dev).await {
-                        Ok(idx) => {
-                            vxlan_dev = Some(idx);
-                            match ensure_neighbours(&self.handle, idx, &d.vxlan_entries).await {
-                                Ok(n) => corrections += n,
-                                Err(e) => not_ready.push(format!("VXLAN entries: {e}")),
-                            }
-                        }
-                        Err(e) => not_ready.push(format!("vxlan.calico: {e}")),
-                    }
+        let vxlan_dev = self
+            .vxlan_device(
+                false,
+                d.vxlan,
+                my.and_then(|n| n.vxlan_tunnel_address),
+                &d.vxlan_entries,
+                full,
+            )
+            .await;
+        let vxlan6_dev = self
+            .vxlan_device(
+                true,
+                d.vxlan_v6,
+                my.and_then(|n| n.vxlan_tunnel_address_v6),
+                &d.vxlan_v6_entries,
+                full,
+            )
+            .await;
+        let mut devices = [None, None];
+        for (slot, r) in [vxlan_dev, vxlan6_dev].into_iter().enumerate() {
+            match r {
+                Ok((idx, n)) => {
+                    devices[slot] = idx;
+                    corrections += n;
                 }
-                None => not_ready.push("waiting for our VXLAN tunnel address".into()),
-            }
-        } else if self.vxlan_up || full {
-            if let Err(e) = remove_device(&self.handle, "vxlan.calico").await {
-                tracing::warn!(error = %e, "cannot remove vxlan.calico");
+                Err(e) => not_ready.push(e),
             }
         }
-        self.vxlan_up = vxlan_dev.is_some();
+        let [vxlan_dev, vxlan6_dev] = devices;
 
         // IPIP: tunl0 (the kernel must have the ipip module).
         let mut tunl0 = None;
@@ -596,6 +666,9 @@ impl Reconciler {
         if let Some(dev) = vxlan_dev {
             routes.extend(d.routes.iter().map(|r| kernel_route(r, dev)));
         }
+        if let Some(dev) = vxlan6_dev {
+            routes.extend(d.routes_v6.iter().map(|r| kernel_route(r, dev)));
+        }
         match ensure_routes(&self.handle, &routes).await {
             Ok(c) => corrections += c.total(),
             Err(e) => not_ready.push(format!("routes: {e}")),
@@ -620,7 +693,13 @@ impl Reconciler {
         }
 
         // Pod MTU for the CNI plugin.
-        let mtu = tessera_tunnel::mtu::pod_mtu(self.underlay_mtu, d.vxlan, d.ipip);
+        let mut mtu = tessera_tunnel::mtu::pod_mtu(self.underlay_mtu, d.vxlan, d.ipip);
+        if d.vxlan_v6 {
+            mtu = mtu.min(
+                self.underlay_mtu
+                    .saturating_sub(tessera_tunnel::mtu::VXLAN_V6_OVERHEAD),
+            );
+        }
         if self.mtu_written != Some(mtu) {
             match tessera_tunnel::mtu::write_mtu_file(&self.cfg.mtu_file, mtu) {
                 Ok(()) => self.mtu_written = Some(mtu),

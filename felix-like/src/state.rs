@@ -189,6 +189,10 @@ pub struct Desired {
     pub vxlan_entries: VxlanEntries,
     /// Routes of VXLAN pools (onlink via VTEPs, or native via same-subnet nodes).
     pub routes: Vec<Route>,
+    /// The same for IPv6 pools: `vxlan-v6.calico` over the IPv6 underlay.
+    pub vxlan_v6: bool,
+    pub vxlan_v6_entries: VxlanEntries,
+    pub routes_v6: Vec<Route>,
     /// IPIP pools exist: tunl0 is needed.
     pub ipip: bool,
     pub nat: NatRules,
@@ -197,6 +201,76 @@ pub struct Desired {
     pub peers: Vec<PeerConfig>,
     /// Records we could not use, with why (surfaced in logs and /readyz).
     pub problems: Vec<String>,
+}
+
+/// One family's VXLAN: whether its device is wanted, its neighbour/FDB entries, its routes.
+struct FamilyVxlan {
+    wanted: bool,
+    entries: VxlanEntries,
+    routes: Vec<Route>,
+}
+
+fn vxlan(
+    me: &Me,
+    view: &ClusterView,
+    enabled: &[&IpPool],
+    ipv6: bool,
+    problems: &mut Vec<String>,
+) -> FamilyVxlan {
+    let pools: Vec<&&IpPool> = enabled
+        .iter()
+        .filter(|p| p.spec.cidr.is_ipv6() == ipv6 && p.spec.vxlan_mode != EncapMode::Never)
+        .collect();
+    let mut out = FamilyVxlan {
+        wanted: !pools.is_empty(),
+        entries: VxlanEntries::default(),
+        routes: Vec::new(),
+    };
+    let local = if ipv6 { me.v6 } else { Some(me.v4) };
+    let Some(local) = local.filter(|_| out.wanted) else {
+        if out.wanted {
+            problems.push("IPv6 VXLAN pools need an IPv6 underlay address on this node".into());
+            out.wanted = false;
+        }
+        return out;
+    };
+    let mut neighbours = BTreeMap::new();
+    let mut fdb = BTreeMap::new();
+    for pool in &pools {
+        let remotes: Vec<RemoteNode> = view
+            .nodes
+            .iter()
+            .filter(|n| n.name != me.name)
+            .filter_map(|n| {
+                // Its blocks, and the addresses it borrowed, in this pool.
+                let blocks: Vec<IpNetwork> = view
+                    .blocks_of(&n.name)
+                    .into_iter()
+                    .chain(view.borrowed_by(&n.name))
+                    .filter(|b| pool.spec.cidr.contains(b.network()))
+                    .collect();
+                if blocks.is_empty() {
+                    return None;
+                }
+                match RemoteNode::from_node(n, blocks, ipv6) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        problems.push(format!("pool {}: {e}", pool.name));
+                        None
+                    }
+                }
+            })
+            .collect();
+        let e = tessera_tunnel::desired::vxlan_entries(local, mode(pool.spec.vxlan_mode), &remotes);
+        neighbours.extend(e.neighbours);
+        fdb.extend(e.fdb);
+        out.routes.extend(e.routes);
+    }
+    out.entries.neighbours = neighbours.into_iter().collect();
+    out.entries.fdb = fdb.into_iter().collect();
+    out.routes.sort();
+    out.routes.dedup();
+    out
 }
 
 /// The pure calculation.
@@ -233,48 +307,11 @@ pub fn desired(me: &Me, view: &ClusterView) -> Desired {
         .iter()
         .any(|p| p.spec.cidr.is_ipv4() && p.spec.ipip_mode != EncapMode::Never);
 
-    // VXLAN (IPv4 pools): per pool, the entries towards every other node with blocks in it.
-    let vxlan_pools: Vec<&&IpPool> = enabled
-        .iter()
-        .filter(|p| p.spec.cidr.is_ipv4() && p.spec.vxlan_mode != EncapMode::Never)
-        .collect();
-    d.vxlan = !vxlan_pools.is_empty();
-    let mut neighbours = BTreeMap::new();
-    let mut fdb = BTreeMap::new();
-    for pool in &vxlan_pools {
-        let remotes: Vec<RemoteNode> = view
-            .nodes
-            .iter()
-            .filter(|n| n.name != me.name)
-            .filter_map(|n| {
-                // Its blocks, and the addresses it borrowed, in this pool.
-                let blocks: Vec<IpNetwork> = view
-                    .blocks_of(&n.name)
-                    .into_iter()
-                    .chain(view.borrowed_by(&n.name))
-                    .filter(|b| pool.spec.cidr.contains(b.network()))
-                    .collect();
-                if blocks.is_empty() {
-                    return None;
-                }
-                match RemoteNode::from_node(n, blocks, false) {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        d.problems.push(format!("pool {}: {e}", pool.name));
-                        None
-                    }
-                }
-            })
-            .collect();
-        let e = tessera_tunnel::desired::vxlan_entries(me.v4, mode(pool.spec.vxlan_mode), &remotes);
-        neighbours.extend(e.neighbours);
-        fdb.extend(e.fdb);
-        d.routes.extend(e.routes);
-    }
-    d.vxlan_entries.neighbours = neighbours.into_iter().collect();
-    d.vxlan_entries.fdb = fdb.into_iter().collect();
-    d.routes.sort();
-    d.routes.dedup();
+    // VXLAN: per family, per pool, the entries towards every other node with blocks in it.
+    let v4 = vxlan(me, view, &enabled, false, &mut d.problems);
+    (d.vxlan, d.vxlan_entries, d.routes) = (v4.wanted, v4.entries, v4.routes);
+    let v6 = vxlan(me, view, &enabled, true, &mut d.problems);
+    (d.vxlan_v6, d.vxlan_v6_entries, d.routes_v6) = (v6.wanted, v6.entries, v6.routes);
 
     // BGP: the full mesh (or reflectors) over live nodes, and external peers.
     let live_nodes: Vec<Node> = view

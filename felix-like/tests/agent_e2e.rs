@@ -607,3 +607,69 @@ fn the_watch_reads_everything_again_after_its_revision_was_compacted() {
     assert!(c.wait_ping(a, to, Duration::from_secs(15)));
     c.finish();
 }
+
+#[test]
+fn ipv6_pools_cross_nodes_over_vxlan_v6() {
+    let pools = format!(
+        "{MODE_POOLS}---\napiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: {{ name: v6-vxlan }}\nspec: {{ cidr: \"fd10:244::/48\", blockSize: 122, vxlanMode: Always }}\n"
+    );
+    let mut c = Cluster::new(
+        "agent_v6",
+        ClusterSpec {
+            pools,
+            ..Default::default()
+        },
+    )
+    .expect("cluster");
+    c.start_agents().expect("agents");
+    c.wait_ready(Duration::from_secs(60)).expect("ready");
+    let nodes: Vec<String> = c.lab.nodes.iter().map(|n| n.name.clone()).collect();
+    for n in &nodes {
+        c.add_pod_with(n, "vxlan-always", Some("v6-vxlan"))
+            .expect("dual-stack pod");
+    }
+    // Every pod reaches every other over IPv6, across the router (IPv6 underlay).
+    for i in 0..c.pods.len() {
+        for j in 0..c.pods.len() {
+            if i == j {
+                continue;
+            }
+            let to = c.pods[j].ip6.expect("an IPv6 address");
+            assert!(
+                c.wait_ping(i, to, Duration::from_secs(15)),
+                "{} cannot reach {to}",
+                c.pods[i].node
+            );
+        }
+    }
+    // The device and a route through it, in the kernel.
+    let ns = &c.lab.node("node1").netns;
+    let dev = ns
+        .ip_json(&["-d", "link", "show", "vxlan-v6.calico"])
+        .expect("vxlan-v6.calico");
+    let info = &dev[0]["linkinfo"]["info_data"];
+    assert_eq!(
+        (info["id"].as_u64(), info["port"].as_u64()),
+        (Some(6096), Some(4789)),
+        "{info}"
+    );
+    assert_eq!(dev[0]["mtu"], 1430);
+    let far = c.pods.iter().find(|p| p.node == "node2").expect("pod");
+    let routes = ns.ip_json(&["-6", "route", "show"]).expect("routes");
+    let via_vxlan = routes.as_array().expect("routes").iter().any(|r| {
+        r["dev"] == "vxlan-v6.calico"
+            && r["dst"]
+                .as_str()
+                .and_then(|d| d.parse::<ipnetwork::IpNetwork>().ok())
+                .is_some_and(|d| d.contains(std::net::IpAddr::V6(far.ip6.expect("v6"))))
+    });
+    assert!(
+        via_vxlan,
+        "no route to {:?} through vxlan-v6.calico: {routes}",
+        far.ip6
+    );
+    // Pods get the smaller MTU the IPv6 encapsulation needs.
+    let mtu = std::fs::read_to_string(c.mtu_file("node1")).expect("mtu file");
+    assert_eq!(mtu.trim(), "1430");
+    c.finish();
+}

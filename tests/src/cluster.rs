@@ -61,8 +61,19 @@ pub struct Pod {
     pub node: String,
     pub pool: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, for pods started with an IPv6 pool too.
+    pub ip6: Option<std::net::Ipv6Addr>,
     pub netns: Netns,
     container_id: String,
+}
+
+/// What the CNI plugin is told about a pod.
+struct PodRef<'a> {
+    node: &'a str,
+    name: &'a str,
+    container_id: &'a str,
+    netns: &'a Netns,
+    ipv6: bool,
 }
 
 /// Options for the cluster.
@@ -294,7 +305,7 @@ impl Cluster {
         Ok(())
     }
 
-    fn cni_config(&self, node: &str) -> String {
+    fn cni_config(&self, node: &str, ipv6: bool) -> String {
         serde_json::json!({
             "cniVersion": "1.1.0",
             "name": "k8s-pod-network",
@@ -303,42 +314,39 @@ impl Cluster {
             "datastore": { "etcdEndpoints": [self.lab.etcd_endpoint()], "timeoutMs": 3000 },
             "mtuFile": self.mtu_file(node),
             "logFile": self.dir.path().join("cni.log"),
-            "ipam": { "type": "tessera-ipam", "assignIpv4": true, "assignIpv6": false }
+            "ipam": { "type": "tessera-ipam", "assignIpv4": true, "assignIpv6": ipv6 }
         })
         .to_string()
     }
 
-    fn cni(
-        &self,
-        node: &str,
-        command: &str,
-        pod: &str,
-        container_id: &str,
-        netns: &str,
-    ) -> anyhow::Result<serde_json::Value> {
-        let i = self.node_index(node);
+    /// Runs the CNI plugin for one pod, as a runtime would.
+    fn cni(&self, command: &str, p: &PodRef<'_>) -> anyhow::Result<serde_json::Value> {
+        let i = self.node_index(p.node);
         let plugin = bin("tessera");
         let mut cmd: Command = self.lab.nodes[i].netns.command(&plugin.to_string_lossy());
         cmd.env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", container_id)
-            .env("CNI_NETNS", netns)
+            .env("CNI_CONTAINERID", p.container_id)
+            .env("CNI_NETNS", p.netns.path())
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", plugin.parent().unwrap_or(Path::new("/")))
             .env(
                 "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={}",
+                    p.name
+                ),
             )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(self.cni_config(node).as_bytes())?;
+            stdin.write_all(self.cni_config(p.node, p.ipv6).as_bytes())?;
         }
         let out = child.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
-            anyhow::bail!("CNI {command} of {pod} on {node}: {text}");
+            anyhow::bail!("CNI {command} of {} on {}: {text}", p.name, p.node);
         }
         Ok(if text.trim().is_empty() {
             serde_json::Value::Null
@@ -349,10 +357,21 @@ impl Cluster {
 
     /// Starts a pod on `node` with an address from `pool`; returns its index.
     pub fn add_pod(&mut self, node: &str, pool: &str) -> anyhow::Result<usize> {
+        self.add_pod_with(node, pool, None)
+    }
+
+    /// Starts a pod with an IPv4 address from `pool` and, with `pool6`, an IPv6 one too.
+    pub fn add_pod_with(
+        &mut self,
+        node: &str,
+        pool: &str,
+        pool6: Option<&str>,
+    ) -> anyhow::Result<usize> {
         self.pod_seq += 1;
         let name = format!("{node}-{pool}-{}", self.pod_seq);
         let intent = PodIntent {
             ipv4_pools: vec![pool.to_string()],
+            ipv6_pools: pool6.into_iter().map(String::from).collect(),
             ..Default::default()
         };
         self.lab.etcdctl(&[
@@ -362,17 +381,40 @@ impl Cluster {
         ])?;
         let netns = Netns::new(&format!("{}-p{}", self.lab.prefix(), self.pod_seq))?;
         let container_id = format!("{:064x}", self.pod_seq);
-        let r = self.cni(node, "ADD", &name, &container_id, &netns.path())?;
-        let ip: Ipv4Addr = r["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
+        let r = self.cni(
+            "ADD",
+            &PodRef {
+                node,
+                name: &name,
+                container_id: &container_id,
+                netns: &netns,
+                ipv6: pool6.is_some(),
+            },
+        )?;
+        let addrs: Vec<std::net::IpAddr> = r["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str())
+            .filter_map(|a| a.split('/').next()?.parse().ok())
+            .collect();
+        let ip = addrs
+            .iter()
+            .find_map(|a| match a {
+                std::net::IpAddr::V4(v) => Some(*v),
+                _ => None,
+            })
             .ok_or_else(|| anyhow::anyhow!("no IPv4 address in {r}"))?;
+        let ip6 = addrs.iter().find_map(|a| match a {
+            std::net::IpAddr::V6(v) => Some(*v),
+            _ => None,
+        });
         self.pods.push(Pod {
             name,
             node: node.to_string(),
             pool: pool.to_string(),
             ip,
+            ip6,
             netns,
             container_id,
         });
@@ -382,17 +424,31 @@ impl Cluster {
     /// CNI DEL of a pod, and its namespace gone.
     pub fn delete_pod(&mut self, i: usize) -> anyhow::Result<()> {
         let p = self.pods.remove(i);
-        self.cni(&p.node, "DEL", &p.name, &p.container_id, &p.netns.path())?;
+        self.cni(
+            "DEL",
+            &PodRef {
+                node: &p.node,
+                name: &p.name,
+                container_id: &p.container_id,
+                netns: &p.netns,
+                ipv6: p.ip6.is_some(),
+            },
+        )?;
         Ok(())
     }
 
     /// One ping from pod `from` to `to`: the round trip in ms, or None if it did not cross.
-    pub fn ping(&self, from: usize, to: Ipv4Addr) -> Option<f64> {
+    pub fn ping(&self, from: usize, to: impl Into<std::net::IpAddr>) -> Option<f64> {
         ping_in(&self.pods[from].netns, to, 1)
     }
 
     /// Waits until pod `from` reaches `to` (convergence), or `timeout`.
-    pub fn wait_ping(&self, from: usize, to: Ipv4Addr, timeout: Duration) -> bool {
+    pub fn wait_ping(
+        &self,
+        from: usize,
+        to: impl Into<std::net::IpAddr> + Copy,
+        timeout: Duration,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.ping(from, to).is_some() {
@@ -492,7 +548,8 @@ impl ContinuousPing {
 }
 
 /// `ping -c1 -W<secs>` from `ns`: the round trip in ms.
-pub fn ping_in(ns: &Netns, to: Ipv4Addr, wait_secs: u32) -> Option<f64> {
+pub fn ping_in(ns: &Netns, to: impl Into<std::net::IpAddr>, wait_secs: u32) -> Option<f64> {
+    let to: std::net::IpAddr = to.into();
     let out = ns
         .exec(
             "ping",

@@ -32,8 +32,8 @@ pub enum NodeError {
     NoVtepMac(String),
     #[error("node {node} has an invalid VTEP MAC {mac:?}")]
     BadVtepMac { node: String, mac: String },
-    #[error("node {0} has no VTEP address (vxlanTunnelAddress)")]
-    NoVtepAddress(String),
+    #[error("node {node} has no VTEP address ({field})")]
+    NoVtepAddress { node: String, field: &'static str },
     #[error("node {node}: no {family} underlay address")]
     NoUnderlay { node: String, family: &'static str },
     #[error("node {node}: VTEP address {vtep} is not of the underlay's family")]
@@ -53,9 +53,19 @@ impl RemoteNode {
                 node: n.name.clone(),
                 family,
             })?;
-        let vtep_ip = n
-            .vxlan_tunnel_address
-            .ok_or_else(|| NodeError::NoVtepAddress(n.name.clone()))?;
+        let vtep_ip = if ipv6 {
+            n.vxlan_tunnel_address_v6
+        } else {
+            n.vxlan_tunnel_address
+        }
+        .ok_or_else(|| NodeError::NoVtepAddress {
+            node: n.name.clone(),
+            field: if ipv6 {
+                "vxlanTunnelAddressV6"
+            } else {
+                "vxlanTunnelAddress"
+            },
+        })?;
         if vtep_ip.is_ipv6() != ipv6 {
             return Err(NodeError::FamilyMismatch {
                 node: n.name.clone(),
