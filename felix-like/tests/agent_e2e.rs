@@ -6,15 +6,21 @@ use std::time::{Duration, Instant};
 
 use tessera_testbed::cluster::{Cluster, ClusterSpec, MODE_POOLS};
 
-fn cluster(test: &str) -> Cluster {
-    let mut c = Cluster::new(
+/// Four nodes on two subnets with the router, one pool per mode; agents not started.
+fn cluster_without_agents(test: &str) -> Cluster {
+    Cluster::new(
         test,
         ClusterSpec {
             pools: MODE_POOLS.into(),
             ..Default::default()
         },
     )
-    .expect("cluster");
+    .expect("cluster")
+}
+
+/// The same with every agent running and ready.
+fn cluster(test: &str) -> Cluster {
+    let mut c = cluster_without_agents(test);
     c.start_agents().expect("agents");
     c.wait_ready(Duration::from_secs(60)).expect("agents ready");
     c
@@ -139,14 +145,14 @@ fn pods_talk_across_nodes_in_every_mode_and_leave_through_nat() {
         "{info}"
     );
     assert_eq!(dev[0]["mtu"], 1450);
-    // The CNI plugin's MTU file: VXLAN pools exist, so underlay - 50.
+    // The CNI plugin's MTU file: the largest overhead in use wins (an IPv6 VXLAN pool: 70).
     let mtu = std::fs::read_to_string(c.mtu_file("node1")).expect("mtu file");
-    assert_eq!(mtu.trim(), "1450");
+    assert_eq!(mtu.trim(), "1430");
     let pod_mtu = c.pods[0]
         .netns
         .ip_json(&["link", "show", "eth0"])
         .expect("pod link");
-    assert_eq!(pod_mtu[0]["mtu"], 1450);
+    assert_eq!(pod_mtu[0]["mtu"], 1430);
 
     // A node reaches a remote pod.
     let far = pod("node2", "bgp");
@@ -610,22 +616,12 @@ fn the_watch_reads_everything_again_after_its_revision_was_compacted() {
 
 #[test]
 fn ipv6_pools_cross_nodes_over_vxlan_v6() {
-    let pools = format!(
-        "{MODE_POOLS}---\napiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: {{ name: v6-vxlan }}\nspec: {{ cidr: \"fd10:244::/48\", blockSize: 122, vxlanMode: Always }}\n"
-    );
-    let mut c = Cluster::new(
-        "agent_v6",
-        ClusterSpec {
-            pools,
-            ..Default::default()
-        },
-    )
-    .expect("cluster");
+    let mut c = cluster_without_agents("agent_v6");
     c.start_agents().expect("agents");
     c.wait_ready(Duration::from_secs(60)).expect("ready");
     let nodes: Vec<String> = c.lab.nodes.iter().map(|n| n.name.clone()).collect();
     for n in &nodes {
-        c.add_pod_with(n, "vxlan-always", Some("v6-vxlan"))
+        c.add_pod_with(n, "vxlan-always", Some("vxlan-v6"))
             .expect("dual-stack pod");
     }
     // Every pod reaches every other over IPv6, across the router (IPv6 underlay).

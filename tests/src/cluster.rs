@@ -18,7 +18,8 @@ use crate::{Lab, LabSpec, Netns};
 /// The router's BGP address (on subnet 0; nodes on other subnets reach it through it).
 pub const ROUTER_BGP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 
-/// One pool per mode: routed by BGP (with natOutgoing), VXLAN CrossSubnet, VXLAN Always.
+/// One pool per mode: routed by BGP (with natOutgoing), VXLAN CrossSubnet, VXLAN Always, and
+/// an IPv6 VXLAN pool.
 pub const MODE_POOLS: &str = "
 apiVersion: tessera.dev/v1
 kind: IPPool
@@ -34,6 +35,11 @@ apiVersion: tessera.dev/v1
 kind: IPPool
 metadata: { name: vxlan-always }
 spec: { cidr: 10.244.32.0/20, blockSize: 26, vxlanMode: Always }
+---
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: vxlan-v6 }
+spec: { cidr: \"fd10:244::/48\", blockSize: 122, vxlanMode: Always }
 ";
 
 /// Where the project's binaries are: next to this executable (bins) or one level up (tests

@@ -111,8 +111,10 @@ fn run(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
     interrupted(stop)?;
     let nodes: Vec<String> = c.lab.nodes.iter().map(|n| n.name.clone()).collect();
     for pool in &pools {
+        // The VXLAN Always pods are dual-stack: IPv6 from a VXLAN pool over the IPv6 underlay.
+        let pool6 = (*pool == "vxlan-always").then_some("vxlan-v6");
         for n in &nodes {
-            c.add_pod(n, pool)?;
+            c.add_pod_with(n, pool, pool6)?;
             interrupted(stop)?;
         }
     }
@@ -125,34 +127,54 @@ fn run(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
     // routes to converge, so each pair gets a few seconds before it counts as failed).
     let mut all_ok = true;
     let mut pairs = 0;
-    for pool in &pools {
-        let idx: Vec<usize> = (0..c.pods.len())
-            .filter(|&i| c.pods[i].pool == *pool)
-            .collect();
-        println!("\n{pool}: ping from row pod to column pod (ms)");
-        print!("{:>26}", "");
-        for &j in &idx {
-            print!(" {:>12}", format!("{}", c.pods[j].ip));
+    let mut tables: Vec<(String, Vec<(usize, std::net::IpAddr)>)> = pools
+        .iter()
+        .map(|pool| {
+            let pods = (0..c.pods.len())
+                .filter(|&i| c.pods[i].pool == *pool)
+                .map(|i| (i, std::net::IpAddr::V4(c.pods[i].ip)))
+                .collect();
+            (pool.to_string(), pods)
+        })
+        .collect();
+    tables.push((
+        "vxlan-v6 (IPv6)".into(),
+        c.pods
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.ip6.map(|a| (i, std::net::IpAddr::V6(a))))
+            .collect(),
+    ));
+    for (title, pods) in &tables {
+        // Rows: each pod and its address; columns: the pod it pings, by node.
+        let w = pods
+            .iter()
+            .map(|(i, a)| c.pods[*i].node.len() + 1 + a.to_string().len())
+            .max()
+            .unwrap_or(0);
+        println!("\n{title}: ping from row pod to column pod (ms)");
+        print!("{:>w$}", "");
+        for (i, _) in pods {
+            print!(" {:>8}", c.pods[*i].node);
         }
         println!();
-        for &i in &idx {
-            let p = &c.pods[i];
-            print!("{:>26}", format!("{} {}", p.node, p.ip));
-            for &j in &idx {
-                if i == j {
-                    print!(" {:>12}", "-");
+        let w8 = 8;
+        for &(i, from) in pods {
+            print!("{:>w$}", format!("{} {from}", c.pods[i].node));
+            for &(_, to) in pods {
+                if to == from {
+                    print!(" {:>w8$}", "-");
                     continue;
                 }
                 interrupted(stop)?;
-                let to = c.pods[j].ip;
                 let ok = c.wait_ping(i, to, Duration::from_secs(10));
                 let rtt = if ok { c.ping(i, to) } else { None };
                 pairs += 1;
                 match rtt {
-                    Some(ms) => print!(" {:>12}", format!("{ms:.3}")),
+                    Some(ms) => print!(" {:>w8$}", format!("{ms:.3}")),
                     None => {
                         all_ok = false;
-                        print!(" {:>12}", "FAIL");
+                        print!(" {:>w8$}", "FAIL");
                     }
                 }
             }
@@ -178,8 +200,8 @@ fn run(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
     }
     println!();
     step(&format!(
-        "{pairs} pod pairs across {} modes: {}",
-        pools.len(),
+        "{pairs} pod pairs across {} tables: {}",
+        tables.len(),
         if all_ok {
             "all reachable"
         } else {
