@@ -88,6 +88,31 @@ impl Kernel {
         msg
     }
 
+    /// `prefix` with one next hop per (gateway, target): `nexthop via A nexthop via B`.
+    fn multipath_message(&self, prefix: IpNetwork, hops: &[(IpAddr, Target)]) -> RouteMessage {
+        use rtnetlink::packet_route::route::{RouteNextHop, RouteNextHopFlags};
+        let mut msg = self.message(prefix, None, &Target::Native);
+        let hops = hops
+            .iter()
+            .map(|(gw, t)| {
+                let (flags, dev) = match t {
+                    Target::Onlink(dev) => (RouteNextHopFlags::Onlink, *dev),
+                    _ => (RouteNextHopFlags::empty(), 0),
+                };
+                let mut hop = RouteNextHop::default();
+                hop.flags = flags;
+                hop.interface_index = dev;
+                hop.attributes = vec![RouteAttribute::Gateway(match gw {
+                    IpAddr::V4(a) => RouteAddress::Inet(*a),
+                    IpAddr::V6(a) => RouteAddress::Inet6(*a),
+                })];
+                hop
+            })
+            .collect();
+        msg.attributes.push(RouteAttribute::MultiPath(hops));
+        msg
+    }
+
     pub async fn replace(
         &self,
         prefix: IpNetwork,
@@ -154,6 +179,8 @@ impl Kernel {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelOp {
     Replace(IpNetwork, IpAddr, Target),
+    /// An equal-cost multipath route (ECMP on): one next hop per path.
+    ReplaceMulti(IpNetwork, Vec<(IpAddr, Target)>),
     Delete(IpNetwork),
 }
 
@@ -198,7 +225,9 @@ impl Kernel {
             batch.reverse();
             batch.retain(|op| {
                 seen.insert(match op {
-                    KernelOp::Replace(p, ..) | KernelOp::Delete(p) => *p,
+                    KernelOp::Replace(p, ..)
+                    | KernelOp::ReplaceMulti(p, _)
+                    | KernelOp::Delete(p) => *p,
                 })
             });
             drop(seen);
@@ -230,6 +259,10 @@ impl Kernel {
         let (inner, flags) = match op {
             KernelOp::Replace(p, nh, t) if *t != Target::Skip => (
                 RouteNetlinkMessage::NewRoute(self.message(*p, Some(*nh), t)),
+                NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
+            ),
+            KernelOp::ReplaceMulti(p, hops) => (
+                RouteNetlinkMessage::NewRoute(self.multipath_message(*p, hops)),
                 NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
             ),
             // Skip, or gone: delete ours (the kernel matches protocol and table).

@@ -300,6 +300,14 @@ impl Rib {
         self.table.iter().map(|(k, p)| (k, p.best()))
     }
 
+    /// The equal-cost set of `prefix` (empty unless ECMP is on and it has one).
+    pub fn multipath(&self, prefix: &IpNetwork) -> &[Path] {
+        self.multipaths
+            .get(prefix)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
     /// Prefixes in the Loc-RIB (constant time: the speaker reports it after every event).
     pub fn loc_len(&self) -> usize {
         self.table.len()

@@ -21,7 +21,7 @@ use crate::packet::{
     self, add_as4_path, Capability, Ctx, Message, Open, Origin, PathAttr, Update, AFI_IPV6,
     SAFI_UNICAST,
 };
-use crate::rib::{export, to_path_attrs, Attrs, BestChange, Local, PeerInfo, Rib};
+use crate::rib::{export, to_path_attrs, Attrs, BestChange, Local, Path, PeerInfo, Rib};
 
 enum ToPeer {
     Send(Vec<Message>),
@@ -416,8 +416,13 @@ impl SpeakerState {
                 });
                 p.state = State::Established;
                 p.eor.clear();
+                // RFC 4724 §4.2: routes are retained only for the families the peer lists as
+                // preserved across its restart; a capability without any (BIRD's default
+                // "aware" mode) asks for none.
                 let peer_gr = open.capabilities.iter().find_map(|c| match c {
-                    Capability::GracefulRestart { time, .. } => Some(*time),
+                    Capability::GracefulRestart { time, families, .. } if !families.is_empty() => {
+                        Some(*time)
+                    }
                     _ => None,
                 });
                 p.up = Some(Up {
@@ -563,6 +568,27 @@ impl SpeakerState {
         self.changes(ch).await;
     }
 
+    /// The kernel route for a learned selection: one next hop, or (ECMP) one per equal
+    /// path whose target is in the kernel.
+    fn kernel_op(&self, prefix: IpNetwork, best: &Path, multipath: &[Path]) -> KernelOp {
+        let hops: Vec<(IpAddr, crate::kernel::Target)> = multipath
+            .iter()
+            .filter(|p| p.peer.is_some())
+            .map(|p| {
+                (
+                    p.attrs.next_hop,
+                    self.target.target(prefix, p.attrs.next_hop),
+                )
+            })
+            .filter(|(_, t)| *t != crate::kernel::Target::Skip)
+            .collect();
+        if hops.len() > 1 {
+            return KernelOp::ReplaceMulti(prefix, hops);
+        }
+        let t = self.target.target(prefix, best.attrs.next_hop);
+        KernelOp::Replace(prefix, best.attrs.next_hop, t)
+    }
+
     /// Every learned best route to the kernel again (idempotent replaces).
     fn resync_kernel(&self) {
         let Some(k) = &self.kernel else { return };
@@ -570,10 +596,7 @@ impl SpeakerState {
             .rib
             .loc_rib()
             .filter(|(_, best)| best.peer.is_some())
-            .map(|(prefix, best)| {
-                let t = self.target.target(*prefix, best.attrs.next_hop);
-                KernelOp::Replace(*prefix, best.attrs.next_hop, t)
-            })
+            .map(|(prefix, best)| self.kernel_op(*prefix, best, self.rib.multipath(prefix)))
             .collect();
         if !ops.is_empty() {
             let _ = k.send(ops);
@@ -588,9 +611,12 @@ impl SpeakerState {
             let mut ops = Vec::with_capacity(changes.len());
             for c in &changes {
                 match c {
-                    BestChange::Best { prefix, best, .. } if best.peer.is_some() => {
-                        let t = self.target.target(*prefix, best.attrs.next_hop);
-                        ops.push(KernelOp::Replace(*prefix, best.attrs.next_hop, t));
+                    BestChange::Best {
+                        prefix,
+                        best,
+                        multipath,
+                    } if best.peer.is_some() => {
+                        ops.push(self.kernel_op(*prefix, best, multipath));
                     }
                     // Our own prefix became best, or nothing is left: remove a learned
                     // route if there was one (deleting one that is not there is a no-op:

@@ -865,3 +865,83 @@ fn external_peers_come_from_bgppeer_resources_in_the_datastore() {
     drop(bird);
     lab.finish();
 }
+
+#[test]
+fn ecmp_installs_every_equal_path_in_the_kernel() {
+    let lab = Lab::new(
+        "bgp_ecmp",
+        LabSpec {
+            nodes: 3,
+            subnets: 1,
+            etcd: false,
+        },
+    )
+    .expect("lab");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ip = |i: usize| lab.nodes[i].ipv4.ip().to_string();
+    let ip6 = |i: usize| lab.nodes[i].ipv6.ip().to_string();
+    let (a1, a16) = (ip(0), ip6(0));
+    // node2 and node3 both announce 10.244.9.0/24 with equal attributes (iBGP, next hop self).
+    // No graceful restart (BIRD then only says it is GR-aware, preserving no family): a BIRD
+    // that stops takes its path with it at once.
+    let mut birds: Vec<Bird> = [1, 2]
+        .iter()
+        .map(|&i| {
+            let bdir = dir.path().join(format!("bird{i}"));
+            std::fs::create_dir_all(&bdir).expect("mkdir");
+            let conf = bird_conf(
+                &bdir,
+                &ip(i),
+                64512,
+                &a1,
+                64512,
+                "10.244.9.0/24",
+                "fd10:244::9:0/122",
+                &ip6(i),
+            )
+            .replace("  graceful restart on;\n", "");
+            Bird::start(&lab.nodes[i].netns, &bdir, &conf)
+        })
+        .collect();
+    let conf = routed_conf(
+        dir.path(),
+        64512,
+        &a1,
+        &a16,
+        &ip(1),
+        64512,
+        &["10.244.1.0/26"],
+    ) + &format!(
+        "  - {{ address: {}, asn: 64512, localAddress: {a1} }}\necmp: true\n",
+        ip(2)
+    );
+    let mut routed = start_routed(&lab.nodes[0].netns, dir.path(), &conf);
+    let hops = |r: &serde_json::Value| -> Vec<String> {
+        r["nexthops"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h["gateway"].as_str().map(String::from))
+            .collect()
+    };
+    wait_for(
+        "a route with both next hops",
+        Duration::from_secs(20),
+        || {
+            route(&lab.nodes[0].netns, false, "10.244.9.0/24").is_some_and(|r| {
+                let mut h = hops(&r);
+                h.sort();
+                h == [ip(1), ip(2)]
+            })
+        },
+    );
+    // One path goes: a single next hop is left.
+    drop(birds.pop());
+    wait_for("the remaining next hop", Duration::from_secs(20), || {
+        route(&lab.nodes[0].netns, false, "10.244.9.0/24")
+            .is_some_and(|r| hops(&r).is_empty() && r["gateway"] == ip(1).as_str())
+    });
+    routed.stop(Duration::from_secs(2));
+    drop(birds);
+    lab.finish();
+}
