@@ -114,7 +114,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             hold_time: cfg.bgp.hold_time,
             connect_retry_seconds: 1,
             graceful_restart_seconds: cfg.bgp.graceful_restart_seconds,
-            cluster_id: None,
+            // A node labelled as a route reflector reflects (cluster id: its router id).
+            cluster_id: cfg
+                .labels
+                .get(tessera_routed::mesh::REFLECTOR_LABEL)
+                .is_some_and(|v| v == "true")
+                .then_some(router_id),
             ecmp: false,
             kernel: Default::default(),
             networks: vec![],
@@ -643,7 +648,7 @@ impl Reconciler {
                         tunnel_addr: a,
                     };
                     match ensure_ipip(&self.handle, &dev).await {
-                        Ok(idx) => tunnel_ok(&mut tunl0, idx),
+                        Ok(idx) => tunl0 = Some(idx),
                         Err(e @ TunnelError::IpipUnavailable) => {
                             not_ready.push(format!("IPIP pools cannot be served: {e}"))
                         }
@@ -781,10 +786,6 @@ impl Reconciler {
                 .inc_by(b.allocations.len() as i64);
         }
     }
-}
-
-fn tunnel_ok(slot: &mut Option<u32>, idx: u32) {
-    *slot = Some(idx);
 }
 
 async fn nat_current() -> Option<String> {
