@@ -669,3 +669,50 @@ fn ipv6_pools_cross_nodes_over_vxlan_v6() {
     assert_eq!(mtu.trim(), "1430");
     c.finish();
 }
+
+#[test]
+fn a_node_labelled_route_reflector_reflects_for_the_others() {
+    let mut c = Cluster::new(
+        "agent_rr",
+        ClusterSpec {
+            lab: tessera_testbed::LabSpec {
+                nodes: 3,
+                subnets: 1,
+                etcd: true,
+            },
+            pools: MODE_POOLS.into(),
+            router_bgp: false,
+            node_labels: [(
+                "node1".to_string(),
+                "tessera.dev/route-reflector=true".to_string(),
+            )]
+            .into(),
+            ..Default::default()
+        },
+    )
+    .expect("cluster");
+    c.start_agents().expect("agents");
+    c.wait_ready(Duration::from_secs(60)).expect("ready");
+    let p2 = c.add_pod("node2", "bgp").expect("pod");
+    let p3 = c.add_pod("node3", "bgp").expect("pod");
+    // node2 and node3 peer only with node1, which reflects each one's block to the other.
+    let to = c.pods[p3].ip;
+    assert!(
+        c.wait_ping(p2, to, Duration::from_secs(20)),
+        "node2 -> node3 through reflected routes"
+    );
+    let r = c.routes("node2");
+    let learned = route_to(&r, &block_of(to)).expect("node3's block on node2");
+    assert_eq!(
+        (learned["gateway"].as_str(), learned["protocol"].as_str()),
+        (Some("198.18.0.12"), Some("80")),
+        "reflected with node3 as the next hop: {learned}"
+    );
+    let (_, m) = c.http("node2", "/metrics").expect("metrics");
+    let sessions = m
+        .lines()
+        .filter(|l| l.starts_with("tessera_bgp_session_established{"))
+        .count();
+    assert_eq!(sessions, 1, "node2 peers with the reflector only: {m}");
+    c.finish();
+}

@@ -92,6 +92,8 @@ pub struct ClusterSpec {
     pub agent_yaml: String,
     /// Run the underlay router's BGP speaker (needed for routed pools across subnets).
     pub router_bgp: bool,
+    /// Node labels (`k=v,k2=v2`) per node name, given to its agent.
+    pub node_labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ClusterSpec {
@@ -105,6 +107,7 @@ impl Default for ClusterSpec {
             pools: String::new(),
             agent_yaml: String::new(),
             router_bgp: true,
+            node_labels: Default::default(),
         }
     }
 }
@@ -223,6 +226,10 @@ impl Cluster {
             )
             .env("TESSERA_MTU_FILE", self.mtu_file(node))
             .env("TESSERA_LOG", "info")
+            .env(
+                "TESSERA_LABELS",
+                self.spec.node_labels.get(node).cloned().unwrap_or_default(),
+            )
             .stdout(Stdio::null())
             .stderr(log);
         self.agents[i] = Some(Child::spawn(cmd, &format!("tessera-node on {node}"))?);
