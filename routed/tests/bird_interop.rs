@@ -82,6 +82,21 @@ protocol bgp peer {{
     )
 }
 
+/// The usual BIRD on node2 (`a2`, AS 64512): iBGP with Tessera on node1 (`a1`), announcing
+/// 10.244.2.0/26 and fd10:244::2:0/122 (IPv6 next hop `a26`).
+fn node2_bird_conf(dir: &Path, a1: &str, a2: &str, a26: &str) -> String {
+    bird_conf(
+        dir,
+        a2,
+        64512,
+        a1,
+        64512,
+        "10.244.2.0/26",
+        "fd10:244::2:0/122",
+        a26,
+    )
+}
+
 fn start_routed(ns: &Netns, dir: &Path, conf: &str) -> Child {
     let path = dir.join("routed.yaml");
     std::fs::write(&path, conf).expect("routed.yaml");
@@ -310,20 +325,7 @@ fn graceful_restart_keeps_routes_and_traffic_while_tessera_restarts() {
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
     let [a1, a2, a16, a26] = addresses(&lab);
     pods_on_lo(&lab);
-    let bird = Bird::start(
-        &n2.netns,
-        &bdir,
-        &bird_conf(
-            &bdir,
-            &a2,
-            64512,
-            &a1,
-            64512,
-            "10.244.2.0/26",
-            "fd10:244::2:0/122",
-            &a26,
-        ),
-    );
+    let bird = Bird::start(&n2.netns, &bdir, &node2_bird_conf(&bdir, &a1, &a2, &a26));
     let conf = routed_conf(dir.path(), 64512, &a1, &a16, &a2, 64512, &["10.244.1.0/26"]);
     let mut routed = start_routed(&n1.netns, dir.path(), &conf);
     wait_for("routes both ways", Duration::from_secs(20), || {
@@ -576,20 +578,7 @@ fn bird_messages_decode_and_reencode_byte_for_byte() {
             .expect("tcpdump started");
         assert!(line.contains("listening"), "tcpdump: {line}");
     }
-    let bird = Bird::start(
-        &n2.netns,
-        &bdir,
-        &bird_conf(
-            &bdir,
-            &a2,
-            64512,
-            &a1,
-            64512,
-            "10.244.2.0/26",
-            "fd10:244::2:0/122",
-            &a26,
-        ),
-    );
+    let bird = Bird::start(&n2.netns, &bdir, &node2_bird_conf(&bdir, &a1, &a2, &a26));
     let mut routed = start_routed(
         &n1.netns,
         dir.path(),
@@ -658,17 +647,8 @@ fn md5_passwords_must_match() {
     let (lab, dir, bdir) = two_nodes("bgp_md5", false);
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
     let [a1, a2, a16, a26] = addresses(&lab);
-    let conf = bird_conf(
-        &bdir,
-        &a2,
-        64512,
-        &a1,
-        64512,
-        "10.244.2.0/26",
-        "fd10:244::2:0/122",
-        &a26,
-    )
-    .replace("  direct;\n", "  direct;\n  password \"s3cret\";\n");
+    let conf = node2_bird_conf(&bdir, &a1, &a2, &a26)
+        .replace("  direct;\n", "  direct;\n  password \"s3cret\";\n");
     let bird = Bird::start(&n2.netns, &bdir, &conf);
     let with = |pw: &str| {
         routed_conf(dir.path(), 64512, &a1, &a16, &a2, 64512, &["10.244.1.0/26"]).replace(
@@ -749,17 +729,7 @@ fn bfd_with_frr_detects_a_dead_peer_long_before_the_hold_time() {
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
     let [a1, a2, a16, a26] = addresses(&lab);
     // BGP with BIRD (no graceful restart: a dead peer's routes must go), BFD with FRR's bfdd.
-    let conf = bird_conf(
-        &bdir,
-        &a2,
-        64512,
-        &a1,
-        64512,
-        "10.244.2.0/26",
-        "fd10:244::2:0/122",
-        &a26,
-    )
-    .replace("  graceful restart on;\n", "");
+    let conf = node2_bird_conf(&bdir, &a1, &a2, &a26).replace("  graceful restart on;\n", "");
     let bird = Bird::start(&n2.netns, &bdir, &conf);
     let _bfdd = start_bfdd(&n2.netns, dir.path(), &a2, &a1);
 
