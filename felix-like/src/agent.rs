@@ -477,32 +477,39 @@ impl Reconciler {
                     .map(|p| p.name.clone())
                     .collect()
             };
-        let vx = pools_with(false, &|s| s.vxlan_mode != EncapMode::Never);
-        let vx6 = pools_with(true, &|s| s.vxlan_mode != EncapMode::Never);
-        let ip = pools_with(false, &|s| s.ipip_mode != EncapMode::Never);
+        let vxlan = |s: &tessera_datastore::model::IpPoolSpec| s.vxlan_mode != EncapMode::Never;
+        let ipip = |s: &tessera_datastore::model::IpPoolSpec| s.ipip_mode != EncapMode::Never;
+        // (handle kind, the pools that need it, IPv6, the Node field that records it)
+        let wanted: [(&str, Vec<String>, bool, &mut Option<IpAddr>); 3] = [
+            (
+                "vxlan",
+                pools_with(false, &vxlan),
+                false,
+                &mut node.vxlan_tunnel_address,
+            ),
+            (
+                "vxlan-v6",
+                pools_with(true, &vxlan),
+                true,
+                &mut node.vxlan_tunnel_address_v6,
+            ),
+            (
+                "ipip",
+                pools_with(false, &ipip),
+                false,
+                &mut node.ipip_tunnel_address,
+            ),
+        ];
         let mut changed = false;
-        if !vx.is_empty() && node.vxlan_tunnel_address.is_none() {
+        for (kind, pools, v6, field) in wanted {
+            if pools.is_empty() || field.is_some() {
+                continue;
+            }
             let a = self
-                .tunnel_address("vxlan", vx, false)
+                .tunnel_address(kind, pools, v6)
                 .await
-                .map_err(|e| format!("VXLAN tunnel address: {e}"))?;
-            node.vxlan_tunnel_address = Some(a);
-            changed = true;
-        }
-        if !vx6.is_empty() && node.vxlan_tunnel_address_v6.is_none() {
-            let a = self
-                .tunnel_address("vxlan-v6", vx6, true)
-                .await
-                .map_err(|e| format!("IPv6 VXLAN tunnel address: {e}"))?;
-            node.vxlan_tunnel_address_v6 = Some(a);
-            changed = true;
-        }
-        if !ip.is_empty() && node.ipip_tunnel_address.is_none() {
-            let a = self
-                .tunnel_address("ipip", ip, false)
-                .await
-                .map_err(|e| format!("IPIP tunnel address: {e}"))?;
-            node.ipip_tunnel_address = Some(a);
+                .map_err(|e| format!("{kind} tunnel address: {e}"))?;
+            *field = Some(a);
             changed = true;
         }
         if changed {
