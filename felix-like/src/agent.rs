@@ -81,7 +81,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         _ = &mut shutdown => return Ok(()),
     };
     register(&kv, &cfg, &underlay).await?;
-    let lease = NodeLease::acquire(
+    let mut lease = NodeLease::acquire(
         kv.clone(),
         &cfg.node_name,
         Duration::from_secs(cfg.lease_ttl_seconds),
@@ -160,7 +160,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         underlay,
         underlay_mtu,
         handle,
-        kv,
+        kv: kv.clone(),
         shared: shared.clone(),
         target,
         speaker: cfg.bgp.enabled.then_some(speaker_tx),
@@ -201,6 +201,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             _ = tick.tick() => {
                 shared.health().last_loop = Some(Instant::now());
                 node.speaker_status().await;
+                // Our liveness key must exist while we run: if it went (a partition longer
+                // than the TTL, or a hand), take a new lease at once, so that GC stops
+                // treating a running node as dead.
+                let lost = {
+                    let synced = view_rx.borrow();
+                    synced.in_sync && synced.view.revision > 0 && !synced.view.live.contains(&cfg.node_name)
+                };
+                if lost {
+                    tracing::error!("our liveness lease is gone while we run; taking a new one");
+                    match NodeLease::acquire(kv.clone(), &cfg.node_name, Duration::from_secs(cfg.lease_ttl_seconds)).await {
+                        Ok(l) => lease = l,
+                        Err(e) => tracing::warn!(error = %e, "cannot take a new liveness lease"),
+                    }
+                }
                 if last_full.elapsed() < cfg.reconcile_interval() { continue; }
                 Pass::Full
             }

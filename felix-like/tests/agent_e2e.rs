@@ -474,6 +474,17 @@ fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
         .etcdctl(&["del", "/tessera/v1/config/pools/broken"])
         .expect("del");
 
+    // Our liveness key deleted by hand (as when a partition outlasts the lease): the agent
+    // takes a new lease at once.
+    c.lab
+        .etcdctl(&["del", "/tessera/v1/liveness/node1"])
+        .expect("del");
+    restored("deleted liveness key", Duration::from_secs(10), || {
+        c.lab
+            .etcd_prefix("/tessera/v1/liveness/node1")
+            .is_ok_and(|v| !v.is_empty())
+    });
+
     // An IPIP pool on a kernel without the ipip module: not ready, and the reason names the
     // module; ready again once the pool is gone.
     c.lab
