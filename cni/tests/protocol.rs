@@ -412,7 +412,7 @@ fn pods_get_the_mtu_the_tunnel_code_writes() {
     let mut c = CniLab::new("cni_mtu", 1);
     // What the node agent does at start: underlay MTU minus the VXLAN overhead, to the file.
     let mtu_file = c.logs.path().join("mtu");
-    let mtu = tessera_tunnel::mtu::pod_mtu(1500, true, false);
+    let mtu = tessera_tunnel::mtu::pod_mtu(1500, &[tessera_tunnel::mtu::Encap::Vxlan]);
     tessera_tunnel::mtu::write_mtu_file(&mtu_file, mtu).expect("write mtu");
     let mut plugin = c.plugin("node1", false);
     plugin.as_object_mut().expect("object").remove("mtu");

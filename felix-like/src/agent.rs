@@ -719,13 +719,16 @@ impl Reconciler {
         }
 
         // Pod MTU for the CNI plugin.
-        let mut mtu = tessera_tunnel::mtu::pod_mtu(self.underlay_mtu, d.vxlan, d.ipip);
-        if d.vxlan_v6 {
-            mtu = mtu.min(
-                self.underlay_mtu
-                    .saturating_sub(tessera_tunnel::mtu::VXLAN_V6_OVERHEAD),
-            );
-        }
+        use tessera_tunnel::mtu::Encap;
+        let in_use: Vec<Encap> = [
+            (d.vxlan, Encap::Vxlan),
+            (d.vxlan_v6, Encap::VxlanV6),
+            (d.ipip, Encap::Ipip),
+        ]
+        .into_iter()
+        .filter_map(|(on, e)| on.then_some(e))
+        .collect();
+        let mtu = tessera_tunnel::mtu::pod_mtu(self.underlay_mtu, &in_use);
         if self.mtu_written != Some(mtu) {
             match tessera_tunnel::mtu::write_mtu_file(&self.cfg.mtu_file, mtu) {
                 Ok(()) => self.mtu_written = Some(mtu),

@@ -12,6 +12,13 @@ use tessera_routed::config::PeerConfig;
 use tessera_routed::kernel::Target;
 use tessera_tunnel::desired::{Mode, RemoteNode, Route, VxlanEntries};
 
+/// A node's blocks and borrowed addresses (see [`ClusterView::destinations`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Destinations {
+    pub blocks: Vec<IpNetwork>,
+    pub borrowed: Vec<IpNetwork>,
+}
+
 /// Everything the agent needs from the datastore, at one revision.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
@@ -73,28 +80,27 @@ impl ClusterView {
             .find(|p| !p.spec.disabled && p.spec.cidr.contains(net.network()))
     }
 
-    /// Addresses `node`'s workloads hold in blocks that are not `node`'s (borrowed when its
-    /// own blocks were full, or left from a block whose affinity moved), as /32 or /128.
-    pub fn borrowed_by(&self, node: &str) -> Vec<IpNetwork> {
-        self.blocks
-            .iter()
-            .filter(|b| b.affinity.as_deref() != Some(node))
-            .flat_map(|b| {
-                b.allocated()
-                    .filter(|(_, a)| a.attrs.get("node").map(String::as_str) == Some(node))
-                    .map(|(ip, _)| IpNetwork::from(ip))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    }
-
-    /// Blocks per affine node.
-    pub fn blocks_of(&self, node: &str) -> Vec<IpNetwork> {
-        self.blocks
-            .iter()
-            .filter(|b| b.affinity.as_deref() == Some(node))
-            .map(|b| b.cidr)
-            .collect()
+    /// What each node is the way to, in one pass over the blocks: the blocks affine to it,
+    /// and the addresses its workloads hold in blocks that are not its own (borrowed when its
+    /// blocks were full, or left from a block whose affinity moved) as /32 or /128.
+    pub fn destinations(&self) -> BTreeMap<&str, Destinations> {
+        let mut out: BTreeMap<&str, Destinations> = BTreeMap::new();
+        for b in &self.blocks {
+            if let Some(owner) = b.affinity.as_deref() {
+                out.entry(owner).or_default().blocks.push(b.cidr);
+            }
+            for (ip, a) in b.allocated() {
+                if let Some(holder) = a.attrs.get("node").map(String::as_str) {
+                    if b.affinity.as_deref() != Some(holder) {
+                        out.entry(holder)
+                            .or_default()
+                            .borrowed
+                            .push(IpNetwork::from(ip));
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
@@ -213,6 +219,7 @@ struct FamilyVxlan {
 fn vxlan(
     me: &Me,
     view: &ClusterView,
+    destinations: &BTreeMap<&str, Destinations>,
     enabled: &[&IpPool],
     ipv6: bool,
     problems: &mut Vec<String>,
@@ -243,11 +250,13 @@ fn vxlan(
             .filter(|n| n.name != me.name)
             .filter_map(|n| {
                 // Its blocks, and the addresses it borrowed, in this pool.
-                let blocks: Vec<IpNetwork> = view
-                    .blocks_of(&n.name)
-                    .into_iter()
-                    .chain(view.borrowed_by(&n.name))
+                let dest = destinations.get(n.name.as_str())?;
+                let blocks: Vec<IpNetwork> = dest
+                    .blocks
+                    .iter()
+                    .chain(&dest.borrowed)
                     .filter(|b| pool.spec.cidr.contains(b.network()))
+                    .copied()
                     .collect();
                 if blocks.is_empty() {
                     return None;
@@ -275,9 +284,14 @@ fn vxlan(
 
 /// The pure calculation.
 pub fn desired(me: &Me, view: &ClusterView) -> Desired {
+    let destinations = view.destinations();
+    let mine = destinations
+        .get(me.name.as_str())
+        .cloned()
+        .unwrap_or_default();
     let mut d = Desired {
-        my_blocks: view.blocks_of(&me.name),
-        my_borrowed: view.borrowed_by(&me.name),
+        my_blocks: mine.blocks,
+        my_borrowed: mine.borrowed,
         ..Default::default()
     };
     d.problems.extend(
@@ -308,9 +322,9 @@ pub fn desired(me: &Me, view: &ClusterView) -> Desired {
         .any(|p| p.spec.cidr.is_ipv4() && p.spec.ipip_mode != EncapMode::Never);
 
     // VXLAN: per family, per pool, the entries towards every other node with blocks in it.
-    let v4 = vxlan(me, view, &enabled, false, &mut d.problems);
+    let v4 = vxlan(me, view, &destinations, &enabled, false, &mut d.problems);
     (d.vxlan, d.vxlan_entries, d.routes) = (v4.wanted, v4.entries, v4.routes);
-    let v6 = vxlan(me, view, &enabled, true, &mut d.problems);
+    let v6 = vxlan(me, view, &destinations, &enabled, true, &mut d.problems);
     (d.vxlan_v6, d.vxlan_v6_entries, d.routes_v6) = (v6.wanted, v6.entries, v6.routes);
 
     // BGP: the full mesh (or reflectors) over live nodes, and external peers.

@@ -1,5 +1,5 @@
-//! The kernel adapter: learned routes into the namespace's routing table through rtnetlink,
-//! marked with Tessera's route protocol so that a restarted speaker recognises (and only
+//! The kernel adapter: learned routes into the namespace's routing table (batched netlink
+//! datagrams; rtnetlink to list what is there), marked with Tessera's route protocol so that a restarted speaker recognises (and only
 //! then sweeps) its own routes. The protocol code never calls this; the speaker task does.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -111,28 +111,6 @@ impl Kernel {
             .collect();
         msg.attributes.push(RouteAttribute::MultiPath(hops));
         msg
-    }
-
-    pub async fn replace(
-        &self,
-        prefix: IpNetwork,
-        next_hop: IpAddr,
-        target: &Target,
-    ) -> Result<(), rtnetlink::Error> {
-        if *target == Target::Skip {
-            return self.delete(prefix).await;
-        }
-        let msg = self.message(prefix, Some(next_hop), target);
-        self.handle.route().add(msg).replace().execute().await
-    }
-
-    pub async fn delete(&self, prefix: IpNetwork) -> Result<(), rtnetlink::Error> {
-        let msg = self.message(prefix, None, &Target::Native);
-        match self.handle.route().del(msg).execute().await {
-            // ESRCH: already gone.
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -3 => Ok(()),
-            other => other,
-        }
     }
 
     /// The prefixes of every route with our protocol in our table (both families).

@@ -151,17 +151,22 @@ fn routed_conf(
     )
 }
 
-/// Two lab nodes on one subnet, a temp dir and a directory in it for BIRD.
-fn two_nodes(test: &str, etcd: bool) -> (Lab, tempfile::TempDir, std::path::PathBuf) {
-    let lab = Lab::new(
+/// `nodes` lab nodes on one subnet.
+fn one_subnet(test: &str, nodes: usize, etcd: bool) -> Lab {
+    Lab::new(
         test,
         LabSpec {
-            nodes: 2,
+            nodes,
             subnets: 1,
             etcd,
         },
     )
-    .expect("lab");
+    .expect("lab")
+}
+
+/// Two lab nodes on one subnet, a temp dir and a directory in it for BIRD.
+fn two_nodes(test: &str, etcd: bool) -> (Lab, tempfile::TempDir, std::path::PathBuf) {
+    let lab = one_subnet(test, 2, etcd);
     let dir = tempfile::tempdir().expect("tempdir");
     let bdir = dir.path().join("bird");
     std::fs::create_dir_all(&bdir).expect("mkdir");
@@ -394,15 +399,7 @@ fn bird_rr_conf(dir: &Path, router: &str, clients: &[&str]) -> String {
 
 #[test]
 fn tessera_clients_of_a_bird_route_reflector() {
-    let lab = Lab::new(
-        "bgp_bird_rr",
-        LabSpec {
-            nodes: 3,
-            subnets: 1,
-            etcd: false,
-        },
-    )
-    .expect("lab");
+    let lab = one_subnet("bgp_bird_rr", 3, false);
     let addr = |i: usize| lab.nodes[i].ipv4.ip().to_string();
     let addr6 = |i: usize| lab.nodes[i].ipv6.ip().to_string();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -446,15 +443,7 @@ fn tessera_clients_of_a_bird_route_reflector() {
 
 #[test]
 fn tessera_reflects_routes_between_bird_clients() {
-    let lab = Lab::new(
-        "bgp_tessera_rr",
-        LabSpec {
-            nodes: 3,
-            subnets: 1,
-            etcd: false,
-        },
-    )
-    .expect("lab");
+    let lab = one_subnet("bgp_tessera_rr", 3, false);
     let addr = |i: usize| lab.nodes[i].ipv4.ip().to_string();
     let addr6 = |i: usize| lab.nodes[i].ipv6.ip().to_string();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -838,15 +827,7 @@ fn external_peers_come_from_bgppeer_resources_in_the_datastore() {
 
 #[test]
 fn ecmp_installs_every_equal_path_in_the_kernel() {
-    let lab = Lab::new(
-        "bgp_ecmp",
-        LabSpec {
-            nodes: 3,
-            subnets: 1,
-            etcd: false,
-        },
-    )
-    .expect("lab");
+    let lab = one_subnet("bgp_ecmp", 3, false);
     let dir = tempfile::tempdir().expect("tempdir");
     let ip = |i: usize| lab.nodes[i].ipv4.ip().to_string();
     let ip6 = |i: usize| lab.nodes[i].ipv6.ip().to_string();

@@ -105,6 +105,25 @@ fn establish(to: SocketAddr) -> TcpStream {
 /// (what, sent after the session is up, the bytes, the NOTIFICATION code/subcode expected)
 type Case = (&'static str, bool, Vec<u8>, (u8, u8));
 
+/// A speaker on this runtime (no kernel routes); send on the sender to stop it.
+fn spawn_speaker(
+    cfg: Config,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let speaker = tokio::spawn(tessera_routed::speaker::run(
+        cfg,
+        None,
+        std::sync::Arc::new(NativeRoutes),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    (stop_tx, speaker)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_get_the_right_notification_and_other_sessions_stay_up() {
     let port = TcpListener::bind("127.0.0.1:0")
@@ -119,15 +138,7 @@ async fn malformed_messages_get_the_right_notification_and_other_sessions_stay_u
         sock.display()
     ))
     .expect("config");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let speaker = tokio::spawn(tessera_routed::speaker::run(
-        cfg,
-        None,
-        std::sync::Arc::new(NativeRoutes),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let (stop_tx, speaker) = spawn_speaker(cfg);
     let to: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let sock_path = sock.to_string_lossy().into_owned();
 
@@ -243,15 +254,7 @@ async fn a_silent_peer_gets_hold_timer_expired() {
         "asn: 64512\nrouterId: 127.0.0.1\nlisten: 127.0.0.1\nlistenPort: {port}\nholdTime: 3\npeers:\n  - {{ address: 127.0.0.2, asn: 64512, passive: true }}\n"
     ))
     .expect("config");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let speaker = tokio::spawn(tessera_routed::speaker::run(
-        cfg,
-        None,
-        std::sync::Arc::new(NativeRoutes),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let (stop_tx, speaker) = spawn_speaker(cfg);
     let to: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let got = tokio::task::spawn_blocking(move || {
         // OPEN with hold time 3 and one KEEPALIVE, then silence.

@@ -6,10 +6,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec};
 
-use crate::vxlan::{TunnelError, PROTO};
+use crate::routes::{ensure_routes_among, KernelRoute, RouteKind};
+use crate::vxlan::TunnelError;
 
 pub const TUNL0: &str = "tunl0";
 
@@ -84,62 +84,18 @@ pub async fn ensure_ipip_routes(
     tunl0: u32,
     routes: &[(IpNetwork, Ipv4Addr)],
 ) -> Result<(), TunnelError> {
-    let nl = |what: &'static str| {
-        move |source| TunnelError::Netlink {
-            what: what.into(),
-            source,
-        }
-    };
-    let existing: Vec<RouteMessage> = h
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("listing routes"))?;
-    let on_tunl0 = |r: &RouteMessage| {
-        r.header.protocol == RouteProtocol::Other(PROTO)
-            && r.attributes
-                .iter()
-                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == tunl0))
-    };
-    let dst = |r: &RouteMessage| {
-        r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(d)) => {
-                Some((*d, r.header.destination_prefix_length))
-            }
-            _ => None,
+    let wanted: Vec<KernelRoute> = routes
+        .iter()
+        .map(|(block, via)| KernelRoute {
+            dst: *block,
+            kind: RouteKind::Via {
+                gw: IpAddr::V4(*via),
+                dev: Some(tunl0),
+            },
         })
-    };
-    for r in existing.iter().filter(|r| on_tunl0(r)) {
-        let wanted = dst(r).is_some_and(|(d, p)| {
-            routes
-                .iter()
-                .any(|(b, _)| b.ip() == IpAddr::V4(d) && b.prefix() == p)
-        });
-        if !wanted {
-            h.route()
-                .del(r.clone())
-                .execute()
-                .await
-                .map_err(nl("removing a stray tunl0 route"))?;
-        }
-    }
-    for (block, via) in routes {
-        let IpNetwork::V4(b) = block else { continue };
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(b.network(), b.prefix())
-            .gateway(*via)
-            .output_interface(tunl0)
-            .onlink()
-            .protocol(RouteProtocol::Other(PROTO))
-            .build();
-        h.route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl("adding a tunl0 route"))?;
-    }
+        .collect();
+    let on_tunl0 =
+        |r: &KernelRoute| matches!(r.kind, RouteKind::Via { dev: Some(d), .. } if d == tunl0);
+    ensure_routes_among(h, &wanted, on_tunl0).await?;
     Ok(())
 }

@@ -11,14 +11,28 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 pub const VXLAN_V6_OVERHEAD: u32 = 70;
 pub const IPIP_OVERHEAD: u32 = 20;
 
+/// An encapsulation in use on the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encap {
+    Vxlan,
+    VxlanV6,
+    Ipip,
+}
+
+impl Encap {
+    /// Bytes a packet grows by.
+    pub fn overhead(self) -> u32 {
+        match self {
+            Encap::Vxlan => VXLAN_OVERHEAD,
+            Encap::VxlanV6 => VXLAN_V6_OVERHEAD,
+            Encap::Ipip => IPIP_OVERHEAD,
+        }
+    }
+}
+
 /// The largest pod MTU that never fragments: underlay MTU minus the largest overhead in use.
-pub fn pod_mtu(underlay_mtu: u32, vxlan: bool, ipip: bool) -> u32 {
-    let overhead = [(vxlan, VXLAN_OVERHEAD), (ipip, IPIP_OVERHEAD)]
-        .into_iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, o)| o)
-        .max()
-        .unwrap_or(0);
+pub fn pod_mtu(underlay_mtu: u32, in_use: &[Encap]) -> u32 {
+    let overhead = in_use.iter().map(|e| e.overhead()).max().unwrap_or(0);
     underlay_mtu.saturating_sub(overhead)
 }
 
@@ -52,9 +66,10 @@ mod tests {
 
     #[test]
     fn pod_mtu_takes_the_largest_overhead() {
-        assert_eq!(pod_mtu(1500, false, false), 1500);
-        assert_eq!(pod_mtu(1500, true, false), 1450);
-        assert_eq!(pod_mtu(1500, false, true), 1480);
-        assert_eq!(pod_mtu(9000, true, true), 8950);
+        assert_eq!(pod_mtu(1500, &[]), 1500);
+        assert_eq!(pod_mtu(1500, &[Encap::Vxlan]), 1450);
+        assert_eq!(pod_mtu(1500, &[Encap::Ipip]), 1480);
+        assert_eq!(pod_mtu(9000, &[Encap::Vxlan, Encap::Ipip]), 8950);
+        assert_eq!(pod_mtu(1500, &[Encap::Vxlan, Encap::VxlanV6]), 1430);
     }
 }

@@ -157,6 +157,16 @@ pub async fn ensure_routes(
     h: &Handle,
     wanted: &[KernelRoute],
 ) -> Result<RouteChanges, TunnelError> {
+    ensure_routes_among(h, wanted, |_| true).await
+}
+
+/// [`ensure_routes`] for the part of our routes `scope` selects: ours outside it are left
+/// alone (e.g. only those on tunl0, for a process that owns nothing else).
+pub async fn ensure_routes_among(
+    h: &Handle,
+    wanted: &[KernelRoute],
+    scope: impl Fn(&KernelRoute) -> bool,
+) -> Result<RouteChanges, TunnelError> {
     let nl = |what: &'static str| {
         move |source| TunnelError::Netlink {
             what: what.into(),
@@ -167,6 +177,9 @@ pub async fn ensure_routes(
     let mut changes = RouteChanges::default();
     let mut have: HashMap<IpNetwork, KernelRoute> = HashMap::new();
     for (route, msg) in current_routes(h).await? {
+        if !scope(&route) {
+            continue;
+        }
         if want.get(&route.dst) == Some(&route) {
             have.insert(route.dst, route);
         } else {

@@ -94,7 +94,10 @@ fn vxlan_always_and_cross_subnet_with_convergence_from_drift() {
         Box::pin(async move { tessera_tunnel::mtu::interface_mtu(&h, "eth0").await })
     })
     .expect("underlay MTU");
-    assert_eq!(tessera_tunnel::mtu::pod_mtu(mtu, true, false), 1450);
+    assert_eq!(
+        tessera_tunnel::mtu::pod_mtu(mtu, &[tessera_tunnel::mtu::Encap::Vxlan]),
+        1450
+    );
     pods[0]
         .exec(
             "ping",

@@ -4,7 +4,7 @@
 //! `tessera-ipip-node <underlay-mtu> <tunnel-addr> [<block>=<node-ip> ...]`
 
 use tessera_tunnel::ipip::{ensure_ipip, ensure_ipip_routes, IpipDevice};
-use tessera_tunnel::mtu::{pod_mtu, IPIP_OVERHEAD};
+use tessera_tunnel::mtu::{pod_mtu, Encap, IPIP_OVERHEAD};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -18,7 +18,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (conn, h, _) = rtnetlink::new_connection()?;
     tokio::spawn(conn);
     let dev = IpipDevice {
-        mtu: pod_mtu(underlay_mtu, false, true),
+        mtu: pod_mtu(underlay_mtu, &[Encap::Ipip]),
         tunnel_addr: addr.parse()?,
     };
     debug_assert_eq!(dev.mtu, underlay_mtu - IPIP_OVERHEAD);
