@@ -2,6 +2,7 @@
 # Debian packages Tessera builds and tests with. Installs only what is missing.
 set -euo pipefail
 PKGS=(
+  gcc g++ libc6-dev git            # the linker rustc calls, libFuzzer's C++ (fuzz.sh), git for --version
   etcd-server etcd-client          # the datastore, and etcdctl for the test bed's health checks
   protobuf-compiler libprotobuf-dev  # etcd-client's build script compiles etcd's protos
   iproute2 iputils-ping procps util-linux  # the test bed: namespaces, veth, bridges, ping, sysctl, nsenter
@@ -10,6 +11,7 @@ PKGS=(
   bird2 tcpdump                            # the BGP interop peer, and captures of its messages
   frr                                      # bfdd, the BFD interop peer
   qemu-system-x86 cpio                     # IPIP end to end in VMs (this kernel has no ipip module)
+  iperf3                                   # throughput in tests, benchmarks and the IPIP VMs
   nftables                                 # the node agent's natOutgoing rules (nft -j)
 )
 missing=()
