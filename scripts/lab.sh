@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
-  echo "the lab builds network namespaces: run it as root (sudo $0)" >&2
-  exit 1
+  command -v sudo >/dev/null || { echo "the lab builds network namespaces: run it as root" >&2; exit 1; }
+  exec sudo -E "$0" "$@"
 fi
 ./scripts/install-deps.sh
 if ! command -v cargo >/dev/null; then

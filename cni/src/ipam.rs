@@ -158,6 +158,9 @@ fn parse_addr(s: &str) -> Result<IpAddr, CniError> {
 #[derive(Debug, Clone, Default)]
 pub struct Assigned {
     pub addresses: Vec<IpAddr>,
+    /// The handle held these addresses before this ADD (a repeated ADD): a failure now must
+    /// not release them, the pod may be using them.
+    pub already_held: bool,
     /// From the pod intent, for the endpoint record.
     pub floating_ips: Vec<IpAddr>,
 }
@@ -194,6 +197,7 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
         let r = CniResult::from_json(&result.unwrap_or(Value::Null))?;
         return Ok(Assigned {
             addresses: r.ips.iter().map(|i| i.address.ip()).collect(),
+            already_held: false,
             floating_ips: Vec::new(),
         });
     }
@@ -215,11 +219,15 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
     let floating_ips = intent.floating_ips.clone();
     let done = |addresses: Vec<IpAddr>| Assigned {
         addresses,
+        already_held: false,
         floating_ips: floating_ips.clone(),
     };
     if !existing.is_empty() {
         tracing::info!(%handle, ?existing, "ADD again for the same container: same addresses");
-        return Ok(done(existing));
+        return Ok(Assigned {
+            already_held: true,
+            ..done(existing)
+        });
     }
     if !intent.ip_addrs.is_empty() && !intent.ip_addrs_no_ipam.is_empty() {
         return Err(CniError::invalid_config(

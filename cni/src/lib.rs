@@ -28,6 +28,19 @@ pub use plugin::Plugin;
 /// The whole of a plugin binary: stdin and environment in, result or error JSON out.
 /// Logs go to stderr and to the config's `logFile` (default /var/log/tessera/cni.log).
 pub fn main_for(plugin: Plugin) -> ! {
+    // Runtimes pass everything through the environment and stdin; `--version` is a human.
+    if std::env::args()
+        .nth(1)
+        .is_some_and(|a| a == "--version" || a == "-v")
+    {
+        let name = match plugin {
+            Plugin::Main => "tessera",
+            Plugin::Ipam => "tessera-ipam",
+        };
+        let specs = spec::SUPPORTED_VERSIONS.join(", ");
+        println!("{name} {} (CNI spec {specs})", tessera_datastore::VERSION);
+        std::process::exit(0);
+    }
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
     init_logging(&stdin);

@@ -200,10 +200,13 @@ async fn add(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<V
     })
     .await?;
     tracing::debug!(addresses = ?assigned.addresses, "ADD: wiring");
-    // From here on, a failure gives the addresses back and removes the links.
+    // From here on, a failure gives newly assigned addresses back and removes new links; a
+    // repeated ADD leaves what the running pod already has.
+    let already_held = assigned.already_held;
     let result = wire_and_record(conf, env, node, &pod, &kv, assigned).await;
     match result {
         Ok(v) => Ok(v),
+        Err(e) if already_held => Err(e),
         Err(e) => {
             if let Err(r) = ipam::release(ipam::Call {
                 kv: &kv,
@@ -233,13 +236,7 @@ async fn wire_and_record(
     let addresses = assigned.addresses;
     let w = wiring_for(conf, env, pod, addresses.clone())?;
     let host = connect()?;
-    let wired = match wiring::wire_pod(&host, &w).await {
-        Ok(wired) => wired,
-        Err(e) => {
-            let _ = wiring::remove_host_end(&host, &w.host_ifname).await;
-            return Err(e);
-        }
-    };
+    let wired = wiring::wire_pod(&host, &w).await?;
     tracing::debug!("ADD: recording the endpoint");
     let wep = WorkloadEndpoint {
         node: node.to_string(),
@@ -254,7 +251,9 @@ async fn wire_and_record(
         floating_ips: assigned.floating_ips,
     };
     if let Err(e) = put_workload_endpoint(kv, &wep).await {
-        let _ = wiring::remove_host_end(&host, &w.host_ifname).await;
+        if !wired.repaired {
+            let _ = wiring::remove_host_end(&host, &w.host_ifname).await;
+        }
         return Err(e.into());
     }
     let mut routes = Vec::new();

@@ -49,6 +49,9 @@ pub struct PodWiring {
 #[derive(Debug, Clone)]
 pub struct Wired {
     pub container_mac: String,
+    /// The pair was already there from an earlier ADD and was repaired in place (the pod
+    /// kept its interface, MAC and connections).
+    pub repaired: bool,
 }
 
 pub fn format_mac(mac: &[u8]) -> String {
@@ -110,12 +113,68 @@ pub fn sysctl(path: &str, value: &str) -> Result<(), CniError> {
         .map_err(|e| CniError::io(format!("sysctl {path}={value}: {e}")))
 }
 
-/// Builds the pod's interface. `h` is a handle in the host (node) namespace, which is also
-/// the calling thread's. On error, the caller removes the host end (which takes the pair).
+/// Builds the pod's interface, or, when an earlier ADD for the same container and interface
+/// already built it, repairs it in place: the pod keeps its interface (same index and MAC) and
+/// its connections; whatever is missing (an address, a route, the link state) is put back.
+/// `h` is a handle in the host (node) namespace, which is also the calling thread's. A pair
+/// this call created is removed again if a later step fails; a repaired one is left as it is.
 pub async fn wire_pod(h: &Handle, w: &PodWiring) -> Result<Wired, CniError> {
     let ns = open_netns(&w.netns)?;
-    let ipv6 = w.addresses.iter().any(IpAddr::is_ipv6);
-    // A leftover host end (an ADD that crashed, or ADD twice) is replaced.
+    let (host, repaired) = match intact_pair(h, w).await? {
+        Some(host) => {
+            tracing::info!(host = %w.host_ifname, "ADD again: the pod's interface is there, repairing in place");
+            (host, true)
+        }
+        None => (create_pair(h, w, &ns).await?, false),
+    };
+    match configure(h, w, &host).await {
+        Ok(container_mac) => Ok(Wired {
+            container_mac,
+            repaired,
+        }),
+        Err(e) => {
+            if !repaired {
+                let _ = remove_host_end(h, &w.host_ifname).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The host end, if it and the pod's `ifname` are the two ends of one veth pair (each names
+/// the other's index), which is what an earlier ADD for this container left.
+async fn intact_pair(h: &Handle, w: &PodWiring) -> Result<Option<LinkMessage>, CniError> {
+    let Some(host) = link_by_name(h, &w.host_ifname).await? else {
+        return Ok(None);
+    };
+    let Some(peer_index) = link_peer(&host) else {
+        return Ok(None);
+    };
+    let host_index = host.header.index;
+    let ifname = w.ifname.clone();
+    let paired = in_netns(&w.netns, move |c| async move {
+        Ok(link_by_name(&c, &ifname).await?.is_some_and(|pod| {
+            pod.header.index == peer_index && link_peer(&pod) == Some(host_index)
+        }))
+    })
+    .await?;
+    Ok(paired.then_some(host))
+}
+
+/// A veth's `IFLA_LINK`: the index of its peer (in the peer's namespace).
+fn link_peer(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Link(i) => Some(*i),
+        _ => None,
+    })
+}
+
+/// A new veth pair, replacing a leftover host end (an ADD that crashed half-way).
+async fn create_pair(
+    h: &Handle,
+    w: &PodWiring,
+    ns: &std::fs::File,
+) -> Result<LinkMessage, CniError> {
     remove_host_end(h, &w.host_ifname).await?;
     // The pod end is created directly inside the pod's namespace under its final name:
     // moving a link between namespaces afterwards costs an RCU grace period (~20 ms).
@@ -138,9 +197,15 @@ pub async fn wire_pod(h: &Handle, w: &PodWiring) -> Result<Wired, CniError> {
         ),
         _ => CniError::netlink(format!("creating the veth pair: {e}")),
     })?;
-    let host = link_by_name(h, &w.host_ifname)
+    link_by_name(h, &w.host_ifname)
         .await?
-        .ok_or_else(|| CniError::netlink("host end vanished"))?;
+        .ok_or_else(|| CniError::netlink("host end vanished"))
+}
+
+/// Everything after the pair exists, written so that a converged pod is left untouched:
+/// sysctls, host end (MAC, MTU, up), the pod side, host routes. Returns the pod end's MAC.
+async fn configure(h: &Handle, w: &PodWiring, host: &LinkMessage) -> Result<String, CniError> {
+    let ipv6 = w.addresses.iter().any(IpAddr::is_ipv6);
     // Host end: sysctls before it comes up (IPv6 DAD off before its link-local appears).
     let hn = &w.host_ifname;
     if ipv6 {
@@ -152,13 +217,15 @@ pub async fn wire_pod(h: &Handle, w: &PodWiring) -> Result<Wired, CniError> {
     sysctl(&format!("net/ipv4/neigh/{hn}/proxy_delay"), "0")?;
     sysctl(&format!("net/ipv4/conf/{hn}/forwarding"), "1")?;
     sysctl("net/ipv4/ip_forward", "1")?;
+    let mut set = LinkUnspec::new_with_index(host.header.index).up();
+    if link_mac(host) != Some(format_mac(&HOST_MAC)) {
+        set = set.address(HOST_MAC.to_vec());
+    }
+    if link_mtu(host) != Some(w.mtu) {
+        set = set.mtu(w.mtu);
+    }
     h.link()
-        .set(
-            LinkUnspec::new_with_index(host.header.index)
-                .address(HOST_MAC.to_vec())
-                .up()
-                .build(),
-        )
+        .set(set.build())
         .execute()
         .await
         .map_err(nl("bringing up the host end"))?;
@@ -173,7 +240,14 @@ pub async fn wire_pod(h: &Handle, w: &PodWiring) -> Result<Wired, CniError> {
     for addr in &w.addresses {
         host_route(h, *addr, host.header.index).await?;
     }
-    Ok(Wired { container_mac })
+    Ok(container_mac)
+}
+
+fn link_mtu(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    })
 }
 
 async fn host_route(h: &Handle, addr: IpAddr, index: u32) -> Result<(), CniError> {
@@ -193,7 +267,8 @@ async fn host_route(h: &Handle, addr: IpAddr, index: u32) -> Result<(), CniError
     add_route(h, msg, "adding the host route").await
 }
 
-/// Inside the pod's namespace: sysctls, link up, addresses, routes. Returns the pod end's MAC.
+/// Inside the pod's namespace: sysctls, link up, addresses, routes, each a no-op when already
+/// so (address and route writes are `replace`s). Returns the pod end's MAC.
 async fn wire_container(c: &Handle, w: &PodWiring) -> Result<String, CniError> {
     let link = link_by_name(c, &w.ifname)
         .await?
@@ -204,8 +279,15 @@ async fn wire_container(c: &Handle, w: &PodWiring) -> Result<String, CniError> {
         sysctl(&format!("net/ipv6/conf/{}/accept_dad", w.ifname), "0")?;
         sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", w.ifname), "0")?;
     }
+    let mut set = LinkUnspec::new_with_index(idx).up();
+    if link_mtu(&link) != Some(w.mtu) {
+        set = set.mtu(w.mtu);
+    }
+    if let Some(mac) = w.mac.filter(|m| link_mac(&link) != Some(format_mac(m))) {
+        set = set.address(mac.to_vec());
+    }
     c.link()
-        .set(LinkUnspec::new_with_index(idx).up().build())
+        .set(set.build())
         .execute()
         .await
         .map_err(nl("bringing up the pod end"))?;

@@ -3,6 +3,10 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
 use common::{ips, CniLab};
 use tessera_testbed::assert_nothing_left;
 
@@ -151,7 +155,149 @@ fn pods_get_their_nodes_block_and_reach_each_other_and_the_node() {
         .expect("route");
     assert_eq!(left.as_array().map(Vec::len), Some(0));
 
+    finish(c);
+}
+
+fn finish(c: CniLab) {
     let (prefix, pids) = (c.lab.prefix().to_string(), c.lab.pids());
     drop(c);
     assert_nothing_left(&prefix, &pids);
+}
+
+/// Runs `f` on a thread inside the network namespace at `path`: a socket made there stays
+/// in that namespace, whichever thread uses it later.
+fn in_netns<T: Send + 'static>(path: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// One round trip on a held connection: the client writes a line, the server echoes it.
+fn round_trip(client: &mut TcpStream, server: &mut TcpStream, n: u32) {
+    let line = format!("ping {n}\n");
+    client.write_all(line.as_bytes()).expect("client write");
+    let mut buf = vec![0; line.len()];
+    server.read_exact(&mut buf).expect("server read");
+    server.write_all(&buf).expect("server write");
+    let mut back = vec![0; line.len()];
+    client
+        .read_exact(&mut back)
+        .expect("client read: the connection broke");
+    assert_eq!(back, line.as_bytes());
+}
+
+/// What a repeated ADD must not change in the pod: its interface (index, MAC, MTU, state),
+/// addresses, routes, and the host end's index; and what it must put back when damaged.
+fn pod_state(c: &CniLab, pod: usize, host_if: &str) -> serde_json::Value {
+    let ns = &c.pods[pod];
+    let strip = |mut v: serde_json::Value| {
+        // Lifetimes and counters tick; the rest is the pod's wiring.
+        for a in v.as_array_mut().into_iter().flatten() {
+            if let Some(o) = a.as_object_mut() {
+                o.remove("addr_info").map(|ai| {
+                    let kept: Vec<_> = ai
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|i| serde_json::json!([i["local"], i["prefixlen"], i["scope"]]))
+                        .collect();
+                    o.insert("addrs".into(), kept.into())
+                });
+                for k in [
+                    "valid_life_time",
+                    "preferred_life_time",
+                    "stats64",
+                    "txqlen",
+                ] {
+                    o.remove(k);
+                }
+            }
+        }
+        v
+    };
+    serde_json::json!({
+        "pod_addr": strip(ns.ip_json(&["addr", "show", "dev", "eth0"]).expect("addr")),
+        "pod_routes4": ns.ip_json(&["-4", "route", "show"]).expect("routes"),
+        "pod_routes6": ns.ip_json(&["-6", "route", "show", "default"]).expect("routes"),
+        "host_link": c.lab.node("node1").netns.ip_json(&["link", "show", host_if]).expect("host")[0]["ifindex"],
+    })
+}
+
+#[test]
+fn add_again_leaves_a_running_pod_alone_and_repairs_damage_in_place() {
+    let mut c = CniLab::new("cni_add_again", 1);
+    let d = c.driver("node1");
+    let (server_pod, r) = c.add_pod("node1");
+    let (client_pod, _) = c.add_pod("node1");
+    let server_ip = ips(&r)[0].clone();
+    let host_if = r["interfaces"][0]["name"]
+        .as_str()
+        .expect("host if")
+        .to_string();
+
+    // A connection from the client pod to the server pod, held across everything below.
+    let listener = in_netns(&c.pods[server_pod].path(), || {
+        TcpListener::bind("0.0.0.0:7070").expect("listen")
+    });
+    let addr = format!("{server_ip}:7070");
+    let mut client = in_netns(&c.pods[client_pod].path(), move || {
+        TcpStream::connect(&addr).expect("connect")
+    });
+    let (mut server, _) = listener.accept().expect("accept");
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+    }
+    round_trip(&mut client, &mut server, 1);
+    let before = pod_state(&c, server_pod, &host_if);
+    let neigh_before = c.pods[server_pod]
+        .ip(&["neigh", "show", "169.254.1.1"])
+        .expect("neigh");
+    assert!(neigh_before.contains("ee:ee:ee:ee:ee:ee"), "{neigh_before}");
+
+    // A runtime retrying after a timeout: the same result, nothing in the pod changed.
+    let att = c.attachment(server_pod);
+    let again = d.add(&att).expect("second ADD");
+    assert_eq!(again, r, "a repeated ADD returns the same result");
+    assert_eq!(pod_state(&c, server_pod, &host_if), before);
+    let neigh_after = c.pods[server_pod]
+        .ip(&["neigh", "show", "169.254.1.1"])
+        .expect("neigh");
+    assert!(
+        neigh_after.contains("ee:ee:ee:ee:ee:ee"),
+        "the neighbour entry is kept: {neigh_after}"
+    );
+    round_trip(&mut client, &mut server, 2);
+
+    // Damage: the pod's default route, an address, the host route and the host end's state.
+    let pod_ns = &c.pods[server_pod];
+    pod_ns
+        .ip(&["route", "del", "default"])
+        .expect("del default");
+    let v6 = ips(&r)[1].clone();
+    pod_ns
+        .ip(&["addr", "del", &format!("{v6}/128"), "dev", "eth0"])
+        .expect("del v6");
+    let node = &c.lab.node("node1").netns;
+    node.ip(&["route", "del", &format!("{server_ip}/32")])
+        .expect("del host route");
+    node.ip(&["link", "set", &host_if, "down"])
+        .expect("host end down");
+    assert!(d.check(&att, &r).is_err(), "CHECK sees the damage");
+
+    // ADD repairs it in place: same interface and MAC, everything back, connection alive.
+    let repaired = d.add(&att).expect("ADD repairs");
+    assert_eq!(repaired, r);
+    assert_eq!(pod_state(&c, server_pod, &host_if), before);
+    d.check(&att, &r).expect("CHECK after the repair");
+    round_trip(&mut client, &mut server, 3);
+    assert_eq!(c.host_links("node1").len(), 2);
+    assert_eq!(c.etcd_keys("/tessera/v1/ipam/handles/").len(), 2);
+    drop((client, server, listener));
+    finish(c);
 }

@@ -28,6 +28,16 @@ pub mod snapshot;
 pub mod yaml;
 
 pub use codec::{now_ms, TRANSIENT_RETRY_BUDGET};
+
+/// What every Tessera binary prints for `--version`: the workspace version and the git
+/// commit it was built from (`unknown` outside a git checkout, e.g. from a source tarball;
+/// `TESSERA_GIT_COMMIT` at build time overrides it).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TESSERA_GIT_COMMIT"),
+    ")"
+);
 pub use error::{Family, IpamError};
 pub use ipam::{AssignRequest, Assignment, Ipam, Owner, ReleaseOutcome};
 pub use kv::{EtcdKv, Kv, MemKv};

@@ -16,11 +16,23 @@ use regex::Regex;
 
 /// Programs that are not Debian packages install-deps.sh could install, and why.
 const NOT_FROM_THE_LIST: [(&str, &str); 5] = [
-    ("cargo", "the Rust toolchain, installed by rustup (README: Build)"),
+    (
+        "cargo",
+        "the Rust toolchain, installed by rustup (README: Build)",
+    ),
     ("rustup", "installs the Rust toolchain itself"),
-    ("apt-get", "install-deps.sh's own installer (apt, priority important)"),
-    ("apt-cache", "install-deps.sh's own installer (apt, priority important)"),
-    ("sudo", "only to become root when a script is started by another user"),
+    (
+        "apt-get",
+        "install-deps.sh's own installer (apt, priority important)",
+    ),
+    (
+        "apt-cache",
+        "install-deps.sh's own installer (apt, priority important)",
+    ),
+    (
+        "sudo",
+        "only to become root when a script is started by another user",
+    ),
 ];
 
 /// Words in command position of a shell script that are not programs.
@@ -46,25 +58,28 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The packages listed in install-deps.sh's `PKGS=( ... )`.
+/// The packages listed in install-deps.sh's `PKGS=( ... )`, one or more per line, each line
+/// with an optional comment.
 fn listed_packages(script: &str) -> BTreeSet<String> {
-    let start = script.find("PKGS=(").expect("install-deps.sh has PKGS=(") + "PKGS=(".len();
-    let end = start + script[start..].find(')').expect("PKGS=( is closed");
-    script[start..end]
+    let mut lines = script
         .lines()
-        .flat_map(|l| l.split('#').next().unwrap_or("").split_whitespace())
-        .map(str::to_string)
+        .skip_while(|l| !l.trim_start().starts_with("PKGS=("));
+    assert!(lines.next().is_some(), "install-deps.sh has PKGS=(");
+    lines
+        .map(strip_comment)
+        .take_while(|l| l.trim() != ")")
+        .flat_map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
         .collect()
 }
 
 /// Programs run by Rust code, found by the shapes the workspace uses to run them.
 fn rust_uses(text: &str, file: &str) -> Vec<Use> {
-    let call = Regex::new(
-        r#"(?:Command::new|\.command|\.exec|\brun)\(\s*"([A-Za-z0-9_./+-]+)""#,
+    let call = Regex::new(r#"(?:Command::new|\.command|\.exec|\brun)\(\s*"([A-Za-z0-9_./+-]+)""#)
+        .expect("regex");
+    let path = Regex::new(
+        r#""((?:/usr)?/s?bin/[A-Za-z0-9_.+-]+|/usr/lib/[a-z0-9_-]+(?:/[A-Za-z0-9_.+-]+)?)""#,
     )
     .expect("regex");
-    let path = Regex::new(r#""((?:/usr)?/s?bin/[A-Za-z0-9_.+-]+|/usr/lib/[a-z0-9_-]+(?:/[A-Za-z0-9_.+-]+)?)""#)
-        .expect("regex");
     let mut out = Vec::new();
     for c in call.captures_iter(text).chain(path.captures_iter(text)) {
         let m = c.get(1).expect("group");
@@ -86,25 +101,42 @@ fn line_of(text: &str, offset: usize) -> usize {
 fn shell_uses(text: &str, file: &str) -> Vec<Use> {
     let functions: BTreeSet<&str> = text
         .lines()
-        .filter_map(|l| l.trim().strip_suffix("() {").or_else(|| l.trim().strip_suffix("(){")))
+        .filter_map(|l| {
+            l.trim()
+                .strip_suffix("() {")
+                .or_else(|| l.trim().strip_suffix("(){"))
+        })
         .collect();
     let separators = Regex::new(r"\$\(|&&|\|\||[;|(`]|\bthen\b|\bdo\b|\belse\b").expect("regex");
     let mut out = Vec::new();
+    let mut in_array = false;
     for (i, raw) in text.lines().enumerate() {
-        let line = strip_comment(raw);
-        if line.trim_start().starts_with("PKGS=(") || line.trim().is_empty() {
+        let line = unquote(&strip_comment(raw));
+        // An array literal over several lines holds words, not commands.
+        if line.trim_end().ends_with("=(") {
+            in_array = true;
+        }
+        if in_array {
+            in_array = line.trim() != ")";
             continue;
         }
         for segment in separators.split(&line) {
-            let word = segment
-                .split_whitespace()
-                .find(|w| !is_assignment(w) && !matches!(*w, "!" | "exec" | "command" | "time" | "if" | "while" | "until" | "{"));
+            let word = segment.split_whitespace().find(|w| {
+                !is_assignment(w)
+                    && !matches!(
+                        *w,
+                        "!" | "exec" | "command" | "time" | "if" | "while" | "until" | "{"
+                    )
+            });
             let Some(word) = word else { continue };
             let word = word.trim_end_matches([')', '}', ';']);
             if word.is_empty()
                 || SHELL_WORDS.contains(&word)
                 || functions.contains(word)
-                || !word.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '/')
+                || !word
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || c == '/')
                 || word.contains('$')
                 || word.contains('"')
                 || word.contains('=')
@@ -136,9 +168,29 @@ fn strip_comment(line: &str) -> String {
     out
 }
 
+/// The line with every quoted string replaced by `%` (a program name is never quoted in
+/// these scripts; awk programs and messages are).
+fn unquote(line: &str) -> String {
+    let mut out = String::new();
+    let mut quote: Option<char> = None;
+    for ch in line.chars() {
+        match (quote, ch) {
+            (None, '\'' | '"') => {
+                quote = Some(ch);
+                out.push('%');
+            }
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, c) => out.push(c),
+        }
+    }
+    out
+}
+
 fn is_assignment(word: &str) -> bool {
-    word.split_once('=')
-        .is_some_and(|(name, _)| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    word.split_once('=').is_some_and(|(name, _)| {
+        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
 }
 
 fn files_under(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) {
@@ -163,6 +215,8 @@ fn programs_run(root: &Path) -> BTreeMap<String, Vec<String>> {
     let mut uses = Vec::new();
     let mut rs = Vec::new();
     files_under(root, ".rs", &mut rs);
+    // This file names programs in its own tests' inputs.
+    rs.retain(|f| !f.ends_with("tests/tests/install_deps.rs"));
     for f in rs {
         let text = std::fs::read_to_string(&f).expect("read");
         let rel = f.strip_prefix(root).unwrap_or(&f).display().to_string();
@@ -211,17 +265,35 @@ fn workspace_binaries(root: &Path) -> BTreeSet<String> {
     names
 }
 
-/// Where a program is installed: its path as given, or found on PATH (and the sbin dirs,
-/// which a non-root PATH may lack).
-fn locate(program: &str) -> Option<PathBuf> {
+/// Where a program may be installed: its path as given, or every match on PATH (and the
+/// sbin dirs, which a non-root PATH may lack), first match first.
+fn locations(program: &str) -> Vec<PathBuf> {
     if program.starts_with('/') {
-        return Path::new(program).exists().then(|| PathBuf::from(program));
+        return [PathBuf::from(program)]
+            .into_iter()
+            .filter(|p| p.exists())
+            .collect();
     }
     let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
+    let found = path
+        .split(':')
         .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
         .map(|d| Path::new(d).join(program))
-        .find(|p| p.is_file())
+        .filter(|p| p.is_file())
+        .collect();
+    found
+}
+
+/// The Debian package of the first installed copy of `program` that comes from one.
+fn resolve(program: &str) -> Result<String, Missing> {
+    let places = locations(program);
+    if places.is_empty() {
+        return Err(Missing::NotInstalled);
+    }
+    places
+        .iter()
+        .find_map(|p| package_of(p))
+        .ok_or_else(|| Missing::NotFromAPackage(places[0].clone()))
 }
 
 /// The Debian package owning `path` (`dpkg -S`), trying the merged-/usr twin and the
@@ -270,10 +342,21 @@ fn always_present(package: &str) -> bool {
 }
 
 #[derive(Debug, PartialEq, Eq)]
+enum Missing {
+    NotInstalled,
+    /// Installed by hand (e.g. under /usr/local), which a fresh machine will not have.
+    NotFromAPackage(PathBuf),
+}
+
+#[derive(Debug, PartialEq, Eq)]
 enum Problem {
-    /// Run by the code, but no such program on this machine: install-deps.sh did not
-    /// install it.
-    NotInstalled { program: String, at: Vec<String> },
+    /// Run by the code, but not installed from a Debian package here: install-deps.sh did
+    /// not install it.
+    Missing {
+        program: String,
+        why: Missing,
+        at: Vec<String>,
+    },
     /// Installed, but from a package install-deps.sh does not list.
     PackageNotListed {
         program: String,
@@ -282,11 +365,11 @@ enum Problem {
     },
 }
 
-/// The pure part of the audit: each program with where it runs, its package (None when not
-/// installed), and what install-deps.sh lists.
+/// The pure part of the audit: each program with where it runs, its package, and what
+/// install-deps.sh lists.
 fn audit(
     programs: &BTreeMap<String, Vec<String>>,
-    package: impl Fn(&str) -> Option<String>,
+    package: impl Fn(&str) -> Result<String, Missing>,
     always: impl Fn(&str) -> bool,
     listed: &BTreeSet<String>,
 ) -> Vec<Problem> {
@@ -297,12 +380,13 @@ fn audit(
             continue;
         }
         match package(program) {
-            None => problems.push(Problem::NotInstalled {
+            Err(why) => problems.push(Problem::Missing {
                 program: program.clone(),
+                why,
                 at: at.clone(),
             }),
-            Some(p) if listed.contains(&p) || always(&p) => {}
-            Some(p) => problems.push(Problem::PackageNotListed {
+            Ok(p) if listed.contains(&p) || always(&p) => {}
+            Ok(p) => problems.push(Problem::PackageNotListed {
                 program: program.clone(),
                 package: p,
                 at: at.clone(),
@@ -319,21 +403,40 @@ fn install_deps_lists_every_program_the_workspace_runs() {
     let listed = listed_packages(&script);
     let programs = programs_run(&root);
     // The audit must see what it is for; if the scanner breaks, this says so.
-    for known in ["iperf3", "etcd", "bird", "qemu-system-x86_64", "nft", "apt-get", "ping"] {
-        assert!(programs.contains_key(known), "the scan no longer finds {known}: {programs:?}");
+    for known in [
+        "iperf3",
+        "etcd",
+        "bird",
+        "qemu-system-x86_64",
+        "nft",
+        "apt-get",
+        "ping",
+    ] {
+        assert!(
+            programs.contains_key(known),
+            "the scan no longer finds {known}: {programs:?}"
+        );
     }
-    let problems = audit(
-        &programs,
-        |p| locate(p).and_then(|path| package_of(&path)),
-        always_present,
-        &listed,
-    );
+    let problems = audit(&programs, resolve, always_present, &listed);
     let report: Vec<String> = problems
         .iter()
         .map(|p| match p {
-            Problem::NotInstalled { program, at } => format!(
+            Problem::Missing {
+                program,
+                why: Missing::NotInstalled,
+                at,
+            } => format!(
                 "{program} is run ({}) but is not installed: add its Debian package to scripts/install-deps.sh",
                 at.join(", ")
+            ),
+            Problem::Missing {
+                program,
+                why: Missing::NotFromAPackage(path),
+                at,
+            } => format!(
+                "{program} is run ({}) but only {} has it, from no Debian package: a fresh machine lacks it",
+                at.join(", "),
+                path.display()
             ),
             Problem::PackageNotListed {
                 program,
@@ -362,23 +465,30 @@ fn install_deps_lists_every_program_the_workspace_runs() {
 #[test]
 fn a_program_from_an_unlisted_package_is_named_with_its_package() {
     let mut programs = BTreeMap::new();
-    programs.insert("iperf3".to_string(), vec!["tunnel/tests/ipip_vm.rs:3".to_string()]);
+    programs.insert(
+        "iperf3".to_string(),
+        vec!["tunnel/tests/ipip_vm.rs:3".to_string()],
+    );
     programs.insert("ip".to_string(), vec!["tests/src/lib.rs:47".to_string()]);
-    programs.insert("sed".to_string(), vec!["deploy/install-cni.sh:28".to_string()]);
+    programs.insert(
+        "sed".to_string(),
+        vec!["deploy/install-cni.sh:28".to_string()],
+    );
     programs.insert("bfdd-missing".to_string(), vec!["x.rs:1".to_string()]);
     let package = |p: &str| match p {
-        "iperf3" => Some("iperf3".to_string()),
-        "ip" => Some("iproute2".to_string()),
-        "sed" => Some("sed".to_string()),
-        _ => None,
+        "iperf3" => Ok("iperf3".to_string()),
+        "ip" => Ok("iproute2".to_string()),
+        "sed" => Ok("sed".to_string()),
+        _ => Err(Missing::NotInstalled),
     };
     let listed: BTreeSet<String> = ["iproute2".to_string()].into();
     let problems = audit(&programs, package, |p| p == "sed", &listed);
     assert_eq!(
         problems,
         vec![
-            Problem::NotInstalled {
+            Problem::Missing {
                 program: "bfdd-missing".into(),
+                why: Missing::NotInstalled,
                 at: vec!["x.rs:1".into()]
             },
             Problem::PackageNotListed {
@@ -413,6 +523,19 @@ fn rust_programs_are_found_in_every_shape_the_workspace_uses() {
         copy_with_libs("/usr/bin/iperf3", &root, "x");
         let d = "/usr/lib/frr/bfdd";
     "#;
-    let found: Vec<String> = rust_uses(code, "x.rs").into_iter().map(|u| u.program).collect();
-    assert_eq!(found, ["ip", "ping", "qemu-system-x86_64", "nft", "/usr/bin/iperf3", "/usr/lib/frr/bfdd"]);
+    let found: Vec<String> = rust_uses(code, "x.rs")
+        .into_iter()
+        .map(|u| u.program)
+        .collect();
+    assert_eq!(
+        found,
+        [
+            "ip",
+            "ping",
+            "qemu-system-x86_64",
+            "nft",
+            "/usr/bin/iperf3",
+            "/usr/lib/frr/bfdd"
+        ]
+    );
 }

@@ -6,7 +6,10 @@ use clap::Parser;
 use tessera_node::config::AgentConfig;
 
 #[derive(Parser)]
-#[command(about = "Tessera's node agent: routes, tunnels, NAT and BGP from the datastore")]
+#[command(
+    about = "Tessera's node agent: routes, tunnels, NAT and BGP from the datastore",
+    version = tessera_datastore::VERSION
+)]
 struct Args {
     /// YAML configuration (the ConfigMap); environment variables override it.
     #[arg(long, env = "TESSERA_CONFIG")]

@@ -9,6 +9,7 @@ use tessera_routed::config::Config;
 use tessera_routed::kernel::NativeRoutes;
 
 #[derive(Parser)]
+#[command(about = "Tessera's BGP-4 speaker", version = tessera_datastore::VERSION)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

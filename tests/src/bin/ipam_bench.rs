@@ -22,6 +22,7 @@ use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Kv, Owner};
 use tessera_testbed::Etcd;
 
 #[derive(Parser)]
+#[command(name = "ipam-bench", version = tessera_datastore::VERSION)]
 struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 3.0)]

@@ -18,6 +18,7 @@ use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Kv, Owner};
 use tessera_testbed::crash::CrashKv;
 
 #[derive(Parser)]
+#[command(name = "ipam-worker", version = tessera_datastore::VERSION)]
 struct Cli {
     /// etcd endpoint, e.g. http://198.18.0.2:2379
     #[arg(long)]

@@ -13,7 +13,11 @@ use tessera_testbed::cluster::{Cluster, ClusterSpec, MODE_POOLS as POOLS};
 use tessera_testbed::LabSpec;
 
 #[derive(Parser)]
-#[command(about = "Tessera's lab: nodes as network namespaces, pods talking across them")]
+#[command(
+    about = "Tessera's lab: nodes as network namespaces, pods talking across them",
+    name = "tessera-lab",
+    version = tessera_datastore::VERSION
+)]
 struct Args {
     /// Nodes (spread over two underlay subnets).
     #[arg(long, default_value_t = 4)]

@@ -50,6 +50,10 @@ fn send(addr: &str, secs: u64) -> Result<(u64, Duration), String> {
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
+        Some("--version") => {
+            println!("tcp-probe {}", tessera_datastore::VERSION);
+            std::process::ExitCode::SUCCESS
+        }
         Some("serve") if args.len() == 3 => match serve(&args[2]) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

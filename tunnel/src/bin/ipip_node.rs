@@ -9,6 +9,10 @@ use tessera_tunnel::mtu::{pod_mtu, Encap, IPIP_OVERHEAD};
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "--version") {
+        println!("tessera-ipip-node {}", tessera_datastore::VERSION);
+        return Ok(());
+    }
     let [mtu, addr, routes @ ..] = args.as_slice() else {
         return Err(
             "usage: tessera-ipip-node <underlay-mtu> <tunnel-addr> [<block>=<node-ip> ...]".into(),
