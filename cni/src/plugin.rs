@@ -7,7 +7,9 @@ use std::time::Duration;
 use ipnetwork::IpNetwork;
 use serde_json::{json, Value};
 use tessera_datastore::model::WorkloadEndpoint;
-use tessera_datastore::resources::{delete_workload_endpoint, load_config, put_workload_endpoint};
+use tessera_datastore::resources::{
+    delete_workload_endpoint, get_workload_endpoint, load_config, put_workload_endpoint,
+};
 
 use crate::error::{code, CniError};
 use crate::ipam::{self, PodId};
@@ -249,6 +251,7 @@ async fn wire_and_record(
         addresses: addresses.iter().map(|a| host_prefix(*a)).collect(),
         handle: pod.handle(&conf.name),
         floating_ips: assigned.floating_ips,
+        conflict: None,
     };
     if let Err(e) = put_workload_endpoint(kv, &wep).await {
         if !wired.repaired {
@@ -336,13 +339,22 @@ async fn check(conf: &NetConf, env: &CniEnv, node: &str) -> Result<(), CniError>
     let pod = PodId::from_env(env);
     let w = wiring_for(conf, env, &pod, addresses.clone())?;
     let host = connect()?;
+    let kv = ipam::connect(conf).await?;
+    // A fenced pod first: its wiring is incomplete on purpose, and this is the reason.
+    let wep = get_workload_endpoint(&kv, node, &pod.namespace, &pod.name, &pod.ifname).await?;
+    if let Some(c) = wep.and_then(|w| w.conflict) {
+        let addrs: Vec<String> = c.addresses.iter().map(ToString::to_string).collect();
+        return Err(CniError::check_failed(format!(
+            "address {} of this pod was reclaimed while node {node} was cut off from the datastore and now belongs to another workload; the pod is fenced (no route to it): recreate it",
+            addrs.join(", ")
+        )));
+    }
     wiring::check_pod(&host, &w).await?;
     if conf
         .ipam
         .as_ref()
         .is_some_and(|i| i.ipam_type == ipam::TESSERA_IPAM)
     {
-        let kv = ipam::connect(conf).await?;
         ipam::check(&kv, conf, node, &pod, &addresses).await?;
     }
     Ok(())

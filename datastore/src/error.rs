@@ -44,6 +44,10 @@ pub enum IpamError {
     InvalidHandle(String),
     #[error("node {node} is alive (its liveness lease is held); refusing to reclaim it")]
     NodeAlive { node: String },
+    /// A guarded write (a reclaim) found a guard key changed: the node came back, the GC
+    /// leader lost its leadership, or the verdict was withdrawn. Nothing more is written.
+    #[error("stopped: {key} changed (a reclaim's guard), nothing more written")]
+    GuardChanged { key: String },
     #[error("gave up on {what} after {attempts} conflicting concurrent updates")]
     TooMuchContention { what: String, attempts: u32 },
     #[error("corrupt value at {key}: {reason}")]

@@ -7,12 +7,12 @@
 use std::time::Duration;
 
 use crate::block::IpamBlock;
-use crate::codec::{encode, now_ms, with_retry};
+use crate::codec::{decode, encode, now_ms, with_retry};
 use crate::error::IpamError;
 use crate::ipam::Ipam;
 use crate::keys;
 use crate::kv::{Kv, Op, Txn};
-use crate::model::{AffinityState, BlockAffinity, IpamHandle};
+use crate::model::{AffinityState, BlockAffinity, Decommission, IpamHandle, Suspect};
 use crate::snapshot::Snapshot;
 
 #[derive(Debug, Clone)]
@@ -265,15 +265,71 @@ pub struct ReclaimReport {
     pub blocks_released: usize,
 }
 
-/// Releases every allocation and block affinity of `node`, whose liveness lease must have
-/// lapsed. Each transaction re-checks that the node is still dead, so a node that comes back
-/// mid-reclaim keeps what is left (and the call returns [`IpamError::NodeAlive`]).
-pub async fn reclaim_dead_node<K: Kv>(kv: &K, node: &str) -> Result<ReclaimReport, IpamError> {
-    let live_key = keys::liveness(node);
-    if with_retry(|| kv.get(&live_key)).await?.is_some() {
-        return Err(IpamError::NodeAlive {
-            node: node.to_string(),
+/// Why a node may be reclaimed: the record that says so, at the revision the decision was
+/// made on. If the record changes (the node returned and deleted it, an operator withdrew it)
+/// the reclaim stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Suspect for longer than `reclaimAfterSeconds`, and the witness found no agent.
+    Dead { suspect_rev: i64 },
+    /// Decommissioned by the operator: reclaimed at once, even while its lease is held.
+    Decommissioned { record_rev: i64 },
+}
+
+/// What every transaction of a reclaim re-checks: the GC leader's key (a deposed or
+/// partitioned leader's writes fail), the verdict record, and the node's liveness key absent
+/// (a node that takes a lease again keeps what is left).
+#[derive(Debug, Clone)]
+pub struct ReclaimGuard {
+    pub leader: Option<(String, i64)>,
+    pub verdict: Verdict,
+}
+
+impl ReclaimGuard {
+    fn compares(&self, node: &str) -> Vec<(String, i64)> {
+        let mut c: Vec<(String, i64)> = self.leader.iter().cloned().collect();
+        c.push(match self.verdict {
+            Verdict::Dead { suspect_rev } => (keys::suspect(node), suspect_rev),
+            Verdict::Decommissioned { record_rev } => (keys::decommission(node), record_rev),
         });
+        c.push((keys::liveness(node), 0));
+        c
+    }
+}
+
+/// Releases every allocation and block affinity of `node`, one guarded transaction at a time
+/// (see [`ReclaimGuard`]). A decommissioned node's liveness key is deleted first (in a
+/// transaction guarded the same way), so that the node, if it is in fact running, notices,
+/// takes a new lease and re-asserts what is still free. Otherwise a node whose liveness key
+/// exists is not touched ([`IpamError::NodeAlive`]). When a guard changes mid-way the call
+/// returns [`IpamError::GuardChanged`] and what is left stays with the node.
+pub async fn reclaim_node<K: Kv>(
+    kv: &K,
+    node: &str,
+    guard: &ReclaimGuard,
+) -> Result<ReclaimReport, IpamError> {
+    let live_key = keys::liveness(node);
+    let compares = guard.compares(node);
+    let guarded = |mut txn: Txn| {
+        for (k, rev) in &compares {
+            txn = txn.expect(k, *rev);
+        }
+        txn
+    };
+    if let Some(live) = with_retry(|| kv.get(&live_key)).await? {
+        let Verdict::Decommissioned { .. } = guard.verdict else {
+            return Err(IpamError::NodeAlive {
+                node: node.to_string(),
+            });
+        };
+        let mut txn = Txn::new().expect(&live_key, live.mod_revision);
+        for (k, rev) in compares.iter().filter(|(k, _)| *k != live_key) {
+            txn = txn.expect(k, *rev);
+        }
+        if !with_retry(|| kv.txn(txn.clone().then(Op::delete(&live_key)))).await?.succeeded {
+            return Err(IpamError::GuardChanged { key: live_key });
+        }
+        tracing::warn!(node, "decommissioned while its lease was held: liveness key deleted");
     }
     let snap = Snapshot::read(kv).await?;
     let mut report = ReclaimReport::default();
@@ -289,7 +345,7 @@ pub async fn reclaim_dead_node<K: Kv>(kv: &K, node: &str) -> Result<ReclaimRepor
     // A node-less client: it caches nothing of its own and claims nothing.
     let ipam = Ipam::new(kv.clone(), "");
     for h in &handles {
-        let freed = ipam.release_handle_guarded(h, Some(&live_key)).await?;
+        let freed = ipam.release_handle_guarded(h, &compares).await?;
         report.handles_released += 1;
         report.addresses_released += freed.len();
     }
@@ -300,15 +356,15 @@ pub async fn reclaim_dead_node<K: Kv>(kv: &K, node: &str) -> Result<ReclaimRepor
         }
         let akey = keys::affinity(node, *cidr);
         let bkey = keys::block(*cidr);
-        let mut txn = Txn::new()
-            .expect(&live_key, 0)
+        let mut txn = guarded(Txn::new())
             .expect(&akey, aff.rev)
             .then(Op::delete(&akey));
+        let mut releases_block = false;
         if let Some(b) = snap.blocks.get(cidr) {
             txn = txn.expect(&bkey, b.rev);
             if b.value.affinity.as_deref() == Some(node) {
                 txn = if b.value.is_empty() {
-                    report.blocks_released += 1;
+                    releases_block = true;
                     txn.then(Op::delete(&bkey))
                 } else {
                     let orphan = IpamBlock {
@@ -319,17 +375,253 @@ pub async fn reclaim_dead_node<K: Kv>(kv: &K, node: &str) -> Result<ReclaimRepor
                 };
             }
         }
-        if !with_retry(|| kv.txn(txn.clone())).await?.succeeded {
-            if with_retry(|| kv.get(&live_key)).await?.is_some() {
-                return Err(IpamError::NodeAlive {
-                    node: node.to_string(),
-                });
+        for (k, _) in &compares {
+            txn = txn.or_get(k);
+        }
+        let out = with_retry(|| kv.txn(txn.clone())).await?;
+        if !out.succeeded {
+            for ((k, rev), now) in compares.iter().zip(out.gets) {
+                if now.map_or(0, |v| v.mod_revision) != *rev {
+                    return Err(IpamError::GuardChanged { key: k.clone() });
+                }
             }
             // Changed under us (a borrower); the next reclaim pass finishes it.
             continue;
         }
         report.affinities_released += 1;
+        report.blocks_released += usize::from(releases_block);
     }
-    tracing::info!(node, ?report, "reclaimed dead node");
+    tracing::info!(node, ?report, verdict = ?guard.verdict, "reclaimed node");
     Ok(report)
+}
+
+/// Marks `node` suspect as of `now_ms` if its liveness key is absent, in one transaction
+/// (also guarded by the GC leader's key, when given). Returns the suspect record and its
+/// revision (the one already there if GC marked it before), or `None` while the node holds
+/// its lease.
+pub async fn mark_suspect<K: Kv>(
+    kv: &K,
+    node: &str,
+    now_ms: u64,
+    leader: Option<&(String, i64)>,
+) -> Result<Option<(Suspect, i64)>, IpamError> {
+    let skey = keys::suspect(node);
+    let lkey = keys::liveness(node);
+    let record = Suspect {
+        node: node.to_string(),
+        since_ms: now_ms,
+    };
+    let mut txn = Txn::new()
+        .expect(&lkey, 0)
+        .expect(&skey, 0)
+        .then(Op::put(&skey, encode(&record)))
+        .or_get(&skey)
+        .or_get(&lkey);
+    if let Some((k, rev)) = leader {
+        txn = txn.expect(k, *rev);
+    }
+    let out = with_retry(|| kv.txn(txn.clone())).await?;
+    if out.succeeded {
+        return Ok(Some((record, out.revision)));
+    }
+    let mut gets = out.gets.into_iter();
+    let (suspect, live) = (gets.next().flatten(), gets.next().flatten());
+    match (suspect, live) {
+        (_, Some(_)) => Ok(None),
+        (Some(s), None) => Ok(Some((decode(&s)?, s.mod_revision))),
+        // Only the leader guard can have failed.
+        (None, None) => Err(IpamError::GuardChanged {
+            key: leader.map(|(k, _)| k.clone()).unwrap_or_default(),
+        }),
+    }
+}
+
+/// Records the operator's word that `node` is gone (what `tesseractl node decommission` and
+/// the Kubernetes Node deletion will write). Returns the record's revision; an existing
+/// record is kept.
+pub async fn decommission<K: Kv>(kv: &K, node: &str, reason: &str) -> Result<i64, IpamError> {
+    let key = keys::decommission(node);
+    let record = Decommission {
+        node: node.to_string(),
+        since_ms: now_ms(),
+        reason: reason.to_string(),
+    };
+    let txn = Txn::new()
+        .expect(&key, 0)
+        .then(Op::put(&key, encode(&record)))
+        .or_get(&key);
+    let out = with_retry(|| kv.txn(txn.clone())).await?;
+    if out.succeeded {
+        return Ok(out.revision);
+    }
+    Ok(out
+        .gets
+        .into_iter()
+        .next()
+        .flatten()
+        .map_or(0, |k| k.mod_revision))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::MemKv;
+    use crate::model::Node;
+    use crate::resources::{apply_config, put_node};
+    use crate::yaml::parse_resources;
+    use crate::{AssignRequest, Owner};
+
+    const POOL: &str = "apiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: { name: p }\nspec: { cidr: 10.244.100.0/28, blockSize: 30 }\n";
+
+    async fn store() -> MemKv {
+        let kv = MemKv::default();
+        let r = parse_resources(POOL).expect("yaml");
+        apply_config(&kv, &r.pools, &r.reservations).await.expect("pools");
+        for n in ["n1", "n2", "n3"] {
+            let node = Node {
+                name: n.into(),
+                ..Default::default()
+            };
+            put_node(&kv, &node).await.expect("node");
+        }
+        kv
+    }
+
+    fn req(handle: &str, n: usize) -> AssignRequest {
+        AssignRequest {
+            owner: Owner {
+                handle: handle.into(),
+                ..Default::default()
+            },
+            num_v4: n,
+            ..Default::default()
+        }
+    }
+
+    async fn held_by(kv: &MemKv, node: &str) -> usize {
+        Snapshot::read(kv)
+            .await
+            .expect("snap")
+            .blocks
+            .values()
+            .flat_map(|b| b.value.allocated().map(|(_, a)| a.attrs.clone()).collect::<Vec<_>>())
+            .filter(|a| a.get("node").map(String::as_str) == Some(node))
+            .count()
+    }
+
+    async fn lead(kv: &MemKv) -> (String, i64) {
+        let t = Txn::new().then(Op::put(keys::GC_LEADER, b"n1".to_vec()));
+        let rev = kv.txn(t).await.expect("txn").revision;
+        (keys::GC_LEADER.to_string(), rev)
+    }
+
+    #[tokio::test]
+    async fn a_suspect_is_reclaimed_only_under_its_verdict_and_a_current_leader() {
+        let kv = store().await;
+        Ipam::new(kv.clone(), "n3")
+            .auto_assign(&req("w", 3))
+            .await
+            .expect("assign");
+        let leader = lead(&kv).await;
+        let (_, rev) = mark_suspect(&kv, "n3", 5, Some(&leader))
+            .await
+            .expect("mark")
+            .expect("suspect");
+        // Marking again keeps the first record (its time is when suspicion began).
+        let (again, rev2) = mark_suspect(&kv, "n3", 99, Some(&leader))
+            .await
+            .expect("mark")
+            .expect("suspect");
+        assert_eq!((again.since_ms, rev2), (5, rev));
+        // A deposed leader (its key changed: another agent leads now) writes nothing.
+        let stale = ReclaimGuard {
+            leader: Some(leader.clone()),
+            verdict: Verdict::Dead { suspect_rev: rev },
+        };
+        let now_leader = lead(&kv).await;
+        let e = reclaim_node(&kv, "n3", &stale).await.unwrap_err();
+        assert!(matches!(&e, IpamError::GuardChanged { key } if key == keys::GC_LEADER), "{e}");
+        assert_eq!(held_by(&kv, "n3").await, 3);
+        // The current leader reclaims.
+        let guard = ReclaimGuard {
+            leader: Some(now_leader),
+            verdict: Verdict::Dead { suspect_rev: rev },
+        };
+        let r = reclaim_node(&kv, "n3", &guard).await.expect("reclaim");
+        assert_eq!(r.addresses_released, 3);
+        assert_eq!(held_by(&kv, "n3").await, 0);
+        Snapshot::read(&kv).await.expect("snap").check(true).expect("invariants");
+    }
+
+    #[tokio::test]
+    async fn a_node_that_takes_a_lease_again_stops_the_reclaim() {
+        let kv = store().await;
+        Ipam::new(kv.clone(), "n3")
+            .auto_assign(&req("w", 2))
+            .await
+            .expect("assign");
+        let (_, rev) = mark_suspect(&kv, "n3", 1, None).await.expect("mark").expect("suspect");
+        // The node returns: its liveness key is back before GC acts.
+        let t = Txn::new().then(Op::put(keys::liveness("n3"), b"{}".to_vec()));
+        kv.txn(t).await.expect("txn");
+        let guard = ReclaimGuard {
+            leader: None,
+            verdict: Verdict::Dead { suspect_rev: rev },
+        };
+        assert!(matches!(
+            reclaim_node(&kv, "n3", &guard).await,
+            Err(IpamError::NodeAlive { .. })
+        ));
+        assert_eq!(held_by(&kv, "n3").await, 2);
+        // And a node holding its lease is not marked suspect.
+        assert_eq!(mark_suspect(&kv, "n3", 1, None).await.expect("mark"), None);
+    }
+
+    #[tokio::test]
+    async fn a_decommission_reclaims_at_once_even_under_a_held_lease() {
+        let kv = store().await;
+        Ipam::new(kv.clone(), "n3")
+            .auto_assign(&req("w", 2))
+            .await
+            .expect("assign");
+        let t = Txn::new().then(Op::put(keys::liveness("n3"), b"{}".to_vec()));
+        kv.txn(t).await.expect("txn");
+        let record_rev = decommission(&kv, "n3", "node deleted").await.expect("decommission");
+        let guard = ReclaimGuard {
+            leader: None,
+            verdict: Verdict::Decommissioned { record_rev },
+        };
+        let r = reclaim_node(&kv, "n3", &guard).await.expect("reclaim");
+        assert_eq!(r.addresses_released, 2);
+        assert!(kv.get(&keys::liveness("n3")).await.expect("get").is_none());
+    }
+
+    #[tokio::test]
+    async fn nobody_borrows_from_a_suspect_nodes_block() {
+        let kv = store().await;
+        // n3 takes one block (4 addresses; the pool has four blocks), uses one.
+        Ipam::new(kv.clone(), "n3")
+            .auto_assign(&req("w3", 1))
+            .await
+            .expect("assign");
+        mark_suspect(&kv, "n3", 1, None).await.expect("mark").expect("suspect");
+        // n1 fills the three other blocks, then finds none to borrow from.
+        Ipam::new(kv.clone(), "n1")
+            .auto_assign(&req("w1", 12))
+            .await
+            .expect("assign");
+        let e = Ipam::new(kv.clone(), "n1")
+            .auto_assign(&req("w1b", 1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, IpamError::Exhausted { .. }), "{e}");
+        // Once n3 is back (no longer suspect), its free addresses may be borrowed.
+        kv.txn(Txn::new().then(Op::delete(keys::suspect("n3"))))
+            .await
+            .expect("txn");
+        Ipam::new(kv.clone(), "n1")
+            .auto_assign(&req("w1c", 1))
+            .await
+            .expect("borrow");
+    }
 }

@@ -115,6 +115,14 @@ impl Cache {
     }
 }
 
+/// Another node's block we may borrow from: its CIDR, the key that must stay absent while
+/// we do, and how many addresses it has free at (time, reuse delay).
+type ForeignBlock = (
+    IpNetwork,
+    Option<String>,
+    Box<dyn Fn(u64, u64) -> usize + Send>,
+);
+
 /// The IPAM client of one node.
 pub struct Ipam<K: Kv> {
     kv: K,
@@ -195,6 +203,21 @@ impl<K: Kv> Ipam<K> {
         self.assign_exact_in(&pool, addr, owner, &attrs).await
     }
 
+    /// Takes `addr` back for `owner`, whose address it was before this node was reclaimed
+    /// (see [`crate::reassert`]): like [`Ipam::assign_exact`] but without the pool's owner
+    /// selector (the workload already had the address) and without the reuse delay.
+    pub(crate) async fn retake(&self, owner: &Owner, addr: IpAddr) -> Result<(), IpamError> {
+        check_handle(&owner.handle)?;
+        let cfg = self.config().await?;
+        let pool = cfg
+            .pool_of(addr)
+            .ok_or(IpamError::AddressNotInPool { addr })?
+            .clone();
+        let attrs = self.attributes(owner);
+        self.assign_exact_in(&pool, addr, owner, &attrs).await?;
+        Ok(())
+    }
+
     fn attributes(&self, owner: &Owner) -> Attributes {
         let mut attrs = owner.attrs.clone();
         attrs.insert("node".into(), self.node.clone());
@@ -271,7 +294,7 @@ impl<K: Kv> Ipam<K> {
                 break;
             }
             let delay = reuse_delay_ms(pool);
-            for (cidr, available) in self.foreign_blocks(pool).await? {
+            for (cidr, guard, available) in self.foreign_blocks(pool).await? {
                 if need == 0 {
                     break;
                 }
@@ -280,7 +303,7 @@ impl<K: Kv> Ipam<K> {
                 }
                 tracing::debug!(node = %self.node, block = %cidr, "borrowing from another node's block");
                 let got = self
-                    .assign_in_block(pool, cidr, need, &req.owner, attrs, None)
+                    .assign_in_block_guarded(pool, cidr, need, &req.owner, attrs, guard.as_deref())
                     .await?;
                 need -= got.len();
                 out.extend(got);
@@ -388,6 +411,35 @@ impl<K: Kv> Ipam<K> {
         attrs: &Attributes,
         exact: Option<IpAddr>,
     ) -> Result<Vec<Assignment>, IpamError> {
+        self.assign_in_block_with(pool, cidr, count, owner, attrs, exact, None)
+            .await
+    }
+
+    /// A borrow: `absent` (the block owner's suspect record) must stay absent.
+    async fn assign_in_block_guarded(
+        &self,
+        pool: &IpPool,
+        cidr: IpNetwork,
+        count: usize,
+        owner: &Owner,
+        attrs: &Attributes,
+        absent: Option<&str>,
+    ) -> Result<Vec<Assignment>, IpamError> {
+        self.assign_in_block_with(pool, cidr, count, owner, attrs, None, absent)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn assign_in_block_with(
+        &self,
+        pool: &IpPool,
+        cidr: IpNetwork,
+        count: usize,
+        owner: &Owner,
+        attrs: &Attributes,
+        exact: Option<IpAddr>,
+        absent: Option<&str>,
+    ) -> Result<Vec<Assignment>, IpamError> {
         let bkey = keys::block(cidr);
         let hkey = keys::handle(&owner.handle);
         let delay = reuse_delay_ms(pool);
@@ -429,6 +481,9 @@ impl<K: Kv> Ipam<K> {
                 .or_get(&bkey)
                 .or_get(&hkey)
                 .or_get(keys::CONFIG_EPOCH);
+            if let Some(k) = absent {
+                txn = txn.expect(k, 0);
+            }
             if let Some(w) = &owner.workload {
                 let addrs: Vec<IpAddr> = new_handle.addresses.iter().map(|a| a.addr).collect();
                 txn = txn.then(Op::put(
@@ -459,6 +514,12 @@ impl<K: Kv> Ipam<K> {
                 return Ok(assignments);
             }
             let [fresh_block, fresh_handle, epoch] = take3(outcome.gets);
+            if let Some(k) = absent {
+                // The owner became suspect since we looked: borrow elsewhere.
+                if with_retry(|| self.kv.get(k)).await?.is_some() {
+                    return Ok(Vec::new());
+                }
+            }
             tracing::debug!(
                 block = %cidr,
                 attempt,
@@ -651,16 +712,17 @@ impl<K: Kv> Ipam<K> {
     /// Releases everything `handle` holds and deletes the handle. Idempotent.
     pub async fn release_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
         check_handle(handle)?;
-        self.release_handle_guarded(handle, None).await
+        self.release_handle_guarded(handle, &[]).await
     }
 
     /// Frees `handle` block by block (one transaction each; the last deletes the handle).
-    /// With `absent_guard`, every transaction also requires that key to be absent (reclaim
-    /// of a dead node stops if the node's liveness key reappears).
+    /// Every transaction also compares each `guards` key with its revision (0: absent); when
+    /// one changed, nothing more is written and [`IpamError::GuardChanged`] names it (a
+    /// reclaim stops when the node returns or the GC leader is deposed).
     pub(crate) async fn release_handle_guarded(
         &self,
         handle: &str,
-        absent_guard: Option<&str>,
+        guards: &[(String, i64)],
     ) -> Result<Vec<IpAddr>, IpamError> {
         let hkey = keys::handle(handle);
         let mut released = Vec::new();
@@ -713,8 +775,8 @@ impl<K: Kv> Ipam<K> {
             } else {
                 txn.then(Op::put(&hkey, encode(&new_handle)))
             };
-            if let Some(guard) = absent_guard {
-                txn = txn.expect(guard, 0).or_get(guard);
+            for (key, rev) in guards {
+                txn = txn.expect(key, *rev).or_get(key);
             }
             let outcome = with_retry(|| self.kv.txn(txn.clone())).await?;
             if outcome.succeeded {
@@ -742,10 +804,9 @@ impl<K: Kv> Ipam<K> {
             let mut gets = outcome.gets.into_iter();
             let fresh_handle = gets.next().flatten();
             let fresh_block = gets.next().flatten();
-            if let Some(guard) = absent_guard {
-                if gets.next().flatten().is_some() {
-                    let node = guard.rsplit('/').next().unwrap_or(guard).to_string();
-                    return Err(IpamError::NodeAlive { node });
+            for (key, rev) in guards {
+                if gets.next().flatten().map_or(0, |k| k.mod_revision) != *rev {
+                    return Err(IpamError::GuardChanged { key: key.clone() });
                 }
             }
             self.remember_handle(handle, fresh_handle.as_ref())?;
@@ -965,19 +1026,27 @@ impl<K: Kv> Ipam<K> {
     /// Blocks of `pool` affine to other nodes (or to none), freshly read, with a function
     /// telling how many addresses each could give at a time with a reuse delay.
     #[allow(clippy::type_complexity)]
-    async fn foreign_blocks(
-        &self,
-        pool: &IpPool,
-    ) -> Result<Vec<(IpNetwork, Box<dyn Fn(u64, u64) -> usize + Send>)>, IpamError> {
+    /// Other nodes' blocks of `pool` that we may borrow from, each with the key that must
+    /// stay absent while we do (its owner's suspect record) and its free count by time and
+    /// reuse delay. A suspect node's blocks are left alone: it may be alive and cut off, and
+    /// its addresses must be there when it returns.
+    async fn foreign_blocks(&self, pool: &IpPool) -> Result<Vec<ForeignBlock>, IpamError> {
         let (kvs, _) = with_retry(|| self.kv.get_prefix(keys::BLOCKS)).await?;
-        let mut out: Vec<(IpNetwork, Box<dyn Fn(u64, u64) -> usize + Send>)> = Vec::new();
+        let suspects: HashSet<String> = with_retry(|| self.kv.list_keys(keys::SUSPECTS))
+            .await?
+            .into_iter()
+            .filter_map(|(k, _)| k.strip_prefix(keys::SUSPECTS).map(str::to_string))
+            .collect();
+        let mut out: Vec<ForeignBlock> = Vec::new();
         for kv in &kvs {
             let block: IpamBlock = decode(kv)?;
             if !pool.spec.cidr.contains(block.cidr.network())
                 || block.affinity.as_deref() == Some(self.node.as_str())
+                || block.affinity.as_ref().is_some_and(|n| suspects.contains(n))
             {
                 continue;
             }
+            let guard = block.affinity.as_deref().map(keys::suspect);
             let cidr = block.cidr;
             let snapshot = block.clone();
             self.cache().blocks.insert(
@@ -987,7 +1056,7 @@ impl<K: Kv> Ipam<K> {
                     value: block,
                 },
             );
-            out.push((cidr, Box::new(move |now, d| snapshot.available(now, d))));
+            out.push((cidr, guard, Box::new(move |now, d| snapshot.available(now, d))));
         }
         Ok(out)
     }

@@ -21,6 +21,12 @@ pub const LAST_ADDRESSES: &str = "/tessera/v1/ipam/last-addresses/";
 pub const NODES: &str = "/tessera/v1/nodes/";
 pub const LIVENESS: &str = "/tessera/v1/liveness/";
 pub const WORKLOADS: &str = "/tessera/v1/workloads/";
+/// GC's record that a node's liveness lease lapsed (a [`crate::model::Suspect`]).
+pub const SUSPECTS: &str = "/tessera/v1/nodestatus/suspects/";
+/// The operator's word that a node is gone (a [`crate::model::Decommission`]).
+pub const DECOMMISSIONS: &str = "/tessera/v1/nodestatus/decommissions/";
+/// The GC leader's name, on the leader's etcd lease.
+pub const GC_LEADER: &str = "/tessera/v1/gc/leader";
 pub const POD_INTENTS: &str = "/tessera/v1/pod-intents/";
 
 /// `10.244.1.0/26` -> `10.244.1.0-26`: a CIDR as one path segment.
@@ -57,6 +63,12 @@ pub fn node(name: &str) -> String {
 }
 pub fn liveness(name: &str) -> String {
     format!("{LIVENESS}{name}")
+}
+pub fn suspect(name: &str) -> String {
+    format!("{SUSPECTS}{name}")
+}
+pub fn decommission(name: &str) -> String {
+    format!("{DECOMMISSIONS}{name}")
 }
 pub fn workload(node: &str, namespace: &str, pod: &str, interface: &str) -> String {
     format!("{WORKLOADS}{node}/{namespace}/{pod}/{interface}")

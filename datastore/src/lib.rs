@@ -9,6 +9,7 @@
 //! - [`ipam`]: assignment, release and block claims, each write one guarded transaction.
 //! - [`gc`]: repair after crashes and dead or deleted nodes.
 //! - [`liveness`]: node leases.
+//! - [`reassert`]: a returning node takes back what is still free and learns what it lost.
 //! - [`snapshot`]: a consistent read of all IPAM state and the invariant checker.
 //!
 //! DESIGN.md beside this crate lists the invariants and why they hold.
@@ -22,6 +23,7 @@ pub mod keys;
 pub mod kv;
 pub mod liveness;
 pub mod model;
+pub mod reassert;
 pub mod resources;
 pub mod selector;
 pub mod snapshot;

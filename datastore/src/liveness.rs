@@ -1,6 +1,9 @@
-//! Node liveness: a node holds an etcd lease with its liveness key attached. When the node
-//! dies the lease lapses, the key disappears, and [`crate::gc::reclaim_dead_node`] may run.
+//! Node liveness: a node holds an etcd lease with its liveness key attached. When the lease
+//! lapses the key disappears and the node is *suspect*: it cannot reach etcd, or it is dead.
+//! GC reclaims it only on further evidence ([`crate::gc::reclaim_node`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -16,18 +19,27 @@ pub struct NodeLease<K: Kv> {
     kv: K,
     lease: i64,
     keeper: JoinHandle<()>,
+    renewed_ms: Arc<AtomicU64>,
 }
 
 impl<K: Kv> NodeLease<K> {
+    /// Takes the lease and, in the same transaction, clears the node's suspect and
+    /// decommission records: the node is here (any reclaim still running stops, since each of
+    /// its transactions requires the liveness key absent and the verdict unchanged).
     pub async fn acquire(kv: K, node: &str, ttl: Duration) -> Result<Self, IpamError> {
         let ttl_secs = ttl.as_secs().max(1) as i64;
         let lease = with_retry(|| kv.lease_grant(ttl_secs)).await?;
-        let txn = Txn::new().then(Op::Put {
-            key: keys::liveness(node),
-            value: b"{}".to_vec(),
-            lease: Some(lease),
-        });
+        let txn = Txn::new()
+            .then(Op::Put {
+                key: keys::liveness(node),
+                value: b"{}".to_vec(),
+                lease: Some(lease),
+            })
+            .then(Op::delete(keys::suspect(node)))
+            .then(Op::delete(keys::decommission(node)));
         with_retry(|| kv.txn(txn.clone())).await?;
+        let renewed_ms = Arc::new(AtomicU64::new(crate::now_ms()));
+        let renewed = renewed_ms.clone();
         let k = kv.clone();
         let node_name = node.to_string();
         let keeper = tokio::spawn(async move {
@@ -35,7 +47,7 @@ impl<K: Kv> NodeLease<K> {
             loop {
                 tokio::time::sleep(period).await;
                 match k.lease_keep_alive(lease).await {
-                    Ok(ttl) if ttl > 0 => {}
+                    Ok(ttl) if ttl > 0 => renewed.store(crate::now_ms(), Ordering::Relaxed),
                     Ok(_) => {
                         tracing::error!(node = %node_name, "liveness lease lost");
                         return;
@@ -46,11 +58,22 @@ impl<K: Kv> NodeLease<K> {
                 }
             }
         });
-        Ok(NodeLease { kv, lease, keeper })
+        Ok(NodeLease {
+            kv,
+            lease,
+            keeper,
+            renewed_ms,
+        })
     }
 
     pub fn lease_id(&self) -> i64 {
         self.lease
+    }
+
+    /// When the lease was last granted or renewed (ms since the epoch): a node that has not
+    /// renewed it for a TTL is suspect in the cluster's eyes.
+    pub fn renewed_ms(&self) -> u64 {
+        self.renewed_ms.load(Ordering::Relaxed)
     }
 
     /// Ends the lease at once (the node shuts down cleanly).

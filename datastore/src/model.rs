@@ -204,6 +204,46 @@ pub struct Node {
     pub vxlan_tunnel_address_v6: Option<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipip_tunnel_address: Option<IpAddr>,
+    /// A random identity the node's agent keeps across restarts (its identity file). The
+    /// agent's witness endpoint proves it knows this, so that an answer at the node's address
+    /// counts only when it comes from that node's agent. Not a secret: etcd readers see it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_identity: Option<String>,
+    /// Where the agent's witness endpoint listens, on `ipv4_address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness_port: Option<u16>,
+}
+
+/// GC's record that a node lost its liveness lease: `/tessera/v1/nodestatus/suspects/<node>`.
+/// A suspect is reclaimed only after `reclaimAfterSeconds` and when the witness finds no agent
+/// there; while suspect, nobody borrows from its blocks. The node deletes it when it returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Suspect {
+    pub node: String,
+    /// When GC first saw the lease gone.
+    pub since_ms: u64,
+}
+
+/// The operator's word that a node is gone for good (the Kubernetes Node object was deleted,
+/// or a human said so): GC reclaims it at once, without waiting or asking a witness.
+/// `/tessera/v1/nodestatus/decommissions/<node>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Decommission {
+    pub node: String,
+    pub since_ms: u64,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Addresses a workload had that went to another workload while its node was cut off (the
+/// node was reclaimed). Its node fences them: no host route, no announcement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Conflict {
+    pub addresses: Vec<IpAddr>,
+    pub since_ms: u64,
 }
 
 /// A pod's network attachment: `/tessera/v1/workloads/<node>/<namespace>/<pod>/<interface>`.
@@ -224,6 +264,10 @@ pub struct WorkloadEndpoint {
     pub handle: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub floating_ips: Vec<IpAddr>,
+    /// Set by the node's agent when some of `addresses` now belong to another workload: the
+    /// pod is fenced and CNI CHECK fails for it, so that the runtime recreates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<Conflict>,
 }
 
 /// An external BGP peer (a top-of-rack router, a route reflector outside the cluster), for

@@ -1,11 +1,11 @@
 //! Reading and writing the non-IPAM resources: pools, reservations, nodes, workload endpoints.
 //! Pool and reservation writes bump [`keys::CONFIG_EPOCH`] in the same transaction.
 
-use crate::codec::{decode, encode, with_retry};
+use crate::codec::{decode, encode, now_ms, with_retry};
 use crate::error::IpamError;
 use crate::keys;
 use crate::kv::{Kv, Op, Txn};
-use crate::model::{IpPool, IpReservation, Node, PodIntent, WorkloadEndpoint};
+use crate::model::{Conflict, IpPool, IpReservation, Node, PodIntent, WorkloadEndpoint};
 
 /// Pools and reservations as read at one revision, with the epoch's revision.
 #[derive(Debug, Clone, Default)]
@@ -101,6 +101,53 @@ pub async fn put_workload_endpoint<K: Kv>(kv: &K, wep: &WorkloadEndpoint) -> Res
     let txn = Txn::new().then(Op::put(key, encode(wep)));
     with_retry(|| kv.txn(txn.clone())).await?;
     Ok(())
+}
+
+pub async fn get_workload_endpoint<K: Kv>(
+    kv: &K,
+    node: &str,
+    namespace: &str,
+    pod: &str,
+    interface: &str,
+) -> Result<Option<WorkloadEndpoint>, IpamError> {
+    let key = keys::workload(node, namespace, pod, interface);
+    with_retry(|| kv.get(&key)).await?.as_ref().map(decode).transpose()
+}
+
+/// Records that `lost` (some of the endpoint's addresses) now belong to other workloads: the
+/// pod is fenced. One transaction guarded by the endpoint's revision (a DEL or a new ADD
+/// since wins); false when the endpoint is gone.
+pub async fn mark_workload_conflicted<K: Kv>(
+    kv: &K,
+    wep: &WorkloadEndpoint,
+    lost: &[std::net::IpAddr],
+) -> Result<bool, IpamError> {
+    let key = keys::workload(&wep.node, &wep.namespace, &wep.pod, &wep.interface);
+    for _ in 0..crate::ipam::MAX_CONFLICTS {
+        let Some(current) = with_retry(|| kv.get(&key)).await? else {
+            return Ok(false);
+        };
+        let mut w: WorkloadEndpoint = decode(&current)?;
+        let conflict = w.conflict.get_or_insert(Conflict {
+            addresses: Vec::new(),
+            since_ms: now_ms(),
+        });
+        for a in lost {
+            if !conflict.addresses.contains(a) {
+                conflict.addresses.push(*a);
+            }
+        }
+        let txn = Txn::new()
+            .expect(&key, current.mod_revision)
+            .then(Op::put(&key, encode(&w)));
+        if with_retry(|| kv.txn(txn.clone())).await?.succeeded {
+            return Ok(true);
+        }
+    }
+    Err(IpamError::TooMuchContention {
+        what: format!("marking {key} conflicted"),
+        attempts: crate::ipam::MAX_CONFLICTS,
+    })
 }
 
 pub async fn delete_workload_endpoint<K: Kv>(

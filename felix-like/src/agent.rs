@@ -15,8 +15,9 @@ use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::{Handle, MulticastGroup};
 use tessera_datastore::liveness::NodeLease;
 use tessera_datastore::model::{EncapMode, Node};
-use tessera_datastore::resources::{get_node, put_node};
-use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Owner};
+use tessera_datastore::reassert::{reassert, LocalWorkload};
+use tessera_datastore::resources::{get_node, mark_workload_conflicted, put_node};
+use tessera_datastore::{now_ms, AssignRequest, EtcdKv, Ipam, Owner};
 use tessera_routed::kernel::{RouteTarget, Target};
 use tessera_routed::speaker::Command;
 use tessera_tunnel::desired::vtep_mac;
@@ -30,7 +31,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::autodetect::{self, Underlay};
 use crate::config::AgentConfig;
 use crate::health::{KindLabel, PeerLabel, PoolNode, Shared};
-use crate::state::{desired, ClusterView, Desired, Me, TargetTable};
+use crate::state::{desired, fenced, ClusterView, Desired, Fenced, Me, TargetTable};
 use crate::sync::Synced;
 
 /// The speaker asks this for every learned route; the agent swaps the table as pools change.
@@ -73,6 +74,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     )?;
     tracing::info!(?underlay, "underlay address");
     let underlay_mtu = tessera_tunnel::mtu::interface_mtu(&handle, &underlay.interface).await?;
+    let identity = crate::witness::load_or_create_identity(&cfg.identity_file).map_err(|e| {
+        anyhow::anyhow!("identity file {}: {e}", cfg.identity_file.display())
+    })?;
+    // The witness answers from the start, etcd or not: a node cut off from etcd is exactly
+    // the one it must speak for.
+    let witness = (cfg.witness_port != 0).then(|| {
+        let listen = std::net::SocketAddr::new(underlay.v4.ip(), cfg.witness_port);
+        let (node, identity) = (cfg.node_name.clone(), identity.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::witness::serve(listen, node, identity).await {
+                tracing::error!(%listen, error = %e, "the witness cannot listen: GC will not see this node alive if its lease lapses");
+            }
+        })
+    });
     tokio::pin!(shutdown);
 
     // The datastore: keep trying (not ready meanwhile) until etcd answers.
@@ -80,7 +95,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         kv = connect(&cfg, &shared) => kv,
         _ = &mut shutdown => return Ok(()),
     };
-    register(&kv, &cfg, &underlay).await?;
+    register(&kv, &cfg, &underlay, &identity).await?;
     let mut lease = NodeLease::acquire(
         kv.clone(),
         &cfg.node_name,
@@ -88,7 +103,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     )
     .await?;
     let (view_tx, mut view_rx) = watch::channel(Synced::default());
-    tokio::spawn(crate::sync::follow(kv.clone(), view_tx));
+    tokio::spawn(crate::sync::follow(
+        kv.clone(),
+        cfg.node_name.clone(),
+        view_tx,
+    ));
     if cfg.gc.enabled {
         tokio::spawn(crate::gc::run(
             kv.clone(),
@@ -169,6 +188,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         nat_listing: None,
         mtu_written: None,
         vxlan_up: [false; 2],
+        // Whatever happened before we started, our running pods' addresses are checked once.
+        reassert_pending: true,
+        fenced: Vec::new(),
     };
     {
         let mut h = shared.health();
@@ -201,20 +223,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             _ = tick.tick() => {
                 shared.health().last_loop = Some(Instant::now());
                 node.speaker_status().await;
-                // Our liveness key must exist while we run: if it went (a partition longer
-                // than the TTL, or a hand), take a new lease at once, so that GC stops
-                // treating a running node as dead.
-                let lost = {
-                    let synced = view_rx.borrow();
-                    synced.in_sync && synced.view.revision > 0 && !synced.view.live.contains(&cfg.node_name)
-                };
-                if lost {
-                    tracing::error!("our liveness lease is gone while we run; taking a new one");
-                    match NodeLease::acquire(kv.clone(), &cfg.node_name, Duration::from_secs(cfg.lease_ttl_seconds)).await {
-                        Ok(l) => lease = l,
-                        Err(e) => tracing::warn!(error = %e, "cannot take a new liveness lease"),
-                    }
-                }
+                let stale_ms = now_ms().saturating_sub(lease.renewed_ms());
+                shared.health().lease_trouble = (stale_ms > cfg.lease_ttl_seconds * 1000).then(|| {
+                    format!("liveness lease not renewed for {} s (etcd unreachable?): the cluster sees this node as suspect", stale_ms / 1000)
+                });
                 if last_full.elapsed() < cfg.reconcile_interval() { continue; }
                 Pass::Full
             }
@@ -223,6 +235,25 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             last_full = Instant::now();
         }
         let synced = view_rx.borrow_and_update().clone();
+        // Our liveness key must exist while we run: if it went (a partition longer than the
+        // TTL, a decommission, a hand), take a new lease at once (which stops any reclaim
+        // still running), then re-assert what our pods hold before anything else.
+        if synced.in_sync && synced.view.revision > 0 && !synced.view.live.contains(&cfg.node_name) {
+            tracing::error!("our liveness lease is gone while we run; taking a new one, then re-asserting our pods' addresses");
+            match NodeLease::acquire(kv.clone(), &cfg.node_name, Duration::from_secs(cfg.lease_ttl_seconds)).await {
+                Ok(l) => {
+                    lease = l;
+                    node.reassert_pending = true;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot take a new liveness lease"),
+            }
+        }
+        if synced.in_sync && node.reassert_pending {
+            match node.reassert(&synced.view).await {
+                Ok(()) => node.reassert_pending = false,
+                Err(e) => tracing::warn!(error = %e, "re-asserting our pods' addresses failed; retrying"),
+            }
+        }
         node.reconcile(&synced, pass).await;
     }
     tracing::info!("shutting down; routes stay in the kernel and (graceful restart) on peers");
@@ -231,6 +262,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
     }
     health.abort();
+    if let Some(w) = witness {
+        w.abort();
+    }
     // The lease is left to lapse on its own: a restarting agent takes it over in time, a
     // node that never comes back is reclaimed after the TTL.
     drop(lease);
@@ -259,7 +293,12 @@ async fn connect(cfg: &AgentConfig, shared: &Shared) -> EtcdKv {
 }
 
 /// Creates or updates our Node record (keeping the tunnel addresses it already has).
-async fn register(kv: &EtcdKv, cfg: &AgentConfig, u: &Underlay) -> anyhow::Result<()> {
+async fn register(
+    kv: &EtcdKv,
+    cfg: &AgentConfig,
+    u: &Underlay,
+    identity: &str,
+) -> anyhow::Result<()> {
     let mut node = get_node(kv, &cfg.node_name).await?.unwrap_or(Node {
         name: cfg.node_name.clone(),
         ..Default::default()
@@ -269,6 +308,8 @@ async fn register(kv: &EtcdKv, cfg: &AgentConfig, u: &Underlay) -> anyhow::Resul
     node.labels = cfg.labels.clone();
     node.as_number = Some(cfg.as_number);
     node.vxlan_tunnel_mac = Some(mac_text(vtep_mac(&cfg.node_name)));
+    node.agent_identity = Some(identity.to_string());
+    node.witness_port = (cfg.witness_port != 0).then_some(cfg.witness_port);
     put_node(kv, &node).await?;
     Ok(())
 }
@@ -386,6 +427,11 @@ struct Reconciler {
     mtu_written: Option<u32>,
     /// vxlan.calico, vxlan-v6.calico are up.
     vxlan_up: [bool; 2],
+    /// Our pods' addresses must be checked against the datastore (at start, and after our
+    /// lease was lost and taken again) before the loop trusts them.
+    reassert_pending: bool,
+    /// Addresses of local pods that now belong to other workloads, as the last pass fenced.
+    fenced: Vec<Fenced>,
 }
 
 impl Reconciler {
@@ -588,6 +634,101 @@ impl Reconciler {
         Ok((Some(idx), changed))
     }
 
+    /// Checks every running local pod's addresses (and our tunnel addresses) against the
+    /// datastore: takes back what is free, marks what went to another workload conflicted
+    /// (the reconcile fences it), forgets a tunnel address that went elsewhere (a new one is
+    /// allocated). A pod counts as running when its host interface exists here.
+    async fn reassert(&mut self, view: &ClusterView) -> anyhow::Result<()> {
+        let links = tessera_tunnel::routes::link_names(&self.handle).await?;
+        let running: Vec<&tessera_datastore::model::WorkloadEndpoint> = view
+            .workloads
+            .iter()
+            .filter(|w| w.host_interface.as_ref().is_some_and(|h| links.contains(h)))
+            .collect();
+        let mut local: Vec<LocalWorkload> = running
+            .iter()
+            .map(|w| LocalWorkload {
+                handle: w.handle.clone(),
+                addresses: w.addresses.iter().map(|n| n.ip()).collect(),
+                attrs: [
+                    ("namespace".to_string(), w.namespace.clone()),
+                    ("pod".to_string(), w.pod.clone()),
+                    ("containerID".to_string(), w.container_id.clone()),
+                    ("ifname".to_string(), w.interface.clone()),
+                ]
+                .into(),
+            })
+            .collect();
+        let me = view.node(&self.me.name).cloned().unwrap_or_default();
+        let tunnels = [
+            ("vxlan", me.vxlan_tunnel_address),
+            ("vxlan-v6", me.vxlan_tunnel_address_v6),
+            ("ipip", me.ipip_tunnel_address),
+        ];
+        for (kind, addr) in tunnels {
+            if let Some(a) = addr {
+                local.push(LocalWorkload {
+                    handle: format!("{kind}-tunnel-addr-{}", self.me.name),
+                    addresses: vec![a],
+                    attrs: [("type".to_string(), format!("{kind}TunnelAddress"))].into(),
+                });
+            }
+        }
+        let report = reassert(&self.kv, &self.me.name, &local).await?;
+        let mut node_changed = false;
+        let mut node = me;
+        for (i, addr, why) in &report.lost {
+            match running.get(*i) {
+                Some(w) => {
+                    tracing::error!(pod = %format!("{}/{}", w.namespace, w.pod), %addr, %why,
+                        "our pod's address was reclaimed while we were cut off and is taken: fencing it (no host route, not announced); the pod must be recreated");
+                    mark_workload_conflicted(&self.kv, w, &[*addr]).await?;
+                }
+                None => {
+                    tracing::warn!(%addr, %why, "our tunnel address was reclaimed and is taken: allocating a new one");
+                    for field in [
+                        &mut node.vxlan_tunnel_address,
+                        &mut node.vxlan_tunnel_address_v6,
+                        &mut node.ipip_tunnel_address,
+                    ] {
+                        if *field == Some(*addr) {
+                            *field = None;
+                            node_changed = true;
+                        }
+                    }
+                }
+            }
+        }
+        if node_changed {
+            put_node(&self.kv, &node).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the host routes of fenced addresses (the CNI plugin made them; nothing makes
+    /// them again while the pod is conflicted). Returns how many it removed.
+    async fn fence(&mut self, view: &ClusterView) -> Result<usize, String> {
+        let now = fenced(view);
+        let mut removed = 0;
+        for f in &now {
+            if tessera_tunnel::routes::remove_host_route(&self.handle, f.address, &f.host_interface)
+                .await
+                .map_err(|e| format!("fencing {}: {e}", f.address))?
+            {
+                tracing::warn!(address = %f.address, pod = %f.pod, "fenced: host route removed");
+                removed += 1;
+            }
+        }
+        self.shared.metrics.conflicted.set(
+            now.iter()
+                .map(|f| &f.pod)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len() as i64,
+        );
+        self.fenced = now;
+        Ok(removed)
+    }
+
     async fn reconcile(&mut self, synced: &Synced, pass: Pass) {
         let full = pass == Pass::Full;
         let started = Instant::now();
@@ -607,7 +748,11 @@ impl Reconciler {
         // Most datastore events (a pod's address allocated in an existing block) change
         // nothing this node programs: then the kernel is not even looked at.
         let my = view.node(&self.me.name).cloned();
-        if pass == Pass::Datastore && self.last.as_ref() == Some(&d) && self.last_me == my {
+        if pass == Pass::Datastore
+            && self.last.as_ref() == Some(&d)
+            && self.last_me == my
+            && self.fenced == fenced(view)
+        {
             let mut h = self.shared.health();
             h.in_sync = true;
             h.last_reconcile = Some(Instant::now());
@@ -624,6 +769,23 @@ impl Reconciler {
             }
         }
         let mut corrections = 0usize;
+
+        // Local pods whose address went to another workload: fenced first.
+        match self.fence(view).await {
+            Ok(n) => corrections += n,
+            Err(e) => not_ready.push(e),
+        }
+        if !self.fenced.is_empty() {
+            let pods: std::collections::BTreeSet<String> = self
+                .fenced
+                .iter()
+                .map(|f| format!("{} ({})", f.pod, f.address))
+                .collect();
+            not_ready.push(format!(
+                "fenced pods, their addresses now belong to other workloads (recreate them): {}",
+                pods.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
 
         // VXLAN devices and entries, per family.
         let my = view.node(&self.me.name);

@@ -37,6 +37,14 @@ pub struct AgentConfig {
     /// Seconds the liveness lease outlives a silent agent.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl_seconds: u64,
+    /// The witness endpoint, on the node's underlay address: GC asks it before reclaiming a
+    /// node whose lease lapsed (`TESSERA_WITNESS_PORT`; 0 turns it off, and then such a node
+    /// is never reclaimed without a decommission).
+    #[serde(default = "default_witness_port")]
+    pub witness_port: u16,
+    /// Where the agent keeps its identity across restarts (`TESSERA_IDENTITY_FILE`).
+    #[serde(default = "default_identity_file")]
+    pub identity_file: PathBuf,
     /// Full reconcile of the kernel state every so often (netlink events trigger one at once).
     #[serde(default = "default_reconcile")]
     pub reconcile_interval_ms: u64,
@@ -83,6 +91,12 @@ pub struct GcSettings {
     /// TTL of the leader lease: how long GC pauses when its leader dies.
     #[serde(default = "default_leader_lease")]
     pub leader_lease_seconds: u64,
+    /// A node whose lease lapsed (suspect) is reclaimed only after this long, and only if its
+    /// agent does not answer the witness probe. The default is the 300 s Kubernetes waits
+    /// before evicting the pods of an unreachable node: by then the cluster treats them as
+    /// gone too.
+    #[serde(default = "default_reclaim_after")]
+    pub reclaim_after_seconds: u64,
 }
 
 impl Default for GcSettings {
@@ -92,6 +106,7 @@ impl Default for GcSettings {
             interval_seconds: default_gc_interval(),
             workload_grace_seconds: default_grace(),
             leader_lease_seconds: default_leader_lease(),
+            reclaim_after_seconds: default_reclaim_after(),
         }
     }
 }
@@ -110,6 +125,15 @@ fn default_health() -> String {
 }
 fn default_lease_ttl() -> u64 {
     30
+}
+fn default_reclaim_after() -> u64 {
+    300
+}
+fn default_witness_port() -> u16 {
+    9097
+}
+fn default_identity_file() -> PathBuf {
+    PathBuf::from("/var/lib/tessera/agent-identity")
 }
 fn default_leader_lease() -> u64 {
     10
@@ -209,6 +233,15 @@ impl AgentConfig {
         }
         if let Some(v) = env("TESSERA_MTU_FILE") {
             cfg.mtu_file = v.into();
+        }
+        if let Some(v) = env("TESSERA_IDENTITY_FILE") {
+            cfg.identity_file = v.into();
+        }
+        if let Some(v) = env("TESSERA_WITNESS_PORT") {
+            cfg.witness_port = v.parse().map_err(|_| ConfigError::Env {
+                var: "TESSERA_WITNESS_PORT",
+                message: format!("{v:?} is not a port"),
+            })?;
         }
         if let Some(v) = env("TESSERA_LABELS") {
             for pair in v.split(',').filter(|p| !p.trim().is_empty()) {

@@ -1,33 +1,111 @@
-//! Garbage collection, one agent at a time: the leader holds `/tessera/v1/gc/leader` on an
-//! etcd lease. Each pass reclaims dead nodes (lease lapsed), repairs what crashes left
-//! (the datastore's `gc`), and releases allocations whose workload endpoint is gone after a
-//! grace period and a re-check. Every repair is its own guarded transaction: pods keep
-//! starting while it runs.
+//! Garbage collection, one agent at a time: the leader holds [`keys::GC_LEADER`] on an etcd
+//! lease. Each pass judges every node (below), repairs what crashes left (the datastore's
+//! `gc`), and releases allocations whose workload endpoint is gone after a grace period and a
+//! re-check. Every repair is its own guarded transaction: pods keep starting while it runs.
+//!
+//! A node is reclaimed only on evidence that it is gone ([`judge`]): the operator
+//! decommissioned it, or its lease lapsed (it is *suspect*) more than `reclaimAfterSeconds`
+//! ago **and** the witness finds no agent at its address. A lapsed lease alone only says the
+//! node cannot reach etcd. Every reclaim transaction compares the leader key, the verdict
+//! record and the node's liveness key, so a deposed leader or a returning node stops it.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tessera_datastore::gc::{gc, reclaim_dead_node, GcOptions};
+use tessera_datastore::gc::{gc, mark_suspect, reclaim_node, GcOptions, ReclaimGuard, Verdict};
 use tessera_datastore::kv::{Kv, Op, Txn};
+use tessera_datastore::model::Suspect;
 use tessera_datastore::resources::list_all_workload_endpoints;
 use tessera_datastore::snapshot::Snapshot;
-use tessera_datastore::{keys, EtcdKv, Ipam};
+use tessera_datastore::{keys, now_ms, EtcdKv, IpamError, Ipam};
 
 use crate::config::GcSettings;
-use crate::health::{KindLabel, Shared};
+use crate::health::{KindLabel, NodeStateLabel, Shared};
+use crate::witness::{self, Finding};
 
-pub const LEADER_KEY: &str = "/tessera/v1/gc/leader";
+/// What GC does about one node in a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeAction {
+    /// It holds its lease.
+    Nothing,
+    /// Its lease is gone and GC has not noticed before: it is suspect from now.
+    MarkSuspect,
+    /// Suspect for less than `reclaimAfterSeconds`.
+    Wait { remaining_ms: u64 },
+    /// Suspect for long enough: reclaim if the witness finds no agent.
+    AskWitness { suspect_rev: i64 },
+    /// The operator decommissioned it: reclaim now.
+    Reclaim(Verdict),
+}
+
+/// The decision for one node, from what the datastore says of it. Pure.
+pub fn judge(
+    live: bool,
+    suspect: Option<(u64, i64)>,
+    decommission_rev: Option<i64>,
+    now_ms: u64,
+    reclaim_after_ms: u64,
+) -> NodeAction {
+    if let Some(record_rev) = decommission_rev {
+        return NodeAction::Reclaim(Verdict::Decommissioned { record_rev });
+    }
+    if live {
+        return NodeAction::Nothing;
+    }
+    match suspect {
+        None => NodeAction::MarkSuspect,
+        Some((since, _)) if now_ms.saturating_sub(since) < reclaim_after_ms => NodeAction::Wait {
+            remaining_ms: reclaim_after_ms - now_ms.saturating_sub(since),
+        },
+        Some((_, suspect_rev)) => NodeAction::AskWitness { suspect_rev },
+    }
+}
+
+/// Where a suspect node stands, for logs and the `tessera_node_suspect` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SuspectState {
+    /// Suspect for less than `reclaimAfterSeconds`.
+    Waiting,
+    /// Suspect for long enough, but its agent answers the witness: not reclaimed.
+    WitnessAnswered,
+    /// Its Node record gives no witness address or identity: never reclaimed without a
+    /// decommission.
+    NoWitness,
+    /// Reclaimed (nothing of it is held any more).
+    Reclaimed,
+    Decommissioned,
+}
+
+impl SuspectState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuspectState::Waiting => "waiting",
+            SuspectState::WitnessAnswered => "witness_answered",
+            SuspectState::NoWitness => "no_witness",
+            SuspectState::Reclaimed => "reclaimed",
+            SuspectState::Decommissioned => "decommissioned",
+        }
+    }
+}
+
+struct Leadership {
+    lease: i64,
+    /// The leader key's revision: every reclaim compares it.
+    key_rev: i64,
+}
 
 pub async fn run(kv: EtcdKv, me: String, settings: GcSettings, shared: Arc<Shared>) {
-    let mut lease: Option<i64> = None;
+    let mut leading: Option<Leadership> = None;
     let mut orphans_seen: HashMap<String, Instant> = HashMap::new();
+    let mut reported: BTreeMap<String, SuspectState> = BTreeMap::new();
     let period = Duration::from_secs(settings.interval_seconds.max(1));
     loop {
         tokio::time::sleep(period).await;
-        lease = match lease {
-            Some(id) => match kv.lease_keep_alive(id).await {
-                Ok(ttl) if ttl > 0 => Some(id),
+        leading = match leading {
+            Some(l) => match kv.lease_keep_alive(l.lease).await {
+                Ok(ttl) if ttl > 0 => Some(l),
                 _ => {
                     tracing::warn!("lost GC leadership");
                     None
@@ -35,27 +113,33 @@ pub async fn run(kv: EtcdKv, me: String, settings: GcSettings, shared: Arc<Share
             },
             None => try_lead(&kv, &me, settings.leader_lease_seconds).await,
         };
-        if lease.is_none() {
+        let Some(l) = &leading else {
             orphans_seen.clear();
+            reported.clear();
+            shared.metrics.suspects.clear();
             continue;
-        }
-        if let Err(e) = pass(&kv, &settings, &shared, &mut orphans_seen).await {
+        };
+        let leader = (keys::GC_LEADER.to_string(), l.key_rev);
+        if let Err(e) = pass(&kv, &settings, &shared, &leader, &mut orphans_seen, &mut reported).await {
             tracing::warn!(error = %e, "GC pass failed; next pass retries");
         }
     }
 }
 
-async fn try_lead(kv: &EtcdKv, me: &str, ttl: u64) -> Option<i64> {
+async fn try_lead(kv: &EtcdKv, me: &str, ttl: u64) -> Option<Leadership> {
     let id = kv.lease_grant(ttl.max(2) as i64).await.ok()?;
-    let txn = Txn::new().expect(LEADER_KEY, 0).then(Op::Put {
-        key: LEADER_KEY.into(),
+    let txn = Txn::new().expect(keys::GC_LEADER, 0).then(Op::Put {
+        key: keys::GC_LEADER.into(),
         value: me.as_bytes().to_vec(),
         lease: Some(id),
     });
     match kv.txn(txn).await {
         Ok(o) if o.succeeded => {
             tracing::info!(node = me, "GC leader");
-            Some(id)
+            Some(Leadership {
+                lease: id,
+                key_rev: o.revision,
+            })
         }
         _ => {
             let _ = kv.lease_revoke(id).await;
@@ -78,44 +162,11 @@ async fn pass(
     kv: &EtcdKv,
     settings: &GcSettings,
     shared: &Shared,
+    leader: &(String, i64),
     orphans_seen: &mut HashMap<String, Instant>,
+    reported: &mut BTreeMap<String, SuspectState>,
 ) -> anyhow::Result<()> {
-    // Dead nodes: affinities of nodes whose liveness key is gone.
-    let snap = Snapshot::read(kv).await?;
-    let (live, _) = kv.get_prefix(keys::LIVENESS).await?;
-    let live: HashSet<String> = live
-        .iter()
-        .filter_map(|k| k.key.strip_prefix(keys::LIVENESS).map(String::from))
-        .collect();
-    let nodes: HashSet<String> = kv
-        .list_keys(keys::NODES)
-        .await?
-        .into_iter()
-        .filter_map(|(k, _)| k.strip_prefix(keys::NODES).map(String::from))
-        .collect();
-    let holders: BTreeSet<String> = snap
-        .affinities
-        .keys()
-        .map(|(n, _)| n.clone())
-        .chain(snap.blocks.values().flat_map(|b| {
-            b.value
-                .allocated()
-                .filter_map(|(_, a)| a.attrs.get("node").cloned())
-                .collect::<Vec<_>>()
-        }))
-        .collect();
-    for node in holders
-        .iter()
-        .filter(|n| nodes.contains(*n) && !live.contains(*n))
-    {
-        match reclaim_dead_node(kv, node).await {
-            Ok(r) => {
-                count(shared, "dead_node_addresses", r.addresses_released);
-                count(shared, "dead_node_blocks", r.affinities_released);
-            }
-            Err(e) => tracing::info!(node, error = %e, "not reclaimed"),
-        }
-    }
+    judge_nodes(kv, settings, shared, leader, reported).await?;
     // What crashes left, and affinities of deleted nodes.
     let r = gc(kv, &GcOptions::default()).await?;
     count(
@@ -171,4 +222,188 @@ async fn pass(
         }
     }
     Ok(())
+}
+
+/// The suspect and decommission records, by node, with their revisions.
+async fn node_records(
+    kv: &EtcdKv,
+) -> Result<(BTreeMap<String, (Suspect, i64)>, BTreeMap<String, i64>), IpamError> {
+    let (suspects, _) = kv.get_prefix(keys::SUSPECTS).await?;
+    let (decommissions, _) = kv.get_prefix(keys::DECOMMISSIONS).await?;
+    let suspects = suspects
+        .into_iter()
+        .filter_map(|k| {
+            let s: Suspect = serde_json::from_slice(&k.value).ok()?;
+            Some((s.node.clone(), (s, k.mod_revision)))
+        })
+        .collect();
+    let decommissions = decommissions
+        .into_iter()
+        .filter_map(|k| {
+            let node = k.key.strip_prefix(keys::DECOMMISSIONS)?.to_string();
+            Some((node, k.mod_revision))
+        })
+        .collect();
+    Ok((suspects, decommissions))
+}
+
+/// Judges every node and acts: marks suspects, asks the witness, reclaims.
+async fn judge_nodes(
+    kv: &EtcdKv,
+    settings: &GcSettings,
+    shared: &Shared,
+    leader: &(String, i64),
+    reported: &mut BTreeMap<String, SuspectState>,
+) -> anyhow::Result<()> {
+    let snap = Snapshot::read(kv).await?;
+    let (suspects, decommissions) = node_records(kv).await?;
+    let holders: BTreeSet<String> = snap
+        .affinities
+        .keys()
+        .map(|(n, _)| n.clone())
+        .chain(snap.blocks.values().flat_map(|b| {
+            b.value
+                .allocated()
+                .filter_map(|(_, a)| a.attrs.get("node").cloned())
+                .collect::<Vec<_>>()
+        }))
+        .collect();
+    let names: BTreeSet<&String> = snap.nodes.keys().chain(decommissions.keys()).collect();
+    let now = now_ms();
+    let after_ms = settings.reclaim_after_seconds.saturating_mul(1000);
+    let mut states: BTreeMap<String, (SuspectState, u64)> = BTreeMap::new();
+    for node in names {
+        let suspect = suspects.get(node).map(|(s, rev)| (s.since_ms, *rev));
+        let live = snap.live.contains(node);
+        let suspect_for = suspect.map_or(0, |(since, _)| now.saturating_sub(since));
+        let action = judge(live, suspect, decommissions.get(node).copied(), now, after_ms);
+        let state = match action {
+            NodeAction::Nothing => continue,
+            NodeAction::MarkSuspect => {
+                if mark_suspect(kv, node, now, Some(leader)).await?.is_some() {
+                    tracing::warn!(
+                        node,
+                        reclaim_after_s = settings.reclaim_after_seconds,
+                        "node lost its liveness lease: suspect (cannot reach etcd, or dead); reclaimed only after reclaimAfterSeconds and if its agent does not answer the witness"
+                    );
+                }
+                SuspectState::Waiting
+            }
+            NodeAction::Wait { .. } => SuspectState::Waiting,
+            NodeAction::AskWitness { suspect_rev } => {
+                if !holders.contains(node) {
+                    SuspectState::Reclaimed
+                } else {
+                    match ask_witness(&snap, node).await {
+                        None => SuspectState::NoWitness,
+                        Some(Finding::Answered) => SuspectState::WitnessAnswered,
+                        Some(Finding::NoAgent(why)) => {
+                            tracing::warn!(node, suspect_for_s = suspect_for / 1000, %why, "the witness finds no agent: reclaiming");
+                            let guard = ReclaimGuard {
+                                leader: Some(leader.clone()),
+                                verdict: Verdict::Dead { suspect_rev },
+                            };
+                            reclaim(kv, shared, node, &guard).await;
+                            SuspectState::Reclaimed
+                        }
+                    }
+                }
+            }
+            NodeAction::Reclaim(verdict) => {
+                if holders.contains(node) || live {
+                    let guard = ReclaimGuard {
+                        leader: Some(leader.clone()),
+                        verdict,
+                    };
+                    reclaim(kv, shared, node, &guard).await;
+                }
+                SuspectState::Decommissioned
+            }
+        };
+        states.insert(node.clone(), (state, suspect_for));
+    }
+    // Logs say when a node's standing changes; the metric says it all the time.
+    for (node, (state, suspect_for)) in &states {
+        if reported.get(node) != Some(state) {
+            match state {
+                SuspectState::Waiting => {}
+                SuspectState::WitnessAnswered => tracing::warn!(
+                    node,
+                    suspect_for_s = suspect_for / 1000,
+                    "suspect, but its agent answers the witness over the underlay: not reclaimed (cut off from etcd, not dead)"
+                ),
+                SuspectState::NoWitness => tracing::warn!(
+                    node,
+                    "suspect, but its Node record names no witness address or identity: not reclaimed without a decommission"
+                ),
+                SuspectState::Reclaimed | SuspectState::Decommissioned => {}
+            }
+        }
+    }
+    *reported = states.iter().map(|(n, (s, _))| (n.clone(), *s)).collect();
+    let m = &shared.metrics.suspects;
+    m.clear();
+    for (node, (state, suspect_for)) in states {
+        m.get_or_create(&NodeStateLabel {
+            node,
+            state: state.as_str().into(),
+        })
+        .set((suspect_for / 1000) as i64);
+    }
+    Ok(())
+}
+
+/// Asks the witness at the node's registered address; `None` when the Node record does not
+/// say where or who (an agent that never registered a witness).
+async fn ask_witness(snap: &Snapshot, node: &str) -> Option<Finding> {
+    let n = snap.nodes.get(node)?;
+    let addr = SocketAddr::new(n.ipv4_address?.ip(), n.witness_port?);
+    let identity = n.agent_identity.as_deref()?;
+    Some(witness::probe(addr, node, identity, Duration::from_secs(2)).await)
+}
+
+async fn reclaim(kv: &EtcdKv, shared: &Shared, node: &str, guard: &ReclaimGuard) {
+    match reclaim_node(kv, node, guard).await {
+        Ok(r) => {
+            count(shared, "dead_node_addresses", r.addresses_released);
+            count(shared, "dead_node_blocks", r.affinities_released);
+        }
+        Err(e) => tracing::info!(node, error = %e, "not reclaimed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AFTER: u64 = 300_000;
+
+    #[test]
+    fn a_node_holding_its_lease_is_left_alone() {
+        assert_eq!(judge(true, None, None, 1_000_000, AFTER), NodeAction::Nothing);
+        assert_eq!(judge(true, Some((0, 7)), None, 1_000_000, AFTER), NodeAction::Nothing);
+    }
+
+    #[test]
+    fn a_lapsed_lease_makes_a_suspect_that_waits_then_asks_the_witness() {
+        assert_eq!(judge(false, None, None, 1_000, AFTER), NodeAction::MarkSuspect);
+        assert_eq!(
+            judge(false, Some((1_000, 7)), None, 1_000 + AFTER - 1, AFTER),
+            NodeAction::Wait { remaining_ms: 1 }
+        );
+        assert_eq!(
+            judge(false, Some((1_000, 7)), None, 1_000 + AFTER, AFTER),
+            NodeAction::AskWitness { suspect_rev: 7 }
+        );
+    }
+
+    #[test]
+    fn a_decommission_is_reclaimed_at_once_lease_or_not() {
+        for live in [true, false] {
+            assert_eq!(
+                judge(live, None, Some(9), 0, AFTER),
+                NodeAction::Reclaim(Verdict::Decommissioned { record_rev: 9 })
+            );
+        }
+    }
 }

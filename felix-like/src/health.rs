@@ -39,6 +39,8 @@ pub struct HealthState {
     pub bgp_checked: bool,
     /// Why we are not ready, if we are not (empty: ready, given the above).
     pub not_ready: Vec<String>,
+    /// Set while the liveness lease is not being renewed (the cluster sees us as suspect).
+    pub lease_trouble: Option<String>,
 }
 
 impl HealthState {
@@ -53,6 +55,7 @@ impl HealthState {
             in_sync: false,
             bgp_checked: false,
             not_ready: vec!["starting".into()],
+            lease_trouble: None,
         }
     }
 
@@ -75,6 +78,9 @@ impl HealthState {
         self.live()?;
         if !self.not_ready.is_empty() {
             return Err(self.not_ready.join("; "));
+        }
+        if let Some(why) = &self.lease_trouble {
+            return Err(why.clone());
         }
         if !self.in_sync {
             return Err("datastore not in sync".into());
@@ -102,6 +108,13 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeStateLabel {
+    pub node: String,
+    /// A [`crate::gc::SuspectState`].
+    pub state: String,
+}
+
 /// The agent's metrics.
 #[derive(Default)]
 pub struct Metrics {
@@ -114,6 +127,10 @@ pub struct Metrics {
     pub corrections: Family<KindLabel, Counter>,
     pub gc_reclaims: Family<KindLabel, Counter>,
     pub in_sync: Gauge,
+    /// Suspect nodes (lease lapsed), by standing: seconds since they became suspect.
+    pub suspects: Family<NodeStateLabel, Gauge>,
+    /// Local workloads fenced because their address now belongs to another workload.
+    pub conflicted: Gauge,
 }
 
 pub struct Shared {
@@ -170,6 +187,16 @@ impl Shared {
             "gc_reclaims",
             "IPAM garbage collection repairs, by kind",
             metrics.gc_reclaims.clone(),
+        );
+        registry.register(
+            "node_suspect_seconds",
+            "Nodes whose liveness lease lapsed (seen by the GC leader), by state: waiting, witness_answered, no_witness, reclaimed, decommissioned; the value is how long they have been suspect",
+            metrics.suspects.clone(),
+        );
+        registry.register(
+            "conflicted_workloads",
+            "Local pods fenced because their address was reclaimed and now belongs to another workload",
+            metrics.conflicted.clone(),
         );
         registry.register(
             "datastore_in_sync",

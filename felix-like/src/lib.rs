@@ -6,7 +6,8 @@
 //! - [`sync`]: the datastore follower (etcd watch, resumed or resynced);
 //! - [`agent`]: registration, the in-process BGP speaker and the reconcile loop (netlink);
 //! - [`nat`]: natOutgoing in nftables; [`gc`]: leader-elected IPAM garbage collection;
-//! - [`health`]: /livez, /readyz, /metrics; [`config`] and [`autodetect`]: startup.
+//! - [`health`]: /livez, /readyz, /metrics; [`config`] and [`autodetect`]: startup;
+//! - [`witness`]: proof that a node whose lease lapsed still runs (asked before reclaim).
 
 pub mod agent;
 pub mod autodetect;
@@ -16,3 +17,4 @@ pub mod health;
 pub mod nat;
 pub mod state;
 pub mod sync;
+pub mod witness;

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use tessera_datastore::block::IpamBlock;
 use tessera_datastore::keys;
-use tessera_datastore::model::{BgpPeer, EncapMode, IpPool, Node};
+use tessera_datastore::model::{BgpPeer, EncapMode, IpPool, Node, WorkloadEndpoint};
 use tessera_routed::config::PeerConfig;
 use tessera_routed::kernel::Target;
 use tessera_tunnel::desired::{Mode, RemoteNode, Route, VxlanEntries};
@@ -31,6 +31,8 @@ pub struct ClusterView {
     pub live: BTreeSet<String>,
     /// Keys that did not decode (reported, never fatal).
     pub corrupt: Vec<String>,
+    /// Our node's workload endpoints (the sync follows no other node's).
+    pub workloads: Vec<WorkloadEndpoint>,
 }
 
 impl ClusterView {
@@ -62,6 +64,8 @@ impl ClusterView {
                 take(k, val, &mut v.bgp_peers, &mut v.corrupt);
             } else if let Some(n) = k.strip_prefix(keys::LIVENESS) {
                 v.live.insert(n.to_string());
+            } else if k.starts_with(keys::WORKLOADS) {
+                take(k, val, &mut v.workloads, &mut v.corrupt);
             }
         }
         v.pools.sort_by(|a, b| a.name.cmp(&b.name));
@@ -102,6 +106,30 @@ impl ClusterView {
         }
         out
     }
+}
+
+/// A local pod's address that now belongs to another workload: no host route to it here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fenced {
+    /// `namespace/pod`.
+    pub pod: String,
+    pub address: IpAddr,
+    pub host_interface: String,
+}
+
+/// The fenced addresses of our workload endpoints (those the agent marked conflicted). Pure.
+pub fn fenced(view: &ClusterView) -> Vec<Fenced> {
+    view.workloads
+        .iter()
+        .filter_map(|w| Some((w, w.conflict.as_ref()?, w.host_interface.as_ref()?)))
+        .flat_map(|(w, c, host)| {
+            c.addresses.iter().map(|a| Fenced {
+                pod: format!("{}/{}", w.namespace, w.pod),
+                address: *a,
+                host_interface: host.clone(),
+            })
+        })
+        .collect()
 }
 
 fn mode(m: EncapMode) -> Mode {

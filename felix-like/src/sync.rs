@@ -23,8 +23,10 @@ pub struct Synced {
     pub in_sync: bool,
 }
 
-/// Runs forever; publishes on `tx`.
-pub async fn follow(kv: EtcdKv, tx: watch::Sender<Synced>) {
+/// Runs forever; publishes on `tx`. `node` is ours: of all workload endpoints, only ours are
+/// followed (the agent fences a local pod whose address went elsewhere).
+pub async fn follow(kv: EtcdKv, node: String, tx: watch::Sender<Synced>) {
+    let relevant = |key: &str| relevant(key, &node);
     let mut copy: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut revision: Option<i64> = None;
     loop {
@@ -48,7 +50,7 @@ pub async fn follow(kv: EtcdKv, tx: watch::Sender<Synced>) {
             }
         }
         let Some(rev) = revision else { continue };
-        match watch_from(&kv, rev, &mut copy, &tx).await {
+        match watch_from(&kv, rev, &mut copy, &tx, &relevant).await {
             WatchEnd::Compacted => {
                 tracing::warn!(
                     revision = rev,
@@ -76,6 +78,7 @@ async fn watch_from(
     rev: i64,
     copy: &mut BTreeMap<String, Vec<u8>>,
     tx: &watch::Sender<Synced>,
+    relevant: &(dyn Fn(&str) -> bool + Sync),
 ) -> WatchEnd {
     let mut client = kv.client();
     let opts = WatchOptions::new()
@@ -134,8 +137,9 @@ async fn watch_from(
 }
 
 /// The keys the calculation reads; pods coming and going (handles, endpoints, last
-/// addresses, intents) change only blocks as far as the agent is concerned.
-fn relevant(key: &str) -> bool {
+/// addresses, intents) change only blocks as far as the agent is concerned, except our own
+/// workload endpoints (which say what runs here and what is fenced).
+fn relevant(key: &str, node: &str) -> bool {
     [
         keys::POOLS,
         keys::NODES,
@@ -145,6 +149,10 @@ fn relevant(key: &str) -> bool {
     ]
     .iter()
     .any(|p| key.starts_with(p))
+        || key
+            .strip_prefix(keys::WORKLOADS)
+            .and_then(|rest| rest.strip_prefix(node))
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 fn publish(tx: &watch::Sender<Synced>, copy: &BTreeMap<String, Vec<u8>>, rev: i64, in_sync: bool) {

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use tessera_datastore::gc::{gc, reclaim_dead_node, GcOptions};
+use tessera_datastore::gc::{gc, mark_suspect, reclaim_node, GcOptions, ReclaimGuard, Verdict};
 use tessera_datastore::keys;
 use tessera_datastore::kv::{Op, Txn};
 use tessera_datastore::liveness::{is_alive, NodeLease};
@@ -524,10 +524,19 @@ async fn a_dead_nodes_allocations_are_reclaimed_and_a_live_nodes_are_not() {
         one(&dead, &v4(&format!("dead-{i}"))).await;
         one(&live, &v4(&format!("live-{i}"))).await;
     }
+    let unproven = ReclaimGuard {
+        leader: None,
+        verdict: Verdict::Dead { suspect_rev: 0 },
+    };
     assert!(matches!(
-        reclaim_dead_node(&c.kv, "live").await,
+        reclaim_node(&c.kv, "live", &unproven).await,
         Err(IpamError::NodeAlive { .. })
     ));
+    assert_eq!(
+        mark_suspect(&c.kv, "live", 1, None).await.expect("mark"),
+        None,
+        "a node holding its lease is not suspect"
+    );
     // The dead node stops refreshing its lease (a crash); it lapses after its TTL.
     drop(dead_lease);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -535,7 +544,15 @@ async fn a_dead_nodes_allocations_are_reclaimed_and_a_live_nodes_are_not() {
         assert!(tokio::time::Instant::now() < deadline, "lease never lapsed");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let report = reclaim_dead_node(&c.kv, "dead").await.expect("reclaim");
+    let (_, suspect_rev) = mark_suspect(&c.kv, "dead", 1, None)
+        .await
+        .expect("mark")
+        .expect("suspect");
+    let guard = ReclaimGuard {
+        leader: None,
+        verdict: Verdict::Dead { suspect_rev },
+    };
+    let report = reclaim_node(&c.kv, "dead", &guard).await.expect("reclaim");
     assert_eq!(report.addresses_released, 5);
     assert_eq!(report.affinities_released, 1);
     let snap = assert_invariants(&c.kv, true).await;

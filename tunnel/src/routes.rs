@@ -207,3 +207,55 @@ pub async fn ensure_routes_among(
     }
     Ok(changes)
 }
+
+/// The names of every link in the namespace.
+pub async fn link_names(h: &Handle) -> Result<std::collections::HashSet<String>, TunnelError> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    let links: Vec<_> = h
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|source| TunnelError::Netlink {
+            what: "listing links".into(),
+            source,
+        })?;
+    Ok(links
+        .iter()
+        .flat_map(|l| l.attributes.iter())
+        .filter_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Removes the host route to a pod address (`<addr>/32 dev <ifname>`, or /128), whoever made
+/// it: a fenced pod must not be reached through this node. True when a route was removed;
+/// no route (or no such link) is not an error.
+pub async fn remove_host_route(h: &Handle, addr: IpAddr, ifname: &str) -> Result<bool, TunnelError> {
+    let Some(link) = crate::vxlan::link(h, ifname).await? else {
+        return Ok(false);
+    };
+    let index = link.header.index;
+    let msg = match addr {
+        IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(a, 32)
+            .output_interface(index)
+            .build(),
+        IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(a, 128)
+            .output_interface(index)
+            .build(),
+    };
+    match h.route().del(msg).execute().await {
+        Ok(()) => Ok(true),
+        // ESRCH: no such route (already fenced).
+        Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -3 => Ok(false),
+        Err(source) => Err(TunnelError::Netlink {
+            what: format!("removing the host route to {addr}"),
+            source,
+        }),
+    }
+}

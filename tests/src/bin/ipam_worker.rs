@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use tessera_datastore::gc::{gc, reclaim_dead_node, GcOptions};
+use tessera_datastore::gc::{gc, mark_suspect, reclaim_node, GcOptions, ReclaimGuard, Verdict};
 use tessera_datastore::model::Node;
 use tessera_datastore::resources::{apply_config, put_node};
 use tessera_datastore::snapshot::Snapshot;
@@ -204,7 +204,17 @@ async fn run<K: Kv>(kv: K, node: &str, cmd: Cmd) -> anyhow::Result<()> {
             }
         }
         Cmd::Reclaim { dead_node } => {
-            let r = reclaim_dead_node(&kv, &dead_node).await?;
+            // By hand, as an operator would: the node's lease must have lapsed.
+            let Some((_, suspect_rev)) =
+                mark_suspect(&kv, &dead_node, tessera_datastore::now_ms(), None).await?
+            else {
+                anyhow::bail!("{dead_node} holds its liveness lease");
+            };
+            let guard = ReclaimGuard {
+                leader: None,
+                verdict: Verdict::Dead { suspect_rev },
+            };
+            let r = reclaim_node(&kv, &dead_node, &guard).await?;
             println!("{}", json!({ "addresses_released": r.addresses_released }));
         }
     }
