@@ -326,10 +326,16 @@ pub async fn reclaim_node<K: Kv>(
         for (k, rev) in compares.iter().filter(|(k, _)| *k != live_key) {
             txn = txn.expect(k, *rev);
         }
-        if !with_retry(|| kv.txn(txn.clone().then(Op::delete(&live_key)))).await?.succeeded {
+        if !with_retry(|| kv.txn(txn.clone().then(Op::delete(&live_key))))
+            .await?
+            .succeeded
+        {
             return Err(IpamError::GuardChanged { key: live_key });
         }
-        tracing::warn!(node, "decommissioned while its lease was held: liveness key deleted");
+        tracing::warn!(
+            node,
+            "decommissioned while its lease was held: liveness key deleted"
+        );
     }
     let snap = Snapshot::read(kv).await?;
     let mut report = ReclaimReport::default();
@@ -476,7 +482,9 @@ mod tests {
     async fn store() -> MemKv {
         let kv = MemKv::default();
         let r = parse_resources(POOL).expect("yaml");
-        apply_config(&kv, &r.pools, &r.reservations).await.expect("pools");
+        apply_config(&kv, &r.pools, &r.reservations)
+            .await
+            .expect("pools");
         for n in ["n1", "n2", "n3"] {
             let node = Node {
                 name: n.into(),
@@ -504,7 +512,12 @@ mod tests {
             .expect("snap")
             .blocks
             .values()
-            .flat_map(|b| b.value.allocated().map(|(_, a)| a.attrs.clone()).collect::<Vec<_>>())
+            .flat_map(|b| {
+                b.value
+                    .allocated()
+                    .map(|(_, a)| a.attrs.clone())
+                    .collect::<Vec<_>>()
+            })
             .filter(|a| a.get("node").map(String::as_str) == Some(node))
             .count()
     }
@@ -540,7 +553,10 @@ mod tests {
         };
         let now_leader = lead(&kv).await;
         let e = reclaim_node(&kv, "n3", &stale).await.unwrap_err();
-        assert!(matches!(&e, IpamError::GuardChanged { key } if key == keys::GC_LEADER), "{e}");
+        assert!(
+            matches!(&e, IpamError::GuardChanged { key } if key == keys::GC_LEADER),
+            "{e}"
+        );
         assert_eq!(held_by(&kv, "n3").await, 3);
         // The current leader reclaims.
         let guard = ReclaimGuard {
@@ -550,7 +566,11 @@ mod tests {
         let r = reclaim_node(&kv, "n3", &guard).await.expect("reclaim");
         assert_eq!(r.addresses_released, 3);
         assert_eq!(held_by(&kv, "n3").await, 0);
-        Snapshot::read(&kv).await.expect("snap").check(true).expect("invariants");
+        Snapshot::read(&kv)
+            .await
+            .expect("snap")
+            .check(true)
+            .expect("invariants");
     }
 
     #[tokio::test]
@@ -560,7 +580,10 @@ mod tests {
             .auto_assign(&req("w", 2))
             .await
             .expect("assign");
-        let (_, rev) = mark_suspect(&kv, "n3", 1, None).await.expect("mark").expect("suspect");
+        let (_, rev) = mark_suspect(&kv, "n3", 1, None)
+            .await
+            .expect("mark")
+            .expect("suspect");
         // The node returns: its liveness key is back before GC acts.
         let t = Txn::new().then(Op::put(keys::liveness("n3"), b"{}".to_vec()));
         kv.txn(t).await.expect("txn");
@@ -586,7 +609,9 @@ mod tests {
             .expect("assign");
         let t = Txn::new().then(Op::put(keys::liveness("n3"), b"{}".to_vec()));
         kv.txn(t).await.expect("txn");
-        let record_rev = decommission(&kv, "n3", "node deleted").await.expect("decommission");
+        let record_rev = decommission(&kv, "n3", "node deleted")
+            .await
+            .expect("decommission");
         let guard = ReclaimGuard {
             leader: None,
             verdict: Verdict::Decommissioned { record_rev },
@@ -604,7 +629,10 @@ mod tests {
             .auto_assign(&req("w3", 1))
             .await
             .expect("assign");
-        mark_suspect(&kv, "n3", 1, None).await.expect("mark").expect("suspect");
+        mark_suspect(&kv, "n3", 1, None)
+            .await
+            .expect("mark")
+            .expect("suspect");
         // n1 fills the three other blocks, then finds none to borrow from.
         Ipam::new(kv.clone(), "n1")
             .auto_assign(&req("w1", 12))

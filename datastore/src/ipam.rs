@@ -1042,7 +1042,10 @@ impl<K: Kv> Ipam<K> {
             let block: IpamBlock = decode(kv)?;
             if !pool.spec.cidr.contains(block.cidr.network())
                 || block.affinity.as_deref() == Some(self.node.as_str())
-                || block.affinity.as_ref().is_some_and(|n| suspects.contains(n))
+                || block
+                    .affinity
+                    .as_ref()
+                    .is_some_and(|n| suspects.contains(n))
             {
                 continue;
             }
@@ -1056,7 +1059,11 @@ impl<K: Kv> Ipam<K> {
                     value: block,
                 },
             );
-            out.push((cidr, guard, Box::new(move |now, d| snapshot.available(now, d))));
+            out.push((
+                cidr,
+                guard,
+                Box::new(move |now, d| snapshot.available(now, d)),
+            ));
         }
         Ok(out)
     }

@@ -62,7 +62,9 @@ impl std::fmt::Display for Lost {
 pub enum Fate {
     Held,
     /// Free; `orphaned_block` is its block when that block has no affinity (to adopt).
-    Free { orphaned_block: Option<IpNetwork> },
+    Free {
+        orphaned_block: Option<IpNetwork>,
+    },
     Lost(Lost),
 }
 
@@ -212,7 +214,9 @@ mod tests {
     async fn store(nodes: &[&str]) -> MemKv {
         let kv = MemKv::default();
         let r = parse_resources(POOL).expect("yaml");
-        apply_config(&kv, &r.pools, &r.reservations).await.expect("pools");
+        apply_config(&kv, &r.pools, &r.reservations)
+            .await
+            .expect("pools");
         for n in nodes {
             put_node(
                 &kv,
@@ -236,7 +240,11 @@ mod tests {
             num_v4: 1,
             ..Default::default()
         };
-        Ipam::new(kv.clone(), node).auto_assign(&req).await.expect("assign")[0].addr
+        Ipam::new(kv.clone(), node)
+            .auto_assign(&req)
+            .await
+            .expect("assign")[0]
+            .addr
     }
 
     fn local(handle: &str, addr: IpAddr) -> LocalWorkload {
@@ -251,7 +259,9 @@ mod tests {
     async fn held_addresses_are_left_alone() {
         let kv = store(&["n3"]).await;
         let a = take(&kv, "n3", "w1").await;
-        let r = reassert(&kv, "n3", &[local("w1", a)]).await.expect("reassert");
+        let r = reassert(&kv, "n3", &[local("w1", a)])
+            .await
+            .expect("reassert");
         assert_eq!((r.held, r.retaken.len(), r.lost.len()), (1, 0, 0));
     }
 
@@ -269,14 +279,20 @@ mod tests {
             leader: None,
             verdict: crate::gc::Verdict::Dead { suspect_rev: rev },
         };
-        crate::gc::reclaim_node(&kv, "n3", &guard).await.expect("reclaim");
+        crate::gc::reclaim_node(&kv, "n3", &guard)
+            .await
+            .expect("reclaim");
         // ...and n1's new workload gets one of its addresses (the freed block is n1's now).
         let mut taken = take(&kv, "n1", "w9").await;
         while taken != a && taken != b {
             taken = take(&kv, "n1", &format!("w9-{taken}")).await;
         }
         let (kept, lost) = if taken == a { (b, a) } else { (a, b) };
-        let (kept_h, lost_h) = if taken == a { ("w2", "w1") } else { ("w1", "w2") };
+        let (kept_h, lost_h) = if taken == a {
+            ("w2", "w1")
+        } else {
+            ("w1", "w2")
+        };
         let r = reassert(&kv, "n3", &[local(lost_h, lost), local(kept_h, kept)])
             .await
             .expect("reassert");

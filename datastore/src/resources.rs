@@ -111,7 +111,11 @@ pub async fn get_workload_endpoint<K: Kv>(
     interface: &str,
 ) -> Result<Option<WorkloadEndpoint>, IpamError> {
     let key = keys::workload(node, namespace, pod, interface);
-    with_retry(|| kv.get(&key)).await?.as_ref().map(decode).transpose()
+    with_retry(|| kv.get(&key))
+        .await?
+        .as_ref()
+        .map(decode)
+        .transpose()
 }
 
 /// Records that `lost` (some of the endpoint's addresses) now belong to other workloads: the

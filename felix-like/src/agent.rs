@@ -34,6 +34,10 @@ use crate::health::{KindLabel, PeerLabel, PoolNode, Shared};
 use crate::state::{desired, fenced, ClusterView, Desired, Fenced, Me, TargetTable};
 use crate::sync::Synced;
 
+/// How long the loop waits for one etcd step of its own (a new lease; a quarter of a
+/// re-assertion) before it turns again and retries later.
+const ETCD_STEP: Duration = Duration::from_secs(3);
+
 /// The speaker asks this for every learned route; the agent swaps the table as pools change.
 struct AgentTarget(RwLock<TargetTable>);
 
@@ -74,9 +78,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     )?;
     tracing::info!(?underlay, "underlay address");
     let underlay_mtu = tessera_tunnel::mtu::interface_mtu(&handle, &underlay.interface).await?;
-    let identity = crate::witness::load_or_create_identity(&cfg.identity_file).map_err(|e| {
-        anyhow::anyhow!("identity file {}: {e}", cfg.identity_file.display())
-    })?;
+    let identity = crate::witness::load_or_create_identity(&cfg.identity_file)
+        .map_err(|e| anyhow::anyhow!("identity file {}: {e}", cfg.identity_file.display()))?;
     // The witness answers from the start, etcd or not: a node cut off from etcd is exactly
     // the one it must speak for.
     let witness = (cfg.witness_port != 0).then(|| {
@@ -200,6 +203,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         }
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_regain: Option<Instant> = None;
+    let regain_every = Duration::from_secs((cfg.lease_ttl_seconds / 3).max(1));
     let mut last_full = Instant::now();
     loop {
         // What woke us: a datastore change (apply only if the wanted state changed), kernel
@@ -238,20 +243,39 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         // Our liveness key must exist while we run: if it went (a partition longer than the
         // TTL, a decommission, a hand), take a new lease at once (which stops any reclaim
         // still running), then re-assert what our pods hold before anything else.
-        if synced.in_sync && synced.view.revision > 0 && !synced.view.live.contains(&cfg.node_name) {
+        // Each etcd call here is bounded: the loop must keep turning (health, drift) while
+        // etcd is out of reach; a failed attempt is retried on a later pass.
+        let lost = synced.in_sync
+            && synced.view.revision > 0
+            && !synced.view.live.contains(&cfg.node_name);
+        let may_try = last_regain.is_none_or(|t| t.elapsed() >= regain_every);
+        if lost && may_try {
+            last_regain = Some(Instant::now());
             tracing::error!("our liveness lease is gone while we run; taking a new one, then re-asserting our pods' addresses");
-            match NodeLease::acquire(kv.clone(), &cfg.node_name, Duration::from_secs(cfg.lease_ttl_seconds)).await {
-                Ok(l) => {
+            let ttl = Duration::from_secs(cfg.lease_ttl_seconds);
+            match tokio::time::timeout(
+                ETCD_STEP,
+                NodeLease::acquire(kv.clone(), &cfg.node_name, ttl),
+            )
+            .await
+            {
+                Ok(Ok(l)) => {
                     lease = l;
                     node.reassert_pending = true;
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot take a new liveness lease"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot take a new liveness lease"),
+                Err(_) => tracing::warn!("etcd did not answer; taking a new liveness lease later"),
             }
         }
-        if synced.in_sync && node.reassert_pending {
-            match node.reassert(&synced.view).await {
-                Ok(()) => node.reassert_pending = false,
-                Err(e) => tracing::warn!(error = %e, "re-asserting our pods' addresses failed; retrying"),
+        if synced.in_sync && !lost && node.reassert_pending {
+            match tokio::time::timeout(4 * ETCD_STEP, node.reassert(&synced.view)).await {
+                Ok(Ok(())) => node.reassert_pending = false,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "re-asserting our pods' addresses failed; retrying")
+                }
+                Err(_) => {
+                    tracing::warn!("etcd did not answer; re-asserting our pods' addresses later")
+                }
             }
         }
         node.reconcile(&synced, pass).await;
@@ -901,11 +925,15 @@ impl Reconciler {
         // The speaker: our blocks, peers, and the route decision.
         let mut targets = d.targets.clone();
         targets.tunl0 = tunl0;
-        let retarget = {
+        // A pool or subnet change asks the speaker to re-decide every route; our own
+        // prefixes coming (a pod started here) only those prefixes.
+        let (retarget, newly_local) = {
             let mut t = self.target.0.write().unwrap_or_else(|p| p.into_inner());
-            let changed = *t != targets;
+            let others_changed = (&t.pools, &t.subnets, t.tunl0)
+                != (&targets.pools, &targets.subnets, targets.tunl0);
+            let newly_local: Vec<IpNetwork> = targets.local.difference(&t.local).copied().collect();
             *t = targets;
-            changed
+            (others_changed, newly_local)
         };
         let prev = self.last.take();
         if prev
@@ -921,6 +949,8 @@ impl Reconciler {
         }
         if retarget {
             self.send(Command::Resync).await;
+        } else if !newly_local.is_empty() {
+            self.send(Command::ResyncPrefixes(newly_local)).await;
         }
 
         if corrections > 0 && prev.is_some() {

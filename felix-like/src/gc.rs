@@ -19,7 +19,7 @@ use tessera_datastore::kv::{Kv, Op, Txn};
 use tessera_datastore::model::Suspect;
 use tessera_datastore::resources::list_all_workload_endpoints;
 use tessera_datastore::snapshot::Snapshot;
-use tessera_datastore::{keys, now_ms, EtcdKv, IpamError, Ipam};
+use tessera_datastore::{keys, now_ms, EtcdKv, Ipam, IpamError};
 
 use crate::config::GcSettings;
 use crate::health::{KindLabel, NodeStateLabel, Shared};
@@ -120,7 +120,16 @@ pub async fn run(kv: EtcdKv, me: String, settings: GcSettings, shared: Arc<Share
             continue;
         };
         let leader = (keys::GC_LEADER.to_string(), l.key_rev);
-        if let Err(e) = pass(&kv, &settings, &shared, &leader, &mut orphans_seen, &mut reported).await {
+        if let Err(e) = pass(
+            &kv,
+            &settings,
+            &shared,
+            &leader,
+            &mut orphans_seen,
+            &mut reported,
+        )
+        .await
+        {
             tracing::warn!(error = %e, "GC pass failed; next pass retries");
         }
     }
@@ -276,7 +285,13 @@ async fn judge_nodes(
         let suspect = suspects.get(node).map(|(s, rev)| (s.since_ms, *rev));
         let live = snap.live.contains(node);
         let suspect_for = suspect.map_or(0, |(since, _)| now.saturating_sub(since));
-        let action = judge(live, suspect, decommissions.get(node).copied(), now, after_ms);
+        let action = judge(
+            live,
+            suspect,
+            decommissions.get(node).copied(),
+            now,
+            after_ms,
+        );
         let state = match action {
             NodeAction::Nothing => continue,
             NodeAction::MarkSuspect => {
@@ -380,13 +395,22 @@ mod tests {
 
     #[test]
     fn a_node_holding_its_lease_is_left_alone() {
-        assert_eq!(judge(true, None, None, 1_000_000, AFTER), NodeAction::Nothing);
-        assert_eq!(judge(true, Some((0, 7)), None, 1_000_000, AFTER), NodeAction::Nothing);
+        assert_eq!(
+            judge(true, None, None, 1_000_000, AFTER),
+            NodeAction::Nothing
+        );
+        assert_eq!(
+            judge(true, Some((0, 7)), None, 1_000_000, AFTER),
+            NodeAction::Nothing
+        );
     }
 
     #[test]
     fn a_lapsed_lease_makes_a_suspect_that_waits_then_asks_the_witness() {
-        assert_eq!(judge(false, None, None, 1_000, AFTER), NodeAction::MarkSuspect);
+        assert_eq!(
+            judge(false, None, None, 1_000, AFTER),
+            NodeAction::MarkSuspect
+        );
         assert_eq!(
             judge(false, Some((1_000, 7)), None, 1_000 + AFTER - 1, AFTER),
             NodeAction::Wait { remaining_ms: 1 }

@@ -159,10 +159,17 @@ pub struct TargetTable {
     pub pools: Vec<PoolRouting>,
     pub subnets: Vec<IpNetwork>,
     pub tunl0: Option<u32>,
+    /// Our blocks, and the host prefix of every address allocated to our workloads: a
+    /// learned route for one of these is never installed (it would replace our blackhole
+    /// or a pod's host route; it can only be a peer's stale view of an address that moved).
+    pub local: BTreeSet<IpNetwork>,
 }
 
 impl TargetTable {
     pub fn target(&self, prefix: IpNetwork, next_hop: IpAddr) -> Target {
+        if self.local.contains(&prefix) {
+            return Target::Skip;
+        }
         let same_subnet = self.subnets.iter().any(|s| s.contains(next_hop));
         let native = if same_subnet {
             Target::Native
@@ -231,7 +238,7 @@ pub struct Desired {
     pub ipip: bool,
     pub nat: NatRules,
     pub targets: TargetTable,
-    /// The BGP mesh and external peers (live nodes only).
+    /// The BGP mesh and external peers (nodes that are live or still hold something).
     pub peers: Vec<PeerConfig>,
     /// Records we could not use, with why (surfaced in logs and /readyz).
     pub problems: Vec<String>,
@@ -337,6 +344,14 @@ pub fn desired(me: &Me, view: &ClusterView) -> Desired {
         })
         .collect();
     d.targets.subnets = [Some(me.v4), me.v6].into_iter().flatten().collect();
+    d.targets.local = d.my_blocks.iter().copied().collect();
+    for b in &view.blocks {
+        d.targets.local.extend(
+            b.allocated()
+                .filter(|(_, a)| a.attrs.get("node") == Some(&me.name))
+                .map(|(ip, _)| IpNetwork::from(ip)),
+        );
+    }
     d.nat = NatRules {
         pools: enabled.iter().map(|p| p.spec.cidr).collect(),
         masquerade: enabled
@@ -355,11 +370,18 @@ pub fn desired(me: &Me, view: &ClusterView) -> Desired {
     let v6 = vxlan(me, view, &destinations, &enabled, true, &mut d.problems);
     (d.vxlan_v6, d.vxlan_v6_entries, d.routes_v6) = (v6.wanted, v6.entries, v6.routes);
 
-    // BGP: the full mesh (or reflectors) over live nodes, and external peers.
+    // BGP: the full mesh (or reflectors) over the nodes that are live or still hold blocks
+    // or addresses, and external peers. A lapsed lease alone does not unpeer a node: it may
+    // be cut off from etcd only, with its pods running; once GC has reclaimed it (on
+    // evidence that it is gone) it holds nothing and is dropped, and its routes with it.
     let live_nodes: Vec<Node> = view
         .nodes
         .iter()
-        .filter(|n| n.name == me.name || view.live.contains(&n.name))
+        .filter(|n| {
+            n.name == me.name
+                || view.live.contains(&n.name)
+                || destinations.contains_key(n.name.as_str())
+        })
         .cloned()
         .collect();
     let mut peers = tessera_routed::mesh::mesh_peers(&me.name, me.asn, &live_nodes);
@@ -490,13 +512,51 @@ mod tests {
             d.nat.masquerade,
             vec!["10.244.64.0/18".parse().expect("net")]
         );
-        // Only live nodes are BGP peers (c's lease lapsed).
-        assert_eq!(
-            d.peers
+        // c's lease lapsed but it still holds a block (it may only be cut off from etcd):
+        // still a peer. Once reclaimed (no block of its own) it is dropped.
+        let peers = |v: &ClusterView| {
+            desired(&me(), v)
+                .peers
                 .iter()
                 .map(|p| p.address.to_string())
-                .collect::<Vec<_>>(),
-            ["198.18.1.11"]
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(peers(&view()), ["198.18.1.11", "198.18.2.10"]);
+        let mut reclaimed = view();
+        reclaimed
+            .blocks
+            .retain(|b| b.affinity.as_deref() != Some("c"));
+        assert_eq!(peers(&reclaimed), ["198.18.1.11"]);
+    }
+
+    #[test]
+    fn a_learned_route_to_our_own_block_or_pod_is_never_installed() {
+        let mut v = view();
+        let mut b = block("10.244.0.128/26", "b");
+        let attrs = [("node".to_string(), "a".to_string())].into();
+        b.assign_exact(
+            "10.244.0.130".parse().expect("ip"),
+            "pod-on-a",
+            &attrs,
+            |_| false,
+        )
+        .expect("assign");
+        v.blocks.push(b);
+        let t = desired(&me(), &v).targets;
+        let b_node: IpAddr = "198.18.1.11".parse().expect("ip");
+        // A peer still announcing our pod's address (it held it before) or our block.
+        assert_eq!(
+            t.target("10.244.0.130/32".parse().expect("net"), b_node),
+            Target::Skip
+        );
+        assert_eq!(
+            t.target("10.244.0.0/26".parse().expect("net"), b_node),
+            Target::Skip
+        );
+        // Its own block, with our pod's /32 inside it, is still routed to it.
+        assert_eq!(
+            t.target("10.244.0.128/26".parse().expect("net"), b_node),
+            Target::Native
         );
     }
 

@@ -146,10 +146,22 @@ mod tests {
         assert_eq!(judge(&good, "n3", "id3", "abc"), Finding::Answered);
         // Another agent at that address (another identity), a replayed answer (another
         // nonce), another node's name, and anything else: not the node's agent.
-        assert!(matches!(judge(&good, "n3", "other", "abc"), Finding::NoAgent(_)));
-        assert!(matches!(judge(&good, "n3", "id3", "new-nonce"), Finding::NoAgent(_)));
-        assert!(matches!(judge(&good, "n2", "id3", "abc"), Finding::NoAgent(_)));
-        assert!(matches!(judge("<html>", "n3", "id3", "abc"), Finding::NoAgent(_)));
+        assert!(matches!(
+            judge(&good, "n3", "other", "abc"),
+            Finding::NoAgent(_)
+        ));
+        assert!(matches!(
+            judge(&good, "n3", "id3", "new-nonce"),
+            Finding::NoAgent(_)
+        ));
+        assert!(matches!(
+            judge(&good, "n2", "id3", "abc"),
+            Finding::NoAgent(_)
+        ));
+        assert!(matches!(
+            judge("<html>", "n3", "id3", "abc"),
+            Finding::NoAgent(_)
+        ));
     }
 
     #[test]

@@ -171,7 +171,7 @@ fn a_dead_nodes_addresses_and_routes_come_back_without_a_human() {
                 },
                 pools: TEN.into(),
                 agent_yaml:
-                    "leaseTtlSeconds: 5\ngc:\n  intervalSeconds: 2\n  leaderLeaseSeconds: 5\n  workloadGraceSeconds: 30\n"
+                    "leaseTtlSeconds: 5\ngc:\n  intervalSeconds: 2\n  leaderLeaseSeconds: 5\n  workloadGraceSeconds: 30\n  reclaimAfterSeconds: 3\n"
                         .into(),
                 ..Default::default()
             },

@@ -43,6 +43,8 @@ pub enum Command {
     /// Puts every learned best route into the kernel again, asking the [`RouteTarget`] anew:
     /// after a pool's mode changed or someone deleted one of our routes by hand.
     Resync,
+    /// [`Command::Resync`] for these prefixes only (the route decision changed for them).
+    ResyncPrefixes(Vec<IpNetwork>),
     /// A snapshot of the sessions, for health and metrics.
     Status(tokio::sync::oneshot::Sender<Status>),
 }
@@ -217,6 +219,7 @@ pub async fn run_with_control(
                 Command::SetDynamicPeers(list) => sp.set_dynamic_peers(list, &listener).await,
                 Command::SetNetworks(nets) => sp.set_networks(nets).await,
                 Command::Resync => sp.resync_kernel(),
+                Command::ResyncPrefixes(prefixes) => sp.resync_prefixes(&prefixes),
                 Command::Status(reply) => { let _ = reply.send(sp.status()); }
             },
             _ = tick.tick() => {
@@ -595,6 +598,19 @@ impl SpeakerState {
         let ops: Vec<KernelOp> = self
             .rib
             .loc_rib()
+            .filter(|(_, best)| best.peer.is_some())
+            .map(|(prefix, best)| self.kernel_op(*prefix, best, self.rib.multipath(prefix)))
+            .collect();
+        if !ops.is_empty() {
+            let _ = k.send(ops);
+        }
+    }
+
+    fn resync_prefixes(&self, prefixes: &[IpNetwork]) {
+        let Some(k) = &self.kernel else { return };
+        let ops: Vec<KernelOp> = prefixes
+            .iter()
+            .filter_map(|p| Some((p, self.rib.best(p)?)))
             .filter(|(_, best)| best.peer.is_some())
             .map(|(prefix, best)| self.kernel_op(*prefix, best, self.rib.multipath(prefix)))
             .collect();

@@ -225,6 +225,10 @@ impl Cluster {
                 format!("unix:{}", self.health_socket(node).display()),
             )
             .env("TESSERA_MTU_FILE", self.mtu_file(node))
+            .env(
+                "TESSERA_IDENTITY_FILE",
+                self.dir.path().join(format!("{node}.identity")),
+            )
             .env("TESSERA_LOG", "info")
             .env(
                 "TESSERA_LABELS",
@@ -334,6 +338,15 @@ impl Cluster {
 
     /// Runs the CNI plugin for one pod, as a runtime would.
     fn cni(&self, command: &str, p: &PodRef<'_>) -> anyhow::Result<serde_json::Value> {
+        self.cni_with(command, p, None)
+    }
+
+    fn cni_with(
+        &self,
+        command: &str,
+        p: &PodRef<'_>,
+        prev_result: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
         let i = self.node_index(p.node);
         let plugin = bin("tessera");
         let mut cmd: Command = self.lab.nodes[i].netns.command(&plugin.to_string_lossy());
@@ -354,7 +367,12 @@ impl Cluster {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(self.cni_config(p.node, p.ipv6).as_bytes())?;
+            let mut conf: serde_json::Value =
+                serde_json::from_str(&self.cni_config(p.node, p.ipv6))?;
+            if let Some(prev) = prev_result {
+                conf["prevResult"] = prev;
+            }
+            stdin.write_all(conf.to_string().as_bytes())?;
         }
         let out = child.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -373,6 +391,64 @@ impl Cluster {
         self.add_pod_with(node, pool, None)
     }
 
+    /// Starts a pod called `name` (a workload's replacement pod keeps its name, and with it
+    /// its last address when that is free).
+    pub fn add_named_pod(&mut self, node: &str, pool: &str, name: &str) -> anyhow::Result<usize> {
+        self.add_pod_as(node, pool, None, Some(name))
+    }
+
+    /// CNI CHECK of pod `i`, with the result ADD gave as prevResult.
+    pub fn check_pod(&self, i: usize) -> anyhow::Result<()> {
+        let p = &self.pods[i];
+        let mut ips =
+            vec![serde_json::json!({ "address": format!("{}/32", p.ip), "interface": 1 })];
+        if let Some(v6) = p.ip6 {
+            ips.push(serde_json::json!({ "address": format!("{v6}/128"), "interface": 1 }));
+        }
+        let prev = serde_json::json!({ "cniVersion": "1.1.0", "ips": ips });
+        self.cni_with(
+            "CHECK",
+            &PodRef {
+                node: &p.node,
+                name: &p.name,
+                container_id: &p.container_id,
+                netns: &p.netns,
+                ipv6: p.ip6.is_some(),
+            },
+            Some(prev),
+        )?;
+        Ok(())
+    }
+
+    /// Cuts `node` off from etcd only (a `prohibit` route to the etcd address inside the
+    /// node's namespace): its agent, pods, data plane and BGP sessions keep running.
+    pub fn partition_from_etcd(&self, node: &str) -> anyhow::Result<()> {
+        let etcd = self.etcd_address()?;
+        self.lab
+            .node(node)
+            .netns
+            .ip(&["route", "add", "prohibit", &format!("{etcd}/32")])?;
+        Ok(())
+    }
+
+    pub fn heal_partition(&self, node: &str) -> anyhow::Result<()> {
+        let etcd = self.etcd_address()?;
+        self.lab
+            .node(node)
+            .netns
+            .ip(&["route", "del", "prohibit", &format!("{etcd}/32")])?;
+        Ok(())
+    }
+
+    fn etcd_address(&self) -> anyhow::Result<String> {
+        let ep = self.lab.etcd_endpoint();
+        ep.trim_start_matches("http://")
+            .split(':')
+            .next()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("no host in {ep}"))
+    }
+
     /// Starts a pod with an IPv4 address from `pool` and, with `pool6`, an IPv6 one too.
     pub fn add_pod_with(
         &mut self,
@@ -380,8 +456,20 @@ impl Cluster {
         pool: &str,
         pool6: Option<&str>,
     ) -> anyhow::Result<usize> {
+        self.add_pod_as(node, pool, pool6, None)
+    }
+
+    fn add_pod_as(
+        &mut self,
+        node: &str,
+        pool: &str,
+        pool6: Option<&str>,
+        name: Option<&str>,
+    ) -> anyhow::Result<usize> {
         self.pod_seq += 1;
-        let name = format!("{node}-{pool}-{}", self.pod_seq);
+        let name = name
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{node}-{pool}-{}", self.pod_seq));
         let intent = PodIntent {
             ipv4_pools: vec![pool.to_string()],
             ipv6_pools: pool6.into_iter().map(String::from).collect(),

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
@@ -234,19 +234,28 @@ pub async fn link_names(h: &Handle) -> Result<std::collections::HashSet<String>,
 /// Removes the host route to a pod address (`<addr>/32 dev <ifname>`, or /128), whoever made
 /// it: a fenced pod must not be reached through this node. True when a route was removed;
 /// no route (or no such link) is not an error.
-pub async fn remove_host_route(h: &Handle, addr: IpAddr, ifname: &str) -> Result<bool, TunnelError> {
+pub async fn remove_host_route(
+    h: &Handle,
+    addr: IpAddr,
+    ifname: &str,
+) -> Result<bool, TunnelError> {
     let Some(link) = crate::vxlan::link(h, ifname).await? else {
         return Ok(false);
     };
     let index = link.header.index;
+    // Protocol unspecified and scope "nowhere": match the route whoever made it, at any
+    // scope (the CNI plugin's is `proto boot scope link`).
     let msg = match addr {
         IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(a, 32)
             .output_interface(index)
+            .protocol(RouteProtocol::Unspec)
+            .scope(RouteScope::NoWhere)
             .build(),
         IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(a, 128)
             .output_interface(index)
+            .protocol(RouteProtocol::Unspec)
             .build(),
     };
     match h.route().del(msg).execute().await {
