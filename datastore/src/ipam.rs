@@ -303,7 +303,15 @@ impl<K: Kv> Ipam<K> {
                 }
                 tracing::debug!(node = %self.node, block = %cidr, "borrowing from another node's block");
                 let got = self
-                    .assign_in_block_guarded(pool, cidr, need, &req.owner, attrs, guard.as_deref())
+                    .assign_in_block_with(
+                        pool,
+                        cidr,
+                        need,
+                        &req.owner,
+                        attrs,
+                        None,
+                        guard.as_deref(),
+                    )
                     .await?;
                 need -= got.len();
                 out.extend(got);
@@ -415,20 +423,8 @@ impl<K: Kv> Ipam<K> {
             .await
     }
 
-    /// A borrow: `absent` (the block owner's suspect record) must stay absent.
-    async fn assign_in_block_guarded(
-        &self,
-        pool: &IpPool,
-        cidr: IpNetwork,
-        count: usize,
-        owner: &Owner,
-        attrs: &Attributes,
-        absent: Option<&str>,
-    ) -> Result<Vec<Assignment>, IpamError> {
-        self.assign_in_block_with(pool, cidr, count, owner, attrs, None, absent)
-            .await
-    }
-
+    /// [`Ipam::assign_in_block`], also requiring `absent` to stay absent (a borrow: the
+    /// block owner's suspect record).
     #[allow(clippy::too_many_arguments)]
     async fn assign_in_block_with(
         &self,

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use tessera_testbed::cluster::{Cluster, ClusterSpec, ContinuousPing, MODE_POOLS};
+use tessera_testbed::cluster::{Cluster, ClusterSpec, ContinuousPing, MODE_POOLS, POOL_OF_TEN};
 use tessera_testbed::LabSpec;
 
 /// The routes of protocol `proto` in a node's table, by destination (duplicates kept).
@@ -145,19 +145,6 @@ fn assert_pods_reach_each_other(c: &Cluster) {
     }
 }
 
-const TEN: &str = "
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: ten }
-spec: { cidr: 10.244.100.0/28, blockSize: 30 }
----
-apiVersion: tessera.dev/v1
-kind: IPReservation
-metadata: { name: not-these-six }
-spec:
-  reservedCidrs: [10.244.100.10/31, 10.244.100.12/30]
-";
-
 #[test]
 fn a_dead_nodes_addresses_and_routes_come_back_without_a_human() {
     let mut c =
@@ -169,7 +156,7 @@ fn a_dead_nodes_addresses_and_routes_come_back_without_a_human() {
                     subnets: 1,
                     etcd: true,
                 },
-                pools: TEN.into(),
+                pools: POOL_OF_TEN.into(),
                 agent_yaml:
                     "leaseTtlSeconds: 5\ngc:\n  intervalSeconds: 2\n  leaderLeaseSeconds: 5\n  workloadGraceSeconds: 30\n  reclaimAfterSeconds: 3\n"
                         .into(),

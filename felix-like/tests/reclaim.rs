@@ -12,20 +12,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tessera_testbed::cluster::{Cluster, ClusterSpec};
+use tessera_testbed::cluster::{Cluster, ClusterSpec, POOL_OF_TEN};
 use tessera_testbed::LabSpec;
 
-const POOLS: &str = "
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: ten }
-spec: { cidr: 10.244.100.0/28, blockSize: 30 }
----
-apiVersion: tessera.dev/v1
-kind: IPReservation
-metadata: { name: not-these-six }
-spec:
-  reservedCidrs: [10.244.100.10/31, 10.244.100.12/30]
+const PROBE_POOL: &str = "
 ---
 apiVersion: tessera.dev/v1
 kind: IPPool
@@ -119,7 +109,7 @@ impl Fixture {
                     subnets: 1,
                     etcd: true,
                 },
-                pools: POOLS.into(),
+                pools: format!("{POOL_OF_TEN}{PROBE_POOL}"),
                 agent_yaml: agent_yaml.into(),
                 ..Default::default()
             },

@@ -62,6 +62,21 @@ pub fn bin(name: &str) -> PathBuf {
     );
 }
 
+/// A pool of exactly ten addresses (a /28 cut into /30 blocks, six reserved): small enough to
+/// run out, the shape of a service's fixed addresses.
+pub const POOL_OF_TEN: &str = "
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: ten }
+spec: { cidr: 10.244.100.0/28, blockSize: 30 }
+---
+apiVersion: tessera.dev/v1
+kind: IPReservation
+metadata: { name: not-these-six }
+spec:
+  reservedCidrs: [10.244.100.10/31, 10.244.100.12/30]
+";
+
 pub struct Pod {
     pub name: String,
     pub node: String,
@@ -80,6 +95,18 @@ struct PodRef<'a> {
     container_id: &'a str,
     netns: &'a Netns,
     ipv6: bool,
+}
+
+impl<'a> From<&'a Pod> for PodRef<'a> {
+    fn from(p: &'a Pod) -> Self {
+        PodRef {
+            node: &p.node,
+            name: &p.name,
+            container_id: &p.container_id,
+            netns: &p.netns,
+            ipv6: p.ip6.is_some(),
+        }
+    }
 }
 
 /// Options for the cluster.
@@ -406,37 +433,24 @@ impl Cluster {
             ips.push(serde_json::json!({ "address": format!("{v6}/128"), "interface": 1 }));
         }
         let prev = serde_json::json!({ "cniVersion": "1.1.0", "ips": ips });
-        self.cni_with(
-            "CHECK",
-            &PodRef {
-                node: &p.node,
-                name: &p.name,
-                container_id: &p.container_id,
-                netns: &p.netns,
-                ipv6: p.ip6.is_some(),
-            },
-            Some(prev),
-        )?;
+        self.cni_with("CHECK", &PodRef::from(p), Some(prev))?;
         Ok(())
     }
 
     /// Cuts `node` off from etcd only (a `prohibit` route to the etcd address inside the
     /// node's namespace): its agent, pods, data plane and BGP sessions keep running.
     pub fn partition_from_etcd(&self, node: &str) -> anyhow::Result<()> {
-        let etcd = self.etcd_address()?;
-        self.lab
-            .node(node)
-            .netns
-            .ip(&["route", "add", "prohibit", &format!("{etcd}/32")])?;
-        Ok(())
+        self.etcd_route(node, "add")
     }
 
     pub fn heal_partition(&self, node: &str) -> anyhow::Result<()> {
+        self.etcd_route(node, "del")
+    }
+
+    fn etcd_route(&self, node: &str, verb: &str) -> anyhow::Result<()> {
         let etcd = self.etcd_address()?;
-        self.lab
-            .node(node)
-            .netns
-            .ip(&["route", "del", "prohibit", &format!("{etcd}/32")])?;
+        let n = &self.lab.node(node).netns;
+        n.ip(&["route", verb, "prohibit", &format!("{etcd}/32")])?;
         Ok(())
     }
 
@@ -525,16 +539,7 @@ impl Cluster {
     /// CNI DEL of a pod, and its namespace gone.
     pub fn delete_pod(&mut self, i: usize) -> anyhow::Result<()> {
         let p = self.pods.remove(i);
-        self.cni(
-            "DEL",
-            &PodRef {
-                node: &p.node,
-                name: &p.name,
-                container_id: &p.container_id,
-                netns: &p.netns,
-                ipv6: p.ip6.is_some(),
-            },
-        )?;
+        self.cni("DEL", &PodRef::from(&p))?;
         Ok(())
     }
 
