@@ -176,6 +176,7 @@ impl Session {
             });
         }
         caps.push(Capability::FourOctetAs(self.cfg.local_as));
+        caps.push(Capability::ExtendedMessage);
         Open {
             version: 4,
             my_as: u16::try_from(self.cfg.local_as).unwrap_or(AS_TRANS),
@@ -408,6 +409,8 @@ impl Session {
         self.hold = Duration::from_secs(u64::from(hold));
         self.ctx = Ctx {
             four_octet_as: o.has(|c| matches!(c, Capability::FourOctetAs(_))),
+            // We advertise it too (open_message).
+            extended_message: o.has(|c| matches!(c, Capability::ExtendedMessage)),
         };
         self.peer_open = Some(o);
         self.state = State::OpenConfirm;

@@ -5,6 +5,7 @@ pub mod fsm;
 pub mod kernel;
 pub mod md5;
 pub mod mesh;
+pub mod pack;
 pub mod packet;
 pub mod rib;
 pub mod speaker;

@@ -12,6 +12,8 @@ use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
 pub const HEADER_LEN: usize = 19;
 pub const MAX_LEN: usize = 4096;
+/// The largest message once both sides advertised Extended Message (RFC 8654).
+pub const MAX_EXTENDED_LEN: usize = 65535;
 pub const AS_TRANS: u16 = 23456;
 
 pub const AFI_IPV4: u16 = 1;
@@ -88,6 +90,8 @@ pub enum Capability {
         families: Vec<(u16, u8, bool)>,
     },
     FourOctetAs(u32),
+    /// RFC 8654: messages other than OPEN and KEEPALIVE may be up to 65535 octets.
+    ExtendedMessage,
     Unknown {
         code: u8,
         data: Vec<u8>,
@@ -117,6 +121,80 @@ impl Open {
     }
     pub fn has(&self, pred: impl Fn(&Capability) -> bool) -> bool {
         self.capabilities.iter().any(pred)
+    }
+
+    /// The unicast families this OPEN advertises: its Multiprotocol capabilities, or IPv4
+    /// unicast alone when it has none (RFC 4760 §8).
+    pub fn families(&self) -> Families {
+        let mp: Vec<(u16, u8)> = self
+            .capabilities
+            .iter()
+            .filter_map(|c| match c {
+                Capability::MultiProtocol { afi, safi } => Some((*afi, *safi)),
+                _ => None,
+            })
+            .collect();
+        if mp.is_empty() {
+            return Families::IPV4;
+        }
+        Families {
+            ipv4: mp.contains(&(AFI_IPV4, SAFI_UNICAST)),
+            ipv6: mp.contains(&(AFI_IPV6, SAFI_UNICAST)),
+        }
+    }
+
+    /// The families whose routes the sender asks its peers to keep across its restart
+    /// (RFC 4724 §3: those listed in its Graceful Restart capability with forwarding state
+    /// preserved or not; none when it sends the capability without families).
+    pub fn preserved_families(&self) -> Families {
+        let mut f = Families::default();
+        for c in &self.capabilities {
+            if let Capability::GracefulRestart { families, .. } = c {
+                for (afi, safi, _) in families {
+                    f.ipv4 |= (*afi, *safi) == (AFI_IPV4, SAFI_UNICAST);
+                    f.ipv6 |= (*afi, *safi) == (AFI_IPV6, SAFI_UNICAST);
+                }
+            }
+        }
+        f
+    }
+}
+
+/// Which unicast address families a session carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Families {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl Families {
+    pub const IPV4: Families = Families {
+        ipv4: true,
+        ipv6: false,
+    };
+    pub const BOTH: Families = Families {
+        ipv4: true,
+        ipv6: true,
+    };
+
+    /// What both sides advertised: the only families a session may carry (RFC 4760 §6).
+    pub fn both(self, other: Families) -> Families {
+        Families {
+            ipv4: self.ipv4 && other.ipv4,
+            ipv6: self.ipv6 && other.ipv6,
+        }
+    }
+
+    pub fn carries(self, prefix: &IpNetwork) -> bool {
+        if prefix.is_ipv4() {
+            self.ipv4
+        } else {
+            self.ipv6
+        }
+    }
+
+    pub fn is_empty(self) -> bool {
+        !self.ipv4 && !self.ipv6
     }
 }
 
@@ -326,17 +404,34 @@ impl From<&DecodeError> for Notification {
     }
 }
 
-/// What the codec must know of the session: 4-octet AS numbers in AS_PATH once both sides
-/// announced the capability.
+/// What the codec must know of the session: 4-octet AS numbers in AS_PATH, and messages up
+/// to 65535 octets, once both sides announced the capability.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ctx {
     pub four_octet_as: bool,
+    pub extended_message: bool,
+}
+
+impl Ctx {
+    /// The largest message either side may send on this session.
+    pub fn max_len(self) -> usize {
+        if self.extended_message {
+            MAX_EXTENDED_LEN
+        } else {
+            MAX_LEN
+        }
+    }
 }
 
 // ---- decoding -----------------------------------------------------------------------------
 
 /// Splits one message off the front of `buf`: `Ok(None)` if incomplete.
 pub fn frame(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
+    frame_within(buf, MAX_LEN)
+}
+
+/// [`frame`] for a session whose messages may be up to `max_len` octets.
+pub fn frame_within(buf: &[u8], max_len: usize) -> Result<Option<usize>, DecodeError> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
@@ -344,7 +439,7 @@ pub fn frame(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
         return fail(err::HEADER, err::NOT_SYNCHRONIZED, &[], "bad marker");
     }
     let len = usize::from(u16::from_be_bytes([buf[16], buf[17]]));
-    if !(HEADER_LEN..=MAX_LEN).contains(&len) {
+    if !(HEADER_LEN..=max_len).contains(&len) {
         return fail(
             err::HEADER,
             err::BAD_LENGTH,
@@ -357,7 +452,7 @@ pub fn frame(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
 
 /// Decodes one whole message (header included).
 pub fn decode(msg: &[u8], ctx: Ctx) -> Result<Message, DecodeError> {
-    if frame(msg)? != Some(msg.len()) {
+    if frame_within(msg, ctx.max_len())? != Some(msg.len()) {
         return fail(
             err::HEADER,
             err::BAD_LENGTH,
@@ -515,6 +610,7 @@ fn decode_open(mut b: &[u8]) -> Result<Open, DecodeError> {
                     }
                 }
                 (65, 4) => Capability::FourOctetAs(c.get_u32()),
+                (6, 0) => Capability::ExtendedMessage,
                 (code, _) => Capability::Unknown {
                     code,
                     data: c.to_vec(),
@@ -979,6 +1075,32 @@ fn finish(buf: &mut BytesMut, start: usize) {
     buf[start + 16..start + 18].copy_from_slice(&len.to_be_bytes());
 }
 
+/// A message longer than the session allows (4096 octets, or 65535 with Extended Message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a {len}-octet message exceeds the session's {max}-octet limit")]
+pub struct Oversize {
+    pub len: usize,
+    pub max: usize,
+}
+
+/// Encodes `msg`, refusing one longer than the session allows: nothing oversize reaches the
+/// wire (OPEN and KEEPALIVE stay within 4096 octets whatever was negotiated).
+pub fn encode_checked(msg: &Message, ctx: Ctx) -> Result<Bytes, Oversize> {
+    let max = match msg {
+        Message::Open(_) | Message::Keepalive => MAX_LEN,
+        _ => ctx.max_len(),
+    };
+    let mut buf = BytesMut::with_capacity(64);
+    encode_into(msg, ctx, &mut buf);
+    if buf.len() > max {
+        return Err(Oversize {
+            len: buf.len(),
+            max,
+        });
+    }
+    Ok(buf.freeze())
+}
+
 pub fn encode(msg: &Message, ctx: Ctx) -> Bytes {
     let mut buf = BytesMut::with_capacity(64);
     encode_into(msg, ctx, &mut buf);
@@ -1074,6 +1196,7 @@ fn encode_capability(c: &Capability, b: &mut BytesMut) {
             b.put_slice(&[65, 4]);
             b.put_u32(*a);
         }
+        Capability::ExtendedMessage => b.put_slice(&[6, 0]),
         Capability::Unknown { code, data } => {
             b.put_u8(*code);
             b.put_u8(data.len() as u8);

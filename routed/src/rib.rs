@@ -458,6 +458,26 @@ impl Rib {
         out
     }
 
+    /// The peer's routes for which `gone` holds go (a restarting peer's families it did not
+    /// ask us to preserve).
+    pub fn peer_down_where(
+        &mut self,
+        peer: &PeerId,
+        gone: impl Fn(&IpNetwork) -> bool,
+    ) -> Vec<BestChange> {
+        let mut out = Vec::new();
+        for p in self
+            .prefixes_of(peer, false)
+            .into_iter()
+            .filter(|p| gone(p))
+        {
+            if self.remove_path(p, Some(*peer), &mut out) {
+                self.count(*peer, -1);
+            }
+        }
+        out
+    }
+
     /// Graceful restart helper (RFC 4724 §4.2): the peer restarts; keep its routes, marked stale.
     pub fn mark_stale(&mut self, peer: &PeerId) {
         for paths in self.table.values_mut() {

@@ -17,9 +17,10 @@ use tokio::time::Instant;
 use crate::config::{Config, PeerConfig};
 use crate::fsm::{keep_our_connection, Action, Event, Session, SessionConfig, State};
 use crate::kernel::{Kernel, KernelOp, RouteTarget};
+use crate::pack;
 use crate::packet::{
-    self, add_as4_path, Capability, Ctx, Message, Open, Origin, PathAttr, Update, AFI_IPV6,
-    SAFI_UNICAST,
+    self, add_as4_path, Capability, Ctx, Families, Message, Open, Origin, Update, AFI_IPV4,
+    AFI_IPV6,
 };
 use crate::rib::{export, to_path_attrs, Attrs, BestChange, Local, Path, PeerInfo, Rib};
 
@@ -97,7 +98,14 @@ struct Up {
     ctx: Ctx,
     local: IpAddr,
     since: Instant,
+    /// The peer's restart time, when it asks us to keep routes of some family.
     peer_gr: Option<u16>,
+    /// What both OPENs advertised: routes, withdrawals and End-of-RIB go out only for these.
+    families: Families,
+    /// The negotiated families whose routes are kept (stale) while the peer restarts.
+    preserved: Families,
+    /// An UPDATE for a family the session does not carry was logged (once per session).
+    warned_foreign: bool,
 }
 
 struct Peer {
@@ -419,20 +427,28 @@ impl SpeakerState {
                 });
                 p.state = State::Established;
                 p.eor.clear();
+                // RFC 4760 §6: only what both sides advertised (we advertise IPv4 and IPv6).
+                let families = open.families().both(Families::BOTH);
                 // RFC 4724 §4.2: routes are retained only for the families the peer lists as
                 // preserved across its restart; a capability without any (BIRD's default
                 // "aware" mode) asks for none.
-                let peer_gr = open.capabilities.iter().find_map(|c| match c {
-                    Capability::GracefulRestart { time, families, .. } if !families.is_empty() => {
-                        Some(*time)
-                    }
-                    _ => None,
-                });
+                let preserved = open.preserved_families().both(families);
+                let peer_gr = open
+                    .capabilities
+                    .iter()
+                    .find_map(|c| match c {
+                        Capability::GracefulRestart { time, .. } => Some(*time),
+                        _ => None,
+                    })
+                    .filter(|_| !preserved.is_empty());
                 p.up = Some(Up {
                     ctx,
                     local,
                     since: Instant::now(),
                     peer_gr,
+                    families,
+                    preserved,
+                    warned_foreign: false,
                 });
                 p.adj_out.clear();
                 tracing::info!(peer = %addr, asn = open.asn(), "session established");
@@ -443,15 +459,20 @@ impl SpeakerState {
                     return;
                 };
                 tracing::info!(peer = %addr, %reason, "session down");
-                let graceful = p.up.as_ref().and_then(|u| u.peer_gr).filter(|t| *t > 0);
+                let graceful =
+                    p.up.as_ref()
+                        .and_then(|u| Some((u.peer_gr.filter(|t| *t > 0)?, u.preserved)));
                 p.up = None;
                 p.adj_out.clear();
                 p.state = State::Idle;
                 match graceful {
-                    Some(t) => {
-                        // Helper mode: keep its routes (stale) for its restart time.
+                    Some((t, preserved)) => {
+                        // Helper mode: keep its routes of the preserved families (stale) for
+                        // its restart time; the others go now.
                         p.stale_until = Some(Instant::now() + Duration::from_secs(u64::from(t)));
+                        let ch = self.rib.peer_down_where(&addr, |n| !preserved.carries(n));
                         self.rib.mark_stale(&addr);
+                        self.changes(ch).await;
                     }
                     None => {
                         let ch = self.rib.peer_down(&addr);
@@ -476,6 +497,21 @@ impl SpeakerState {
             }
             return;
         }
+        // RFC 4760 §6 / RFC 7606 §5.3: NLRI of a family the session does not carry is
+        // ignored (logged once), not a reason to reset it.
+        let carried = p.up.as_ref().map_or(Families::BOTH, |u| u.families);
+        let foreign = u
+            .announced()
+            .iter()
+            .chain(&u.withdrawn_all())
+            .filter(|n| !carried.carries(n))
+            .count();
+        if foreign > 0 {
+            if let Some(up) = p.up.as_mut().filter(|up| !up.warned_foreign) {
+                up.warned_foreign = true;
+                tracing::warn!(peer = %addr, prefixes = foreign, ?carried, "UPDATE for an address family this session did not negotiate: ignored (logged once per session)");
+            }
+        }
         let info = p.info.clone();
         let looped = |a: &Attrs| {
             (!info.ibgp && a.contains_as(self.cfg.asn))
@@ -487,10 +523,11 @@ impl SpeakerState {
         };
         let mut announced = Vec::new();
         let mut withdrawn = u.withdrawn_all();
+        withdrawn.retain(|n| carried.carries(n));
         if !u.treat_as_withdraw {
             let v4 = Attrs::from_update(&u, false).map(Arc::new);
             let v6 = Attrs::from_update(&u, true).map(Arc::new);
-            for n in u.announced() {
+            for n in u.announced().into_iter().filter(|n| carried.carries(n)) {
                 let attrs = if n.is_ipv4() { v4.clone() } else { v6.clone() };
                 match attrs {
                     Some(a) if !looped(&a) => announced.push((n, a)),
@@ -674,6 +711,7 @@ impl SpeakerState {
             return;
         };
         let Some(up) = &p.up else { return };
+        let families = up.families;
         let self_nh_v4 = up.local;
         let self_nh_v6 = self.cfg.next_hop_v6.or(if up.local.is_ipv6() {
             Some(up.local)
@@ -683,7 +721,7 @@ impl SpeakerState {
         let mut announce: HashMap<(bool, Arc<Attrs>), Vec<IpNetwork>> = HashMap::new();
         let mut withdraw: Vec<IpNetwork> = Vec::new();
         let mut new_out: Vec<(IpNetwork, Option<Arc<Attrs>>)> = Vec::new();
-        for prefix in prefixes {
+        for prefix in prefixes.iter().filter(|n| families.carries(n)) {
             let nh = if prefix.is_ipv4() {
                 Some(self_nh_v4)
             } else {
@@ -709,76 +747,35 @@ impl SpeakerState {
         let ibgp = p.info.ibgp;
         let ctx = up.ctx;
         let mut msgs = Vec::new();
-        for ((v4, attrs), nets) in announce {
+        // Packed by encoded size (crate::pack): as many prefixes per UPDATE as fit.
+        let mut refused: Vec<IpNetwork> = Vec::new();
+        for ((_, attrs), nets) in announce {
             let mut base = to_path_attrs(&attrs, ibgp);
             if !ctx.four_octet_as {
                 add_as4_path(&mut base);
             }
-            if v4 {
-                for chunk in nets.chunks(400) {
-                    let mut a = base.clone();
-                    if let IpAddr::V4(nh) = attrs.next_hop {
-                        a.push(PathAttr::NextHop(nh));
-                    }
-                    let nlri = chunk.iter().filter_map(|n| match n {
-                        IpNetwork::V4(v) => Some(*v),
-                        IpNetwork::V6(_) => None,
-                    });
-                    msgs.push(Message::Update(Update {
-                        attrs: a,
-                        nlri: nlri.collect(),
-                        ..Default::default()
-                    }));
-                }
-            } else {
-                for chunk in nets.chunks(150) {
-                    let mut a = base.clone();
-                    a.push(PathAttr::MpReach {
-                        afi: AFI_IPV6,
-                        safi: SAFI_UNICAST,
-                        next_hops: vec![attrs.next_hop],
-                        nlri: chunk.to_vec(),
-                    });
-                    msgs.push(Message::Update(Update {
-                        attrs: a,
-                        ..Default::default()
-                    }));
+            match pack::announcements(&base, attrs.next_hop, &nets, ctx) {
+                Ok(updates) => msgs.extend(updates.into_iter().map(Message::Update)),
+                Err(e) => {
+                    tracing::error!(peer = %addr, prefixes = nets.len(), error = %e, "cannot announce these prefixes to this peer");
+                    refused.extend(nets);
                 }
             }
         }
         let (w4, w6): (Vec<IpNetwork>, Vec<IpNetwork>) =
             withdraw.into_iter().partition(IpNetwork::is_ipv4);
-        for chunk in w4.chunks(600) {
-            let withdrawn = chunk.iter().filter_map(|n| match n {
-                IpNetwork::V4(v) => Some(*v),
-                IpNetwork::V6(_) => None,
-            });
-            msgs.push(Message::Update(Update {
-                withdrawn: withdrawn.collect(),
-                ..Default::default()
-            }));
+        for w in [w4, w6] {
+            msgs.extend(pack::withdrawals(&w, ctx).into_iter().map(Message::Update));
         }
-        for chunk in w6.chunks(200) {
-            msgs.push(Message::Update(Update {
-                attrs: vec![PathAttr::MpUnreach {
-                    afi: AFI_IPV6,
-                    safi: SAFI_UNICAST,
-                    withdrawn: chunk.to_vec(),
-                }],
-                ..Default::default()
-            }));
+        // End-of-RIB (RFC 4724 §2) for each negotiated family only.
+        if end_of_rib && families.ipv4 {
+            msgs.push(Message::Update(pack::end_of_rib(AFI_IPV4)));
         }
-        if end_of_rib {
-            msgs.push(Message::Update(Update::default()));
-            msgs.push(Message::Update(Update {
-                attrs: vec![PathAttr::MpUnreach {
-                    afi: AFI_IPV6,
-                    safi: SAFI_UNICAST,
-                    withdrawn: vec![],
-                }],
-                ..Default::default()
-            }));
+        if end_of_rib && families.ipv6 {
+            msgs.push(Message::Update(pack::end_of_rib(AFI_IPV6)));
         }
+        // What could not be announced is not in the Adj-RIB-Out (a later change retries).
+        new_out.retain(|(n, a)| a.is_none() || !refused.contains(n));
         let Some(p) = self.peers.get_mut(&addr) else {
             return;
         };
@@ -913,10 +910,19 @@ async fn peer_task(
                     if fsm.state() == State::Established {
                         if let Some(c) = conn.as_mut() {
                             let mut out = BytesMut::new();
+                            let mut oversize = None;
                             for m in &msgs {
-                                packet::encode_into(m, fsm.ctx(), &mut out);
+                                match packet::encode_checked(m, fsm.ctx()) {
+                                    Ok(b) => out.extend_from_slice(&b),
+                                    Err(e) => oversize = Some(e),
+                                }
                             }
-                            if c.write_all(&out).await.is_err() {
+                            if let Some(e) = oversize {
+                                // A packing bug, never a message on the wire: start the
+                                // session over (the peer gets a consistent table again).
+                                tracing::error!(peer = %addr, error = %e, "refused to send an oversize message; resetting the session");
+                                pending = fsm.handle(now(), Event::TcpFailed);
+                            } else if c.write_all(&out).await.is_err() {
                                 pending = fsm.handle(now(), Event::TcpFailed);
                             }
                         }

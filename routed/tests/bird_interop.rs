@@ -582,6 +582,7 @@ fn bird_messages_decode_and_reencode_byte_for_byte() {
     let bytes = std::fs::read(&pcap).expect("pcap");
     let ctx = Ctx {
         four_octet_as: true,
+        extended_message: false,
     };
     let mut seen = Vec::new();
     for stream in tcp_streams_from(&bytes, n2.ipv4.ip()) {

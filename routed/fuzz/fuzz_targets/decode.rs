@@ -6,12 +6,15 @@ use libfuzzer_sys::fuzz_target;
 use tessera_routed::packet::{decode, encode, frame, Ctx, Message};
 
 fuzz_target!(|data: &[u8]| {
-    for four_octet_as in [true, false] {
-        let ctx = Ctx { four_octet_as };
+    for (four_octet_as, extended_message) in [(true, false), (false, false), (true, true)] {
+        let ctx = Ctx {
+            four_octet_as,
+            extended_message,
+        };
         let _ = frame(data);
         if let Ok(m) = decode(data, ctx) {
             let again = encode(&m, ctx);
-            if again.len() <= tessera_routed::packet::MAX_LEN {
+            if again.len() <= ctx.max_len() {
                 let back: Message = decode(&again, ctx).expect("our own encoding decodes");
                 // treat_as_withdraw is a property of the received bytes, not of the message.
                 if let (Message::Update(a), Message::Update(b)) = (&m, &back) {

@@ -3,9 +3,11 @@ use proptest::prelude::*;
 
 const FOUR: Ctx = Ctx {
     four_octet_as: true,
+    extended_message: false,
 };
 const TWO: Ctx = Ctx {
     four_octet_as: false,
+    extended_message: false,
 };
 
 fn hex(s: &str) -> Vec<u8> {

@@ -149,6 +149,28 @@ fn graceful_restart_keeps_stale_routes_until_end_of_rib() {
 }
 
 #[test]
+fn graceful_restart_keeps_only_the_preserved_familys_routes() {
+    let mut rib = Rib::new(false);
+    let a = peer("198.18.0.2", 2, true);
+    let (v4, v6) = (net("10.244.1.0/26"), net("fd10:244::/122"));
+    rib.apply(
+        &a,
+        vec![
+            (v4, attrs(&[], None, "198.18.0.2")),
+            (v6, attrs(&[], None, "2001:db8::2")),
+        ],
+        vec![],
+    );
+    assert_eq!(rib.received(&a.addr), 2);
+    // The peer preserves IPv4 only across its restart: IPv6 goes now, IPv4 stays stale.
+    let ch = rib.peer_down_where(&a.addr, |n| n.is_ipv6());
+    rib.mark_stale(&a.addr);
+    assert_eq!(ch, vec![BestChange::Gone { prefix: v6 }]);
+    assert!(rib.best(&v4).is_some_and(|p| p.stale));
+    assert_eq!(rib.received(&a.addr), 1);
+}
+
+#[test]
 fn export_rules() {
     let local = Local {
         asn: 64512,
