@@ -135,6 +135,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             listen_port: cfg.bgp.port,
             hold_time: cfg.bgp.hold_time,
             connect_retry_seconds: 1,
+            idle_hold_max_seconds: 60,
+            stable_after_seconds: 60,
             graceful_restart_seconds: cfg.bgp.graceful_restart_seconds,
             // A node labelled as a route reflector reflects (cluster id: its router id).
             cluster_id: cfg

@@ -18,6 +18,13 @@ pub struct Config {
     pub hold_time: u16,
     #[serde(default = "default_retry")]
     pub connect_retry_seconds: u64,
+    /// Peer oscillation damping: after each reset the wait before the next attempt doubles
+    /// from `connectRetrySeconds` up to this.
+    #[serde(default = "default_idle_hold_max")]
+    pub idle_hold_max_seconds: u64,
+    /// A session up this long before it went down was stable: the wait starts over.
+    #[serde(default = "default_stable_after")]
+    pub stable_after_seconds: u64,
     /// Announce graceful restart with this restart time (0: off).
     #[serde(default = "default_gr")]
     pub graceful_restart_seconds: u16,
@@ -46,6 +53,12 @@ pub struct Config {
     pub bfd_detect_mult: u8,
 }
 
+fn default_idle_hold_max() -> u64 {
+    120
+}
+fn default_stable_after() -> u64 {
+    60
+}
 fn default_bfd_interval() -> u64 {
     300
 }

@@ -79,6 +79,21 @@ pub struct SessionConfig {
     pub graceful_restart: Option<u16>,
     /// We are restarting (R bit): the peer keeps our routes until our End-of-RIB.
     pub restarting: bool,
+    /// Peer oscillation damping (RFC 4271 §8.1.1): the wait before starting again doubles
+    /// with each reset, from `connect_retry` up to this.
+    pub idle_hold_max: Duration,
+    /// A session Established this long before it went down counts as stable: the wait
+    /// starts from `connect_retry` again.
+    pub stable_after: Duration,
+}
+
+/// Why the session last went down, and how long the FSM waits before starting again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Damping {
+    /// Resets in a row without a stable session in between.
+    pub resets: u32,
+    pub idle_hold_ms: u64,
+    pub reason: String,
 }
 
 impl Default for SessionConfig {
@@ -94,6 +109,8 @@ impl Default for SessionConfig {
             ipv6: true,
             graceful_restart: Some(120),
             restarting: false,
+            idle_hold_max: Duration::from_secs(120),
+            stable_after: Duration::from_secs(60),
         }
     }
 }
@@ -114,6 +131,7 @@ pub struct Session {
     peer_open: Option<Open>,
     ctx: Ctx,
     pub established_since: Option<Duration>,
+    damping: Option<Damping>,
 }
 
 impl Session {
@@ -129,7 +147,13 @@ impl Session {
             peer_open: None,
             ctx: Ctx::default(),
             established_since: None,
+            damping: None,
         }
+    }
+
+    /// The last reset and the wait it caused (None before any).
+    pub fn damping(&self) -> Option<Damping> {
+        self.damping.clone()
     }
 
     pub fn state(&self) -> State {
@@ -259,11 +283,31 @@ impl Session {
                 reason: reason.to_string(),
             });
         }
+        // DampPeerOscillations: a session that flaps waits longer each time; one that was
+        // stable for a while starts the count over.
+        let stable = self.state == State::Established
+            && self
+                .established_since
+                .is_some_and(|t| now.saturating_sub(t) >= self.cfg.stable_after);
+        let resets = match &self.damping {
+            Some(d) if !stable => d.resets + 1,
+            _ => 1,
+        };
+        let idle_hold = self
+            .cfg
+            .connect_retry
+            .saturating_mul(1u32 << (resets - 1).min(16))
+            .min(self.cfg.idle_hold_max.max(self.cfg.connect_retry));
+        self.damping = Some(Damping {
+            resets,
+            idle_hold_ms: idle_hold.as_millis() as u64,
+            reason: reason.to_string(),
+        });
         self.state = State::Idle;
         self.reset_timers();
         self.peer_open = None;
         self.established_since = None;
-        self.restart_at = Some(now + self.cfg.connect_retry);
+        self.restart_at = Some(now + idle_hold);
         out
     }
 

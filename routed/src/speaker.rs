@@ -6,16 +6,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use ipnetwork::IpNetwork;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::{Config, PeerConfig};
-use crate::fsm::{keep_our_connection, Action, Event, Session, SessionConfig, State};
+use crate::fsm::{keep_our_connection, Action, Damping, Event, Session, SessionConfig, State};
 use crate::kernel::{Kernel, KernelOp, RouteTarget};
 use crate::pack;
 use crate::packet::{
@@ -71,6 +72,7 @@ enum FromPeer {
     State {
         addr: IpAddr,
         state: State,
+        damping: Option<Damping>,
     },
 }
 
@@ -92,6 +94,8 @@ pub struct PeerStatus {
     pub prefixes_received: usize,
     pub prefixes_sent: usize,
     pub bfd: Option<crate::bfd::BfdState>,
+    /// Why the session last went down, resets in a row, and the wait before the next try.
+    pub last_reset: Option<Damping>,
 }
 
 struct Up {
@@ -110,7 +114,7 @@ struct Up {
 
 struct Peer {
     cfg: PeerConfig,
-    tx: mpsc::Sender<ToPeer>,
+    tx: mpsc::UnboundedSender<ToPeer>,
     info: Arc<PeerInfo>,
     state: State,
     up: Option<Up>,
@@ -121,6 +125,7 @@ struct Peer {
     /// End-of-RIB received since the session came up (all families it negotiated).
     eor: HashSet<u16>,
     bfd: crate::bfd::BfdState,
+    last_reset: Option<Damping>,
 }
 
 /// Runs the speaker until `shutdown` resolves. `kernel` is a netlink handle of the namespace
@@ -204,7 +209,7 @@ pub async fn run_with_control(
             _ = &mut shutdown => break,
             Ok((stream, remote)) = listener.accept() => {
                 match sp.peers.get(&remote.ip()) {
-                    Some(p) => { let _ = p.tx.send(ToPeer::Incoming(stream)).await; }
+                    Some(p) => { let _ = p.tx.send(ToPeer::Incoming(stream)); }
                     None => tracing::warn!(%remote, "connection from an unknown peer refused"),
                 }
             }
@@ -218,7 +223,7 @@ pub async fn run_with_control(
                             // The forwarding path is gone: no graceful-restart grace either
                             // (RFC 5882 §4.3.1; the peer's BFD is not control-plane independent).
                             up.peer_gr = None;
-                            let _ = p.tx.send(ToPeer::BfdDown).await;
+                            let _ = p.tx.send(ToPeer::BfdDown);
                         }
                     }
                 }
@@ -265,7 +270,8 @@ struct SpeakerState {
 impl SpeakerState {
     fn add_peer(&mut self, pc: PeerConfig) {
         let cfg = &self.cfg;
-        let (tx, rx) = mpsc::channel(256);
+        // Unbounded: the speaker never waits for a peer (the peer bounds its backlog).
+        let (tx, rx) = mpsc::unbounded_channel();
         let scfg = SessionConfig {
             local_as: cfg.asn,
             peer_as: Some(pc.asn),
@@ -278,6 +284,8 @@ impl SpeakerState {
             graceful_restart: (cfg.graceful_restart_seconds > 0)
                 .then_some(cfg.graceful_restart_seconds),
             restarting: false,
+            idle_hold_max: Duration::from_secs(cfg.idle_hold_max_seconds.max(1)),
+            stable_after: Duration::from_secs(cfg.stable_after_seconds),
         };
         tokio::spawn(peer_task(pc.clone(), scfg, rx, self.from_tx.clone()));
         let info = Arc::new(PeerInfo {
@@ -301,6 +309,7 @@ impl SpeakerState {
                 stale_until: None,
                 eor: HashSet::new(),
                 bfd: crate::bfd::BfdState::Down,
+                last_reset: None,
             },
         );
     }
@@ -308,7 +317,7 @@ impl SpeakerState {
     async fn remove_peer(&mut self, addr: IpAddr) {
         if let Some(p) = self.peers.remove(&addr) {
             tracing::info!(peer = %addr, "unpeering");
-            let _ = p.tx.send(ToPeer::Stop).await;
+            let _ = p.tx.send(ToPeer::Stop);
             let ch = self.rib.peer_down(&addr);
             self.changes(ch).await;
         }
@@ -394,6 +403,7 @@ impl SpeakerState {
                 prefixes_received: self.rib.received(&p.cfg.address),
                 prefixes_sent: p.adj_out.len(),
                 bfd: p.cfg.bfd.then_some(p.bfd),
+                last_reset: p.last_reset.clone(),
             })
             .collect();
         peers.sort_by_key(|p| p.address);
@@ -407,9 +417,19 @@ impl SpeakerState {
 
     async fn on_peer_event(&mut self, ev: FromPeer) {
         match ev {
-            FromPeer::State { addr, state } => {
+            FromPeer::State {
+                addr,
+                state,
+                damping,
+            } => {
                 if let Some(p) = self.peers.get_mut(&addr) {
+                    if state == State::Idle && damping != p.last_reset {
+                        if let Some(d) = &damping {
+                            tracing::info!(peer = %addr, reason = %d.reason, resets = d.resets, next_try_ms = d.idle_hold_ms, "session reset; damping the next attempt");
+                        }
+                    }
                     p.state = state;
+                    p.last_reset = damping;
                 }
             }
             FromPeer::Up {
@@ -786,16 +806,63 @@ impl SpeakerState {
             };
         }
         if !msgs.is_empty() {
-            let _ = p.tx.send(ToPeer::Send(msgs)).await;
+            let _ = p.tx.send(ToPeer::Send(msgs));
         }
     }
 }
 
-/// One peer: its TCP connection, timers and FSM.
+/// The largest backlog of encoded messages a peer may leave unread before it is dropped.
+const MAX_BACKLOG: usize = 64 << 20;
+
+/// The writing half of a peer's connection, and what waits to be written.
+struct Writer {
+    write: OwnedWriteHalf,
+    /// Encoded messages not yet taken by the socket.
+    backlog: BytesMut,
+    /// When the socket last took bytes (or the backlog last became non-empty).
+    progress: Instant,
+}
+
+/// A new connection's halves: reading and writing go on independently.
+fn split(s: TcpStream) -> (OwnedReadHalf, Writer) {
+    let _ = s.set_nodelay(true);
+    let (read, write) = s.into_split();
+    let w = Writer {
+        write,
+        backlog: BytesMut::new(),
+        progress: Instant::now(),
+    };
+    (read, w)
+}
+
+impl Writer {
+    fn queue(&mut self, bytes: &[u8]) {
+        if self.backlog.is_empty() {
+            self.progress = Instant::now();
+        }
+        self.backlog.extend_from_slice(bytes);
+    }
+
+    /// Best effort before closing: what is queued (a NOTIFICATION, say), for a short while.
+    async fn flush_briefly(&mut self) {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(500),
+            self.write.write_all(&self.backlog),
+        )
+        .await;
+        self.backlog.clear();
+    }
+}
+
+/// One peer: its TCP connection, timers and FSM. Reading, writing and the timers never wait
+/// for one another: a peer that stops reading our messages cannot stop us from hearing its
+/// KEEPALIVEs or from noticing that it took nothing for a hold time (then it is dropped),
+/// and the speaker hands messages over without waiting (an unbounded queue here, bounded in
+/// bytes by [`MAX_BACKLOG`]).
 async fn peer_task(
     pc: PeerConfig,
     scfg: SessionConfig,
-    mut rx: mpsc::Receiver<ToPeer>,
+    mut rx: mpsc::UnboundedReceiver<ToPeer>,
     tx: mpsc::Sender<FromPeer>,
 ) {
     let addr = pc.address;
@@ -803,7 +870,8 @@ async fn peer_task(
     let mut fsm = Session::new(scfg);
     let origin = Instant::now();
     let now = || origin.elapsed();
-    let mut conn: Option<TcpStream> = None;
+    let mut reader: Option<OwnedReadHalf> = None;
+    let mut link: Option<Writer> = None;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut connecting: Option<tokio::task::JoinHandle<std::io::Result<TcpStream>>> = None;
     let mut pending = fsm.handle(now(), Event::Start);
@@ -811,7 +879,7 @@ async fn peer_task(
     loop {
         // Carry out what the FSM asked for; it may produce more events.
         while !pending.is_empty() {
-            let mut next = Vec::new();
+            let next = Vec::new();
             for a in std::mem::take(&mut pending) {
                 match a {
                     Action::Connect => {
@@ -819,24 +887,24 @@ async fn peer_task(
                         connecting = Some(tokio::spawn(connect(peer, local, pc.password.clone())));
                     }
                     Action::Disconnect => {
-                        conn = None;
+                        reader = None;
+                        if let Some(mut l) = link.take() {
+                            l.flush_briefly().await;
+                        }
                         buf.clear();
                         if let Some(c) = connecting.take() {
                             c.abort();
                         }
                     }
                     Action::Send(m) => {
-                        if let Some(c) = conn.as_mut() {
-                            let bytes = packet::encode(&m, fsm.ctx());
-                            if c.write_all(&bytes).await.is_err() {
-                                next.extend(fsm.handle(now(), Event::TcpFailed));
-                            }
+                        if let Some(l) = link.as_mut() {
+                            l.queue(&packet::encode(&m, fsm.ctx()));
                         }
                     }
                     Action::Up { peer, ctx } => {
-                        let local = conn
+                        let local = link
                             .as_ref()
-                            .and_then(|c| c.local_addr().ok())
+                            .and_then(|l| l.write.local_addr().ok())
                             .map(|a| a.ip());
                         let local = local.or(pc.local_address).unwrap_or(addr);
                         let _ = tx
@@ -868,28 +936,60 @@ async fn peer_task(
                 .send(FromPeer::State {
                     addr,
                     state: last_state,
+                    damping: fsm.damping(),
                 })
                 .await;
         }
         let deadline = fsm.next_deadline().map(|d| origin + d);
+        // A peer that takes nothing of what we send for a hold time is gone for us.
+        let write_limit = match fsm.hold_time() {
+            d if d.is_zero() => Duration::from_secs(90),
+            d => d,
+        };
+        let stalled_at = link
+            .as_ref()
+            .filter(|l| !l.backlog.is_empty())
+            .map(|l| l.progress + write_limit);
         tokio::select! {
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                 pending = fsm.poll_timers(now());
+            }
+            _ = async { match stalled_at { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                let queued = link.as_ref().map_or(0, |l| l.backlog.len());
+                tracing::warn!(peer = %addr, queued, limit = ?write_limit, "the peer took none of our messages for its hold time: dropping the session");
+                if let Some(l) = link.as_mut() {
+                    l.backlog.clear();
+                }
+                pending = fsm.handle(now(), Event::TcpFailed);
+            }
+            r = async {
+                match link.as_mut().filter(|l| !l.backlog.is_empty()) {
+                    Some(l) => l.write.write(&l.backlog).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match (r, link.as_mut()) {
+                    (Ok(n), Some(l)) if n > 0 => {
+                        l.backlog.advance(n);
+                        l.progress = Instant::now();
+                    }
+                    _ => pending = fsm.handle(now(), Event::TcpFailed),
+                }
             }
             r = async { match connecting.as_mut() { Some(h) => h.await, None => std::future::pending().await } } => {
                 connecting = None;
                 match r {
                     // The peer's connection won meanwhile: ours is not needed.
-                    Ok(Ok(_)) if conn.is_some() => {}
+                    Ok(Ok(_)) if link.is_some() => {}
                     Ok(Ok(s)) => {
-                        let _ = s.set_nodelay(true);
-                        conn = Some(s);
+                        let (r, w) = split(s);
+                        (reader, link) = (Some(r), Some(w));
                         pending = fsm.handle(now(), Event::TcpConnected);
                     }
                     _ => pending = fsm.handle(now(), Event::TcpFailed),
                 }
             }
-            r = async { match conn.as_mut() { Some(c) => c.read_buf(&mut buf).await, None => std::future::pending().await } } => {
+            r = async { match reader.as_mut() { Some(r) => r.read_buf(&mut buf).await, None => std::future::pending().await } } => {
                 match r {
                     Ok(0) | Err(_) => pending = fsm.handle(now(), Event::TcpFailed),
                     Ok(_) => pending = drain_messages(&mut fsm, &mut buf, now()),
@@ -900,20 +1000,23 @@ async fn peer_task(
                 Some(ToPeer::BfdDown) => pending = fsm.handle(now(), Event::TcpFailed),
                 Some(ToPeer::Stop) => {
                     for a in fsm.handle(now(), Event::Stop) {
-                        if let (Action::Send(m), Some(c)) = (&a, conn.as_mut()) {
-                            let _ = c.write_all(&packet::encode(m, fsm.ctx())).await;
+                        if let (Action::Send(m), Some(l)) = (&a, link.as_mut()) {
+                            l.queue(&packet::encode(m, fsm.ctx()));
                         }
                     }
+                    if let Some(mut l) = link.take() {
+                        l.flush_briefly().await;
+                    }
+                    drop(reader);
                     return;
                 }
                 Some(ToPeer::Send(msgs)) => {
                     if fsm.state() == State::Established {
-                        if let Some(c) = conn.as_mut() {
-                            let mut out = BytesMut::new();
+                        if let Some(l) = link.as_mut() {
                             let mut oversize = None;
                             for m in &msgs {
                                 match packet::encode_checked(m, fsm.ctx()) {
-                                    Ok(b) => out.extend_from_slice(&b),
+                                    Ok(b) => l.queue(&b),
                                     Err(e) => oversize = Some(e),
                                 }
                             }
@@ -922,7 +1025,9 @@ async fn peer_task(
                                 // session over (the peer gets a consistent table again).
                                 tracing::error!(peer = %addr, error = %e, "refused to send an oversize message; resetting the session");
                                 pending = fsm.handle(now(), Event::TcpFailed);
-                            } else if c.write_all(&out).await.is_err() {
+                            } else if l.backlog.len() > MAX_BACKLOG {
+                                tracing::warn!(peer = %addr, queued = l.backlog.len(), "the peer leaves too much unread: dropping the session");
+                                l.backlog.clear();
                                 pending = fsm.handle(now(), Event::TcpFailed);
                             }
                         }
@@ -945,9 +1050,10 @@ async fn peer_task(
                         drop(s);
                     } else {
                         if ours_in_progress {
-                            if let Some(c) = conn.as_mut() {
+                            if let Some(mut l) = link.take() {
                                 let cease = Message::Notification(packet::Notification { code: packet::err::CEASE, subcode: packet::err::COLLISION_RESOLUTION, data: vec![] });
-                                let _ = c.write_all(&packet::encode(&cease, fsm.ctx())).await;
+                                l.queue(&packet::encode(&cease, fsm.ctx()));
+                                l.flush_briefly().await;
                             }
                             fsm = Session::new(fsm.cfg.clone());
                             fsm.handle(now(), Event::Start);
@@ -955,8 +1061,8 @@ async fn peer_task(
                         if let Some(c) = connecting.take() {
                             c.abort();
                         }
-                        let _ = s.set_nodelay(true);
-                        conn = Some(s);
+                        let (r, w) = split(s);
+                        (reader, link) = (Some(r), Some(w));
                         buf.clear();
                         pending.extend(fsm.handle(now(), Event::TcpConnected));
                     }
@@ -969,7 +1075,7 @@ async fn peer_task(
 fn drain_messages(fsm: &mut Session, buf: &mut BytesMut, now: Duration) -> Vec<Action> {
     let mut out = Vec::new();
     loop {
-        match packet::frame(buf) {
+        match packet::frame_within(buf, fsm.ctx().max_len()) {
             Ok(Some(len)) => {
                 let msg = buf.split_to(len);
                 let ev = match packet::decode(&msg, fsm.ctx()) {

@@ -253,3 +253,48 @@ fn collision_keeps_the_connection_of_the_higher_identifier() {
     assert!(!keep_our_connection(low, high));
     assert!(keep_our_connection(high, low));
 }
+
+#[test]
+fn a_flapping_peer_waits_longer_each_time_until_a_stable_session() {
+    let mut s = Session::new(SessionConfig {
+        connect_retry: secs(1),
+        idle_hold_max: secs(8),
+        stable_after: secs(60),
+        ..cfg()
+    });
+    let notification = |s: &mut Session, now| {
+        s.handle(
+            now,
+            Event::Received(Message::Notification(Notification {
+                code: err::CEASE,
+                subcode: 0,
+                data: vec![],
+            })),
+        )
+    };
+    // The peer answers every OPEN with a NOTIFICATION: 1, 2, 4, 8, 8 s before the next try.
+    let mut now = T0;
+    let mut waits = Vec::new();
+    s.handle(now, Event::Start);
+    for _ in 0..5 {
+        s.handle(now, Event::TcpConnected);
+        notification(&mut s, now);
+        assert_eq!(s.state(), State::Idle);
+        let d = s.damping().expect("damping");
+        assert!(d.reason.contains("NOTIFICATION 6/0"), "{d:?}");
+        let next = s.next_deadline().expect("restart");
+        waits.push(next - now);
+        now = next;
+        assert!(s.poll_timers(now).contains(&Action::Connect));
+    }
+    assert_eq!(waits, [secs(1), secs(2), secs(4), secs(8), secs(8)]);
+    // A session that stays up for a minute resets the count.
+    s.handle(now, Event::TcpConnected);
+    s.handle(now, Event::Received(Message::Open(peer_open(64512, 90))));
+    s.handle(now, Event::Received(Message::Keepalive));
+    assert_eq!(s.state(), State::Established);
+    now += secs(61);
+    s.handle(now, Event::TcpFailed);
+    assert_eq!(s.damping().map(|d| d.resets), Some(1));
+    assert_eq!(s.next_deadline(), Some(now + secs(1)));
+}
