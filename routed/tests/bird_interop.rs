@@ -4,19 +4,12 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tessera_testbed::{Child, Lab, LabSpec, Netns};
+use tessera_testbed::{Child, Netns};
 
-const ROUTED: &str = env!("CARGO_BIN_EXE_tessera-routed");
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+mod common;
+use common::*;
 
 struct Bird {
     /// Killed (by PID) and reaped on drop.
@@ -95,109 +88,6 @@ fn node2_bird_conf(dir: &Path, a1: &str, a2: &str, a26: &str) -> String {
         "fd10:244::2:0/122",
         a26,
     )
-}
-
-fn start_routed(ns: &Netns, dir: &Path, conf: &str) -> Child {
-    let path = dir.join("routed.yaml");
-    std::fs::write(&path, conf).expect("routed.yaml");
-    let mut cmd = ns.command(ROUTED);
-    cmd.args(["run", "--config", &path.to_string_lossy()]);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("routed.log"))
-        .expect("log");
-    cmd.env("TESSERA_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(log);
-    Child::spawn(cmd, "tessera-routed").expect("start tessera-routed")
-}
-
-fn route(ns: &Netns, v6: bool, prefix: &str) -> Option<serde_json::Value> {
-    let mut args = vec![];
-    if v6 {
-        args.push("-6");
-    }
-    args.extend(["route", "show", prefix]);
-    let v = ns.ip_json(&args).ok()?;
-    v.as_array()?.first().cloned()
-}
-
-fn status(dir: &Path) -> serde_json::Value {
-    let out = Command::new(ROUTED)
-        .args([
-            "status",
-            "--socket",
-            &dir.join("routed.sock").to_string_lossy(),
-        ])
-        .output()
-        .expect("status");
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
-fn routed_conf(
-    dir: &Path,
-    asn: u32,
-    me: &str,
-    me6: &str,
-    peer: &str,
-    peer_as: u32,
-    nets: &[&str],
-) -> String {
-    format!(
-        "asn: {asn}\nrouterId: {me}\nlisten: {me}\nconnectRetrySeconds: 1\nholdTime: 9\nnextHopV6: \"{me6}\"\nnetworks: [{nets}]\nstatusSocket: {sock}\npeers:\n  - {{ address: {peer}, asn: {peer_as}, localAddress: {me} }}\n",
-        nets = nets.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", "),
-        sock = dir.join("routed.sock").display()
-    )
-}
-
-/// `nodes` lab nodes on one subnet.
-fn one_subnet(test: &str, nodes: usize, etcd: bool) -> Lab {
-    Lab::new(
-        test,
-        LabSpec {
-            nodes,
-            subnets: 1,
-            etcd,
-        },
-    )
-    .expect("lab")
-}
-
-/// Two lab nodes on one subnet, a temp dir and a directory in it for BIRD.
-fn two_nodes(test: &str, etcd: bool) -> (Lab, tempfile::TempDir, std::path::PathBuf) {
-    let lab = one_subnet(test, 2, etcd);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bdir = dir.path().join("bird");
-    std::fs::create_dir_all(&bdir).expect("mkdir");
-    (lab, dir, bdir)
-}
-
-/// node1's and node2's IPv4 and IPv6 underlay addresses.
-fn addresses(lab: &Lab) -> [String; 4] {
-    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
-    [n1.ipv4.ip(), n2.ipv4.ip()]
-        .map(|a| a.to_string())
-        .into_iter()
-        .chain([n1.ipv6.ip(), n2.ipv6.ip()].map(|a| a.to_string()))
-        .collect::<Vec<_>>()
-        .try_into()
-        .expect("four addresses")
-}
-
-/// Something to ping behind each node: 10.244.N.1 on its loopback.
-fn pods_on_lo(lab: &Lab) {
-    for (i, n) in lab.nodes.iter().enumerate() {
-        n.netns
-            .ip(&[
-                "addr",
-                "add",
-                &format!("10.244.{}.1/32", i + 1),
-                "dev",
-                "lo",
-            ])
-            .expect("addr");
-    }
 }
 
 fn exchange_routes(test: &str, tessera_as: u32, bird_as: u32) {
@@ -670,47 +560,6 @@ fn md5_passwords_must_match() {
     right.stop(Duration::from_secs(2));
     drop(bird);
     lab.finish();
-}
-
-/// FRR's bfdd in `ns`, with a single-hop session from `local` to `peer` at 300 ms.
-fn start_bfdd(ns: &Netns, dir: &Path, local: &str, peer: &str) -> Child {
-    let fdir = dir.join("frr");
-    std::fs::create_dir_all(&fdir).expect("mkdir");
-    // bfdd drops privileges to the frr user: its directory must be writable for it.
-    std::process::Command::new("chmod")
-        .args(["0777", &fdir.to_string_lossy(), &dir.to_string_lossy()])
-        .status()
-        .expect("chmod");
-    std::fs::write(
-        fdir.join("bfdd.conf"),
-        format!("bfd\n peer {peer} local-address {local}\n  receive-interval 300\n  transmit-interval 300\n exit\nexit\n"),
-    )
-    .expect("bfdd.conf");
-    let f = |name: &str| fdir.join(name).to_string_lossy().into_owned();
-    let mut cmd = ns.command("/usr/lib/frr/bfdd");
-    cmd.args([
-        "-f",
-        &f("bfdd.conf"),
-        "-u",
-        "frr",
-        "-g",
-        "frr",
-        "-i",
-        &f("bfdd.pid"),
-        "--vty_socket",
-        &f(""),
-        "--bfdctl",
-        &f("bfdd.sock"),
-        "-z",
-        &f("zserv.api"),
-        "-P",
-        "0",
-        "--log",
-        "stdout",
-    ]);
-    cmd.stdout(std::fs::File::create(fdir.join("bfdd.log")).expect("log"))
-        .stderr(Stdio::null());
-    Child::spawn(cmd, "bfdd").expect("bfdd")
 }
 
 #[test]

@@ -1,0 +1,210 @@
+//! What the interop tests share: the lab, Tessera's speaker as a process, kernel routes, its
+//! status, and FRR's daemons (bfdd; zebra with bgpd).
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_testbed::{Child, Lab, LabSpec, Netns};
+
+pub const ROUTED: &str = env!("CARGO_BIN_EXE_tessera-routed");
+
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn start_routed(ns: &Netns, dir: &Path, conf: &str) -> Child {
+    let path = dir.join("routed.yaml");
+    std::fs::write(&path, conf).expect("routed.yaml");
+    let mut cmd = ns.command(ROUTED);
+    cmd.args(["run", "--config", &path.to_string_lossy()]);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("routed.log"))
+        .expect("log");
+    cmd.env("TESSERA_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(log);
+    Child::spawn(cmd, "tessera-routed").expect("start tessera-routed")
+}
+
+pub fn route(ns: &Netns, v6: bool, prefix: &str) -> Option<serde_json::Value> {
+    let mut args = vec![];
+    if v6 {
+        args.push("-6");
+    }
+    args.extend(["route", "show", prefix]);
+    let v = ns.ip_json(&args).ok()?;
+    v.as_array()?.first().cloned()
+}
+
+pub fn status(dir: &Path) -> serde_json::Value {
+    let out = Command::new(ROUTED)
+        .args([
+            "status",
+            "--socket",
+            &dir.join("routed.sock").to_string_lossy(),
+        ])
+        .output()
+        .expect("status");
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+pub fn routed_conf(
+    dir: &Path,
+    asn: u32,
+    me: &str,
+    me6: &str,
+    peer: &str,
+    peer_as: u32,
+    nets: &[&str],
+) -> String {
+    format!(
+        "asn: {asn}\nrouterId: {me}\nlisten: {me}\nconnectRetrySeconds: 1\nholdTime: 9\nnextHopV6: \"{me6}\"\nnetworks: [{nets}]\nstatusSocket: {sock}\npeers:\n  - {{ address: {peer}, asn: {peer_as}, localAddress: {me} }}\n",
+        nets = nets.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", "),
+        sock = dir.join("routed.sock").display()
+    )
+}
+
+/// `nodes` lab nodes on one subnet.
+pub fn one_subnet(test: &str, nodes: usize, etcd: bool) -> Lab {
+    Lab::new(
+        test,
+        LabSpec {
+            nodes,
+            subnets: 1,
+            etcd,
+        },
+    )
+    .expect("lab")
+}
+
+/// Two lab nodes on one subnet, a temp dir and a directory in it for BIRD.
+pub fn two_nodes(test: &str, etcd: bool) -> (Lab, tempfile::TempDir, std::path::PathBuf) {
+    let lab = one_subnet(test, 2, etcd);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bdir = dir.path().join("bird");
+    std::fs::create_dir_all(&bdir).expect("mkdir");
+    (lab, dir, bdir)
+}
+
+/// node1's and node2's IPv4 and IPv6 underlay addresses.
+pub fn addresses(lab: &Lab) -> [String; 4] {
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    [n1.ipv4.ip(), n2.ipv4.ip()]
+        .map(|a| a.to_string())
+        .into_iter()
+        .chain([n1.ipv6.ip(), n2.ipv6.ip()].map(|a| a.to_string()))
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("four addresses")
+}
+
+/// Something to ping behind each node: 10.244.N.1 on its loopback.
+pub fn pods_on_lo(lab: &Lab) {
+    for (i, n) in lab.nodes.iter().enumerate() {
+        n.netns
+            .ip(&[
+                "addr",
+                "add",
+                &format!("10.244.{}.1/32", i + 1),
+                "dev",
+                "lo",
+            ])
+            .expect("addr");
+    }
+}
+
+/// FRR's bfdd in `ns`, with a single-hop session from `local` to `peer` at 300 ms.
+pub fn start_bfdd(ns: &Netns, dir: &Path, local: &str, peer: &str) -> Child {
+    let fdir = dir.join("frr");
+    std::fs::create_dir_all(&fdir).expect("mkdir");
+    // bfdd drops privileges to the frr user: its directory must be writable for it.
+    std::process::Command::new("chmod")
+        .args(["0777", &fdir.to_string_lossy(), &dir.to_string_lossy()])
+        .status()
+        .expect("chmod");
+    std::fs::write(
+        fdir.join("bfdd.conf"),
+        format!("bfd\n peer {peer} local-address {local}\n  receive-interval 300\n  transmit-interval 300\n exit\nexit\n"),
+    )
+    .expect("bfdd.conf");
+    let f = |name: &str| fdir.join(name).to_string_lossy().into_owned();
+    let mut cmd = ns.command("/usr/lib/frr/bfdd");
+    cmd.args([
+        "-f",
+        &f("bfdd.conf"),
+        "-u",
+        "frr",
+        "-g",
+        "frr",
+        "-i",
+        &f("bfdd.pid"),
+        "--vty_socket",
+        &f(""),
+        "--bfdctl",
+        &f("bfdd.sock"),
+        "-z",
+        &f("zserv.api"),
+        "-P",
+        "0",
+        "--log",
+        "stdout",
+    ]);
+    cmd.stdout(std::fs::File::create(fdir.join("bfdd.log")).expect("log"))
+        .stderr(Stdio::null());
+    Child::spawn(cmd, "bfdd").expect("bfdd")
+}
+
+/// FRR's zebra and bgpd in a namespace, as a router runs them: bgpd speaks BGP, zebra puts its
+/// routes in the namespace's kernel. Both killed (by PID) and reaped on drop.
+pub struct Frr {
+    _zebra: Child,
+    _bgpd: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Frr {
+    pub fn start(ns: &Netns, dir: &Path, bgpd_conf: &str) -> Frr {
+        let fdir = dir.join("frr");
+        std::fs::create_dir_all(&fdir).expect("mkdir");
+        // The daemons drop privileges to the frr user: their directory must be writable.
+        Command::new("chmod")
+            .args(["0777", &fdir.to_string_lossy(), &dir.to_string_lossy()])
+            .status()
+            .expect("chmod");
+        std::fs::write(fdir.join("zebra.conf"), "").expect("zebra.conf");
+        std::fs::write(fdir.join("bgpd.conf"), bgpd_conf).expect("bgpd.conf");
+        let f = |name: &str| fdir.join(name).to_string_lossy().into_owned();
+        let daemon = |name: &str, extra: &[&str]| {
+            let mut cmd = ns.command(&format!("/usr/lib/frr/{name}"));
+            cmd.args(["-f", &f(&format!("{name}.conf")), "-u", "frr", "-g", "frr"])
+                .args(["-i", &f(&format!("{name}.pid")), "--vty_socket", &f("")])
+                .args(["-z", &f("zserv.api"), "-P", "0", "--log", "stdout"])
+                .args(extra);
+            cmd.stdout(std::fs::File::create(fdir.join(format!("{name}.log"))).expect("log"))
+                .stderr(Stdio::null());
+            Child::spawn(cmd, name).expect(name)
+        };
+        let zebra = daemon("zebra", &[]);
+        wait_for("zebra's socket", Duration::from_secs(10), || {
+            fdir.join("zserv.api").exists()
+        });
+        let bgpd = daemon("bgpd", &[]);
+        Frr {
+            _zebra: zebra,
+            _bgpd: bgpd,
+            dir: fdir,
+        }
+    }
+
+    pub fn bgpd_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bgpd.log")).unwrap_or_default()
+    }
+}
