@@ -139,11 +139,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             stable_after_seconds: 60,
             graceful_restart_seconds: cfg.bgp.graceful_restart_seconds,
             // A node labelled as a route reflector reflects (cluster id: its router id).
-            cluster_id: cfg
-                .labels
-                .get(tessera_routed::mesh::REFLECTOR_LABEL)
-                .is_some_and(|v| v == "true")
-                .then_some(router_id),
+            cluster_id: tessera_routed::mesh::cluster_id(&cfg.labels, router_id),
             ecmp: false,
             kernel: Default::default(),
             networks: vec![],

@@ -370,27 +370,16 @@ pub fn desired(me: &Me, view: &ClusterView) -> Desired {
     let v6 = vxlan(me, view, &destinations, &enabled, true, &mut d.problems);
     (d.vxlan_v6, d.vxlan_v6_entries, d.routes_v6) = (v6.wanted, v6.entries, v6.routes);
 
-    // BGP: the full mesh (or reflectors) over the nodes that are live or still hold blocks
-    // or addresses, and external peers. A lapsed lease alone does not unpeer a node: it may
-    // be cut off from etcd only, with its pods running; once GC has reclaimed it (on
-    // evidence that it is gone) it holds nothing and is dropped, and its routes with it.
-    let live_nodes: Vec<Node> = view
-        .nodes
-        .iter()
-        .filter(|n| {
-            n.name == me.name
-                || view.live.contains(&n.name)
-                || destinations.contains_key(n.name.as_str())
-        })
-        .cloned()
-        .collect();
-    let mut peers = tessera_routed::mesh::mesh_peers(&me.name, me.asn, &live_nodes);
-    for e in tessera_routed::mesh::external_peers(&me.name, &live_nodes, &view.bgp_peers) {
-        if !peers.iter().any(|p| p.address == e.address) {
-            peers.push(e);
-        }
-    }
-    peers.sort_by_key(|p| p.address);
+    // BGP: one policy with the standalone speaker (routed's mesh::node_peers).
+    let holders: BTreeSet<String> = destinations.keys().map(|n| n.to_string()).collect();
+    let peers = tessera_routed::mesh::node_peers(
+        &me.name,
+        me.asn,
+        &view.nodes,
+        &view.bgp_peers,
+        &view.live,
+        &holders,
+    );
     d.peers = peers;
     d
 }

@@ -3,9 +3,12 @@
 //! their clients) and the others peering with the reflectors only. [`mesh_peers`] is pure;
 //! [`follow_datastore`] feeds it from etcd and hands the result to the running speaker.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use ipnetwork::IpNetwork;
+use tessera_datastore::block::IpamBlock;
 use tessera_datastore::keys;
 use tessera_datastore::kv::Kv;
 use tessera_datastore::model::{BgpPeer, Node};
@@ -57,6 +60,56 @@ pub fn mesh_peers(me: &str, default_asn: u32, nodes: &[Node]) -> Vec<PeerConfig>
     peers
 }
 
+/// The nodes that hold blocks or addresses (a block's affinity, an allocation's `node`
+/// attribute): a node that still holds something may still be forwarding for it.
+pub fn holders(blocks: &[IpamBlock]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for b in blocks {
+        out.extend(b.affinity.iter().cloned());
+        out.extend(
+            b.allocated()
+                .filter_map(|(_, a)| a.attrs.get("node").cloned()),
+        );
+    }
+    out
+}
+
+/// Every BGP peer of node `me` from the datastore, for the node agent and the standalone
+/// speaker alike (one policy): the full mesh (or route reflectors) over the nodes that hold
+/// their liveness lease (`live`) or still hold blocks or addresses (`holders`), and the
+/// external `BgpPeer`s that select `me`. A lapsed lease alone does not unpeer a node: it may
+/// be cut off from etcd only, its pods running; once reclaimed it holds nothing and goes.
+pub fn node_peers(
+    me: &str,
+    default_asn: u32,
+    nodes: &[Node],
+    bgp_peers: &[BgpPeer],
+    live: &BTreeSet<String>,
+    holders: &BTreeSet<String>,
+) -> Vec<PeerConfig> {
+    let meshed: Vec<Node> = nodes
+        .iter()
+        .filter(|n| n.name == me || live.contains(&n.name) || holders.contains(&n.name))
+        .cloned()
+        .collect();
+    let mut peers = mesh_peers(me, default_asn, &meshed);
+    for e in external_peers(me, &meshed, bgp_peers) {
+        if !peers.iter().any(|p| p.address == e.address) {
+            peers.push(e);
+        }
+    }
+    peers.sort_by_key(|p| p.address);
+    peers
+}
+
+/// The cluster id of a node labelled as a route reflector: its router id. None otherwise.
+pub fn cluster_id(labels: &BTreeMap<String, String>, router_id: Ipv4Addr) -> Option<Ipv4Addr> {
+    labels
+        .get(REFLECTOR_LABEL)
+        .is_some_and(|v| v == "true")
+        .then_some(router_id)
+}
+
 /// External peers (`BgpPeer` resources) whose node selector matches node `me`.
 pub fn external_peers(me: &str, nodes: &[Node], peers: &[BgpPeer]) -> Vec<PeerConfig> {
     let Some(me_node) = nodes.iter().find(|n| n.name == me) else {
@@ -79,6 +132,13 @@ pub fn external_peers(me: &str, nodes: &[Node], peers: &[BgpPeer]) -> Vec<PeerCo
         .collect()
 }
 
+/// The values that decode (a corrupt record is skipped, as the agent does).
+fn decode_all<T: serde::de::DeserializeOwned>(kvs: &[tessera_datastore::kv::KeyValue]) -> Vec<T> {
+    kvs.iter()
+        .filter_map(|k| serde_json::from_slice(&k.value).ok())
+        .collect()
+}
+
 /// Re-reads the Node records every `period` and sends the speaker its peers when they change.
 pub async fn follow_datastore<K: Kv>(
     kv: K,
@@ -89,24 +149,30 @@ pub async fn follow_datastore<K: Kv>(
 ) {
     let mut last: Option<Vec<(std::net::IpAddr, u32, bool)>> = None;
     loop {
-        let (nodes, bgp_peers) =
-            tokio::join!(kv.get_prefix(keys::NODES), kv.get_prefix(keys::BGP_PEERS));
-        match nodes.and_then(|n| bgp_peers.map(|p| (n, p))) {
-            Ok(((kvs, _), (pkvs, _))) => {
-                let nodes: Vec<Node> = kvs
-                    .iter()
-                    .filter_map(|k| serde_json::from_slice(&k.value).ok())
+        let (nodes, bgp_peers, live, blocks) = tokio::join!(
+            kv.get_prefix(keys::NODES),
+            kv.get_prefix(keys::BGP_PEERS),
+            kv.list_keys(keys::LIVENESS),
+            kv.get_prefix(keys::BLOCKS),
+        );
+        let read = nodes.and_then(|n| Ok((n, bgp_peers?, live?, blocks?)));
+        match read {
+            Ok(((kvs, _), (pkvs, _), live, (bkvs, _))) => {
+                let nodes: Vec<Node> = decode_all(&kvs);
+                let external: Vec<BgpPeer> = decode_all(&pkvs);
+                let blocks: Vec<IpamBlock> = decode_all(&bkvs);
+                let live: BTreeSet<String> = live
+                    .into_iter()
+                    .filter_map(|(k, _)| k.strip_prefix(keys::LIVENESS).map(String::from))
                     .collect();
-                let external: Vec<BgpPeer> = pkvs
-                    .iter()
-                    .filter_map(|k| serde_json::from_slice(&k.value).ok())
-                    .collect();
-                let mut peers = mesh_peers(&me, default_asn, &nodes);
-                for e in external_peers(&me, &nodes, &external) {
-                    if !peers.iter().any(|p| p.address == e.address) {
-                        peers.push(e);
-                    }
-                }
+                let peers = node_peers(
+                    &me,
+                    default_asn,
+                    &nodes,
+                    &external,
+                    &live,
+                    &holders(&blocks),
+                );
                 let key: Vec<_> = peers
                     .iter()
                     .map(|p| (p.address, p.asn, p.rr_client))
@@ -194,5 +260,43 @@ mod tests {
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].address.to_string(), "198.18.0.2");
         assert!(!a[0].rr_client);
+    }
+
+    #[test]
+    fn one_policy_keeps_a_node_that_still_holds_something_and_drops_a_reclaimed_one() {
+        let nodes = vec![
+            node("a", "198.18.0.10", false),
+            node("b", "198.18.0.11", false),
+            node("c", "198.18.0.12", false),
+        ];
+        let live: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
+        let mut block = IpamBlock::new("10.244.0.0/26".parse().expect("net"), Some("c".into()));
+        let peers = |blocks: &[IpamBlock]| {
+            node_peers("a", 64512, &nodes, &[], &live, &holders(blocks))
+                .iter()
+                .map(|p| p.address.to_string())
+                .collect::<Vec<_>>()
+        };
+        // c's lease lapsed but it holds a block: it may be cut off from etcd only.
+        assert_eq!(
+            peers(std::slice::from_ref(&block)),
+            ["198.18.0.11", "198.18.0.12"]
+        );
+        // Reclaimed: nothing held, unpeered.
+        block.affinity = None;
+        assert_eq!(peers(&[block]), ["198.18.0.11"]);
+    }
+
+    #[test]
+    fn only_a_labelled_node_gets_a_cluster_id() {
+        let id = Ipv4Addr::new(198, 18, 0, 10);
+        assert_eq!(
+            cluster_id(&node("a", "198.18.0.10", true).labels, id),
+            Some(id)
+        );
+        assert_eq!(
+            cluster_id(&node("a", "198.18.0.10", false).labels, id),
+            None
+        );
     }
 }

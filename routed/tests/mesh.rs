@@ -16,6 +16,8 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// A node as its agent registers it: the Node record and its liveness key (the speaker
+/// peers with nodes that hold their lease or still hold addresses, as the agent's does).
 fn register(lab: &Lab, n: &LabNode) {
     let node = serde_json::json!({ "name": n.name, "ipv4Address": n.ipv4.to_string(), "labels": {}, "asNumber": 64512 });
     lab.etcdctl(&[
@@ -24,6 +26,8 @@ fn register(lab: &Lab, n: &LabNode) {
         &node.to_string(),
     ])
     .expect("register node");
+    lab.etcdctl(&["put", &format!("/tessera/v1/liveness/{}", n.name), "{}"])
+        .expect("liveness");
 }
 
 fn start(lab: &Lab, n: &LabNode, dir: &std::path::Path, block: &str) -> Child {

@@ -69,8 +69,15 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .await
                 .with_context(|| format!("connecting to {endpoint}"))?;
-                // A node that reflects for its clients needs a cluster id; its router id will do.
-                cfg.cluster_id.get_or_insert(cfg.router_id);
+                // A node labelled as a route reflector reflects (cluster id: its router id),
+                // as the node agent's speaker does; a configured clusterId wins.
+                if cfg.cluster_id.is_none() {
+                    let me = tessera_datastore::resources::get_node(&kv, &node)
+                        .await
+                        .with_context(|| format!("reading node {node}"))?;
+                    cfg.cluster_id =
+                        me.and_then(|n| tessera_routed::mesh::cluster_id(&n.labels, cfg.router_id));
+                }
                 let period = std::time::Duration::from_secs(1);
                 tokio::spawn(tessera_routed::mesh::follow_datastore(
                     kv, node, cfg.asn, period, tx,
