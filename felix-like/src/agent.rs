@@ -137,6 +137,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             connect_retry_seconds: 1,
             idle_hold_max_seconds: 60,
             stable_after_seconds: 60,
+            extended_message: false,
             graceful_restart_seconds: cfg.bgp.graceful_restart_seconds,
             // A node labelled as a route reflector reflects (cluster id: its router id).
             cluster_id: tessera_routed::mesh::cluster_id(&cfg.labels, router_id),

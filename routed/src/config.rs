@@ -25,6 +25,10 @@ pub struct Config {
     /// A session up this long before it went down was stable: the wait starts over.
     #[serde(default = "default_stable_after")]
     pub stable_after_seconds: u64,
+    /// Advertise Extended Message (RFC 8654): UPDATEs up to 65535 octets with peers that do
+    /// too. Off by default, as in BIRD and FRR (larger messages cost memory while decoded).
+    #[serde(default)]
+    pub extended_message: bool,
     /// Announce graceful restart with this restart time (0: off).
     #[serde(default = "default_gr")]
     pub graceful_restart_seconds: u16,

@@ -79,6 +79,8 @@ pub struct SessionConfig {
     pub graceful_restart: Option<u16>,
     /// We are restarting (R bit): the peer keeps our routes until our End-of-RIB.
     pub restarting: bool,
+    /// Advertise Extended Message (RFC 8654): messages up to 65535 octets when both do.
+    pub extended_message: bool,
     /// Peer oscillation damping (RFC 4271 §8.1.1): the wait before starting again doubles
     /// with each reset, from `connect_retry` up to this.
     pub idle_hold_max: Duration,
@@ -109,6 +111,7 @@ impl Default for SessionConfig {
             ipv6: true,
             graceful_restart: Some(120),
             restarting: false,
+            extended_message: false,
             idle_hold_max: Duration::from_secs(120),
             stable_after: Duration::from_secs(60),
         }
@@ -200,7 +203,9 @@ impl Session {
             });
         }
         caps.push(Capability::FourOctetAs(self.cfg.local_as));
-        caps.push(Capability::ExtendedMessage);
+        if self.cfg.extended_message {
+            caps.push(Capability::ExtendedMessage);
+        }
         Open {
             version: 4,
             my_as: u16::try_from(self.cfg.local_as).unwrap_or(AS_TRANS),
@@ -453,8 +458,8 @@ impl Session {
         self.hold = Duration::from_secs(u64::from(hold));
         self.ctx = Ctx {
             four_octet_as: o.has(|c| matches!(c, Capability::FourOctetAs(_))),
-            // We advertise it too (open_message).
-            extended_message: o.has(|c| matches!(c, Capability::ExtendedMessage)),
+            extended_message: self.cfg.extended_message
+                && o.has(|c| matches!(c, Capability::ExtendedMessage)),
         };
         self.peer_open = Some(o);
         self.state = State::OpenConfirm;

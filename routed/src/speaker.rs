@@ -284,6 +284,7 @@ impl SpeakerState {
             graceful_restart: (cfg.graceful_restart_seconds > 0)
                 .then_some(cfg.graceful_restart_seconds),
             restarting: false,
+            extended_message: cfg.extended_message,
             idle_hold_max: Duration::from_secs(cfg.idle_hold_max_seconds.max(1)),
             stable_after: Duration::from_secs(cfg.stable_after_seconds),
         };
@@ -520,12 +521,17 @@ impl SpeakerState {
         // RFC 4760 §6 / RFC 7606 §5.3: NLRI of a family the session does not carry is
         // ignored (logged once), not a reason to reset it.
         let carried = p.up.as_ref().map_or(Families::BOTH, |u| u.families);
-        let foreign = u
-            .announced()
-            .iter()
-            .chain(&u.withdrawn_all())
-            .filter(|n| !carried.carries(n))
-            .count();
+        // (Counted only on single-family sessions: the common dual-stack case allocates
+        // nothing extra per UPDATE.)
+        let foreign = if carried == Families::BOTH {
+            0
+        } else {
+            u.announced()
+                .iter()
+                .chain(&u.withdrawn_all())
+                .filter(|n| !carried.carries(n))
+                .count()
+        };
         if foreign > 0 {
             if let Some(up) = p.up.as_mut().filter(|up| !up.warned_foreign) {
                 up.warned_foreign = true;
@@ -543,7 +549,9 @@ impl SpeakerState {
         };
         let mut announced = Vec::new();
         let mut withdrawn = u.withdrawn_all();
-        withdrawn.retain(|n| carried.carries(n));
+        if foreign > 0 {
+            withdrawn.retain(|n| carried.carries(n));
+        }
         if !u.treat_as_withdraw {
             let v4 = Attrs::from_update(&u, false).map(Arc::new);
             let v6 = Attrs::from_update(&u, true).map(Arc::new);
