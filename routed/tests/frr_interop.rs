@@ -15,8 +15,11 @@ struct Case {
     ipv4: bool,
     ipv6: bool,
     password: Option<&'static str>,
+    /// The session over the IPv6 underlay addresses (else IPv4).
+    ipv6_transport: bool,
 }
 
+/// FRR's configuration: `a1` is Tessera's session address, `a2` FRR's router id.
 fn bgpd_conf(c: &Case, a1: &str, a2: &str) -> String {
     let mut s = format!(
         "frr defaults traditional\nhostname node2\n!\nrouter bgp {}\n bgp router-id {a2}\n no bgp ebgp-requires-policy\n no bgp network import-check\n no bgp default ipv4-unicast\n neighbor {a1} remote-as {}\n neighbor {a1} timers connect 1\n",
@@ -40,22 +43,33 @@ fn exchange_routes_with_frr(c: Case) {
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
     let [a1, a2, a16, a26] = addresses(&lab);
     pods_on_lo(&lab);
-    let frr = Frr::start(&n2.netns, dir.path(), &bgpd_conf(&c, &a1, &a2));
+    // The session's addresses: IPv4, or the IPv6 underlay.
+    let (s1, s2) = if c.ipv6_transport {
+        (&a16, &a26)
+    } else {
+        (&a1, &a2)
+    };
+    let frr = Frr::start(&n2.netns, dir.path(), &bgpd_conf(&c, s1, &a2));
     // Tessera originates both families whatever the peer negotiates.
     let mut conf = routed_conf(
         dir.path(),
         c.tessera_as,
         &a1,
         &a16,
-        &a2,
+        s2,
         c.frr_as,
         &["10.244.1.0/26", "fd10:244::1:0/122"],
     );
+    if c.ipv6_transport {
+        conf = conf
+            .replace(&format!("listen: {a1}\n"), &format!("listen: \"{a16}\"\n"))
+            .replace(
+                &format!("localAddress: {a1} }}"),
+                &format!("localAddress: \"{a16}\" }}"),
+            );
+    }
     if let Some(pw) = c.password {
-        conf = conf.replace(
-            &format!("localAddress: {a1} }}"),
-            &format!("localAddress: {a1}, password: {pw} }}"),
-        );
+        conf = conf.replace(" }\n", &format!(", password: {pw} }}\n"));
     }
     let mut routed = start_routed(&n1.netns, dir.path(), &conf);
 
@@ -89,6 +103,11 @@ fn exchange_routes_with_frr(c: Case) {
     let st = status(dir.path());
     let log = frr.bgpd_log();
     assert_eq!(st["peers"][0]["state"], "Established", "{st}\n{log}");
+    assert_eq!(
+        st["peers"][0]["address"],
+        s2.as_str(),
+        "the session's transport: {st}"
+    );
     assert!(
         st["peers"][0]["last_reset"].is_null(),
         "the session was reset: {st}\n{log}"
@@ -108,6 +127,7 @@ fn exchange_routes_with_frr(c: Case) {
 fn ibgp_with_frr_ipv4_only() {
     exchange_routes_with_frr(Case {
         test: "frr_ibgp4",
+        ipv6_transport: false,
         tessera_as: 64512,
         frr_as: 64512,
         ipv4: true,
@@ -120,6 +140,7 @@ fn ibgp_with_frr_ipv4_only() {
 fn ebgp_with_frr_dual_stack_and_a_4_octet_as() {
     exchange_routes_with_frr(Case {
         test: "frr_ebgp",
+        ipv6_transport: false,
         tessera_as: 4_200_000_001,
         frr_as: 65002,
         ipv4: true,
@@ -132,10 +153,24 @@ fn ebgp_with_frr_dual_stack_and_a_4_octet_as() {
 fn ibgp_with_frr_and_tcp_md5() {
     exchange_routes_with_frr(Case {
         test: "frr_md5",
+        ipv6_transport: false,
         tessera_as: 64512,
         frr_as: 64512,
         ipv4: true,
         ipv6: true,
         password: Some("s3cret"),
+    });
+}
+
+#[test]
+fn ibgp_with_frr_ipv6_only_over_ipv6_transport() {
+    exchange_routes_with_frr(Case {
+        test: "frr_ibgp6",
+        ipv6_transport: true,
+        tessera_as: 64512,
+        frr_as: 64512,
+        ipv4: false,
+        ipv6: true,
+        password: None,
     });
 }
