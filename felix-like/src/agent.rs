@@ -657,6 +657,15 @@ impl Reconciler {
         Ok((Some(idx), changed))
     }
 
+    /// Our own prefixes in the route decision; returns those that are new (a learned route
+    /// for one of them must leave the kernel).
+    fn set_local(&self, local: &std::collections::BTreeSet<IpNetwork>) -> Vec<IpNetwork> {
+        let mut t = self.target.0.write().unwrap_or_else(|p| p.into_inner());
+        let newly: Vec<IpNetwork> = local.difference(&t.local).copied().collect();
+        t.local.clone_from(local);
+        newly
+    }
+
     /// Checks every running local pod's addresses (and our tunnel addresses) against the
     /// datastore: takes back what is free, marks what went to another workload conflicted
     /// (the reconcile fences it), forgets a tunnel address that went elsewhere (a new one is
@@ -771,11 +780,25 @@ impl Reconciler {
         // Most datastore events (a pod's address allocated in an existing block) change
         // nothing this node programs: then the kernel is not even looked at.
         let my = view.node(&self.me.name).cloned();
+        // A pod starting or stopping here changes only our own host prefixes (the route
+        // decision's `local`): that is told to the speaker, the kernel is not looked at.
+        let same_but_local = self.last.as_mut().is_some_and(|l| {
+            let mine = std::mem::replace(&mut l.targets.local, d.targets.local.clone());
+            let same = *l == d;
+            if !same {
+                l.targets.local = mine;
+            }
+            same
+        });
         if pass == Pass::Datastore
-            && self.last.as_ref() == Some(&d)
+            && same_but_local
             && self.last_me == my
             && self.fenced == fenced(view)
         {
+            let newly_local = self.set_local(&d.targets.local);
+            if !newly_local.is_empty() {
+                self.send(Command::ResyncPrefixes(newly_local)).await;
+            }
             let mut h = self.shared.health();
             h.in_sync = true;
             h.last_reconcile = Some(Instant::now());
@@ -926,13 +949,13 @@ impl Reconciler {
         targets.tunl0 = tunl0;
         // A pool or subnet change asks the speaker to re-decide every route; our own
         // prefixes coming (a pod started here) only those prefixes.
-        let (retarget, newly_local) = {
+        let newly_local = self.set_local(&targets.local);
+        let retarget = {
             let mut t = self.target.0.write().unwrap_or_else(|p| p.into_inner());
             let others_changed = (&t.pools, &t.subnets, t.tunl0)
                 != (&targets.pools, &targets.subnets, targets.tunl0);
-            let newly_local: Vec<IpNetwork> = targets.local.difference(&t.local).copied().collect();
             *t = targets;
-            (others_changed, newly_local)
+            others_changed
         };
         let prev = self.last.take();
         if prev
