@@ -281,6 +281,32 @@ async fn judge_nodes(
     let now = now_ms();
     let after_ms = settings.reclaim_after_seconds.saturating_mul(1000);
     let mut states: BTreeMap<String, (SuspectState, u64)> = BTreeMap::new();
+    // The witness is asked about every suspect that is due at once (each probe may take its
+    // full timeout when the node is dead).
+    let due: Vec<&String> = names
+        .iter()
+        .copied()
+        .filter(|n| holders.contains(*n))
+        .filter(|n| {
+            let suspect = suspects.get(*n).map(|(s, rev)| (s.since_ms, *rev));
+            let decommissioned = decommissions.get(*n).copied();
+            matches!(
+                judge(
+                    snap.live.contains(*n),
+                    suspect,
+                    decommissioned,
+                    now,
+                    after_ms
+                ),
+                NodeAction::AskWitness { .. }
+            )
+        })
+        .collect();
+    let findings: BTreeMap<&String, Option<Finding>> = due
+        .iter()
+        .copied()
+        .zip(futures::future::join_all(due.iter().map(|n| ask_witness(&snap, n))).await)
+        .collect();
     for node in names {
         let suspect = suspects.get(node).map(|(s, rev)| (s.since_ms, *rev));
         let live = snap.live.contains(node);
@@ -309,7 +335,7 @@ async fn judge_nodes(
                 if !holders.contains(node) {
                     SuspectState::Reclaimed
                 } else {
-                    match ask_witness(&snap, node).await {
+                    match findings.get(node).cloned().flatten() {
                         None => SuspectState::NoWitness,
                         Some(Finding::Answered) => SuspectState::WitnessAnswered,
                         Some(Finding::NoAgent(why)) => {
