@@ -15,15 +15,12 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::adj_out::{self, SessionView};
 use crate::config::{Config, PeerConfig};
 use crate::fsm::{keep_our_connection, Action, Damping, Event, Session, SessionConfig, State};
 use crate::kernel::{Kernel, KernelOp, RouteTarget};
-use crate::pack;
-use crate::packet::{
-    self, add_as4_path, Capability, Ctx, Families, Message, Open, Origin, Update, AFI_IPV4,
-    AFI_IPV6,
-};
-use crate::rib::{export, to_path_attrs, Attrs, BestChange, Local, Path, PeerInfo, Rib};
+use crate::packet::{self, Capability, Ctx, Families, Message, Open, Origin, Update};
+use crate::rib::{Attrs, BestChange, Local, Path, PeerInfo, Rib};
 
 enum ToPeer {
     Send(Vec<Message>),
@@ -735,86 +732,37 @@ impl SpeakerState {
 
     /// Brings the peer's Adj-RIB-Out up to date for `prefixes`, in batched UPDATEs.
     async fn send_prefixes(&mut self, addr: IpAddr, prefixes: &[IpNetwork], end_of_rib: bool) {
-        let Some(p) = self.peers.get(&addr) else {
-            return;
-        };
-        let Some(up) = &p.up else { return };
-        let families = up.families;
-        let self_nh_v4 = up.local;
-        let self_nh_v6 = self.cfg.next_hop_v6.or(if up.local.is_ipv6() {
-            Some(up.local)
-        } else {
-            None
-        });
-        let mut announce: HashMap<(bool, Arc<Attrs>), Vec<IpNetwork>> = HashMap::new();
-        let mut withdraw: Vec<IpNetwork> = Vec::new();
-        let mut new_out: Vec<(IpNetwork, Option<Arc<Attrs>>)> = Vec::new();
-        for prefix in prefixes.iter().filter(|n| families.carries(n)) {
-            let nh = if prefix.is_ipv4() {
-                Some(self_nh_v4)
-            } else {
-                self_nh_v6
-            };
-            let exported = match (self.rib.best(prefix), nh) {
-                (Some(best), Some(nh)) => {
-                    export(&self.local, best, &p.info, p.cfg.asn, nh).map(Arc::new)
-                }
-                _ => None,
-            };
-            match (&exported, p.adj_out.get(prefix)) {
-                (Some(a), Some(old)) if a == old => continue,
-                (Some(a), _) => announce
-                    .entry((prefix.is_ipv4(), a.clone()))
-                    .or_default()
-                    .push(*prefix),
-                (None, Some(_)) => withdraw.push(*prefix),
-                (None, None) => continue,
-            }
-            new_out.push((*prefix, exported));
-        }
-        let ibgp = p.info.ibgp;
-        let ctx = up.ctx;
-        let mut msgs = Vec::new();
-        // Packed by encoded size (crate::pack): as many prefixes per UPDATE as fit.
-        let mut refused: Vec<IpNetwork> = Vec::new();
-        for ((_, attrs), nets) in announce {
-            let mut base = to_path_attrs(&attrs, ibgp);
-            if !ctx.four_octet_as {
-                add_as4_path(&mut base);
-            }
-            match pack::announcements(&base, attrs.next_hop, &nets, ctx) {
-                Ok(updates) => msgs.extend(updates.into_iter().map(Message::Update)),
-                Err(e) => {
-                    tracing::error!(peer = %addr, prefixes = nets.len(), error = %e, "cannot announce these prefixes to this peer");
-                    refused.extend(nets);
-                }
-            }
-        }
-        let (w4, w6): (Vec<IpNetwork>, Vec<IpNetwork>) =
-            withdraw.into_iter().partition(IpNetwork::is_ipv4);
-        for w in [w4, w6] {
-            msgs.extend(pack::withdrawals(&w, ctx).into_iter().map(Message::Update));
-        }
-        // End-of-RIB (RFC 4724 §2) for each negotiated family only.
-        if end_of_rib && families.ipv4 {
-            msgs.push(Message::Update(pack::end_of_rib(AFI_IPV4)));
-        }
-        if end_of_rib && families.ipv6 {
-            msgs.push(Message::Update(pack::end_of_rib(AFI_IPV6)));
-        }
-        // What could not be announced is not in the Adj-RIB-Out (a later change retries).
-        new_out.retain(|(n, a)| a.is_none() || !refused.contains(n));
         let Some(p) = self.peers.get_mut(&addr) else {
             return;
         };
-        for (prefix, a) in new_out {
+        let Some(up) = &p.up else { return };
+        let view = SessionView {
+            info: &p.info,
+            asn: p.cfg.asn,
+            families: up.families,
+            ctx: up.ctx,
+            local: up.local,
+            next_hop_v6: self.cfg.next_hop_v6,
+        };
+        let out = adj_out::updates(
+            &self.local,
+            &self.rib,
+            &p.adj_out,
+            &view,
+            prefixes,
+            end_of_rib,
+        );
+        if let Some((_, e)) = out.refused.first() {
+            tracing::error!(peer = %addr, prefixes = out.refused.len(), error = %e, "cannot announce these prefixes to this peer");
+        }
+        for (prefix, a) in out.adj_out {
             match a {
                 Some(a) => p.adj_out.insert(prefix, a),
                 None => p.adj_out.remove(&prefix),
             };
         }
-        if !msgs.is_empty() {
-            let _ = p.tx.send(ToPeer::Send(msgs));
+        if !out.messages.is_empty() {
+            let _ = p.tx.send(ToPeer::Send(out.messages));
         }
     }
 }
