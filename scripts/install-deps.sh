@@ -2,7 +2,7 @@
 # Debian packages Tessera builds and tests with. Installs only what is missing.
 set -euo pipefail
 PKGS=(
-  gcc g++ libc6-dev git            # the linker rustc calls, libFuzzer's C++ (fuzz.sh), git for --version
+  libc6-dev gcc g++ git            # the linker rustc calls, libFuzzer's C++ (fuzz.sh), git for --version
   etcd-server etcd-client          # the datastore, and etcdctl for the test bed's health checks
   protobuf-compiler libprotobuf-dev  # etcd-client's build script compiles etcd's protos
   iproute2 iputils-ping procps util-linux  # the test bed: namespaces, veth, bridges, ping, sysctl, nsenter

@@ -6,8 +6,8 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use tessera_routed::config::Config;
-use tessera_routed::kernel::NativeRoutes;
+mod common;
+use common::{free_port, spawn_speaker};
 use tessera_routed::packet::{encode, Capability, Ctx, Message, Notification, Open};
 
 fn open() -> Vec<u8> {
@@ -52,29 +52,15 @@ fn next_attempt(l: &TcpListener) -> (TcpStream, Instant) {
 async fn connection_attempts_to_a_flapping_peer_spread_out_and_come_back_after_a_stable_session() {
     let peer = TcpListener::bind("127.0.0.2:0").expect("listen");
     let peer_port = peer.local_addr().expect("addr").port();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir
         .path()
         .join("routed.sock")
         .to_string_lossy()
         .into_owned();
-    let cfg = Config::parse(&format!(
+    let (stop_tx, speaker) = spawn_speaker(&format!(
         "asn: 64512\nrouterId: 127.0.0.1\nlisten: 127.0.0.1\nlistenPort: {port}\nholdTime: 3\nconnectRetrySeconds: 1\nidleHoldMaxSeconds: 4\nstableAfterSeconds: 2\nstatusSocket: {sock}\npeers:\n  - {{ address: 127.0.0.2, asn: 65002, port: {peer_port} }}\n"
-    ))
-    .expect("config");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let speaker = tokio::spawn(tessera_routed::speaker::run(
-        cfg,
-        None,
-        std::sync::Arc::new(NativeRoutes),
-        async {
-            let _ = stop_rx.await;
-        },
     ));
     let sock2 = sock.clone();
     let (gaps, after_stable, reason) = tokio::task::spawn_blocking(move || {

@@ -4,16 +4,17 @@
 //! ignored without resetting the session. Raw TCP peers on loopback, decoded with the codec.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
-use tessera_routed::config::Config;
-use tessera_routed::kernel::NativeRoutes;
 use tessera_routed::packet::{
     decode, encode, frame, AsSegment, Capability, Ctx, Message, Open, Origin, PathAttr, Update,
     AFI_IPV4, AFI_IPV6, SAFI_UNICAST,
 };
+
+mod common;
+use common::{connect_from, free_port, spawn_speaker, status_at};
 
 const CTX: Ctx = Ctx {
     four_octet_as: true,
@@ -101,26 +102,6 @@ fn withdraw(nets: &[&str]) -> Vec<u8> {
     update(u)
 }
 
-fn connect_from(local: &str, to: SocketAddr) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .expect("socket");
-        let local: SocketAddr = format!("{local}:0").parse().expect("local");
-        sock.bind(&local.into()).expect("bind");
-        match sock.connect(&to.into()) {
-            Ok(()) => {
-                let s: TcpStream = sock.into();
-                s.set_read_timeout(Some(Duration::from_millis(100)))
-                    .expect("timeout");
-                return s;
-            }
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("connect from {local}: {e}"),
-        }
-    }
-}
-
 /// Every message the peer receives for `wait`, decoded.
 fn collect(s: &mut TcpStream, wait: Duration) -> Vec<(Vec<u8>, Message)> {
     let deadline = Instant::now() + wait;
@@ -163,6 +144,7 @@ fn afis_of(u: &Update) -> Vec<u16> {
     afis
 }
 
+/// A speaker with three eBGP peers (what one announces is passed on to the others).
 fn speaker(
     port: u16,
     status: &str,
@@ -170,30 +152,14 @@ fn speaker(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<anyhow::Result<()>>,
 ) {
-    // eBGP peers: what one announces is passed on to the others (no iBGP split horizon).
-    let cfg = Config::parse(&format!(
+    spawn_speaker(&format!(
         "asn: 64512\nrouterId: 127.0.0.1\nlisten: 127.0.0.1\nlistenPort: {port}\nconnectRetrySeconds: 1\nnextHopV6: \"2001:db8::1\"\nstatusSocket: {status}\nnetworks: [10.244.1.0/26, \"fd10:244::/122\"]\npeers:\n  - {{ address: 127.0.0.2, asn: 65002, passive: true }}\n  - {{ address: 127.0.0.3, asn: 65003, passive: true }}\n  - {{ address: 127.0.0.4, asn: 65004, passive: true }}\n"
     ))
-    .expect("config");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(tessera_routed::speaker::run(
-        cfg,
-        None,
-        std::sync::Arc::new(NativeRoutes),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-    (stop_tx, task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_peer_hears_only_the_families_it_negotiated() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
     let status = dir
         .path()
@@ -204,15 +170,15 @@ async fn each_peer_hears_only_the_families_it_negotiated() {
     let to: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let (v4_only, v6_only) = tokio::task::spawn_blocking(move || {
         // 127.0.0.2: IPv4 only; 127.0.0.3: IPv6 only; 127.0.0.4: both, the source of routes.
-        let mut p2 = connect_from("127.0.0.2", to);
+        let mut p2 = connect_from("127.0.0.2", to, None);
         p2.write_all(&open(65002, Ipv4Addr::new(127, 0, 0, 2), &[AFI_IPV4]))
             .expect("open");
         p2.write_all(&keepalive()).expect("keepalive");
-        let mut p3 = connect_from("127.0.0.3", to);
+        let mut p3 = connect_from("127.0.0.3", to, None);
         p3.write_all(&open(65003, Ipv4Addr::new(127, 0, 0, 3), &[AFI_IPV6]))
             .expect("open");
         p3.write_all(&keepalive()).expect("keepalive");
-        let mut p4 = connect_from("127.0.0.4", to);
+        let mut p4 = connect_from("127.0.0.4", to, None);
         p4.write_all(&open(
             65004,
             Ipv4Addr::new(127, 0, 0, 4),
@@ -298,11 +264,7 @@ async fn each_peer_hears_only_the_families_it_negotiated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_for_a_family_not_negotiated_is_ignored_and_the_session_stays_up() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
     let status = dir
         .path()
@@ -312,7 +274,7 @@ async fn an_update_for_a_family_not_negotiated_is_ignored_and_the_session_stays_
     let (stop, task) = speaker(port, &status);
     let to: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let got = tokio::task::spawn_blocking(move || {
-        let mut p2 = connect_from("127.0.0.2", to);
+        let mut p2 = connect_from("127.0.0.2", to, None);
         p2.write_all(&open(65002, Ipv4Addr::new(127, 0, 0, 2), &[AFI_IPV4]))
             .expect("open");
         p2.write_all(&keepalive()).expect("keepalive");
@@ -344,12 +306,7 @@ async fn an_update_for_a_family_not_negotiated_is_ignored_and_the_session_stays_
             .any(|(_, m)| matches!(m, Message::Notification(_))),
         "no NOTIFICATION: {got:?}"
     );
-    let v: serde_json::Value = serde_json::from_str(
-        &tessera_routed::speaker::query_status(&status)
-            .await
-            .expect("status"),
-    )
-    .expect("json");
+    let v = status_at(&status).expect("status");
     let p2 = v["peers"]
         .as_array()
         .expect("peers")

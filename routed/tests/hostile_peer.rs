@@ -2,11 +2,11 @@
 //! the NOTIFICATION RFC 4271 §6 names comes back, and another session stays up throughout.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use tessera_routed::config::Config;
-use tessera_routed::kernel::NativeRoutes;
+mod common;
+use common::{connect_from, free_port, spawn_speaker};
 
 const MARKER: [u8; 16] = [0xff; 16];
 
@@ -64,38 +64,9 @@ fn read_notification_within(s: &mut TcpStream, wait: Duration) -> Option<(u8, u8
     None
 }
 
-fn connect_from(local: &str, to: SocketAddr) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match connect_bound(local, to) {
-            Ok(s) => return s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("connect from {local}: {e}"),
-        }
-    }
-}
-
-fn connect_bound(local: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let s = rt.block_on(async {
-        let sock = tokio::net::TcpSocket::new_v4()?;
-        sock.bind(SocketAddr::new(
-            local.parse().map_err(std::io::Error::other)?,
-            0,
-        ))?;
-        sock.connect(to).await
-    })?;
-    let s = s.into_std()?;
-    s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(Duration::from_millis(200)))?;
-    Ok(s)
-}
-
 /// Opens a session as the hostile peer and returns the stream once Established.
 fn establish(to: SocketAddr) -> TcpStream {
-    let mut s = connect_from("127.0.0.2", to);
+    let mut s = connect_from("127.0.0.2", to, None);
     s.write_all(&open(4, 64512, 90, [127, 0, 0, 2]))
         .expect("send OPEN");
     s.write_all(&msg(4, &[])).expect("send KEEPALIVE");
@@ -105,46 +76,21 @@ fn establish(to: SocketAddr) -> TcpStream {
 /// (what, sent after the session is up, the bytes, the NOTIFICATION code/subcode expected)
 type Case = (&'static str, bool, Vec<u8>, (u8, u8));
 
-/// A speaker on this runtime (no kernel routes); send on the sender to stop it.
-fn spawn_speaker(
-    cfg: Config,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-) {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let speaker = tokio::spawn(tessera_routed::speaker::run(
-        cfg,
-        None,
-        std::sync::Arc::new(NativeRoutes),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-    (stop_tx, speaker)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_get_the_right_notification_and_other_sessions_stay_up() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("routed.sock");
-    let cfg = Config::parse(&format!(
+    let (stop_tx, speaker) = spawn_speaker(&format!(
         "asn: 64512\nrouterId: 127.0.0.1\nlisten: 127.0.0.1\nlistenPort: {port}\nconnectRetrySeconds: 1\nstatusSocket: {}\nnetworks: [10.244.1.0/26]\npeers:\n  - {{ address: 127.0.0.2, asn: 64512, passive: true }}\n  - {{ address: 127.0.0.3, asn: 64512, passive: true }}\n",
         sock.display()
-    ))
-    .expect("config");
-    let (stop_tx, speaker) = spawn_speaker(cfg);
+    ));
     let to: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let sock_path = sock.to_string_lossy().into_owned();
 
     let results = tokio::task::spawn_blocking(move || {
         // A well-behaved peer (hold time 0: no keepalives needed) that must stay up.
-        let mut good = connect_from("127.0.0.3", to);
+        let mut good = connect_from("127.0.0.3", to, None);
         good.write_all(&open(4, 64512, 0, [127, 0, 0, 3]))
             .expect("good OPEN");
         good.write_all(&msg(4, &[])).expect("good KEEPALIVE");
@@ -207,7 +153,7 @@ async fn malformed_messages_get_the_right_notification_and_other_sessions_stay_u
             let mut s = if after_open {
                 establish(to)
             } else {
-                connect_from("127.0.0.2", to)
+                connect_from("127.0.0.2", to, None)
             };
             if after_open {
                 // Wait until Tessera's KEEPALIVE shows the session up, then misbehave.
@@ -245,20 +191,14 @@ async fn malformed_messages_get_the_right_notification_and_other_sessions_stay_u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_peer_gets_hold_timer_expired() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let cfg = Config::parse(&format!(
-        "asn: 64512\nrouterId: 127.0.0.1\nlisten: 127.0.0.1\nlistenPort: {port}\nholdTime: 3\npeers:\n  - {{ address: 127.0.0.2, asn: 64512, passive: true }}\n"
-    ))
-    .expect("config");
-    let (stop_tx, speaker) = spawn_speaker(cfg);
+    let port = free_port();
+    let (stop_tx, speaker) = spawn_speaker(&format!(
+        "asn: 64512\nrouterId: 127.0.0.1\nlisten: 127.0.0.1\nlistenPort: {port}\nholdTime: 3\npeers:\n  - {{ address: 127.0.0.2, asn: 64512, passive: true }}\n",
+    ));
     let to: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let got = tokio::task::spawn_blocking(move || {
         // OPEN with hold time 3 and one KEEPALIVE, then silence.
-        let mut s = connect_from("127.0.0.2", to);
+        let mut s = connect_from("127.0.0.2", to, None);
         s.write_all(&open(4, 64512, 3, [127, 0, 0, 2]))
             .expect("OPEN");
         s.write_all(&msg(4, &[])).expect("KEEPALIVE");

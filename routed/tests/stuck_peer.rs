@@ -5,19 +5,20 @@
 //! stuck peer is dropped once it took nothing for a hold time. Raw peers on loopback.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnetwork::{IpNetwork, Ipv4Network};
-use tessera_routed::config::Config;
-use tessera_routed::kernel::NativeRoutes;
 use tessera_routed::pack;
 use tessera_routed::packet::{
     decode, encode, frame, AsSegment, Capability, Ctx, Message, Open, Origin, PathAttr, AFI_IPV4,
     SAFI_UNICAST,
 };
+
+mod common;
+use common::{connect_from, free_port, spawn_speaker, status_at};
 
 const CTX: Ctx = Ctx {
     four_octet_as: true,
@@ -58,32 +59,6 @@ fn announce(asn: u32, nh: Ipv4Addr, nets: &[IpNetwork]) -> Vec<u8> {
         .collect()
 }
 
-fn connect_from(local: Ipv4Addr, to: SocketAddr, rcvbuf: Option<usize>) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .expect("socket");
-        if let Some(n) = rcvbuf {
-            sock.set_recv_buffer_size(n).expect("SO_RCVBUF");
-        }
-        sock.bind(&SocketAddr::new(local.into(), 0).into())
-            .expect("bind");
-        match sock.connect(&to.into()) {
-            Ok(()) => return sock.into(),
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("connect from {local}: {e}"),
-        }
-    }
-}
-
-fn status(path: &str) -> Option<serde_json::Value> {
-    let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    serde_json::from_str(&out).ok()
-}
-
 fn peer_state(v: &serde_json::Value, addr: &str) -> String {
     v["peers"]
         .as_array()
@@ -97,35 +72,21 @@ fn peer_state(v: &serde_json::Value, addr: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stops_reading_is_dropped_and_holds_up_no_one() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir
         .path()
         .join("routed.sock")
         .to_string_lossy()
         .into_owned();
-    let cfg = Config::parse(&format!(
+    let (stop_tx, speaker) = spawn_speaker(&format!(
         "asn: 64512\nrouterId: 127.0.0.1\nlisten: 127.0.0.1\nlistenPort: {port}\nholdTime: 6\nstatusSocket: {sock}\npeers:\n  - {{ address: 127.0.0.2, asn: 65002, passive: true }}\n  - {{ address: 127.0.0.3, asn: 65003, passive: true }}\n  - {{ address: 127.0.0.4, asn: 65004, passive: true }}\n"
-    ))
-    .expect("config");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let speaker = tokio::spawn(tessera_routed::speaker::run(
-        cfg,
-        None,
-        Arc::new(NativeRoutes),
-        async {
-            let _ = stop_rx.await;
-        },
     ));
     let to: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let done = tokio::task::spawn_blocking(move || {
         let quit = Arc::new(AtomicBool::new(false));
         // The stuck peer: a small receive buffer, KEEPALIVEs every second, never reads.
-        let mut stuck = connect_from(Ipv4Addr::new(127, 0, 0, 3), to, Some(4096));
+        let mut stuck = connect_from("127.0.0.3", to, Some(4096));
         stuck
             .write_all(&open(65003, Ipv4Addr::new(127, 0, 0, 3), 6))
             .expect("open");
@@ -137,7 +98,7 @@ async fn a_peer_that_stops_reading_is_dropped_and_holds_up_no_one() {
             }
         });
         // The observer reads everything and remembers the prefixes it was sent.
-        let mut observer = connect_from(Ipv4Addr::new(127, 0, 0, 4), to, None);
+        let mut observer = connect_from("127.0.0.4", to, None);
         observer
             .write_all(&open(65004, Ipv4Addr::new(127, 0, 0, 4), 6))
             .expect("open");
@@ -172,7 +133,7 @@ async fn a_peer_that_stops_reading_is_dropped_and_holds_up_no_one() {
             }
         });
         // The feeder: 100,000 routes, which the speaker passes on to both other peers.
-        let mut feeder = connect_from(Ipv4Addr::new(127, 0, 0, 2), to, None);
+        let mut feeder = connect_from("127.0.0.2", to, None);
         feeder
             .write_all(&open(65002, Ipv4Addr::new(127, 0, 0, 2), 0))
             .expect("open");
@@ -216,7 +177,7 @@ async fn a_peer_that_stops_reading_is_dropped_and_holds_up_no_one() {
         let mut dropped = None;
         let mut answered = 0;
         while dropped.is_none() && fed.elapsed() < Duration::from_secs(60) {
-            if let Some(v) = status(&sock) {
+            if let Some(v) = status_at(&sock) {
                 answered += 1;
                 if peer_state(&v, "127.0.0.3") != "Established" {
                     dropped = Some(fed.elapsed());
@@ -225,7 +186,7 @@ async fn a_peer_that_stops_reading_is_dropped_and_holds_up_no_one() {
             std::thread::sleep(Duration::from_millis(200));
         }
         let observer_up =
-            status(&sock).is_some_and(|v| peer_state(&v, "127.0.0.4") == "Established");
+            status_at(&sock).is_some_and(|v| peer_state(&v, "127.0.0.4") == "Established");
         quit.store(true, Ordering::Relaxed);
         let _ = stuck_writer.join();
         let _ = observer_thread.join();

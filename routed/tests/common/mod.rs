@@ -208,3 +208,73 @@ impl Frr {
         std::fs::read_to_string(self.dir.join("bgpd.log")).unwrap_or_default()
     }
 }
+
+// ---- speakers and raw peers on loopback -------------------------------------------------
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A speaker on this runtime (no kernel routes) from its YAML configuration; send on the
+/// sender to stop it.
+pub fn spawn_speaker(
+    yaml: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let cfg = tessera_routed::config::Config::parse(yaml).expect("config");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let speaker = tokio::spawn(tessera_routed::speaker::run(
+        cfg,
+        None,
+        std::sync::Arc::new(tessera_routed::kernel::NativeRoutes),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    (stop_tx, speaker)
+}
+
+/// A raw peer's connection to `to` from address `local` (retried while the speaker starts),
+/// with a 200 ms read timeout and, given, a small receive buffer (a peer slow to read).
+pub fn connect_from(
+    local: &str,
+    to: std::net::SocketAddr,
+    rcvbuf: Option<usize>,
+) -> std::net::TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let local: std::net::SocketAddr = format!("{local}:0").parse().expect("local address");
+    loop {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        if let Some(n) = rcvbuf {
+            sock.set_recv_buffer_size(n).expect("SO_RCVBUF");
+        }
+        sock.bind(&local.into()).expect("bind");
+        match sock.connect(&to.into()) {
+            Ok(()) => {
+                let s: std::net::TcpStream = sock.into();
+                s.set_read_timeout(Some(Duration::from_millis(200)))
+                    .expect("timeout");
+                return s;
+            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("connect from {local}: {e}"),
+        }
+    }
+}
+
+/// A running speaker's status (its status socket), if it answers.
+pub fn status_at(sock: &str) -> Option<serde_json::Value> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    serde_json::from_str(&out).ok()
+}
