@@ -1,4 +1,5 @@
 //! routed
+pub mod adj_in;
 pub mod adj_out;
 pub mod bfd;
 pub mod config;

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::adj_in;
 use crate::adj_out::{self, SessionView};
 use crate::config::{Config, PeerConfig};
 use crate::fsm::{keep_our_connection, Action, Damping, Event, Session, SessionConfig, State};
@@ -515,52 +516,16 @@ impl SpeakerState {
             }
             return;
         }
-        // RFC 4760 §6 / RFC 7606 §5.3: NLRI of a family the session does not carry is
-        // ignored (logged once), not a reason to reset it.
         let carried = p.up.as_ref().map_or(Families::BOTH, |u| u.families);
-        // (Counted only on single-family sessions: the common dual-stack case allocates
-        // nothing extra per UPDATE.)
-        let foreign = if carried == Families::BOTH {
-            0
-        } else {
-            u.announced()
-                .iter()
-                .chain(&u.withdrawn_all())
-                .filter(|n| !carried.carries(n))
-                .count()
-        };
-        if foreign > 0 {
+        let r = adj_in::received(&self.local, &p.info, carried, &u);
+        if r.foreign > 0 {
             if let Some(up) = p.up.as_mut().filter(|up| !up.warned_foreign) {
                 up.warned_foreign = true;
-                tracing::warn!(peer = %addr, prefixes = foreign, ?carried, "UPDATE for an address family this session did not negotiate: ignored (logged once per session)");
+                tracing::warn!(peer = %addr, prefixes = r.foreign, ?carried, "UPDATE for an address family this session did not negotiate: ignored (logged once per session)");
             }
         }
         let info = p.info.clone();
-        let looped = |a: &Attrs| {
-            (!info.ibgp && a.contains_as(self.cfg.asn))
-                || a.originator_id == Some(self.cfg.router_id)
-                || self
-                    .cfg
-                    .cluster_id
-                    .is_some_and(|c| a.cluster_list.contains(&c))
-        };
-        let mut announced = Vec::new();
-        let mut withdrawn = u.withdrawn_all();
-        if foreign > 0 {
-            withdrawn.retain(|n| carried.carries(n));
-        }
-        if !u.treat_as_withdraw {
-            let v4 = Attrs::from_update(&u, false).map(Arc::new);
-            let v6 = Attrs::from_update(&u, true).map(Arc::new);
-            for n in u.announced().into_iter().filter(|n| carried.carries(n)) {
-                let attrs = if n.is_ipv4() { v4.clone() } else { v6.clone() };
-                match attrs {
-                    Some(a) if !looped(&a) => announced.push((n, a)),
-                    _ => withdrawn.push(n),
-                }
-            }
-        }
-        let ch = self.rib.apply(&info, announced, withdrawn);
+        let ch = self.rib.apply(&info, r.announced, r.withdrawn);
         self.changes(ch).await;
     }
 
