@@ -5,7 +5,7 @@
 //! with their release time, so an address is reused as late as possible and never before the
 //! pool's minimum reuse delay.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
@@ -61,6 +61,20 @@ pub enum BlockError {
         given: u64,
         current: u64,
     },
+}
+
+/// The nodes that hold blocks or addresses (a block's affinity, an allocation's `node`
+/// attribute): a node that still holds something may still be forwarding for it.
+pub fn holders<'a>(blocks: impl IntoIterator<Item = &'a IpamBlock>) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for b in blocks {
+        out.extend(b.affinity.iter().cloned());
+        out.extend(
+            b.allocated()
+                .filter_map(|(_, a)| a.attrs.get("node").cloned()),
+        );
+    }
+    out
 }
 
 /// An address handed out by [`IpamBlock::assign`].

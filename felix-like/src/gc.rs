@@ -266,58 +266,38 @@ async fn judge_nodes(
 ) -> anyhow::Result<()> {
     let snap = Snapshot::read(kv).await?;
     let (suspects, decommissions) = node_records(kv).await?;
-    let holders: BTreeSet<String> = snap
-        .affinities
-        .keys()
-        .map(|(n, _)| n.clone())
-        .chain(snap.blocks.values().flat_map(|b| {
-            b.value
-                .allocated()
-                .filter_map(|(_, a)| a.attrs.get("node").cloned())
-                .collect::<Vec<_>>()
-        }))
-        .collect();
+    // Pending claims count too: an affinity record without its block yet.
+    let mut holders = tessera_datastore::block::holders(snap.blocks.values().map(|b| &b.value));
+    holders.extend(snap.affinities.keys().map(|(n, _)| n.clone()));
     let names: BTreeSet<&String> = snap.nodes.keys().chain(decommissions.keys()).collect();
     let now = now_ms();
     let after_ms = settings.reclaim_after_seconds.saturating_mul(1000);
     let mut states: BTreeMap<String, (SuspectState, u64)> = BTreeMap::new();
+    let judged: Vec<(&String, NodeAction, u64)> = names
+        .iter()
+        .map(|node| {
+            let suspect = suspects.get(*node).map(|(s, rev)| (s.since_ms, *rev));
+            let suspect_for = suspect.map_or(0, |(since, _)| now.saturating_sub(since));
+            let decommissioned = decommissions.get(*node).copied();
+            let live = snap.live.contains(*node);
+            let action = judge(live, suspect, decommissioned, now, after_ms);
+            (*node, action, suspect_for)
+        })
+        .collect();
     // The witness is asked about every suspect that is due at once (each probe may take its
     // full timeout when the node is dead).
-    let due: Vec<&String> = names
+    let due: Vec<&String> = judged
         .iter()
-        .copied()
-        .filter(|n| holders.contains(*n))
-        .filter(|n| {
-            let suspect = suspects.get(*n).map(|(s, rev)| (s.since_ms, *rev));
-            let decommissioned = decommissions.get(*n).copied();
-            matches!(
-                judge(
-                    snap.live.contains(*n),
-                    suspect,
-                    decommissioned,
-                    now,
-                    after_ms
-                ),
-                NodeAction::AskWitness { .. }
-            )
-        })
+        .filter(|(n, a, _)| matches!(a, NodeAction::AskWitness { .. }) && holders.contains(*n))
+        .map(|(n, _, _)| *n)
         .collect();
     let findings: BTreeMap<&String, Option<Finding>> = due
         .iter()
         .copied()
         .zip(futures::future::join_all(due.iter().map(|n| ask_witness(&snap, n))).await)
         .collect();
-    for node in names {
-        let suspect = suspects.get(node).map(|(s, rev)| (s.since_ms, *rev));
+    for (node, action, suspect_for) in judged {
         let live = snap.live.contains(node);
-        let suspect_for = suspect.map_or(0, |(since, _)| now.saturating_sub(since));
-        let action = judge(
-            live,
-            suspect,
-            decommissions.get(node).copied(),
-            now,
-            after_ms,
-        );
         let state = match action {
             NodeAction::Nothing => continue,
             NodeAction::MarkSuspect => {

@@ -106,7 +106,7 @@ pub fn updates(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::{Origin, PathAttr, Update, SAFI_UNICAST};
+    use crate::packet::{PathAttr, Update, SAFI_UNICAST};
     use std::net::Ipv4Addr;
 
     fn local() -> Local {
@@ -119,17 +119,7 @@ mod tests {
 
     fn originated(rib: &mut Rib, nets: &[&str]) {
         for n in nets {
-            let attrs = Arc::new(Attrs {
-                origin: Origin::Igp,
-                as_path: vec![],
-                next_hop: "198.18.0.10".parse().expect("ip"),
-                med: None,
-                local_pref: None,
-                communities: vec![],
-                originator_id: None,
-                cluster_list: vec![],
-                other: vec![],
-            });
+            let attrs = Arc::new(Attrs::originated("198.18.0.10".parse().expect("ip")));
             rib.originate(n.parse().expect("net"), attrs);
         }
     }

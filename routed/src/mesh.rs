@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use ipnetwork::IpNetwork;
-use tessera_datastore::block::IpamBlock;
+use tessera_datastore::block::{holders, IpamBlock};
 use tessera_datastore::keys;
 use tessera_datastore::kv::Kv;
 use tessera_datastore::model::{BgpPeer, Node};
@@ -58,20 +58,6 @@ pub fn mesh_peers(me: &str, default_asn: u32, nodes: &[Node]) -> Vec<PeerConfig>
         .collect();
     peers.sort_by_key(|p| p.address);
     peers
-}
-
-/// The nodes that hold blocks or addresses (a block's affinity, an allocation's `node`
-/// attribute): a node that still holds something may still be forwarding for it.
-pub fn holders(blocks: &[IpamBlock]) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for b in blocks {
-        out.extend(b.affinity.iter().cloned());
-        out.extend(
-            b.allocated()
-                .filter_map(|(_, a)| a.attrs.get("node").cloned()),
-        );
-    }
-    out
 }
 
 /// Every BGP peer of node `me` from the datastore, for the node agent and the standalone

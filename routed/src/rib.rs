@@ -29,6 +29,21 @@ pub struct Attrs {
 }
 
 impl Attrs {
+    /// The attributes of a route we originate (our blocks): IGP, empty AS path.
+    pub fn originated(next_hop: IpAddr) -> Attrs {
+        Attrs {
+            origin: Origin::Igp,
+            as_path: vec![],
+            next_hop,
+            med: None,
+            local_pref: None,
+            communities: vec![],
+            originator_id: None,
+            cluster_list: vec![],
+            other: vec![],
+        }
+    }
+
     pub fn as_path_len(&self) -> usize {
         self.as_path
             .iter()

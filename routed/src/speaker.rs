@@ -20,7 +20,7 @@ use crate::adj_out::{self, SessionView};
 use crate::config::{Config, PeerConfig};
 use crate::fsm::{keep_our_connection, Action, Damping, Event, Session, SessionConfig, State};
 use crate::kernel::{Kernel, KernelOp, RouteTarget};
-use crate::packet::{self, Capability, Ctx, Families, Message, Open, Origin, Update};
+use crate::packet::{self, Capability, Ctx, Families, Message, Open, Update};
 use crate::rib::{Attrs, BestChange, Local, Path, PeerInfo, Rib};
 
 enum ToPeer {
@@ -582,17 +582,7 @@ impl SpeakerState {
         }
         let have: HashSet<IpNetwork> = self.rib.originated().copied().collect();
         for n in wanted.into_iter().filter(|n| !have.contains(n)) {
-            let attrs = Arc::new(Attrs {
-                origin: Origin::Igp,
-                as_path: vec![],
-                next_hop: self.cfg.listen,
-                med: None,
-                local_pref: None,
-                communities: vec![],
-                originator_id: None,
-                cluster_list: vec![],
-                other: vec![],
-            });
+            let attrs = Arc::new(Attrs::originated(self.cfg.listen));
             ch.extend(self.rib.originate(n, attrs));
         }
         self.changes(ch).await;

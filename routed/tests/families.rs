@@ -144,21 +144,17 @@ fn afis_of(u: &Update) -> Vec<u16> {
     afis
 }
 
-/// A speaker with three eBGP peers (what one announces is passed on to the others).
-fn speaker(
-    port: u16,
-    status: &str,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-) {
-    spawn_speaker(&format!(
-        "asn: 64512\nrouterId: 127.0.0.1\nlisten: 127.0.0.1\nlistenPort: {port}\nconnectRetrySeconds: 1\nnextHopV6: \"2001:db8::1\"\nstatusSocket: {status}\nnetworks: [10.244.1.0/26, \"fd10:244::/122\"]\npeers:\n  - {{ address: 127.0.0.2, asn: 65002, passive: true }}\n  - {{ address: 127.0.0.3, asn: 65003, passive: true }}\n  - {{ address: 127.0.0.4, asn: 65004, passive: true }}\n"
-    ))
+/// A speaker on loopback with three eBGP peers (what one announces is passed on to the
+/// others), and what the tests need of it.
+struct Running {
+    to: SocketAddr,
+    status: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_peer_hears_only_the_families_it_negotiated() {
+fn speaker() -> Running {
     let port = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
     let status = dir
@@ -166,8 +162,27 @@ async fn each_peer_hears_only_the_families_it_negotiated() {
         .join("routed.sock")
         .to_string_lossy()
         .into_owned();
-    let (stop, task) = speaker(port, &status);
-    let to: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let (stop, task) = spawn_speaker(&format!(
+        "asn: 64512\nrouterId: 127.0.0.1\nlisten: 127.0.0.1\nlistenPort: {port}\nconnectRetrySeconds: 1\nnextHopV6: \"2001:db8::1\"\nstatusSocket: {status}\nnetworks: [10.244.1.0/26, \"fd10:244::/122\"]\npeers:\n  - {{ address: 127.0.0.2, asn: 65002, passive: true }}\n  - {{ address: 127.0.0.3, asn: 65003, passive: true }}\n  - {{ address: 127.0.0.4, asn: 65004, passive: true }}\n"
+    ));
+    Running {
+        to: format!("127.0.0.1:{port}").parse().expect("addr"),
+        status,
+        stop,
+        task,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_peer_hears_only_the_families_it_negotiated() {
+    let Running {
+        to,
+        status: _,
+        stop,
+        task,
+        _dir,
+    } = speaker();
     let (v4_only, v6_only) = tokio::task::spawn_blocking(move || {
         // 127.0.0.2: IPv4 only; 127.0.0.3: IPv6 only; 127.0.0.4: both, the source of routes.
         let mut p2 = connect_from("127.0.0.2", to, None);
@@ -264,15 +279,13 @@ async fn each_peer_hears_only_the_families_it_negotiated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_for_a_family_not_negotiated_is_ignored_and_the_session_stays_up() {
-    let port = free_port();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let status = dir
-        .path()
-        .join("routed.sock")
-        .to_string_lossy()
-        .into_owned();
-    let (stop, task) = speaker(port, &status);
-    let to: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let Running {
+        to,
+        status,
+        stop,
+        task,
+        _dir,
+    } = speaker();
     let got = tokio::task::spawn_blocking(move || {
         let mut p2 = connect_from("127.0.0.2", to, None);
         p2.write_all(&open(65002, Ipv4Addr::new(127, 0, 0, 2), &[AFI_IPV4]))
