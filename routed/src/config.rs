@@ -112,6 +112,10 @@ pub struct PeerConfig {
     /// Watch the peer with BFD (single hop) and drop the session when BFD says Down.
     #[serde(default)]
     pub bfd: bool,
+    /// The interface a link-local peer (fe80::/10) is on; its routes' link-local next hops
+    /// are reached there.
+    #[serde(default)]
+    pub interface: Option<String>,
 }
 
 fn default_port() -> u16 {
@@ -177,6 +181,12 @@ impl Config {
             if p.asn == 0 {
                 return bad(format!("peers[{i}].asn"), "must not be 0");
             }
+            if crate::rib::is_link_local(&p.address) && p.interface.is_none() {
+                return bad(
+                    format!("peers[{i}].interface"),
+                    "a link-local peer needs the interface it is on",
+                );
+            }
             if p.rr_client && p.asn != self.asn {
                 return bad(
                     format!("peers[{i}].rrClient"),
@@ -213,5 +223,14 @@ mod tests {
         let e = Config::parse(&format!("{ok}holdTime: 2\n")).unwrap_err();
         assert!(e.to_string().contains("holdTime"), "{e}");
         assert!(Config::parse(&format!("{ok}bogus: 1\n")).is_err());
+        let e = Config::parse(&ok.replace("198.18.0.11", "\"fe80::2\"")).unwrap_err();
+        assert!(e.to_string().contains("peers[0].interface"), "{e}");
+        let ll = ok.replace("198.18.0.11,", "\"fe80::2\", interface: eth0,");
+        assert_eq!(
+            Config::parse(&ll).expect("link-local peer").peers[0]
+                .interface
+                .as_deref(),
+            Some("eth0")
+        );
     }
 }

@@ -62,7 +62,7 @@ pub enum Action {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionConfig {
     pub local_as: u32,
     /// The AS the peer must have (`None`: any, e.g. a dynamic neighbor).
@@ -471,6 +471,64 @@ impl Session {
             self.keepalive_at = Some(now + self.hold / 3);
         }
         vec![Action::Send(Message::Keepalive)]
+    }
+}
+
+/// What to do with a connection the peer opened to us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// Close it: the session we have (Established, or ours winning the collision) stays.
+    Refuse,
+    /// Use it. `cease_current`: the connection in use lost the collision and gets this
+    /// NOTIFICATION before it is closed; `actions` start the session on the new one.
+    Accept {
+        cease_current: Option<Notification>,
+        actions: Vec<Action>,
+    },
+}
+
+impl Session {
+    /// The peer connected to us (RFC 4271 §6.8, collision detection). `remote_id`: the
+    /// peer's BGP Identifier when known otherwise (its IPv4 address). While idle (waiting to
+    /// restart) the session starts now, as AutomaticStart with passive TCP establishment.
+    /// Without a connection of our own past OpenSent, theirs is taken; with one, the
+    /// connection opened by the higher identifier wins; an Established session is kept.
+    pub fn incoming(&mut self, now: Duration, remote_id: Option<Ipv4Addr>) -> Incoming {
+        let mut actions = Vec::new();
+        if self.state == State::Idle {
+            actions.extend(
+                self.handle(now, Event::Start)
+                    .into_iter()
+                    .filter(|a| *a != Action::Connect),
+            );
+        }
+        let in_progress = matches!(
+            self.state,
+            State::OpenSent | State::OpenConfirm | State::Established
+        );
+        let remote_id = self.peer_open.as_ref().map(|o| o.bgp_id).or(remote_id);
+        let ours_wins = remote_id.is_some_and(|r| keep_our_connection(self.cfg.router_id, r));
+        if self.state == State::Established || (in_progress && ours_wins) {
+            return Incoming::Refuse;
+        }
+        let cease_current = in_progress.then(|| {
+            // Back to the start without counting a reset: nothing failed.
+            self.reset_timers();
+            self.peer_open = None;
+            self.state = State::Idle;
+            let restart = self.handle(now, Event::Start);
+            actions.extend(restart.into_iter().filter(|a| *a != Action::Connect));
+            Notification {
+                code: err::CEASE,
+                subcode: err::COLLISION_RESOLUTION,
+                data: vec![],
+            }
+        });
+        actions.extend(self.handle(now, Event::TcpConnected));
+        Incoming::Accept {
+            cease_current,
+            actions,
+        }
     }
 }
 

@@ -163,8 +163,8 @@ pub enum KernelOp {
 }
 
 impl Kernel {
-    /// Applies batches of changes as they come, in order, on a blocking thread of its own so
-    /// that the RIB never waits for the kernel. Changes to one prefix within what is queued
+    /// Applies batches of changes as they come, in order; run on a blocking thread of its
+    /// own so that the RIB never waits for the kernel. Changes to one prefix within what is queued
     /// collapse to the last.
     ///
     /// The changes go out as route messages packed into datagrams of up to 60 KiB on a
@@ -172,14 +172,7 @@ impl Kernel {
     /// `sendmsg`, and without `NLM_F_ACK` only failures come back. (rtnetlink's one request,
     /// one acknowledgement round trip, even 32 in flight, left the table a second behind
     /// BIRD's at 120k routes.)
-    pub async fn run_worker(self, rx: tokio::sync::mpsc::UnboundedReceiver<Vec<KernelOp>>) {
-        let worker = tokio::task::spawn_blocking(move || self.blocking_worker(rx));
-        if let Err(e) = worker.await {
-            tracing::error!(error = %e, "kernel route worker stopped");
-        }
-    }
-
-    fn blocking_worker(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<KernelOp>>) {
+    pub fn blocking_worker(self, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<KernelOp>>) {
         use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket};
         let sock = Socket::new(NETLINK_ROUTE).and_then(|mut s| {
             s.bind_auto()?;

@@ -11,3 +11,4 @@ pub mod pack;
 pub mod packet;
 pub mod rib;
 pub mod speaker;
+pub mod speaker_core;

@@ -53,6 +53,7 @@ pub fn mesh_peers(me: &str, default_asn: u32, nodes: &[Node]) -> Vec<PeerConfig>
                 local_address: local,
                 password: None,
                 bfd: false,
+                interface: None,
             })
         })
         .collect();
@@ -114,6 +115,7 @@ pub fn external_peers(me: &str, nodes: &[Node], peers: &[BgpPeer]) -> Vec<PeerCo
             local_address: local.filter(|l| l.is_ipv4() == p.peer_ip.is_ipv4()),
             password: p.password.clone(),
             bfd: p.bfd,
+            interface: None,
         })
         .collect()
 }

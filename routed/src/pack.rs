@@ -79,7 +79,13 @@ pub fn announcements(
         attrs.push(PathAttr::MpReach {
             afi: AFI_IPV6,
             safi: SAFI_UNICAST,
-            next_hops: vec![next_hop],
+            // A link-local next hop goes second, after `::` (RFC 2545 §3 wants a global
+            // one first; BIRD sends this when the interface has no global address).
+            next_hops: if crate::rib::is_link_local(&next_hop) {
+                vec![IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), next_hop]
+            } else {
+                vec![next_hop]
+            },
             nlri: vec![],
         });
         // A 2-octet attribute length from the start: the size per prefix stays exact.

@@ -80,8 +80,7 @@ impl Attrs {
                 PathAttr::AsPath(p) => a.as_path = p.clone(),
                 PathAttr::NextHop(n) if !ipv6 => next_hop = Some(IpAddr::V4(*n)),
                 PathAttr::MpReach { next_hops, .. } if ipv6 => {
-                    // Global address first; a link-local second one is not used for routing.
-                    next_hop = next_hops.first().copied();
+                    next_hop = ipv6_next_hop(next_hops);
                 }
                 PathAttr::MpReach { next_hops, afi, .. }
                     if !ipv6 && *afi == crate::packet::AFI_IPV4 =>
@@ -102,6 +101,24 @@ impl Attrs {
         a.next_hop = next_hop?;
         Some(a)
     }
+}
+
+/// The IPv6 next hop to route by (RFC 2545 §3): the global address; when there is none
+/// (BIRD sends `::` and the link-local address from an interface without a global one, FRR
+/// the link-local address in both places), the link-local one, reached on the session's
+/// interface.
+fn ipv6_next_hop(next_hops: &[IpAddr]) -> Option<IpAddr> {
+    let global = next_hops
+        .iter()
+        .find(|a| !a.is_unspecified() && !is_link_local(a));
+    global
+        .or_else(|| next_hops.iter().find(|a| is_link_local(a)))
+        .copied()
+}
+
+/// An IPv6 link-local address (fe80::/10): meaningful only with an interface.
+pub fn is_link_local(a: &IpAddr) -> bool {
+    matches!(a, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }
 
 /// One route to a prefix: who told us and what they said.

@@ -1,7 +1,9 @@
-//! The tokio driver: one task per peer (socket, timers, FSM) and one speaker task that owns
-//! the RIB, the Adj-RIB-Out and the kernel adapter. This is the only module that spawns.
+//! The speaker's shell: sockets, timers and tasks around the sans-IO [`SpeakerCore`] (RIB,
+//! Adj-RIB-Out, policy) and one [`Session`] FSM per peer. One task per peer (its socket,
+//! timers and FSM), the speaker task feeding the core, the kernel worker, BFD and the status
+//! socket. This is the only module that spawns.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,13 +17,11 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::adj_in;
-use crate::adj_out::{self, SessionView};
 use crate::config::{Config, PeerConfig};
-use crate::fsm::{keep_our_connection, Action, Damping, Event, Session, SessionConfig, State};
+use crate::fsm::{Action, Damping, Event, Incoming, Session, SessionConfig, State};
 use crate::kernel::{Kernel, KernelOp, RouteTarget};
-use crate::packet::{self, Capability, Ctx, Families, Message, Open, Update};
-use crate::rib::{Attrs, BestChange, Local, Path, PeerInfo, Rib};
+use crate::packet::{self, Message};
+use crate::speaker_core::{Input, Output, SpeakerCore};
 
 enum ToPeer {
     Send(Vec<Message>),
@@ -49,31 +49,6 @@ pub enum Command {
     Status(tokio::sync::oneshot::Sender<Status>),
 }
 
-enum FromPeer {
-    Up {
-        addr: IpAddr,
-        open: Open,
-        ctx: Ctx,
-        local: IpAddr,
-    },
-    Down {
-        addr: IpAddr,
-        reason: String,
-    },
-    Update {
-        addr: IpAddr,
-        update: Update,
-    },
-    Refresh {
-        addr: IpAddr,
-    },
-    State {
-        addr: IpAddr,
-        state: State,
-        damping: Option<Damping>,
-    },
-}
-
 /// What `tessera-routed status` prints.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Status {
@@ -94,36 +69,6 @@ pub struct PeerStatus {
     pub bfd: Option<crate::bfd::BfdState>,
     /// Why the session last went down, resets in a row, and the wait before the next try.
     pub last_reset: Option<Damping>,
-}
-
-struct Up {
-    ctx: Ctx,
-    local: IpAddr,
-    since: Instant,
-    /// The peer's restart time, when it asks us to keep routes of some family.
-    peer_gr: Option<u16>,
-    /// What both OPENs advertised: routes, withdrawals and End-of-RIB go out only for these.
-    families: Families,
-    /// The negotiated families whose routes are kept (stale) while the peer restarts.
-    preserved: Families,
-    /// An UPDATE for a family the session does not carry was logged (once per session).
-    warned_foreign: bool,
-}
-
-struct Peer {
-    cfg: PeerConfig,
-    tx: mpsc::UnboundedSender<ToPeer>,
-    info: Arc<PeerInfo>,
-    state: State,
-    up: Option<Up>,
-    /// Adj-RIB-Out: what we last announced.
-    adj_out: HashMap<IpNetwork, Arc<Attrs>>,
-    /// Restart deadline while the peer restarts gracefully (its routes are stale).
-    stale_until: Option<Instant>,
-    /// End-of-RIB received since the session came up (all families it negotiated).
-    eor: HashSet<u16>,
-    bfd: crate::bfd::BfdState,
-    last_reset: Option<Damping>,
 }
 
 /// Runs the speaker until `shutdown` resolves. `kernel` is a netlink handle of the namespace
@@ -159,188 +104,129 @@ pub async fn run_with_control(
     }
     // Small: a peer sending faster than the RIB absorbs waits on its socket instead of
     // queueing decoded UPDATEs here.
-    let (from_tx, mut from_rx) = mpsc::channel::<FromPeer>(32);
+    let (from_peers, mut from_rx) = mpsc::channel::<Input>(32);
     let kernel = kernel
         .map(|h| Kernel::new(h, cfg.kernel.protocol, cfg.kernel.table))
         .filter(|_| cfg.kernel.install);
-    // Routes a previous run left: swept once every peer sent End-of-RIB (or after a while).
-    let mut leftovers: Option<HashSet<IpNetwork>> = match &kernel {
-        Some(k) => Some(k.ours().await.unwrap_or_default().into_iter().collect()),
-        None => None,
+    // Routes a previous run left: the core sweeps them once the peers have told us theirs.
+    let leftovers = match &kernel {
+        Some(k) => k.ours().await.unwrap_or_default(),
+        None => Vec::new(),
     };
+    let mut core = SpeakerCore::new(cfg.clone(), kernel.is_some(), target);
     let kernel = kernel.map(|k| {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(k.run_worker(rx));
+        tokio::task::spawn_blocking(move || k.blocking_worker(rx));
         tx
     });
-    let sweep_deadline =
-        Instant::now() + Duration::from_secs(u64::from(cfg.graceful_restart_seconds.max(30)));
-    let local = Local {
-        asn: cfg.asn,
-        router_id: cfg.router_id,
-        cluster_id: cfg.cluster_id,
-    };
-    // BFD for the peers that ask for it, static or from the datastore (RFC 5882: BFD Down
-    // ends the session). Its task starts with the first such peer.
     let (bfd_events, mut bfd_rx) = mpsc::channel::<crate::bfd::BfdEvent>(64);
-    let mut sp = SpeakerState {
+    let mut shell = Shell {
         cfg: cfg.clone(),
-        rib: Rib::new(cfg.ecmp),
-        peers: HashMap::new(),
-        from_tx,
-        dynamic: HashSet::new(),
+        sessions: HashMap::new(),
+        from_peers,
         kernel,
-        target,
-        local,
         bfd_events,
         bfd_peers: None,
     };
-    for pc in &cfg.peers {
-        sp.add_peer(pc.clone());
-    }
-    sp.update_bfd();
-    sp.set_networks(cfg.networks.clone()).await;
+    let origin = Instant::now();
+    let now = || origin.elapsed();
+    shell.carry_out(core.start(now(), leftovers), &listener);
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
-        tokio::select! {
+        let input = tokio::select! {
             _ = &mut shutdown => break,
             Ok((stream, remote)) = listener.accept() => {
-                match sp.peers.get(&remote.ip()) {
-                    Some(p) => { let _ = p.tx.send(ToPeer::Incoming(stream)); }
+                match shell.sessions.get(&remote.ip()) {
+                    Some(tx) => { let _ = tx.send(ToPeer::Incoming(stream)); }
                     None => tracing::warn!(%remote, "connection from an unknown peer refused"),
                 }
+                continue;
             }
-            Some(ev) = from_rx.recv() => sp.on_peer_event(ev).await,
-            Some(ev) = bfd_rx.recv() => {
-                if let Some(p) = sp.peers.get_mut(&ev.peer) {
-                    tracing::info!(peer = %ev.peer, state = ?ev.state, "BFD");
-                    p.bfd = ev.state;
-                    if ev.state == crate::bfd::BfdState::Down {
-                        if let Some(up) = p.up.as_mut() {
-                            // The forwarding path is gone: no graceful-restart grace either
-                            // (RFC 5882 §4.3.1; the peer's BFD is not control-plane independent).
-                            up.peer_gr = None;
-                            let _ = p.tx.send(ToPeer::BfdDown);
-                        }
-                    }
-                }
-            }
+            Some(input) = from_rx.recv() => input,
+            Some(ev) = bfd_rx.recv() => Input::Bfd { peer: ev.peer, state: ev.state },
             Some(cmd) = control.recv() => match cmd {
-                Command::SetDynamicPeers(list) => sp.set_dynamic_peers(list, &listener).await,
-                Command::SetNetworks(nets) => sp.set_networks(nets).await,
-                Command::Resync => sp.resync_kernel(),
-                Command::ResyncPrefixes(prefixes) => sp.resync_prefixes(&prefixes),
-                Command::Status(reply) => { let _ = reply.send(sp.status()); }
-            },
-            _ = tick.tick() => {
-                sp.expire_stale().await;
-                if let Some(left) = &leftovers {
-                    let all_eor = sp.peers.values().all(|p| p.up.is_some() && !p.eor.is_empty());
-                    if all_eor || Instant::now() > sweep_deadline {
-                        sp.sweep_leftovers(left).await;
-                        leftovers = None;
-                    }
+                Command::SetDynamicPeers(list) => Input::SetDynamicPeers(list),
+                Command::SetNetworks(nets) => Input::SetNetworks(nets),
+                Command::Resync => Input::Resync,
+                Command::ResyncPrefixes(prefixes) => Input::ResyncPrefixes(prefixes),
+                Command::Status(reply) => {
+                    let _ = reply.send(core.status(now()));
+                    continue;
                 }
-            }
-        }
-        *status.lock().unwrap_or_else(|p| p.into_inner()) = sp.status();
+            },
+            _ = tick.tick() => Input::Tick,
+        };
+        let outputs = core.handle(now(), input);
+        shell.carry_out(outputs, &listener);
+        *status.lock().unwrap_or_else(|p| p.into_inner()) = core.status(now());
     }
+    // Dropping the sessions' queues ends their tasks and closes the connections without a
+    // NOTIFICATION: peers that help graceful restart keep our routes while we are away.
     Ok(())
 }
 
-struct SpeakerState {
+/// What carries out the core's decisions: the session tasks, the kernel worker, BFD.
+struct Shell {
     cfg: Config,
-    rib: Rib,
-    peers: HashMap<IpAddr, Peer>,
+    /// Each peer's session task.
+    sessions: HashMap<IpAddr, mpsc::UnboundedSender<ToPeer>>,
+    from_peers: mpsc::Sender<Input>,
     /// The kernel worker's queue.
     kernel: Option<mpsc::UnboundedSender<Vec<KernelOp>>>,
-    target: Arc<dyn RouteTarget>,
-    local: Local,
-    from_tx: mpsc::Sender<FromPeer>,
-    /// Peers that came from [`Command::SetDynamicPeers`].
-    dynamic: HashSet<IpAddr>,
     bfd_events: mpsc::Sender<crate::bfd::BfdEvent>,
     /// The BFD task's peer list, once it runs.
     bfd_peers: Option<tokio::sync::watch::Sender<Vec<IpAddr>>>,
 }
 
-impl SpeakerState {
-    fn add_peer(&mut self, pc: PeerConfig) {
-        let cfg = &self.cfg;
-        // Unbounded: the speaker never waits for a peer (the peer bounds its backlog).
-        let (tx, rx) = mpsc::unbounded_channel();
-        let scfg = SessionConfig {
-            local_as: cfg.asn,
-            peer_as: Some(pc.asn),
-            router_id: cfg.router_id,
-            hold_time: cfg.hold_time,
-            connect_retry: Duration::from_secs(cfg.connect_retry_seconds.max(1)),
-            passive: pc.passive,
-            ipv4: true,
-            ipv6: true,
-            graceful_restart: (cfg.graceful_restart_seconds > 0)
-                .then_some(cfg.graceful_restart_seconds),
-            restarting: false,
-            extended_message: cfg.extended_message,
-            idle_hold_max: Duration::from_secs(cfg.idle_hold_max_seconds.max(1)),
-            stable_after: Duration::from_secs(cfg.stable_after_seconds),
-        };
-        tokio::spawn(peer_task(pc.clone(), scfg, rx, self.from_tx.clone()));
-        let info = Arc::new(PeerInfo {
-            addr: pc.address,
-            router_id: match pc.address {
-                IpAddr::V4(a) => a,
-                IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
-            },
-            ibgp: pc.asn == cfg.asn,
-            rr_client: pc.rr_client,
-        });
-        self.peers.insert(
-            pc.address,
-            Peer {
-                cfg: pc,
-                tx,
-                info,
-                state: State::Idle,
-                up: None,
-                adj_out: HashMap::new(),
-                stale_until: None,
-                eor: HashSet::new(),
-                bfd: crate::bfd::BfdState::Down,
-                last_reset: None,
-            },
-        );
-    }
-
-    async fn remove_peer(&mut self, addr: IpAddr) {
-        if let Some(p) = self.peers.remove(&addr) {
-            tracing::info!(peer = %addr, "unpeering");
-            let _ = p.tx.send(ToPeer::Stop);
-            let ch = self.rib.peer_down(&addr);
-            self.changes(ch).await;
+impl Shell {
+    /// Never waits: sessions and the kernel worker take work through unbounded queues (a
+    /// session bounds its own backlog), so no peer can hold the speaker up.
+    fn carry_out(&mut self, outputs: Vec<Output>, listener: &TcpListener) {
+        for o in outputs {
+            match o {
+                Output::StartSession { peer, session } => {
+                    if let Some(pw) = &peer.password {
+                        if let Err(e) = crate::md5::set_password(listener, peer.address, pw) {
+                            tracing::warn!(peer = %peer.address, error = %e, "cannot set the TCP MD5 key");
+                        }
+                    }
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    self.sessions.insert(peer.address, tx);
+                    tokio::spawn(peer_task(peer, session, rx, self.from_peers.clone()));
+                }
+                Output::StopSession(addr) => {
+                    if let Some(tx) = self.sessions.remove(&addr) {
+                        let _ = tx.send(ToPeer::Stop);
+                    }
+                }
+                Output::DropSession(addr) => self.to_session(addr, ToPeer::BfdDown),
+                Output::Send { peer, messages } => self.to_session(peer, ToPeer::Send(messages)),
+                Output::Kernel(ops) => {
+                    if let Some(k) = &self.kernel {
+                        let _ = k.send(ops);
+                    }
+                }
+                Output::WatchBfd(peers) => self.watch_bfd(peers),
+            }
         }
     }
 
-    /// Tells the BFD task which peers to watch (starting it for the first).
-    fn update_bfd(&mut self) {
-        let mut wanted: Vec<IpAddr> = self
-            .peers
-            .values()
-            .filter(|p| p.cfg.bfd)
-            .map(|p| p.cfg.address)
-            .collect();
-        wanted.sort();
+    fn to_session(&self, addr: IpAddr, m: ToPeer) {
+        if let Some(tx) = self.sessions.get(&addr) {
+            let _ = tx.send(m);
+        }
+    }
+
+    /// BFD for the peers that ask for it (RFC 5882: BFD Down ends the session); its task
+    /// starts with the first such peer.
+    fn watch_bfd(&mut self, peers: Vec<IpAddr>) {
         match &self.bfd_peers {
             Some(tx) => {
-                tx.send_if_modified(|cur| {
-                    let changed = *cur != wanted;
-                    *cur = wanted;
-                    changed
-                });
+                let _ = tx.send(peers);
             }
-            None if !wanted.is_empty() => {
-                let (tx, rx) = tokio::sync::watch::channel(wanted);
+            None if !peers.is_empty() => {
+                let (tx, rx) = tokio::sync::watch::channel(peers);
                 let bcfg = crate::bfd::BfdConfig {
                     interval: Duration::from_millis(self.cfg.bfd_interval_ms.max(10)),
                     detect_mult: self.cfg.bfd_detect_mult.max(1),
@@ -354,370 +240,6 @@ impl SpeakerState {
                 self.bfd_peers = Some(tx);
             }
             None => {}
-        }
-    }
-
-    async fn set_dynamic_peers(&mut self, list: Vec<PeerConfig>, listener: &TcpListener) {
-        let wanted: HashMap<IpAddr, PeerConfig> = list
-            .into_iter()
-            .filter(|p| !self.cfg.peers.iter().any(|s| s.address == p.address))
-            .map(|p| (p.address, p))
-            .collect();
-        let gone: Vec<IpAddr> = self
-            .dynamic
-            .iter()
-            .filter(|a| {
-                wanted
-                    .get(*a)
-                    .is_none_or(|w| self.peers.get(*a).is_none_or(|p| p.cfg != *w))
-            })
-            .copied()
-            .collect();
-        for a in gone {
-            self.dynamic.remove(&a);
-            self.remove_peer(a).await;
-        }
-        for (a, pc) in wanted {
-            if self.dynamic.insert(a) {
-                if let Some(pw) = &pc.password {
-                    if let Err(e) = crate::md5::set_password(listener, a, pw) {
-                        tracing::warn!(peer = %a, error = %e, "cannot set the TCP MD5 key");
-                    }
-                }
-                tracing::info!(peer = %a, asn = pc.asn, "peering");
-                self.add_peer(pc);
-            }
-        }
-        self.update_bfd();
-    }
-    fn status(&self) -> Status {
-        let mut peers: Vec<PeerStatus> = self
-            .peers
-            .values()
-            .map(|p| PeerStatus {
-                address: p.cfg.address,
-                asn: p.cfg.asn,
-                state: p.state,
-                uptime_seconds: p.up.as_ref().map(|u| u.since.elapsed().as_secs()),
-                prefixes_received: self.rib.received(&p.cfg.address),
-                prefixes_sent: p.adj_out.len(),
-                bfd: p.cfg.bfd.then_some(p.bfd),
-                last_reset: p.last_reset.clone(),
-            })
-            .collect();
-        peers.sort_by_key(|p| p.address);
-        Status {
-            router_id: self.cfg.router_id.to_string(),
-            asn: self.cfg.asn,
-            loc_rib: self.rib.loc_len(),
-            peers,
-        }
-    }
-
-    async fn on_peer_event(&mut self, ev: FromPeer) {
-        match ev {
-            FromPeer::State {
-                addr,
-                state,
-                damping,
-            } => {
-                if let Some(p) = self.peers.get_mut(&addr) {
-                    if state == State::Idle && damping != p.last_reset {
-                        if let Some(d) = &damping {
-                            tracing::info!(peer = %addr, reason = %d.reason, resets = d.resets, next_try_ms = d.idle_hold_ms, "session reset; damping the next attempt");
-                        }
-                    }
-                    p.state = state;
-                    p.last_reset = damping;
-                }
-            }
-            FromPeer::Up {
-                addr,
-                open,
-                ctx,
-                local,
-            } => {
-                let Some(p) = self.peers.get_mut(&addr) else {
-                    return;
-                };
-                p.info = Arc::new(PeerInfo {
-                    router_id: open.bgp_id,
-                    ..(*p.info).clone()
-                });
-                p.state = State::Established;
-                p.eor.clear();
-                // RFC 4760 §6: only what both sides advertised (we advertise IPv4 and IPv6).
-                let families = open.families().both(Families::BOTH);
-                // RFC 4724 §4.2: routes are retained only for the families the peer lists as
-                // preserved across its restart; a capability without any (BIRD's default
-                // "aware" mode) asks for none.
-                let preserved = open.preserved_families().both(families);
-                let peer_gr = open
-                    .capabilities
-                    .iter()
-                    .find_map(|c| match c {
-                        Capability::GracefulRestart { time, .. } => Some(*time),
-                        _ => None,
-                    })
-                    .filter(|_| !preserved.is_empty());
-                p.up = Some(Up {
-                    ctx,
-                    local,
-                    since: Instant::now(),
-                    peer_gr,
-                    families,
-                    preserved,
-                    warned_foreign: false,
-                });
-                p.adj_out.clear();
-                tracing::info!(peer = %addr, asn = open.asn(), "session established");
-                self.send_full_table(addr).await;
-            }
-            FromPeer::Down { addr, reason } => {
-                let Some(p) = self.peers.get_mut(&addr) else {
-                    return;
-                };
-                tracing::info!(peer = %addr, %reason, "session down");
-                let graceful =
-                    p.up.as_ref()
-                        .and_then(|u| Some((u.peer_gr.filter(|t| *t > 0)?, u.preserved)));
-                p.up = None;
-                p.adj_out.clear();
-                p.state = State::Idle;
-                match graceful {
-                    Some((t, preserved)) => {
-                        // Helper mode: keep its routes of the preserved families (stale) for
-                        // its restart time; the others go now.
-                        p.stale_until = Some(Instant::now() + Duration::from_secs(u64::from(t)));
-                        let ch = self.rib.peer_down_where(&addr, |n| !preserved.carries(n));
-                        self.rib.mark_stale(&addr);
-                        self.changes(ch).await;
-                    }
-                    None => {
-                        let ch = self.rib.peer_down(&addr);
-                        self.changes(ch).await;
-                    }
-                }
-            }
-            FromPeer::Refresh { addr } => self.send_full_table(addr).await,
-            FromPeer::Update { addr, update } => self.on_update(addr, update).await,
-        }
-    }
-
-    async fn on_update(&mut self, addr: IpAddr, u: Update) {
-        let Some(p) = self.peers.get_mut(&addr) else {
-            return;
-        };
-        if let Some((afi, _)) = u.end_of_rib() {
-            p.eor.insert(afi);
-            if p.stale_until.take().is_some() {
-                let ch = self.rib.sweep_stale(&addr);
-                self.changes(ch).await;
-            }
-            return;
-        }
-        let carried = p.up.as_ref().map_or(Families::BOTH, |u| u.families);
-        let r = adj_in::received(&self.local, &p.info, carried, &u);
-        if r.foreign > 0 {
-            if let Some(up) = p.up.as_mut().filter(|up| !up.warned_foreign) {
-                up.warned_foreign = true;
-                tracing::warn!(peer = %addr, prefixes = r.foreign, ?carried, "UPDATE for an address family this session did not negotiate: ignored (logged once per session)");
-            }
-        }
-        let info = p.info.clone();
-        let ch = self.rib.apply(&info, r.announced, r.withdrawn);
-        self.changes(ch).await;
-    }
-
-    async fn expire_stale(&mut self) {
-        let now = Instant::now();
-        let expired: Vec<IpAddr> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.stale_until.is_some_and(|t| t <= now))
-            .map(|(a, _)| *a)
-            .collect();
-        for addr in expired {
-            if let Some(p) = self.peers.get_mut(&addr) {
-                p.stale_until = None;
-            }
-            let ch = self.rib.sweep_stale(&addr);
-            self.changes(ch).await;
-        }
-    }
-
-    async fn sweep_leftovers(&mut self, left: &HashSet<IpNetwork>) {
-        let Some(k) = &self.kernel else { return };
-        // Installed now: every learned best path.
-        let installed: HashSet<&IpNetwork> = self
-            .rib
-            .loc_rib()
-            .filter(|(_, p)| p.peer.is_some())
-            .map(|(n, _)| n)
-            .collect();
-        let stale: Vec<KernelOp> = left
-            .iter()
-            .filter(|n| !installed.contains(n))
-            .map(|n| KernelOp::Delete(*n))
-            .collect();
-        if !stale.is_empty() {
-            tracing::info!(routes = stale.len(), "sweeping routes a previous run left");
-            let _ = k.send(stale);
-        }
-    }
-
-    /// Applies Loc-RIB changes to the kernel and every established peer.
-    /// Originates exactly `nets` (our blocks): new ones announced, released ones withdrawn.
-    async fn set_networks(&mut self, nets: Vec<IpNetwork>) {
-        let wanted: HashSet<IpNetwork> = nets.into_iter().collect();
-        let gone: Vec<IpNetwork> = self
-            .rib
-            .originated()
-            .filter(|n| !wanted.contains(n))
-            .copied()
-            .collect();
-        let mut ch = Vec::new();
-        for n in gone {
-            ch.extend(self.rib.withdraw_local(n));
-        }
-        let have: HashSet<IpNetwork> = self.rib.originated().copied().collect();
-        for n in wanted.into_iter().filter(|n| !have.contains(n)) {
-            let attrs = Arc::new(Attrs::originated(self.cfg.listen));
-            ch.extend(self.rib.originate(n, attrs));
-        }
-        self.changes(ch).await;
-    }
-
-    /// The kernel route for a learned selection: one next hop, or (ECMP) one per equal
-    /// path whose target is in the kernel.
-    fn kernel_op(&self, prefix: IpNetwork, best: &Path, multipath: &[Path]) -> KernelOp {
-        let hops: Vec<(IpAddr, crate::kernel::Target)> = multipath
-            .iter()
-            .filter(|p| p.peer.is_some())
-            .map(|p| {
-                (
-                    p.attrs.next_hop,
-                    self.target.target(prefix, p.attrs.next_hop),
-                )
-            })
-            .filter(|(_, t)| *t != crate::kernel::Target::Skip)
-            .collect();
-        if hops.len() > 1 {
-            return KernelOp::ReplaceMulti(prefix, hops);
-        }
-        let t = self.target.target(prefix, best.attrs.next_hop);
-        KernelOp::Replace(prefix, best.attrs.next_hop, t)
-    }
-
-    /// Every learned best route to the kernel again (idempotent replaces).
-    fn resync_kernel(&self) {
-        let Some(k) = &self.kernel else { return };
-        let ops: Vec<KernelOp> = self
-            .rib
-            .loc_rib()
-            .filter(|(_, best)| best.peer.is_some())
-            .map(|(prefix, best)| self.kernel_op(*prefix, best, self.rib.multipath(prefix)))
-            .collect();
-        if !ops.is_empty() {
-            let _ = k.send(ops);
-        }
-    }
-
-    fn resync_prefixes(&self, prefixes: &[IpNetwork]) {
-        let Some(k) = &self.kernel else { return };
-        let ops: Vec<KernelOp> = prefixes
-            .iter()
-            .filter_map(|p| Some((p, self.rib.best(p)?)))
-            .filter(|(_, best)| best.peer.is_some())
-            .map(|(prefix, best)| self.kernel_op(*prefix, best, self.rib.multipath(prefix)))
-            .collect();
-        if !ops.is_empty() {
-            let _ = k.send(ops);
-        }
-    }
-
-    async fn changes(&mut self, changes: Vec<BestChange>) {
-        if changes.is_empty() {
-            return;
-        }
-        if let Some(k) = &self.kernel {
-            let mut ops = Vec::with_capacity(changes.len());
-            for c in &changes {
-                match c {
-                    BestChange::Best {
-                        prefix,
-                        best,
-                        multipath,
-                    } if best.peer.is_some() => {
-                        ops.push(self.kernel_op(*prefix, best, multipath));
-                    }
-                    // Our own prefix became best, or nothing is left: remove a learned
-                    // route if there was one (deleting one that is not there is a no-op:
-                    // the kernel matches Tessera's protocol).
-                    BestChange::Best { prefix, .. } | BestChange::Gone { prefix } => {
-                        ops.push(KernelOp::Delete(*prefix));
-                    }
-                }
-            }
-            if !ops.is_empty() {
-                let _ = k.send(ops);
-            }
-        }
-        let addrs: Vec<IpAddr> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.up.is_some())
-            .map(|(a, _)| *a)
-            .collect();
-        let prefixes: Vec<IpNetwork> = changes
-            .iter()
-            .map(|c| match c {
-                BestChange::Best { prefix, .. } | BestChange::Gone { prefix } => *prefix,
-            })
-            .collect();
-        for addr in addrs {
-            self.send_prefixes(addr, &prefixes, false).await;
-        }
-    }
-
-    async fn send_full_table(&mut self, addr: IpAddr) {
-        let all: Vec<IpNetwork> = self.rib.loc_rib().map(|(k, _)| *k).collect();
-        self.send_prefixes(addr, &all, true).await;
-    }
-
-    /// Brings the peer's Adj-RIB-Out up to date for `prefixes`, in batched UPDATEs.
-    async fn send_prefixes(&mut self, addr: IpAddr, prefixes: &[IpNetwork], end_of_rib: bool) {
-        let Some(p) = self.peers.get_mut(&addr) else {
-            return;
-        };
-        let Some(up) = &p.up else { return };
-        let view = SessionView {
-            info: &p.info,
-            asn: p.cfg.asn,
-            families: up.families,
-            ctx: up.ctx,
-            local: up.local,
-            next_hop_v6: self.cfg.next_hop_v6,
-        };
-        let out = adj_out::updates(
-            &self.local,
-            &self.rib,
-            &p.adj_out,
-            &view,
-            prefixes,
-            end_of_rib,
-        );
-        if let Some((_, e)) = out.refused.first() {
-            tracing::error!(peer = %addr, prefixes = out.refused.len(), error = %e, "cannot announce these prefixes to this peer");
-        }
-        for (prefix, a) in out.adj_out {
-            match a {
-                Some(a) => p.adj_out.insert(prefix, a),
-                None => p.adj_out.remove(&prefix),
-            };
-        }
-        if !out.messages.is_empty() {
-            let _ = p.tx.send(ToPeer::Send(out.messages));
         }
     }
 }
@@ -774,10 +296,9 @@ async fn peer_task(
     pc: PeerConfig,
     scfg: SessionConfig,
     mut rx: mpsc::UnboundedReceiver<ToPeer>,
-    tx: mpsc::Sender<FromPeer>,
+    tx: mpsc::Sender<Input>,
 ) {
     let addr = pc.address;
-    let local_id = scfg.router_id;
     let mut fsm = Session::new(scfg);
     let origin = Instant::now();
     let now = || origin.elapsed();
@@ -794,8 +315,11 @@ async fn peer_task(
             for a in std::mem::take(&mut pending) {
                 match a {
                     Action::Connect => {
-                        let (peer, local) = (SocketAddr::new(addr, pc.port), pc.local_address);
-                        connecting = Some(tokio::spawn(connect(peer, local, pc.password.clone())));
+                        let pc = pc.clone();
+                        connecting = Some(tokio::spawn(async move {
+                            let peer = peer_socket_addr(&pc)?;
+                            connect(peer, pc.local_address, pc.password.clone()).await
+                        }));
                     }
                     Action::Disconnect => {
                         reader = None;
@@ -813,28 +337,39 @@ async fn peer_task(
                         }
                     }
                     Action::Up { peer, ctx } => {
-                        let local = link
+                        let socket = link
                             .as_ref()
-                            .and_then(|l| l.write.local_addr().ok())
+                            .map(|l| (l.write.local_addr(), l.write.peer_addr()));
+                        let local = socket
+                            .as_ref()
+                            .and_then(|(l, _)| l.as_ref().ok())
                             .map(|a| a.ip());
                         let local = local.or(pc.local_address).unwrap_or(addr);
+                        // A link-local session's interface: its address's scope.
+                        let interface = match socket {
+                            Some((_, Ok(SocketAddr::V6(a)))) if a.scope_id() != 0 => {
+                                Some(a.scope_id())
+                            }
+                            _ => None,
+                        };
                         let _ = tx
-                            .send(FromPeer::Up {
-                                addr,
+                            .send(Input::SessionUp {
+                                peer: addr,
                                 open: peer,
                                 ctx,
                                 local,
+                                interface,
                             })
                             .await;
                     }
                     Action::Down { reason } => {
-                        let _ = tx.send(FromPeer::Down { addr, reason }).await;
+                        let _ = tx.send(Input::SessionDown { peer: addr, reason }).await;
                     }
                     Action::Deliver(update) => {
-                        let _ = tx.send(FromPeer::Update { addr, update }).await;
+                        let _ = tx.send(Input::Update { peer: addr, update }).await;
                     }
                     Action::Refresh { .. } => {
-                        let _ = tx.send(FromPeer::Refresh { addr }).await;
+                        let _ = tx.send(Input::RefreshRequested { peer: addr }).await;
                     }
                 }
             }
@@ -844,8 +379,8 @@ async fn peer_task(
             last_state = fsm.state();
             tracing::debug!(peer = %addr, state = ?last_state, "FSM state");
             let _ = tx
-                .send(FromPeer::State {
-                    addr,
+                .send(Input::SessionState {
+                    peer: addr,
                     state: last_state,
                     damping: fsm.damping(),
                 })
@@ -945,37 +480,22 @@ async fn peer_task(
                     }
                 }
                 Some(ToPeer::Incoming(s)) => {
-                    // A peer connecting while we wait to restart: start now (RFC 4271's
-                    // AutomaticStart with passive TCP establishment).
-                    if fsm.state() == State::Idle {
-                        let start = fsm.handle(now(), Event::Start);
-                        pending.extend(start.into_iter().filter(|a| *a != Action::Connect));
-                    }
-                    // Collision handling (RFC 4271 §6.8), simplified: without a connection of
-                    // our own in progress, take theirs; with one, the higher identifier's wins.
-                    let ours_in_progress = matches!(fsm.state(), State::OpenSent | State::OpenConfirm | State::Established);
-                    let remote_id = fsm.peer_open().map(|o| o.bgp_id).or(match addr { IpAddr::V4(a) => Some(a), _ => None });
-                    let keep_ours = fsm.state() == State::Established
-                        || (ours_in_progress && remote_id.is_some_and(|r| keep_our_connection(local_id, r)));
-                    if keep_ours {
-                        drop(s);
-                    } else {
-                        if ours_in_progress {
-                            if let Some(mut l) = link.take() {
-                                let cease = Message::Notification(packet::Notification { code: packet::err::CEASE, subcode: packet::err::COLLISION_RESOLUTION, data: vec![] });
-                                l.queue(&packet::encode(&cease, fsm.ctx()));
+                    let remote_id = match addr { IpAddr::V4(a) => Some(a), IpAddr::V6(_) => None };
+                    match fsm.incoming(now(), remote_id) {
+                        Incoming::Refuse => drop(s),
+                        Incoming::Accept { cease_current, actions } => {
+                            if let (Some(n), Some(mut l)) = (cease_current, link.take()) {
+                                l.queue(&packet::encode(&Message::Notification(n), fsm.ctx()));
                                 l.flush_briefly().await;
                             }
-                            fsm = Session::new(fsm.cfg.clone());
-                            fsm.handle(now(), Event::Start);
+                            if let Some(c) = connecting.take() {
+                                c.abort();
+                            }
+                            let (r, w) = split(s);
+                            (reader, link) = (Some(r), Some(w));
+                            buf.clear();
+                            pending.extend(actions);
                         }
-                        if let Some(c) = connecting.take() {
-                            c.abort();
-                        }
-                        let (r, w) = split(s);
-                        (reader, link) = (Some(r), Some(w));
-                        buf.clear();
-                        pending.extend(fsm.handle(now(), Event::TcpConnected));
                     }
                 }
             }
@@ -1008,6 +528,28 @@ fn drain_messages(fsm: &mut Session, buf: &mut BytesMut, now: Duration) -> Vec<A
             }
         }
     }
+}
+
+/// The peer's socket address; a link-local one is scoped to its interface.
+fn peer_socket_addr(pc: &PeerConfig) -> std::io::Result<SocketAddr> {
+    let IpAddr::V6(v6) = pc.address else {
+        return Ok(SocketAddr::new(pc.address, pc.port));
+    };
+    let scope = match &pc.interface {
+        Some(name) if crate::rib::is_link_local(&pc.address) => {
+            let c = std::ffi::CString::new(name.as_str())
+                .map_err(|_| std::io::Error::other("interface name with a NUL byte"))?;
+            // SAFETY: a valid NUL-terminated string; the call only reads it.
+            match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+                0 => return Err(std::io::Error::last_os_error()),
+                i => i,
+            }
+        }
+        _ => 0,
+    };
+    Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
+        v6, pc.port, 0, scope,
+    )))
 }
 
 async fn connect(

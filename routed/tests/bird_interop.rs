@@ -204,6 +204,152 @@ fn exchange_routes(test: &str, tessera_as: u32, bird_as: u32) {
     lab.finish();
 }
 
+/// node's IPv6 link-local address on eth0, once duplicate address detection is done.
+fn link_local(ns: &tessera_testbed::Netns) -> String {
+    let mut found = None;
+    wait_for(
+        "a usable link-local address",
+        Duration::from_secs(10),
+        || {
+            let v = ns
+                .ip_json(&["-6", "addr", "show", "dev", "eth0", "scope", "link"])
+                .unwrap_or_default();
+            // iproute2 lists an empty object for the filtered-out addresses.
+            found = v[0]["addr_info"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["tentative"].is_null())
+                .find_map(|a| a["local"].as_str().map(str::to_string));
+            found.is_some()
+        },
+    );
+    found.expect("link-local address")
+}
+
+/// IPv6 only, the session over IPv6. `link_local`: BIRD's node has no global IPv6 address
+/// and the session runs between the link-local addresses, so that both sides' next hops are
+/// link-local (BIRD sends `::` and its link-local address; so does Tessera); else over the
+/// global underlay addresses, where BIRD's next hop is global and link-local (32 octets).
+fn exchange_ipv6_routes(test: &str, link_local_session: bool) {
+    let (lab, dir, bdir) = two_nodes(test, false);
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let [a1, a2, a16, a26] = addresses(&lab);
+    for (i, n) in lab.nodes.iter().enumerate() {
+        let pod = format!("fd10:244::{}:1/128", i + 1);
+        n.netns
+            .ip(&["-6", "addr", "add", &pod, "dev", "lo"])
+            .expect("pod address");
+    }
+    let (ll1, ll2) = (link_local(&n1.netns), link_local(&n2.netns));
+    if link_local_session {
+        n2.netns
+            .ip(&["-6", "addr", "del", &format!("{a26}/64"), "dev", "eth0"])
+            .expect("remove node2's global IPv6 address");
+    }
+    let neighbor = if link_local_session {
+        format!("{ll1}%eth0")
+    } else {
+        a16.clone()
+    };
+    let local = if link_local_session {
+        ll2.clone()
+    } else {
+        a26.clone()
+    };
+    let bird = Bird::start(
+        &n2.netns,
+        &bdir,
+        &format!(
+            r#"router id {a2};
+log "{log}" all;
+protocol device {{ scan time 10; }}
+protocol kernel k6 {{ ipv6 {{ import none; export where proto = "peer"; }}; }}
+protocol static s6 {{ ipv6; route fd10:244::2:0/122 blackhole; }}
+protocol bgp peer {{
+  local {local} as 64512;
+  neighbor {neighbor} as 64512;
+  direct;
+  connect delay time 1;
+  connect retry time 1;
+  ipv6 {{ import all; export where proto = "s6"; next hop self; }};
+}}
+"#,
+            log = bdir.join("bird.log").display()
+        ),
+    );
+    let peer = if link_local_session {
+        format!("\"{ll2}\", interface: eth0")
+    } else {
+        format!("\"{a26}\", localAddress: \"{a16}\"")
+    };
+    let next_hop_v6 = if link_local_session {
+        String::new()
+    } else {
+        format!("nextHopV6: \"{a16}\"\n")
+    };
+    let conf = format!(
+        "asn: 64512\nrouterId: {a1}\nlisten: \"{a16}\"\nconnectRetrySeconds: 1\nholdTime: 9\n{next_hop_v6}networks: [\"fd10:244::1:0/122\"]\nstatusSocket: {sock}\npeers:\n  - {{ address: {peer}, asn: 64512 }}\n",
+        sock = dir.path().join("routed.sock").display()
+    );
+    let mut routed = start_routed(&n1.netns, dir.path(), &conf);
+
+    let (via2, via1) = if link_local_session {
+        (ll2.as_str(), ll1.as_str())
+    } else {
+        (a26.as_str(), a16.as_str())
+    };
+    wait_for(
+        "BIRD's IPv6 route in node1's kernel",
+        Duration::from_secs(30),
+        || {
+            route(&n1.netns, true, "fd10:244::2:0/122").is_some_and(|r| {
+                r["gateway"] == via2 && r["dev"] == "eth0" && r["protocol"] == "80"
+            })
+        },
+    );
+    wait_for(
+        "Tessera's IPv6 route in node2's kernel, through BIRD",
+        Duration::from_secs(30),
+        || {
+            route(&n2.netns, true, "fd10:244::1:0/122")
+                .is_some_and(|r| r["gateway"] == via1 && r["dev"] == "eth0")
+        },
+    );
+    n1.netns
+        .exec(
+            "ping",
+            &["-6", "-c1", "-W2", "-I", "fd10:244::1:1", "fd10:244::2:1"],
+        )
+        .expect("an IPv6 ping across the BGP routes");
+    let st = status(dir.path());
+    assert_eq!(st["peers"][0]["state"], "Established", "{st}");
+    assert_eq!(
+        (
+            &st["peers"][0]["prefixes_sent"],
+            &st["peers"][0]["prefixes_received"]
+        ),
+        (&1.into(), &1.into()),
+        "{st}"
+    );
+    // IPv4 was not negotiated: nothing of it reached BIRD.
+    let all = bird.birdc(&["show", "route", "protocol", "peer", "all"]);
+    assert!(!all.contains("10.244."), "{all}");
+    routed.stop(Duration::from_secs(2));
+    drop(bird);
+    lab.finish();
+}
+
+#[test]
+fn ibgp_with_bird_ipv6_only_over_ipv6_transport() {
+    exchange_ipv6_routes("bgp_v6", false);
+}
+
+#[test]
+fn ibgp_with_bird_over_link_local_addresses_and_link_local_next_hops() {
+    exchange_ipv6_routes("bgp_ll", true);
+}
+
 #[test]
 fn ibgp_with_bird_ipv4_and_ipv6() {
     exchange_routes("bgp_ibgp", 64512, 64512);

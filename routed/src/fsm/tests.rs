@@ -298,3 +298,58 @@ fn a_flapping_peer_waits_longer_each_time_until_a_stable_session() {
     assert_eq!(s.damping().map(|d| d.resets), Some(1));
     assert_eq!(s.next_deadline(), Some(now + secs(1)));
 }
+
+#[test]
+fn a_connection_from_the_peer_while_idle_starts_the_session_on_it() {
+    let mut s = Session::new(cfg());
+    let Incoming::Accept {
+        cease_current,
+        actions,
+    } = s.incoming(T0, Some(Ipv4Addr::new(198, 18, 0, 12)))
+    else {
+        panic!("refused while idle");
+    };
+    assert_eq!(cease_current, None);
+    assert!(
+        matches!(&actions[..], [Action::Send(Message::Open(_))]),
+        "no connection of our own, an OPEN on theirs: {actions:?}"
+    );
+    assert_eq!(s.state(), State::OpenSent);
+}
+
+#[test]
+fn an_established_session_refuses_a_second_connection() {
+    let mut s = session_in(State::Established);
+    assert_eq!(s.incoming(T0, None), Incoming::Refuse);
+    assert_eq!(s.state(), State::Established);
+}
+
+#[test]
+fn a_collision_keeps_the_connection_of_the_higher_identifier() {
+    // Ours is 198.18.0.11. A peer with a lower identifier: our connection stays.
+    let mut s = session_in(State::OpenSent);
+    assert_eq!(
+        s.incoming(T0, Some(Ipv4Addr::new(198, 18, 0, 2))),
+        Incoming::Refuse
+    );
+    // A higher one: ours is ceased (6/7) and the session starts over on theirs, without
+    // counting a reset.
+    let mut s = session_in(State::OpenConfirm);
+    let Incoming::Accept {
+        cease_current,
+        actions,
+    } = s.incoming(secs(1), None)
+    else {
+        panic!("the peer's OPEN said 198.18.0.12, higher than ours");
+    };
+    assert_eq!(
+        cease_current.map(|n| (n.code, n.subcode)),
+        Some((err::CEASE, err::COLLISION_RESOLUTION))
+    );
+    assert!(
+        matches!(&actions[..], [Action::Send(Message::Open(_))]),
+        "{actions:?}"
+    );
+    assert_eq!(s.state(), State::OpenSent);
+    assert_eq!(s.damping(), None);
+}
