@@ -3,43 +3,13 @@
 //! crosses on them.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use tessera_testbed::{Child, Netns};
+use tessera_testbed::Child;
 
 mod common;
 use common::*;
-
-struct Bird {
-    /// Killed (by PID) and reaped on drop.
-    _child: Child,
-    sock: String,
-}
-
-impl Bird {
-    fn start(ns: &Netns, dir: &Path, conf: &str) -> Bird {
-        let path = dir.join("bird.conf");
-        std::fs::write(&path, conf).expect("bird.conf");
-        let sock = dir.join("bird.ctl").to_string_lossy().into_owned();
-        let mut cmd = ns.command("bird");
-        cmd.args(["-f", "-c", &path.to_string_lossy(), "-s", &sock]);
-        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
-        Bird {
-            _child: Child::spawn(cmd, "bird").expect("start bird"),
-            sock,
-        }
-    }
-
-    fn birdc(&self, args: &[&str]) -> String {
-        let out = Command::new("birdc")
-            .args(["-s", &self.sock])
-            .args(args)
-            .output()
-            .expect("birdc");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
 
 #[allow(clippy::too_many_arguments)]
 fn bird_conf(

@@ -18,7 +18,10 @@ use tessera_routed::packet::{
 };
 
 mod common;
-use common::{connect_from, free_port, spawn_speaker, status_at};
+use common::{
+    addresses, connect_from, free_port, one_subnet, route, spawn_speaker, start_routed, status,
+    status_at, wait_for, Bird,
+};
 
 const CTX: Ctx = Ctx {
     four_octet_as: true,
@@ -208,4 +211,132 @@ async fn a_peer_that_stops_reading_is_dropped_and_holds_up_no_one() {
     assert!(observer_up, "the reading peer stayed up");
     let _ = stop_tx.send(());
     speaker.await.expect("join").expect("speaker ran");
+}
+
+/// The same with BIRD and the kernel, as the issue's probe ran it: node1 runs
+/// tessera-routed (its sockets' send buffers small, so that a peer that stops reading stalls
+/// it at once), node2 BIRD feeding 100,000 routes, node3 the stuck peer. While the stuck
+/// peer is still Established (stalled), BIRD flaps a route 300 times and announces a new
+/// prefix: the new prefix reaches node1's kernel, Tessera's own route stays in BIRD's, the
+/// status socket answers; then the stuck peer is dropped at its hold time.
+#[test]
+fn a_stuck_peer_holds_up_neither_bird_nor_the_kernel() {
+    let lab = one_subnet("stuck_bird", 3, false);
+    let (n1, n2, n3) = (&lab.nodes[0], &lab.nodes[1], &lab.nodes[2]);
+    let [a1, a2, _, _] = addresses(&lab);
+    let a3 = n3.ipv4.ip();
+    n1.netns
+        .sysctl("net.ipv4.tcp_wmem", "4096 16384 65536")
+        .expect("small send buffers");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bdir = dir.path().join("bird");
+    std::fs::create_dir_all(&bdir).expect("mkdir");
+    let conf = format!(
+        "asn: 64512\nrouterId: {a1}\nlisten: {a1}\nconnectRetrySeconds: 1\nholdTime: 30\nnetworks: [\"10.244.1.0/26\"]\nstatusSocket: {sock}\npeers:\n  - {{ address: {a2}, asn: 64512, localAddress: {a1} }}\n  - {{ address: {a3}, asn: 65003, passive: true }}\n",
+        sock = dir.path().join("routed.sock").display()
+    );
+    let mut routed = start_routed(&n1.netns, dir.path(), &conf);
+
+    // The stuck peer, from node3: OPEN, KEEPALIVE every second, never reads.
+    let quit = Arc::new(AtomicBool::new(false));
+    let (q, ns3, to) = (
+        quit.clone(),
+        n3.netns.path(),
+        SocketAddr::new(a1.parse().expect("a1"), 179),
+    );
+    let stuck = std::thread::spawn(move || {
+        tessera_testbed::netns::enter_on_this_thread(&ns3).expect("into node3");
+        let mut s = connect_from(&a3.to_string(), to, Some(4096));
+        s.write_all(&open(65003, a3, 30)).expect("open");
+        while !q.load(Ordering::Relaxed) && s.write_all(&keepalive()).is_ok() {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    let state_of = |addr: &str| peer_state(&status(dir.path()), addr);
+    wait_for("the stuck peer's session", Duration::from_secs(20), || {
+        state_of(&a3.to_string()) == "Established"
+    });
+
+    let table: String = (0..100_000u32)
+        .map(|i| {
+            format!(
+                "route {}/26 blackhole;\n",
+                Ipv4Addr::from(0x0a00_0000 + (i << 6))
+            )
+        })
+        .collect();
+    let bird = Bird::start(
+        &n2.netns,
+        &bdir,
+        &format!(
+            r#"router id {a2};
+log "{log}" all;
+protocol device {{ scan time 10; }}
+protocol kernel k4 {{ ipv4 {{ import none; export where proto = "peer"; }}; }}
+protocol static feed {{ ipv4; {table} }}
+protocol static flap {{ ipv4; route 10.254.0.0/24 blackhole; }}
+protocol static fresh {{ disabled; ipv4; route 10.255.255.0/24 blackhole; }}
+protocol bgp peer {{
+  local {a2} as 64512;
+  neighbor {a1} as 64512;
+  direct;
+  connect delay time 1;
+  connect retry time 1;
+  ipv4 {{ import all; export where source = RTS_STATIC; next hop self; }};
+}}
+"#,
+            log = bdir.join("bird.log").display()
+        ),
+    );
+    wait_for(
+        "BIRD's 100,000 routes in node1's kernel",
+        Duration::from_secs(120),
+        || route(&n1.netns, false, "10.97.167.192/26").is_some(),
+    );
+    assert_eq!(
+        state_of(&a3.to_string()),
+        "Established",
+        "the stuck peer is still there, stalled"
+    );
+    for _ in 0..300 {
+        bird.birdc(&["disable", "flap"]);
+        bird.birdc(&["enable", "flap"]);
+    }
+    bird.birdc(&["enable", "fresh"]);
+    wait_for(
+        "BIRD's new prefix in node1's kernel",
+        Duration::from_secs(60),
+        || route(&n1.netns, false, "10.255.255.0/24").is_some_and(|r| r["gateway"] == a2.as_str()),
+    );
+    let st = status(dir.path());
+    assert_eq!(
+        peer_state(&st, &a3.to_string()),
+        "Established",
+        "the new prefix came through while the stuck peer was still stalled: {st}"
+    );
+    assert!(
+        route(&n2.netns, false, "10.244.1.0/26").is_some_and(|r| r["gateway"] == a1.as_str()),
+        "Tessera's route in BIRD's kernel"
+    );
+    wait_for(
+        "the stuck peer to be dropped at its hold time",
+        Duration::from_secs(90),
+        || state_of(&a3.to_string()) != "Established",
+    );
+    let st = status(dir.path());
+    assert_eq!(peer_state(&st, &a2), "Established", "{st}");
+    assert!(
+        st["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["address"] == a2.as_str())
+            .is_some_and(|p| p["last_reset"].is_null()),
+        "the BIRD session never reset: {st}"
+    );
+    quit.store(true, Ordering::Relaxed);
+    let _ = stuck.join();
+    routed.stop(Duration::from_secs(2));
+    drop(bird);
+    lab.finish();
 }

@@ -40,6 +40,13 @@ impl Netns {
         format!("/run/netns/{}", self.name)
     }
 
+    /// Moves the calling thread into this namespace (a network namespace is per thread):
+    /// for a test's raw peer or client that must send from a lab address, on a thread of
+    /// its own that ends with the test.
+    pub fn enter_on_this_thread(&self) -> anyhow::Result<()> {
+        enter_on_this_thread(&self.path())
+    }
+
     /// `ip -n <ns> <args>`.
     pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut full = vec!["-n", self.name.as_str()];
@@ -99,4 +106,12 @@ impl Drop for Netns {
             eprintln!("test bed: cannot delete namespace {}: {e}", self.name);
         }
     }
+}
+
+/// [`Netns::enter_on_this_thread`] by the namespace's path (for a thread that cannot
+/// borrow the `Netns`).
+pub fn enter_on_this_thread(path: &str) -> anyhow::Result<()> {
+    let f = std::fs::File::open(path)?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    Ok(())
 }

@@ -278,3 +278,34 @@ pub fn status_at(sock: &str) -> Option<serde_json::Value> {
     s.read_to_string(&mut out).ok()?;
     serde_json::from_str(&out).ok()
 }
+
+/// BIRD 2 in a namespace, with its control socket.
+pub struct Bird {
+    /// Killed (by PID) and reaped on drop.
+    _child: Child,
+    pub sock: String,
+}
+
+impl Bird {
+    pub fn start(ns: &Netns, dir: &Path, conf: &str) -> Bird {
+        let path = dir.join("bird.conf");
+        std::fs::write(&path, conf).expect("bird.conf");
+        let sock = dir.join("bird.ctl").to_string_lossy().into_owned();
+        let mut cmd = ns.command("bird");
+        cmd.args(["-f", "-c", &path.to_string_lossy(), "-s", &sock]);
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        Bird {
+            _child: Child::spawn(cmd, "bird").expect("start bird"),
+            sock,
+        }
+    }
+
+    pub fn birdc(&self, args: &[&str]) -> String {
+        let out = Command::new("birdc")
+            .args(["-s", &self.sock])
+            .args(args)
+            .output()
+            .expect("birdc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
