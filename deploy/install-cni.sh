@@ -4,8 +4,10 @@
 #
 #   install-cni.sh [BIN_SOURCE_DIR] [CONFLIST]
 # Environment: CNI_BIN_DIR (default /opt/cni/bin), CNI_CONF_DIR (default /etc/cni/net.d),
-#   TESSERA_ETCD_ENDPOINTS (comma-separated; replaces the conflist's endpoints),
-#   TESSERA_NODENAME (written to /var/lib/tessera/nodename).
+#   ETCD_ENDPOINTS (comma-separated; replaces the conflist's endpoints; the older name
+#   TESSERA_ETCD_ENDPOINTS is read too), ETCD_CA_CERT_FILE, ETCD_CERT_FILE, ETCD_KEY_FILE
+#   (etcd's TLS files, e.g. a mounted Secret: copied to CNI_CONF_DIR/tessera-tls/, where the
+#   plugin on the host reads them), TESSERA_NODENAME (written to /var/lib/tessera/nodename).
 set -eu
 SRC=${1:-$(dirname "$0")/../target/release}
 CONF=${2:-$(dirname "$0")/10-tessera.conflist}
@@ -23,9 +25,29 @@ for b in tessera tessera-ipam; do
 done
 
 TMP="$CONF_DIR/.10-tessera.conflist.tmp"
-if [ -n "${TESSERA_ETCD_ENDPOINTS:-}" ]; then
-  EPS=$(printf '%s' "$TESSERA_ETCD_ENDPOINTS" | sed 's/[^,][^,]*/"&"/g')
-  sed "s#\"etcdEndpoints\": \[[^]]*\]#\"etcdEndpoints\": [$EPS]#" "$CONF" > "$TMP"
+ENDPOINTS=${ETCD_ENDPOINTS:-${TESSERA_ETCD_ENDPOINTS:-}}
+DATASTORE=""
+if [ -n "$ENDPOINTS" ]; then
+  DATASTORE="\"etcdEndpoints\": [$(printf '%s' "$ENDPOINTS" | sed 's/[^,][^,]*/"&"/g')]"
+fi
+TLS_DIR="$CONF_DIR/tessera-tls"
+for spec in ETCD_CA_CERT_FILE:etcdCACertFile:ca.pem ETCD_CERT_FILE:etcdCertFile:cert.pem ETCD_KEY_FILE:etcdKeyFile:key.pem; do
+  var=${spec%%:*}
+  rest=${spec#*:}
+  field=${rest%%:*}
+  name=${rest#*:}
+  eval "source_file=\${$var:-}"
+  [ -n "$source_file" ] || continue
+  [ -n "$ENDPOINTS" ] || { echo "install-cni: $var is set but ETCD_ENDPOINTS is not" >&2; exit 1; }
+  [ -r "$source_file" ] || { echo "install-cni: $var: cannot read $source_file" >&2; exit 1; }
+  mkdir -p "$TLS_DIR"
+  cp "$source_file" "$TLS_DIR/.$name.tmp"
+  chmod 0600 "$TLS_DIR/.$name.tmp"
+  mv -f "$TLS_DIR/.$name.tmp" "$TLS_DIR/$name"
+  DATASTORE="$DATASTORE, \"$field\": \"$TLS_DIR/$name\""
+done
+if [ -n "$DATASTORE" ]; then
+  sed "s#^\( *\)\"datastore\": {.*},\$#\1\"datastore\": { $DATASTORE, \"timeoutMs\": 5000 },#" "$CONF" > "$TMP"
 else
   cp "$CONF" "$TMP"
 fi

@@ -13,6 +13,7 @@ PKGS=(
   qemu-system-x86 cpio                     # IPIP end to end in VMs (this kernel has no ipip module)
   iperf3                                   # throughput in tests, benchmarks and the IPIP VMs
   nftables                                 # the node agent's natOutgoing rules (nft -j)
+  libssl3 openssl                          # test certificate authorities for etcd over TLS
 )
 missing=()
 for p in "${PKGS[@]}"; do

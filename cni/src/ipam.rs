@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::time::Duration;
 
 use serde_json::Value;
 use tessera_datastore::block::Attributes;
@@ -131,20 +130,20 @@ pub fn node_name(conf: &NetConf) -> Result<String, CniError> {
         .ok_or_else(|| CniError::invalid_config("cannot tell this node's name: set `nodename`"))
 }
 
+/// The network configuration's `datastore` section, overridden by the ETCD_* environment
+/// (the same names as every Tessera binary). A configuration to fix is "invalid network
+/// config"; etcd down or unreachable is "try again later".
 pub async fn connect(conf: &NetConf) -> Result<EtcdKv, CniError> {
-    let mut endpoints = conf.datastore.etcd_endpoints.clone();
-    if endpoints.is_empty() {
-        if let Ok(e) = std::env::var("TESSERA_ETCD_ENDPOINTS") {
-            endpoints = e.split(',').map(str::to_string).collect();
+    let mut ds = conf.datastore.clone();
+    ds.apply_process_env()
+        .map_err(|e| CniError::invalid_config(e.to_string()))?;
+    ds.connect().await.map_err(|e| {
+        if e.is_transient() {
+            CniError::new(code::TRY_AGAIN_LATER, e.to_string())
+        } else {
+            CniError::invalid_config(format!("datastore: {e}"))
         }
-    }
-    if endpoints.is_empty() {
-        return Err(CniError::invalid_config("datastore.etcdEndpoints is empty"));
-    }
-    let timeout = Duration::from_millis(conf.datastore.timeout_ms.unwrap_or(5000));
-    EtcdKv::connect(&endpoints, timeout)
-        .await
-        .map_err(|e| CniError::new(code::TRY_AGAIN_LATER, format!("cannot reach etcd: {e}")))
+    })
 }
 
 fn parse_addr(s: &str) -> Result<IpAddr, CniError> {

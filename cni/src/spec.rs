@@ -219,14 +219,8 @@ pub struct NetConf {
     pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DatastoreConf {
-    #[serde(default)]
-    pub etcd_endpoints: Vec<String>,
-    #[serde(default)]
-    pub timeout_ms: Option<u64>,
-}
+/// The datastore settings every Tessera binary shares (names, defaults, TLS).
+pub use tessera_datastore::connection::DatastoreConfig as DatastoreConf;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]

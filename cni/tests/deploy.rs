@@ -10,15 +10,24 @@ fn install_script_copies_plugins_and_writes_the_conflist() {
         .parent()
         .expect("bin dir");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // etcd's TLS files as a mounted Secret would give them.
+    let secret = tmp.path().join("secret");
+    std::fs::create_dir_all(&secret).expect("secret dir");
+    for f in ["ca.crt", "tls.crt", "tls.key"] {
+        std::fs::write(secret.join(f), format!("PEM of {f}\n")).expect("secret file");
+    }
     let status = Command::new(root.join("deploy/install-cni.sh"))
         .arg(bin_src)
         .env("CNI_BIN_DIR", tmp.path().join("bin"))
         .env("CNI_CONF_DIR", tmp.path().join("net.d"))
         .env("TESSERA_STATE_DIR", tmp.path().join("state"))
         .env(
-            "TESSERA_ETCD_ENDPOINTS",
-            "http://198.18.0.2:2379,http://198.18.0.3:2379",
+            "ETCD_ENDPOINTS",
+            "https://198.18.0.2:2379,https://198.18.0.3:2379",
         )
+        .env("ETCD_CA_CERT_FILE", secret.join("ca.crt"))
+        .env("ETCD_CERT_FILE", secret.join("tls.crt"))
+        .env("ETCD_KEY_FILE", secret.join("tls.key"))
         .env("TESSERA_NODENAME", "node7")
         .status()
         .expect("run install-cni.sh");
@@ -29,10 +38,37 @@ fn install_script_copies_plugins_and_writes_the_conflist() {
     let text =
         std::fs::read_to_string(tmp.path().join("net.d/10-tessera.conflist")).expect("conflist");
     let conf: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let datastore = &conf["plugins"][0]["datastore"];
     assert_eq!(
-        conf["plugins"][0]["datastore"]["etcdEndpoints"],
-        serde_json::json!(["http://198.18.0.2:2379", "http://198.18.0.3:2379"])
+        datastore["etcdEndpoints"],
+        serde_json::json!(["https://198.18.0.2:2379", "https://198.18.0.3:2379"])
     );
+    // The TLS files were copied where the plugin on the host reads them, the key private.
+    let tls = tmp.path().join("net.d/tessera-tls");
+    for (field, file, from) in [
+        ("etcdCACertFile", "ca.pem", "ca.crt"),
+        ("etcdCertFile", "cert.pem", "tls.crt"),
+        ("etcdKeyFile", "key.pem", "tls.key"),
+    ] {
+        assert_eq!(
+            datastore[field],
+            tls.join(file).to_string_lossy().as_ref(),
+            "{datastore}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(tls.join(file)).expect("copied"),
+            format!("PEM of {from}\n")
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(tls.join("key.pem"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the key is private: {mode:o}");
+    let parsed: tessera_cni::spec::DatastoreConf =
+        serde_json::from_value(datastore.clone()).expect("the plugin reads the section");
+    parsed.validate().expect("consistent TLS settings");
     let types: Vec<&str> = conf["plugins"]
         .as_array()
         .expect("plugins")

@@ -139,10 +139,34 @@ impl EtcdKv {
             .with_timeout(timeout)
             .with_connect_timeout(timeout)
             .with_keep_alive(Duration::from_secs(5), timeout);
+        Self::connect_with(endpoints, opts).await
+    }
+
+    /// With options built elsewhere (TLS, a user): see
+    /// [`crate::connection::DatastoreConfig::connect`], what the binaries use.
+    pub async fn connect_with(
+        endpoints: &[String],
+        opts: etcd_client::ConnectOptions,
+    ) -> Result<Self, KvError> {
         let client = etcd_client::Client::connect(endpoints, Some(opts))
             .await
             .map_err(etcd_error)?;
         Ok(EtcdKv { client })
+    }
+
+    /// One key-only read of at most one key under `prefix`: proves the connection, the TLS
+    /// handshake, the login and read permission.
+    pub async fn probe(&self, prefix: &str) -> Result<(), KvError> {
+        let opts = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_keys_only()
+            .with_limit(1);
+        self.client
+            .clone()
+            .get(prefix, Some(opts))
+            .await
+            .map_err(etcd_error)?;
+        Ok(())
     }
 
     /// The underlying client, for what the [`Kv`] trait does not cover (watches).
@@ -154,11 +178,27 @@ impl EtcdKv {
 fn etcd_error(e: etcd_client::Error) -> KvError {
     use etcd_client::Error as E;
     use tonic_code::*;
+    let text = with_causes(&e);
     match &e {
-        E::TransportError(_) | E::IoError(_) => KvError::Unavailable(e.to_string()),
-        E::GRpcStatus(s) if TRANSIENT.contains(&s.code()) => KvError::Unavailable(e.to_string()),
-        _ => KvError::Other(e.to_string()),
+        E::TransportError(_) | E::IoError(_) => KvError::Unavailable(text),
+        E::GRpcStatus(s) if TRANSIENT.contains(&s.code()) => KvError::Unavailable(text),
+        _ => KvError::Other(text),
     }
+}
+
+/// The error and what caused it (a transport error alone says nothing of a certificate).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// gRPC codes that mean "try again" rather than "you asked for something wrong".

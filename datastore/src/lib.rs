@@ -3,6 +3,7 @@
 //! Module map:
 //! - [`model`], [`selector`], [`yaml`]: the typed resources, label selectors, user YAML.
 //! - [`block`]: the IPAM block and its pure allocator (no I/O).
+//! - [`connection`]: the one etcd configuration every binary reads (file, env, flags; TLS).
 //! - [`kv`]: the datastore seam: a small transactional key-value trait, for etcd and in memory.
 //! - [`keys`]: where everything lives in etcd.
 //! - [`resources`]: pools, reservations, nodes, workload endpoints.
@@ -16,6 +17,7 @@
 
 pub mod block;
 mod codec;
+pub mod connection;
 pub mod error;
 pub mod gc;
 pub mod ipam;

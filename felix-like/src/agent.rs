@@ -149,6 +149,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             status_socket: None,
             bfd_interval_ms: 300,
             bfd_detect_mult: 3,
+            // The agent follows the datastore itself and hands the speaker its peers.
+            datastore: None,
         };
         let t: Arc<dyn RouteTarget> = target.clone();
         let h = handle.clone();
@@ -295,20 +297,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
 }
 
 async fn connect(cfg: &AgentConfig, shared: &Shared) -> EtcdKv {
-    use tessera_datastore::kv::Kv;
     loop {
-        let r = match EtcdKv::connect(&cfg.etcd_endpoints, Duration::from_secs(3)).await {
-            Ok(kv) => kv
-                .get(tessera_datastore::keys::CONFIG_EPOCH)
-                .await
-                .map(|_| kv),
-            Err(e) => Err(e),
-        };
-        match r {
+        match cfg.datastore.connect().await {
             Ok(kv) => return kv,
             Err(e) => {
-                tracing::warn!(error = %e, endpoints = ?cfg.etcd_endpoints, "etcd unreachable; retrying");
-                shared.health().not_ready = vec![format!("etcd unreachable: {e}")];
+                // A wrong certificate is retried too (a Secret may be fixed under a running
+                // pod), with the reason in the readiness report.
+                tracing::warn!(error = %e, transient = e.is_transient(), "cannot use etcd; retrying");
+                shared.health().not_ready = vec![format!("etcd: {e}")];
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }

@@ -16,9 +16,10 @@ pub struct AgentConfig {
     /// This node's name (`NODENAME`).
     #[serde(default)]
     pub node_name: String,
-    /// `ETCD_ENDPOINTS`, comma separated.
+    /// How to reach etcd (the settings every Tessera binary shares; `ETCD_*` variables
+    /// override them).
     #[serde(default)]
-    pub etcd_endpoints: Vec<String>,
+    pub datastore: tessera_datastore::connection::DatastoreConfig,
     /// `IP_AUTODETECTION_METHOD`: first-found, can-reach=<addr>, interface=<regex>, or an
     /// explicit address with its prefix length.
     #[serde(default)]
@@ -173,6 +174,8 @@ pub enum ConfigError {
         field: &'static str,
         message: String,
     },
+    #[error("datastore: {0}")]
+    Datastore(String),
 }
 
 /// Where the health endpoints listen.
@@ -188,6 +191,15 @@ impl AgentConfig {
     pub fn load(
         file: Option<&std::path::Path>,
         env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        Self::load_with_flags(file, env, &Default::default())
+    }
+
+    /// [`AgentConfig::load`], then the datastore flags of the command line over both.
+    pub fn load_with_flags(
+        file: Option<&std::path::Path>,
+        env: impl Fn(&str) -> Option<String>,
+        flags: &tessera_datastore::connection::DatastoreFlags,
     ) -> Result<Self, ConfigError> {
         let text = match file {
             Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
@@ -208,14 +220,10 @@ impl AgentConfig {
         if let Some(v) = env("NODENAME") {
             cfg.node_name = v;
         }
-        if let Some(v) = env("ETCD_ENDPOINTS") {
-            cfg.etcd_endpoints = v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect();
-        }
+        cfg.datastore
+            .apply_env(&env)
+            .map_err(|e| ConfigError::Datastore(e.to_string()))?;
+        flags.apply(&mut cfg.datastore);
         if let Some(v) = env("IP_AUTODETECTION_METHOD") {
             cfg.ip_autodetection_method = v.parse().map_err(|message| ConfigError::Env {
                 var: "IP_AUTODETECTION_METHOD",
@@ -266,12 +274,9 @@ impl AgentConfig {
                 ),
             });
         }
-        if self.etcd_endpoints.is_empty() {
-            return Err(ConfigError::Invalid {
-                field: "etcdEndpoints",
-                message: "no etcd endpoint (set ETCD_ENDPOINTS or etcdEndpoints)".into(),
-            });
-        }
+        self.datastore
+            .validate()
+            .map_err(|e| ConfigError::Datastore(e.to_string()))?;
         if self.as_number == 0 {
             return Err(ConfigError::Invalid {
                 field: "asNumber",
@@ -328,7 +333,7 @@ mod tests {
         let f = dir.path().join("node.yaml");
         std::fs::write(
             &f,
-            "nodeName: from-file\netcdEndpoints: [\"http://198.18.0.2:2379\"]\nasNumber: 65001\nbgp:\n  holdTime: 9\n",
+            "nodeName: from-file\ndatastore: { etcdEndpoints: [\"http://198.18.0.2:2379\"] }\nasNumber: 65001\nbgp:\n  holdTime: 9\n",
         )
         .expect("write");
         let c = AgentConfig::load(
@@ -358,7 +363,7 @@ mod tests {
         let e = AgentConfig::load(Some(&f), env(&[])).expect_err("unknown field");
         assert!(e.to_string().contains("etcdEndpoint"), "{e}");
         let e = AgentConfig::load(None, env(&[("NODENAME", "a")])).expect_err("no etcd");
-        assert!(e.to_string().contains("etcdEndpoints"), "{e}");
+        assert!(e.to_string().contains("ETCD_ENDPOINTS"), "{e}");
         let e = AgentConfig::load(
             None,
             env(&[
@@ -405,7 +410,8 @@ mod deploy_tests {
         std::fs::write(&f, body).expect("write");
         let c = AgentConfig::load(Some(&f), |k| (k == "NODENAME").then(|| "node-a".into()))
             .expect("valid");
-        assert_eq!(c.etcd_endpoints, ["http://10.0.0.1:2379"]);
+        assert_eq!(c.datastore.etcd_endpoints, ["https://10.0.0.1:2379"]);
+        assert!(c.datastore.etcd_cert_file.is_some() && c.datastore.etcd_key_file.is_some());
         assert_eq!(c.gc.workload_grace_seconds, 60);
         assert_eq!(
             c.health().expect("health"),

@@ -515,7 +515,7 @@ fn bad_input_gets_clear_errors_and_the_agent_keeps_serving() {
     let bad = dir.join("bad.yaml");
     std::fs::write(
         &bad,
-        "nodeName: x\netcdEndpoints: [\"http://198.18.0.2:2379\"]\nbgp: { holdTim: 3 }\n",
+        "nodeName: x\ndatastore: { etcdEndpoints: [\"http://198.18.0.2:2379\"] }\nbgp: { holdTim: 3 }\n",
     )
     .expect("write");
     let out = node

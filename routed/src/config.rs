@@ -55,6 +55,10 @@ pub struct Config {
     pub bfd_interval_ms: u64,
     #[serde(default = "default_bfd_mult")]
     pub bfd_detect_mult: u8,
+    /// Follow the cluster's nodes and BGP peers in etcd (the settings every Tessera binary
+    /// shares; ETCD_* variables and `--etcd-*` flags override them).
+    #[serde(default)]
+    pub datastore: Option<tessera_datastore::connection::DatastoreConfig>,
 }
 
 fn default_idle_hold_max() -> u64 {

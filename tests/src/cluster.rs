@@ -246,6 +246,8 @@ impl Cluster {
             .arg(&cfg)
             .env("NODENAME", node)
             .env("ETCD_ENDPOINTS", self.lab.etcd_endpoint())
+            // What the agent used before the shared default (5 s): failover tests time by it.
+            .env("ETCD_TIMEOUT_MS", "3000")
             .env("IP_AUTODETECTION_METHOD", "interface=eth0")
             .env(
                 "TESSERA_HEALTH_LISTEN",

@@ -11,6 +11,15 @@ pub struct Etcd {
     client_url: String,
     peer_url: String,
     netns: Option<String>,
+    /// Client-certificate authentication: etcd's CA, its server pair, and the client pair
+    /// the health check uses.
+    tls: Option<EtcdTls>,
+}
+
+struct EtcdTls {
+    ca: std::path::PathBuf,
+    server: crate::pki::CertPair,
+    client: crate::pki::CertPair,
 }
 
 impl Etcd {
@@ -23,6 +32,27 @@ impl Etcd {
             format!("http://127.0.0.1:{client}"),
             format!("http://127.0.0.1:{peer}"),
         )
+    }
+
+    /// On 127.0.0.1 over TLS, requiring client certificates signed by `pki`'s CA
+    /// (`--client-cert-auth`), as production etcd clusters run.
+    pub fn start_loopback_tls(pki: &crate::pki::Pki) -> anyhow::Result<Self> {
+        let client = free_port()?;
+        let peer = free_port()?;
+        let mut e = Etcd {
+            child: None,
+            data: tempfile::Builder::new().prefix("tessera-etcd").tempdir()?,
+            client_url: format!("https://127.0.0.1:{client}"),
+            peer_url: format!("http://127.0.0.1:{peer}"),
+            netns: None,
+            tls: Some(EtcdTls {
+                ca: pki.ca(),
+                server: pki.server(),
+                client: pki.client(),
+            }),
+        };
+        e.spawn()?;
+        Ok(e)
     }
 
     /// Inside namespace `ns` on `addr` (ports 2379/2380: the namespace is ours alone).
@@ -41,6 +71,7 @@ impl Etcd {
             client_url,
             peer_url,
             netns,
+            tls: None,
         };
         e.spawn()?;
         Ok(e)
@@ -77,9 +108,14 @@ impl Etcd {
             &format!("tessera={}", self.peer_url),
             "--log-level",
             "warn",
-        ])
-        .stdout(Stdio::null())
-        .stderr(log);
+        ]);
+        if let Some(t) = &self.tls {
+            cmd.arg("--client-cert-auth")
+                .arg(format!("--trusted-ca-file={}", t.ca.display()))
+                .arg(format!("--cert-file={}", t.server.cert.display()))
+                .arg(format!("--key-file={}", t.server.key.display()));
+        }
+        cmd.stdout(Stdio::null()).stderr(log);
         self.child = Some(Child::spawn(cmd, "etcd")?);
         self.wait_healthy(Duration::from_secs(30))
     }
@@ -87,8 +123,14 @@ impl Etcd {
     fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let ok = self
-                .command("etcdctl")
+            let mut etcdctl = self.command("etcdctl");
+            if let Some(t) = &self.tls {
+                etcdctl
+                    .arg(format!("--cacert={}", t.ca.display()))
+                    .arg(format!("--cert={}", t.client.cert.display()))
+                    .arg(format!("--key={}", t.client.key.display()));
+            }
+            let ok = etcdctl
                 .args([
                     "--endpoints",
                     &self.client_url,

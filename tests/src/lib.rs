@@ -17,6 +17,7 @@ pub mod crash;
 pub mod etcd;
 pub mod lab;
 pub mod netns;
+pub mod pki;
 pub mod process;
 
 pub use etcd::Etcd;

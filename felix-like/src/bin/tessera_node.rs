@@ -14,6 +14,8 @@ struct Args {
     /// YAML configuration (the ConfigMap); environment variables override it.
     #[arg(long, env = "TESSERA_CONFIG")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    datastore: tessera_datastore::connection::DatastoreFlags,
 }
 
 #[tokio::main]
@@ -26,7 +28,11 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let cfg = match AgentConfig::load(args.config.as_deref(), |k| std::env::var(k).ok()) {
+    let cfg = match AgentConfig::load_with_flags(
+        args.config.as_deref(),
+        |k| std::env::var(k).ok(),
+        &args.datastore,
+    ) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tessera-node: configuration: {e}");

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tessera_datastore::connection::DatastoreFlags;
 use tessera_routed::config::Config;
 use tessera_routed::kernel::NativeRoutes;
 
@@ -21,11 +22,13 @@ enum Cmd {
     Run {
         #[arg(long)]
         config: String,
-        /// Peer with the nodes in this etcd (full mesh or route reflectors), following changes.
-        #[arg(long)]
-        etcd: Option<String>,
-        /// This node's name in the datastore (with --etcd).
-        #[arg(long)]
+        /// Peer with the nodes in this etcd (full mesh or route reflectors), following
+        /// changes: the datastore settings of the configuration's `datastore:` section,
+        /// overridden by ETCD_* variables and these flags.
+        #[command(flatten)]
+        datastore: DatastoreFlags,
+        /// This node's name in the datastore (when one is configured; else NODENAME).
+        #[arg(long, env = "NODENAME")]
         node: Option<String>,
     },
     /// Print the status of a running speaker as JSON.
@@ -45,7 +48,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Run { config, etcd, node } => {
+        Cmd::Run {
+            config,
+            datastore,
+            node,
+        } => {
             let text =
                 std::fs::read_to_string(&config).with_context(|| format!("reading {config}"))?;
             let mut cfg = Config::parse(&text).with_context(|| format!("in {config}"))?;
@@ -61,14 +68,12 @@ async fn main() -> anyhow::Result<()> {
                 }
             };
             let (tx, rx) = tokio::sync::mpsc::channel(8);
-            if let Some(endpoint) = etcd {
-                let node = node.context("--node is required with --etcd")?;
-                let kv = tessera_datastore::EtcdKv::connect(
-                    std::slice::from_ref(&endpoint),
-                    std::time::Duration::from_secs(3),
-                )
-                .await
-                .with_context(|| format!("connecting to {endpoint}"))?;
+            let mut ds = cfg.datastore.clone().unwrap_or_default();
+            ds.apply_process_env()?;
+            datastore.apply(&mut ds);
+            if !ds.etcd_endpoints.is_empty() {
+                let node = node.context("--node (or NODENAME) is required with a datastore")?;
+                let kv = ds.connect().await?;
                 // A node labelled as a route reflector reflects (cluster id: its router id),
                 // as the node agent's speaker does; a configured clusterId wins.
                 if cfg.cluster_id.is_none() {
