@@ -2,6 +2,7 @@
 //!
 //! Module map:
 //! - [`model`], [`selector`], [`yaml`]: the typed resources, label selectors, user YAML.
+//! - [`admin`]: what tesseractl does: resources written and deleted in one guarded transaction.
 //! - [`block`]: the IPAM block and its pure allocator (no I/O).
 //! - [`connection`]: the one etcd configuration every binary reads (file, env, flags; TLS).
 //! - [`kv`]: the datastore seam: a small transactional key-value trait, for etcd and in memory.
@@ -15,6 +16,7 @@
 //!
 //! DESIGN.md beside this crate lists the invariants and why they hold.
 
+pub mod admin;
 pub mod block;
 mod codec;
 pub mod connection;

@@ -1,4 +1,4 @@
-//! User-facing YAML (pools, reservations), Kubernetes-style documents:
+//! User-facing YAML (pools, reservations, BGP peers, nodes), Kubernetes-style documents:
 //!
 //! ```yaml
 //! apiVersion: tessera.dev/v1
@@ -13,15 +13,191 @@
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use serde::Serialize;
+
 use crate::keys;
-use crate::model::{IpPool, IpPoolSpec, IpReservation, IpReservationSpec};
+use crate::model::{BgpPeer, IpPool, IpPoolSpec, IpReservation, IpReservationSpec, Node};
+use crate::selector::Selector;
 
 pub const API_VERSION: &str = "tessera.dev/v1";
+
+/// The kinds a document may have, in the order they are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    IpPool,
+    IpReservation,
+    BgpPeer,
+    Node,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::IpPool, Kind::IpReservation, Kind::BgpPeer, Kind::Node];
+
+    /// The `kind:` of its documents.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::IpPool => "IPPool",
+            Kind::IpReservation => "IPReservation",
+            Kind::BgpPeer => "BGPPeer",
+            Kind::Node => "Node",
+        }
+    }
+
+    /// What a user may type: the kind, its plural, lower case or not, or a short name.
+    pub fn parse(s: &str) -> Option<Kind> {
+        let l = s.to_ascii_lowercase();
+        let l = l.strip_suffix('s').unwrap_or(&l);
+        match l {
+            "ippool" | "pool" => Some(Kind::IpPool),
+            "ipreservation" | "reservation" => Some(Kind::IpReservation),
+            "bgppeer" | "peer" => Some(Kind::BgpPeer),
+            "node" | "no" => Some(Kind::Node),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Resources {
     pub pools: Vec<IpPool>,
     pub reservations: Vec<IpReservation>,
+    pub bgp_peers: Vec<BgpPeer>,
+    /// Nodes as an operator describes them (addresses, AS, labels); the agent's own fields
+    /// (tunnel addresses, identity) are not part of the document.
+    pub nodes: Vec<Node>,
+}
+
+impl Resources {
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty()
+            && self.reservations.is_empty()
+            && self.bgp_peers.is_empty()
+            && self.nodes.is_empty()
+    }
+
+    /// (kind, name) of every resource, in order.
+    pub fn names(&self) -> Vec<(Kind, String)> {
+        let mut out: Vec<(Kind, String)> = Vec::new();
+        out.extend(self.pools.iter().map(|p| (Kind::IpPool, p.name.clone())));
+        out.extend(
+            self.reservations
+                .iter()
+                .map(|r| (Kind::IpReservation, r.name.clone())),
+        );
+        out.extend(
+            self.bgp_peers
+                .iter()
+                .map(|p| (Kind::BgpPeer, p.name.clone())),
+        );
+        out.extend(self.nodes.iter().map(|n| (Kind::Node, n.name.clone())));
+        out
+    }
+
+    /// Every resource as a document, in the order of [`Kind::ALL`]: what `get -o yaml`
+    /// prints and `apply` reads back.
+    pub fn documents(&self) -> Vec<serde_json::Value> {
+        let doc = |kind: Kind,
+                   name: &str,
+                   labels: Option<&BTreeMap<String, String>>,
+                   spec: serde_json::Value| {
+            let mut metadata = serde_json::json!({ "name": name });
+            if let Some(l) = labels.filter(|l| !l.is_empty()) {
+                metadata["labels"] = serde_json::json!(l);
+            }
+            serde_json::json!({
+                "apiVersion": API_VERSION,
+                "kind": kind.name(),
+                "metadata": metadata,
+                "spec": spec,
+            })
+        };
+        fn json<T: Serialize>(v: &T) -> serde_json::Value {
+            serde_json::to_value(v).unwrap_or_default()
+        }
+        let mut out = Vec::new();
+        for p in &self.pools {
+            out.push(doc(Kind::IpPool, &p.name, None, json(&p.spec)));
+        }
+        for r in &self.reservations {
+            out.push(doc(Kind::IpReservation, &r.name, None, json(&r.spec)));
+        }
+        for p in &self.bgp_peers {
+            out.push(doc(
+                Kind::BgpPeer,
+                &p.name,
+                None,
+                json(&BgpPeerSpec::from(p)),
+            ));
+        }
+        for n in &self.nodes {
+            out.push(doc(
+                Kind::Node,
+                &n.name,
+                Some(&n.labels),
+                json(&NodeSpec::from(n)),
+            ));
+        }
+        out
+    }
+}
+
+/// A BGPPeer document's spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct BgpPeerSpec {
+    #[serde(rename = "peerIP")]
+    peer_ip: IpAddr,
+    as_number: u32,
+    #[serde(default = "Selector::all")]
+    node_selector: Selector,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    password: Option<String>,
+    #[serde(default)]
+    bfd: bool,
+}
+
+impl From<&BgpPeer> for BgpPeerSpec {
+    fn from(p: &BgpPeer) -> Self {
+        BgpPeerSpec {
+            peer_ip: p.peer_ip,
+            as_number: p.as_number,
+            node_selector: p.node_selector.clone(),
+            password: p.password.clone(),
+            bfd: p.bfd,
+        }
+    }
+}
+
+/// A Node document's spec: what an operator sets (the agent registers the rest).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NodeSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ipv4_address: Option<IpNetwork>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ipv6_address: Option<IpNetwork>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    as_number: Option<u32>,
+}
+
+impl From<&Node> for NodeSpec {
+    fn from(n: &Node) -> Self {
+        NodeSpec {
+            ipv4_address: n.ipv4_address,
+            ipv6_address: n.ipv6_address,
+            as_number: n.as_number,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +232,7 @@ struct Header {
 struct Metadata {
     name: String,
     #[serde(default)]
-    #[allow(dead_code)]
-    labels: std::collections::BTreeMap<String, String>,
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -133,13 +308,56 @@ pub fn parse_resources(text: &str) -> Result<Resources, ResourceError> {
                     spec: d.spec,
                 });
             }
+            "BGPPeer" => {
+                let d = typed::<BgpPeerSpec>(doc).map_err(|e| parse_err(Some(what.clone()), &e))?;
+                if d.spec.as_number == 0 {
+                    return Err(ResourceError::Invalid {
+                        document,
+                        line,
+                        what,
+                        field: "spec.asNumber".into(),
+                        reason: "0 is not an AS number".into(),
+                    });
+                }
+                out.bgp_peers.push(BgpPeer {
+                    name: d.metadata.name,
+                    peer_ip: d.spec.peer_ip,
+                    as_number: d.spec.as_number,
+                    node_selector: d.spec.node_selector,
+                    password: d.spec.password,
+                    bfd: d.spec.bfd,
+                });
+            }
+            "Node" => {
+                let d = typed::<NodeSpec>(doc).map_err(|e| parse_err(Some(what.clone()), &e))?;
+                if d.spec.as_number == Some(0) {
+                    return Err(ResourceError::Invalid {
+                        document,
+                        line,
+                        what,
+                        field: "spec.asNumber".into(),
+                        reason: "0 is not an AS number".into(),
+                    });
+                }
+                out.nodes.push(Node {
+                    name: d.metadata.name,
+                    labels: d.metadata.labels,
+                    ipv4_address: d.spec.ipv4_address,
+                    ipv6_address: d.spec.ipv6_address,
+                    as_number: d.spec.as_number,
+                    ..Default::default()
+                });
+            }
             other => {
                 return Err(ResourceError::Invalid {
                     document,
                     line,
                     what,
                     field: "kind".into(),
-                    reason: format!("unknown kind {other:?} (expected IPPool or IPReservation)"),
+                    reason: format!(
+                        "unknown kind {other:?} (expected one of {})",
+                        Kind::ALL.map(Kind::name).join(", ")
+                    ),
                 })
             }
         }
@@ -207,6 +425,34 @@ spec:
         assert_eq!(r.pools[0].block_size(), 26);
         assert_eq!(r.pools[1].block_size(), 122);
         assert_eq!(r.reservations[0].spec.reserved_cidrs.len(), 1);
+    }
+
+    #[test]
+    fn peers_and_nodes_parse_and_every_kind_renders_back_to_the_same_resources() {
+        let text = format!(
+            "{GOOD}---\napiVersion: tessera.dev/v1\nkind: BGPPeer\nmetadata: {{ name: tor }}\nspec: {{ peerIP: 198.18.0.1, asNumber: 65000, nodeSelector: rack == \"r1\", bfd: true }}\n---\napiVersion: tessera.dev/v1\nkind: Node\nmetadata: {{ name: node1, labels: {{ rack: r1 }} }}\nspec: {{ ipv4Address: 198.18.0.11/24, asNumber: 64513 }}\n"
+        );
+        let r = parse_resources(&text).expect("parses");
+        assert_eq!(r.bgp_peers[0].as_number, 65000);
+        assert!(r.bgp_peers[0].bfd);
+        assert_eq!(
+            r.nodes[0].labels.get("rack").map(String::as_str),
+            Some("r1")
+        );
+        let docs = r.documents();
+        assert_eq!(docs.len(), 5);
+        let yaml: String = docs
+            .iter()
+            .map(|d| serde_saphyr::to_string(d).expect("yaml"))
+            .collect::<Vec<_>>()
+            .join("---\n");
+        assert_eq!(parse_resources(&yaml).expect("reads back"), r, "{yaml}");
+        let json: String = docs
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("\n---\n");
+        assert_eq!(parse_resources(&json).expect("JSON reads back"), r);
     }
 
     #[test]

@@ -1,0 +1,6 @@
+//! tesseractl's library: reading documents, rendering, IPAM reports. The binary (main.rs)
+//! parses the command line and talks to etcd through `tessera_datastore::admin`.
+
+pub mod documents;
+pub mod ipam;
+pub mod render;

@@ -1,0 +1,289 @@
+//! `tesseractl`: Tessera's resources, IPAM state and nodes in the datastore.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{CommandFactory, Parser, Subcommand};
+use tessera_datastore::admin::{self, WriteMode};
+use tessera_datastore::connection::{DatastoreConfig, DatastoreFlags};
+use tessera_datastore::kv::EtcdKv;
+use tessera_datastore::snapshot::Snapshot;
+use tessera_datastore::yaml::Kind;
+use tesseractl::render::{self, Output, Style};
+
+#[derive(Parser)]
+#[command(
+    about = "Tessera's command-line tool: IP pools, reservations, BGP peers and nodes; IPAM state",
+    version = tessera_datastore::VERSION
+)]
+struct Cli {
+    /// A YAML file with a `datastore:` section (the settings every Tessera binary shares);
+    /// ETCD_* variables and the flags below override it.
+    #[arg(long, env = "TESSERACTL_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    datastore: DatastoreFlags,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create or replace the resources in FILE (`-` for stdin), all or nothing.
+    Apply(FileArgs),
+    /// Create the resources in FILE; fails if any exists.
+    Create(FileArgs),
+    /// Replace the resources in FILE; fails if any does not exist.
+    Replace(FileArgs),
+    /// Delete KIND NAME..., or the resources in a file (-f).
+    Delete {
+        kind: Option<String>,
+        names: Vec<String>,
+        #[arg(short = 'f', long = "filename")]
+        file: Option<String>,
+        /// Delete a pool even with addresses in use.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print resources of KIND (ippool, ipreservation, bgppeer, node), or one by NAME.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// IPAM state.
+    #[command(subcommand)]
+    Ipam(IpamCmd),
+    /// Nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Shell completions (bash, zsh, fish, ...).
+    Completion { shell: clap_complete::Shell },
+}
+
+#[derive(clap::Args)]
+struct FileArgs {
+    #[arg(short = 'f', long = "filename")]
+    file: String,
+    /// Shrink a pool even when addresses in use would be left outside it.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Subcommand)]
+enum IpamCmd {
+    /// Usage per pool; per block and borrowed addresses on request; one address's holder.
+    Show {
+        #[arg(long)]
+        show_blocks: bool,
+        #[arg(long)]
+        show_borrowed: bool,
+        #[arg(long)]
+        ip: Option<std::net::IpAddr>,
+    },
+    /// Every inconsistency and leaked address, read at one revision; exits 1 if any.
+    Check {
+        /// Also write the report as JSON here.
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Declare NODE gone for good: its addresses and blocks are reclaimed at once.
+    Decommission {
+        node: String,
+        #[arg(long, default_value = "decommissioned with tesseractl")]
+        reason: String,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tesseractl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn datastore(cli: &Cli) -> anyhow::Result<DatastoreConfig> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        #[serde(default)]
+        datastore: DatastoreConfig,
+    }
+    let mut ds = match &cli.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_saphyr::from_str::<File>(&text)
+                .with_context(|| format!("in {}", p.display()))?
+                .datastore
+        }
+        None => DatastoreConfig::default(),
+    };
+    ds.apply_process_env()?;
+    cli.datastore.apply(&mut ds);
+    Ok(ds)
+}
+
+fn read_input(file: &str) -> anyhow::Result<String> {
+    if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading stdin")?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {file}"))
+    }
+}
+
+fn kind(s: &str) -> anyhow::Result<Kind> {
+    Kind::parse(s).with_context(|| {
+        format!(
+            "unknown kind {s:?} (one of {})",
+            Kind::ALL.map(Kind::name).join(", ")
+        )
+    })
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<EtcdKv> {
+    Ok(datastore(cli)?.connect().await?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let style = Style::detect();
+    match &cli.cmd {
+        Cmd::Completion { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "tesseractl",
+                &mut std::io::stdout(),
+            );
+        }
+        Cmd::Apply(a) | Cmd::Create(a) | Cmd::Replace(a) => {
+            let mode = match &cli.cmd {
+                Cmd::Create(_) => WriteMode::Create,
+                Cmd::Replace(_) => WriteMode::Replace,
+                _ => WriteMode::Apply,
+            };
+            let text = read_input(&a.file)?;
+            let resources = tesseractl::documents::read(&text)
+                .with_context(|| format!("{}: nothing applied", a.file))?;
+            let kv = connect(&cli).await?;
+            let report = admin::write(&kv, &resources, mode, a.force)
+                .await
+                .context("nothing applied")?;
+            for (kind, name, what) in report {
+                println!("{kind} {name} {what}");
+            }
+        }
+        Cmd::Delete {
+            kind: k,
+            names,
+            file,
+            force,
+        } => {
+            let targets: Vec<(Kind, String)> = match (file, k) {
+                (Some(f), _) => tesseractl::documents::read(&read_input(f)?)
+                    .with_context(|| format!("{f}: nothing deleted"))?
+                    .names(),
+                (None, Some(k)) if !names.is_empty() => {
+                    let k = kind(k)?;
+                    names.iter().map(|n| (k, n.clone())).collect()
+                }
+                _ => anyhow::bail!("delete KIND NAME... or delete -f FILE"),
+            };
+            let kv = connect(&cli).await?;
+            admin::delete(&kv, &targets, *force)
+                .await
+                .context("nothing deleted")?;
+            for (kind, name) in targets {
+                println!("{kind} {name} deleted");
+            }
+        }
+        Cmd::Get {
+            kind: k,
+            name,
+            output,
+        } => {
+            let k = kind(k)?;
+            let kv = connect(&cli).await?;
+            let mut r = admin::read(&kv, &[k]).await?.resources;
+            if let Some(n) = name {
+                r.pools.retain(|x| &x.name == n);
+                r.reservations.retain(|x| &x.name == n);
+                r.bgp_peers.retain(|x| &x.name == n);
+                r.nodes.retain(|x| &x.name == n);
+                anyhow::ensure!(!r.is_empty(), "{k} {n:?} not found");
+            }
+            let text = match output {
+                Output::Table => render::resources_table(style, k, &r, false),
+                Output::Wide => render::resources_table(style, k, &r, true),
+                Output::Yaml => render::yaml_documents(&r),
+                Output::Json => render::json_documents(&r, name.is_some()),
+            };
+            print!("{text}");
+        }
+        Cmd::Ipam(IpamCmd::Show {
+            show_blocks,
+            show_borrowed,
+            ip,
+        }) => {
+            let kv = connect(&cli).await?;
+            let snap = Snapshot::read(&kv).await?;
+            match ip {
+                Some(addr) => {
+                    let weps =
+                        tessera_datastore::resources::list_all_workload_endpoints(&kv).await?;
+                    print!("{}", tesseractl::ipam::show_ip(&snap, &weps, *addr));
+                }
+                None => print!(
+                    "{}",
+                    tesseractl::ipam::show(style, &snap, *show_blocks, *show_borrowed)
+                ),
+            }
+        }
+        Cmd::Ipam(IpamCmd::Check { output }) => {
+            let kv = connect(&cli).await?;
+            // Workload endpoints first: an address allocated after this read has its
+            // endpoint written after it too, so it is never counted as leaked by mistake...
+            // unless its ADD is still running (the report says so).
+            let weps = tessera_datastore::resources::list_all_workload_endpoints(&kv).await?;
+            let snap = Snapshot::read(&kv).await?;
+            let report = tesseractl::ipam::check(&snap, &weps);
+            for f in &report.findings {
+                println!("{f}");
+            }
+            println!(
+                "{} finding(s) at revision {}",
+                report.findings.len(),
+                report.revision
+            );
+            if let Some(path) = output {
+                std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if !report.findings.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Cmd::Node(NodeCmd::Decommission { node, reason }) => {
+            let kv = connect(&cli).await?;
+            let rev = tessera_datastore::gc::decommission(&kv, node, reason).await?;
+            println!("node {node} decommissioned (revision {rev}): GC reclaims its addresses and blocks now");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
