@@ -278,16 +278,26 @@ impl DatastoreConfig {
         ]
         .iter()
         .any(|w| lower.contains(w));
-        // TLS 1.3 finishes the client's side of the handshake before the server checks our
-        // certificate: a rejected one shows as the connection closing at the first request.
-        let closed_after_handshake = tls && lower.contains("connection closed");
-        if closed_after_handshake {
+        // Our certificate rejected: a TLS alert, or (TLS 1.3 finishes the client's side of
+        // the handshake before the server checks our certificate) the connection closing
+        // at the first request.
+        let ours_rejected = tls
+            && ((lower.contains("alert") && lower.contains("certificate"))
+                || lower.contains("connection closed"));
+        if ours_rejected {
             return DatastoreError::Refused {
                 endpoints: endpoints.into(),
                 reason: format!(
-                    "etcd closed the connection after the TLS handshake: it did not accept our \
-                     client certificate (check etcdCertFile and etcdKeyFile: signed by the CA \
-                     etcd trusts?) [{reason}]"
+                    "etcd did not accept our client certificate (check etcdCertFile and \
+                     etcdKeyFile: signed by the CA etcd trusts?) [{reason}]"
+                ),
+            };
+        }
+        if tls && lower.contains("invalid peer certificate") {
+            return DatastoreError::Refused {
+                endpoints: endpoints.into(),
+                reason: format!(
+                    "etcd's certificate does not verify against etcdCACertFile [{reason}]"
                 ),
             };
         }
