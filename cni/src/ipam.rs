@@ -63,11 +63,15 @@ impl PodId {
     }
 
     fn attributes(&self, network: &str) -> Attributes {
-        Attributes::from([
+        let mut a = Attributes::from([
             ("network".to_string(), network.to_string()),
             ("containerID".to_string(), self.container_id.clone()),
             ("ifname".to_string(), self.ifname.clone()),
-        ])
+        ]);
+        // Where its endpoint record will be: a leak release requires it absent.
+        a.insert("namespace".into(), self.namespace.clone());
+        a.insert("pod".into(), self.name.clone());
+        a
     }
 }
 
@@ -162,6 +166,11 @@ pub struct Assigned {
     pub already_held: bool,
     /// From the pod intent, for the endpoint record.
     pub floating_ips: Vec<IpAddr>,
+    /// The addresses are the pod's own, outside IPAM (`ipAddrsNoIpam`): no handle holds
+    /// them.
+    pub without_ipam: bool,
+    /// The IPAM handle's revision after the assignment: the endpoint write is guarded by it.
+    pub handle_revision: i64,
 }
 
 /// One CNI invocation, as IPAM sees it.
@@ -198,6 +207,9 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
             addresses: r.ips.iter().map(|i| i.address.ip()).collect(),
             already_held: false,
             floating_ips: Vec::new(),
+            // A delegated IPAM plugin's addresses: no Tessera handle holds them.
+            without_ipam: true,
+            handle_revision: 0,
         });
     }
     let _lock = IpamLock::acquire(conf, node).await?;
@@ -220,11 +232,14 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
         addresses,
         already_held: false,
         floating_ips: floating_ips.clone(),
+        without_ipam: false,
+        handle_revision: 0,
     };
     if !existing.is_empty() {
         tracing::info!(%handle, ?existing, "ADD again for the same container: same addresses");
         return Ok(Assigned {
             already_held: true,
+            handle_revision: ipam.handle_revision(&handle).await?,
             ..done(existing)
         });
     }
@@ -239,7 +254,10 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
                 "ipAddrsNoIpam is disabled (featureFlags.ipAddrsNoIpam in the CNI config)",
             ));
         }
-        return Ok(done(intent.ip_addrs_no_ipam.clone()));
+        return Ok(Assigned {
+            without_ipam: true,
+            ..done(intent.ip_addrs_no_ipam.clone())
+        });
     }
 
     let mut requested: Vec<IpAddr> = Vec::new();
@@ -278,7 +296,10 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
                 }
             }
         }
-        return Ok(done(got));
+        return Ok(Assigned {
+            handle_revision: ipam.handle_revision(&handle).await?,
+            ..done(got)
+        });
     }
     let mut pools = ipam_conf.ipv4_pools.clone();
     pools.extend(ipam_conf.ipv6_pools.iter().cloned());
@@ -291,7 +312,10 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
         pools,
     };
     let got = ipam.auto_assign(&req).await?;
-    Ok(done(got.into_iter().map(|a| a.addr).collect()))
+    Ok(Assigned {
+        handle_revision: ipam.handle_revision(&handle).await?,
+        ..done(got.into_iter().map(|a| a.addr).collect())
+    })
 }
 
 /// Releases the pod's addresses (idempotent).

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tessera_datastore::model::WorkloadEndpoint;
 use tessera_datastore::resources::{
     delete_workload_endpoint, get_workload_endpoint, load_config, put_workload_endpoint,
+    put_workload_endpoint_bound,
 };
 
 use crate::error::{code, CniError};
@@ -253,7 +254,12 @@ async fn wire_and_record(
         floating_ips: assigned.floating_ips,
         conflict: None,
     };
-    if let Err(e) = put_workload_endpoint(kv, &wep).await {
+    let recorded = if assigned.without_ipam {
+        put_workload_endpoint(kv, &wep).await
+    } else {
+        put_workload_endpoint_bound(kv, &wep, assigned.handle_revision).await
+    };
+    if let Err(e) = recorded {
         if !wired.repaired {
             let _ = wiring::remove_host_end(&host, &w.host_ifname).await;
         }

@@ -167,14 +167,18 @@ pub fn show_ip(snap: &Snapshot, weps: &[WorkloadEndpoint], addr: IpAddr) -> Stri
 pub enum Finding {
     /// An address allocated to a handle that no workload endpoint names: its pod is gone
     /// (a lost DEL) or its ADD is still running. `ipam release --from-report` frees it only
-    /// if the block is still at `block_revision`.
+    /// if the handle is still at `handle_revision` and the endpoint is still absent.
     LeakedAddress {
         address: IpAddr,
         handle: String,
+        /// The handle's revision when read: a release goes ahead only if it is unchanged.
+        handle_revision: i64,
         block: IpNetwork,
-        block_revision: i64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         node: Option<String>,
+        /// The endpoint key the allocation names: a release requires it absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workload: Option<String>,
     },
     /// An invariant the datastore's checker found broken.
     Inconsistency { message: String },
@@ -227,9 +231,10 @@ pub fn check(snap: &Snapshot, weps: &[WorkloadEndpoint]) -> Report {
                     Finding::LeakedAddress {
                         address: addr,
                         handle: a.handle.clone(),
+                        handle_revision: snap.handles.get(&a.handle).map_or(0, |h| h.rev),
                         block: *cidr,
-                        block_revision: b.rev,
                         node: a.attrs.get("node").cloned(),
+                        workload: tessera_datastore::admin::workload_key_of(&a.attrs),
                     },
                 );
             }
@@ -240,4 +245,41 @@ pub fn check(snap: &Snapshot, weps: &[WorkloadEndpoint]) -> Report {
         revision: snap.revision,
         findings,
     }
+}
+
+/// One handle to release, from a report or a live lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeakTarget {
+    pub handle: String,
+    pub handle_revision: i64,
+    pub workload: Option<String>,
+    /// The addresses the report listed for it.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The report's leaks, one target per handle.
+pub fn leak_targets(report: &Report) -> Vec<LeakTarget> {
+    let mut by_handle: BTreeMap<String, LeakTarget> = BTreeMap::new();
+    for f in &report.findings {
+        if let Finding::LeakedAddress {
+            address,
+            handle,
+            handle_revision,
+            workload,
+            ..
+        } = f
+        {
+            by_handle
+                .entry(handle.clone())
+                .or_insert_with(|| LeakTarget {
+                    handle: handle.clone(),
+                    handle_revision: *handle_revision,
+                    workload: workload.clone(),
+                    addresses: Vec::new(),
+                })
+                .addresses
+                .push(*address);
+        }
+    }
+    by_handle.into_values().collect()
 }

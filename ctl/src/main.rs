@@ -90,6 +90,18 @@ enum IpamCmd {
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
     },
+    /// Free leaked addresses: ADDR's handle, or every leak a report recorded. No lock:
+    /// each release is guarded by what was read; entries changed since are skipped.
+    Release {
+        #[arg(
+            long,
+            conflicts_with = "from_report",
+            required_unless_present = "from_report"
+        )]
+        ip: Option<std::net::IpAddr>,
+        #[arg(long)]
+        from_report: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -278,6 +290,67 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !report.findings.is_empty() {
                 return Ok(ExitCode::from(1));
             }
+        }
+        Cmd::Ipam(IpamCmd::Release { ip, from_report }) => {
+            let kv = connect(&cli).await?;
+            let targets = match (ip, from_report) {
+                (_, Some(path)) => {
+                    let text = std::fs::read(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let report: tesseractl::ipam::Report = serde_json::from_slice(&text)
+                        .with_context(|| {
+                            format!("{} is not an ipam check report", path.display())
+                        })?;
+                    tesseractl::ipam::leak_targets(&report)
+                }
+                (Some(addr), None) => {
+                    let weps =
+                        tessera_datastore::resources::list_all_workload_endpoints(&kv).await?;
+                    let snap = Snapshot::read(&kv).await?;
+                    let report = tesseractl::ipam::check(&snap, &weps);
+                    let targets: Vec<_> = tesseractl::ipam::leak_targets(&report)
+                        .into_iter()
+                        .filter(|t| t.addresses.contains(addr))
+                        .collect();
+                    if targets.is_empty() {
+                        let holder = weps
+                            .iter()
+                            .find(|w| w.addresses.iter().any(|a| a.ip() == *addr));
+                        anyhow::bail!(
+                            "{addr} is not leaked: {}",
+                            match holder {
+                                Some(w) =>
+                                    format!("pod {}/{} on {} holds it", w.namespace, w.pod, w.node),
+                                None => "it is not allocated".into(),
+                            }
+                        );
+                    }
+                    targets
+                }
+                (None, None) => anyhow::bail!("--ip ADDR or --from-report FILE"),
+            };
+            let (mut released, mut stale) = (0usize, 0usize);
+            for t in &targets {
+                match admin::release_leaked_handle(
+                    &kv,
+                    &t.handle,
+                    t.handle_revision,
+                    t.workload.as_deref(),
+                )
+                .await?
+                {
+                    admin::LeakRelease::Released(addrs) => {
+                        released += addrs.len();
+                        let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                        println!("released {} (handle {})", list.join(", "), t.handle);
+                    }
+                    admin::LeakRelease::Stale(why) => {
+                        stale += t.addresses.len();
+                        println!("skipped handle {}: {why}", t.handle);
+                    }
+                }
+            }
+            println!("{released} address(es) released, {stale} stale entr(y/ies) skipped");
         }
         Cmd::Node(NodeCmd::Decommission { node, reason }) => {
             let kv = connect(&cli).await?;

@@ -313,12 +313,83 @@ pub async fn delete<K: Kv>(
     commit(kv, txn).await
 }
 
+/// What releasing one leaked handle did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeakRelease {
+    Released(Vec<std::net::IpAddr>),
+    /// Not released: the state is no longer what the report recorded.
+    Stale(StaleReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleReason {
+    /// The handle changed (or went) since the report: someone else released or used it.
+    HandleChanged,
+    /// A workload endpoint now names the handle: its ADD finished; the addresses are live.
+    WorkloadExists,
+}
+
+impl std::fmt::Display for StaleReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StaleReason::HandleChanged => "the handle changed since the report",
+            StaleReason::WorkloadExists => "a workload endpoint holds it now",
+        })
+    }
+}
+
+/// Releases the addresses of a handle that a report found with no workload endpoint, without
+/// locking the datastore: only if the handle is still at `handle_rev`, and (every
+/// transaction) only while the endpoint the allocation names (`workload_key`) is absent. A
+/// CNI ADD writes that endpoint guarded by the handle's revision, so an ADD still running is
+/// never left with released addresses: whichever of the two writes comes second fails.
+/// Without a `workload_key` (allocations made before the attributes named their pod) the
+/// endpoints are listed just before instead.
+pub async fn release_leaked_handle<K: Kv + Clone>(
+    kv: &K,
+    handle: &str,
+    handle_rev: i64,
+    workload_key: Option<&str>,
+) -> Result<LeakRelease, IpamError> {
+    let current = kv.get(&keys::handle(handle)).await?;
+    if current.as_ref().map(|h| h.mod_revision) != Some(handle_rev) {
+        return Ok(LeakRelease::Stale(StaleReason::HandleChanged));
+    }
+    let guards: Vec<(String, i64)> = match workload_key {
+        Some(k) => vec![(k.to_string(), 0)],
+        None => {
+            let weps = crate::resources::list_all_workload_endpoints(kv).await?;
+            if weps.iter().any(|w| w.handle == handle) {
+                return Ok(LeakRelease::Stale(StaleReason::WorkloadExists));
+            }
+            Vec::new()
+        }
+    };
+    let ipam = crate::ipam::Ipam::new(kv.clone(), "");
+    match ipam.release_handle_guarded(handle, &guards).await {
+        Ok(released) => Ok(LeakRelease::Released(released)),
+        Err(IpamError::GuardChanged { .. }) => Ok(LeakRelease::Stale(StaleReason::WorkloadExists)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Where the endpoint of an allocation with these attributes is (the CNI plugin records
+/// node, namespace, pod and interface).
+pub fn workload_key_of(attrs: &crate::block::Attributes) -> Option<String> {
+    Some(keys::workload(
+        attrs.get("node")?,
+        attrs.get("namespace")?,
+        attrs.get("pod")?,
+        attrs.get("ifname")?,
+    ))
+}
+
 async fn commit<K: Kv>(kv: &K, txn: Txn) -> Result<(), AdminError> {
     if txn.success.is_empty() {
         return Ok(());
     }
     let first_guard = txn.compares.first().map(|c| match c {
-        Compare::ModRevision(k, _) => k.clone(),
+        Compare::ModRevision(k, _) | Compare::Exists(k) => k.clone(),
     });
     let out = kv.txn(txn).await.map_err(IpamError::from)?;
     if !out.succeeded {
@@ -424,6 +495,88 @@ mod tests {
             .resources
             .pools
             .is_empty());
+    }
+
+    async fn leaked(kv: &MemKv) -> (String, i64, Option<String>) {
+        let ipam = Ipam::new(kv.clone(), "node1");
+        let attrs = crate::block::Attributes::from([
+            ("namespace".to_string(), "default".to_string()),
+            ("pod".to_string(), "web".to_string()),
+            ("ifname".to_string(), "eth0".to_string()),
+        ]);
+        let req = AssignRequest {
+            owner: Owner {
+                handle: "net.c1.eth0".into(),
+                attrs,
+                ..Default::default()
+            },
+            num_v4: 1,
+            ..Default::default()
+        };
+        let got = ipam.auto_assign(&req).await.expect("one address");
+        let snap = Snapshot::read(kv).await.expect("snap");
+        let a = snap.blocks[&got[0].block]
+            .value
+            .allocation(got[0].addr)
+            .cloned()
+            .expect("alloc");
+        let rev = snap.handles["net.c1.eth0"].rev;
+        (a.handle, rev, workload_key_of(&a.attrs))
+    }
+
+    fn wep(handle: &str) -> crate::model::WorkloadEndpoint {
+        crate::model::WorkloadEndpoint {
+            node: "node1".into(),
+            namespace: "default".into(),
+            pod: "web".into(),
+            container_id: "c1".into(),
+            interface: "eth0".into(),
+            host_interface: None,
+            mac: None,
+            addresses: vec![],
+            handle: handle.into(),
+            floating_ips: vec![],
+            conflict: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_leak_release_and_a_late_endpoint_write_never_both_succeed() {
+        // The release first: the ADD's endpoint write (guarded by the handle) fails.
+        let kv = kv_with_pool().await;
+        let (handle, rev, key) = leaked(&kv).await;
+        assert!(key.is_some());
+        let r = release_leaked_handle(&kv, &handle, rev, key.as_deref())
+            .await
+            .expect("release");
+        assert!(
+            matches!(r, LeakRelease::Released(ref a) if a.len() == 1),
+            "{r:?}"
+        );
+        let e = crate::resources::put_workload_endpoint_bound(&kv, &wep(&handle), rev).await;
+        assert!(matches!(e, Err(IpamError::GuardChanged { .. })), "{e:?}");
+
+        // The endpoint first: the release is refused and nothing is freed.
+        let kv = kv_with_pool().await;
+        let (handle, rev, key) = leaked(&kv).await;
+        crate::resources::put_workload_endpoint_bound(&kv, &wep(&handle), rev)
+            .await
+            .expect("the ADD finishes");
+        let r = release_leaked_handle(&kv, &handle, rev, key.as_deref())
+            .await
+            .expect("release");
+        assert_eq!(r, LeakRelease::Stale(StaleReason::WorkloadExists));
+        crate::snapshot::assert_invariants(&kv, false).await;
+        assert_eq!(
+            Snapshot::read(&kv).await.expect("snap").allocations().len(),
+            1
+        );
+
+        // A report older than the handle's last change: skipped.
+        let r = release_leaked_handle(&kv, &handle, rev - 1, key.as_deref())
+            .await
+            .expect("release");
+        assert_eq!(r, LeakRelease::Stale(StaleReason::HandleChanged));
     }
 
     #[tokio::test]

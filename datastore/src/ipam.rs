@@ -1152,6 +1152,12 @@ impl<K: Kv> Ipam<K> {
         }
     }
 
+    /// The revision of `handle` as this process last wrote or read it (0: absent): what a
+    /// CNI ADD guards its endpoint write with, so that a leak release in between fails it.
+    pub async fn handle_revision(&self, handle: &str) -> Result<i64, IpamError> {
+        Ok(self.handle(handle).await?.rev)
+    }
+
     /// The addresses a handle holds, read from the datastore.
     pub async fn handle_addresses(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
         let key = keys::handle(handle);

@@ -19,6 +19,8 @@ pub struct KeyValue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Compare {
     ModRevision(String, i64),
+    /// The key exists (at any revision).
+    Exists(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,8 +283,15 @@ impl Kv for EtcdKv {
         let compares: Vec<etcd_client::Compare> = txn
             .compares
             .iter()
-            .map(|Compare::ModRevision(k, rev)| {
-                etcd_client::Compare::mod_revision(k.as_str(), etcd_client::CompareOp::Equal, *rev)
+            .map(|c| match c {
+                Compare::ModRevision(k, rev) => etcd_client::Compare::mod_revision(
+                    k.as_str(),
+                    etcd_client::CompareOp::Equal,
+                    *rev,
+                ),
+                Compare::Exists(k) => {
+                    etcd_client::Compare::version(k.as_str(), etcd_client::CompareOp::Greater, 0)
+                }
             })
             .collect();
         let t = etcd_client::Txn::new()
@@ -411,8 +420,11 @@ impl Kv for MemKv {
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, KvError> {
         let mut s = self.lock();
-        let ok = txn.compares.iter().all(|Compare::ModRevision(k, rev)| {
-            s.data.get(k).map(|kv| kv.mod_revision).unwrap_or(0) == *rev
+        let ok = txn.compares.iter().all(|c| match c {
+            Compare::ModRevision(k, rev) => {
+                s.data.get(k).map(|kv| kv.mod_revision).unwrap_or(0) == *rev
+            }
+            Compare::Exists(k) => s.data.contains_key(k),
         });
         let ops = if ok { &txn.success } else { &txn.failure };
         let writes = ops.iter().any(|o| !matches!(o, Op::Get { .. }));

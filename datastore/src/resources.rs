@@ -103,6 +103,28 @@ pub async fn put_workload_endpoint<K: Kv>(kv: &K, wep: &WorkloadEndpoint) -> Res
     Ok(())
 }
 
+/// Writes the endpoint of a pod whose addresses came from IPAM, only while its IPAM handle
+/// is still at `handle_rev` (as the ADD left it). Together with a leak release that requires
+/// the endpoint absent, this orders the two: either the release wins and this write fails
+/// (the ADD fails, the runtime retries it with new addresses), or the endpoint is written
+/// first and the release is refused.
+pub async fn put_workload_endpoint_bound<K: Kv>(
+    kv: &K,
+    wep: &WorkloadEndpoint,
+    handle_rev: i64,
+) -> Result<(), IpamError> {
+    let key = keys::workload(&wep.node, &wep.namespace, &wep.pod, &wep.interface);
+    let handle = keys::handle(&wep.handle);
+    let txn = Txn::new()
+        .expect(&handle, handle_rev)
+        .then(Op::put(key, encode(wep)));
+    let out = with_retry(|| kv.txn(txn.clone())).await?;
+    if !out.succeeded {
+        return Err(IpamError::GuardChanged { key: handle });
+    }
+    Ok(())
+}
+
 pub async fn get_workload_endpoint<K: Kv>(
     kv: &K,
     node: &str,
