@@ -45,6 +45,23 @@ pub fn pool_usage(snap: &Snapshot) -> Vec<PoolUsage> {
     out
 }
 
+/// Sizes beyond 2^32 addresses as a power of two (an IPv6 /48 is 2^80, not 25 digits).
+fn count_label(n: u128) -> String {
+    if n > 1u128 << 32 {
+        let bits = 127 - n.leading_zeros();
+        let up = 1u128.checked_shl(bits + 1).unwrap_or(u128::MAX);
+        if n == 1u128 << bits {
+            format!("2^{bits}")
+        } else if up - n < up / 100 {
+            format!("~2^{}", bits + 1)
+        } else {
+            format!("~2^{bits}")
+        }
+    } else {
+        n.to_string()
+    }
+}
+
 fn size_of(cidr: IpNetwork) -> u128 {
     let host_bits = match cidr {
         IpNetwork::V4(n) => 32 - u32::from(n.prefix()),
@@ -70,10 +87,10 @@ pub fn show(style: Style, snap: &Snapshot, blocks: bool, borrowed: bool) -> Stri
                 vec![
                     u.name,
                     u.cidr.to_string(),
-                    u.size.to_string(),
+                    count_label(u.size),
                     u.blocks.to_string(),
                     format!("{} ({pct:.0}%)", u.in_use),
-                    (u.size.saturating_sub(u.in_use as u128)).to_string(),
+                    count_label(u.size.saturating_sub(u.in_use as u128)),
                 ]
             })
             .collect(),
@@ -282,4 +299,17 @@ pub fn leak_targets(report: &Report) -> Vec<LeakTarget> {
         }
     }
     by_handle.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_counts_read_as_powers_of_two() {
+        assert_eq!(count_label(4096), "4096");
+        assert_eq!(count_label(1u128 << 80), "2^80");
+        assert_eq!(count_label((1u128 << 80) - 8), "~2^80");
+        assert_eq!(count_label(3u128 << 40), "~2^41");
+    }
 }

@@ -182,20 +182,34 @@ impl Lab {
 
     /// Writes the pools and reservations of a YAML document to the lab's etcd (as
     /// `resources::apply_config` would: values and the config epoch).
+    /// Applies pools, reservations, BGP peers or nodes as an operator does: `tesseractl
+    /// apply -f -` in the control namespace.
     pub fn apply_yaml(&self, yaml: &str) -> anyhow::Result<()> {
-        use tessera_datastore::keys;
-        let r = tessera_datastore::yaml::parse_resources(yaml)?;
-        for p in &r.pools {
-            self.etcdctl(&["put", &keys::pool(&p.name), &serde_json::to_string(p)?])?;
+        use std::io::Write;
+        let mut cmd = self
+            .ctl
+            .command(&crate::cluster::bin("tesseractl").to_string_lossy());
+        cmd.args([
+            "--etcd-endpoints",
+            &self.etcd_endpoint(),
+            "apply",
+            "-f",
+            "-",
+        ])
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(yaml.as_bytes())?;
         }
-        for res in &r.reservations {
-            self.etcdctl(&[
-                "put",
-                &keys::reservation(&res.name),
-                &serde_json::to_string(res)?,
-            ])?;
-        }
-        self.etcdctl(&["put", keys::CONFIG_EPOCH, "{}"])?;
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "tesseractl apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(())
     }
 

@@ -126,6 +126,18 @@ fn run(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
         "{} pods started through the CNI plugin",
         c.pods.len()
     ));
+    // The pools went in with `tesseractl apply`; here is what IPAM made of them.
+    let ctl = |args: &[&str]| -> anyhow::Result<String> {
+        let mut full = vec!["--etcd-endpoints".to_string(), c.lab.etcd_endpoint()];
+        full.extend(args.iter().map(|a| a.to_string()));
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        c.lab.ctl.exec(
+            &tessera_testbed::cluster::bin("tesseractl").to_string_lossy(),
+            &full,
+        )
+    };
+    println!("\n$ tesseractl get ippools\n{}", ctl(&["get", "ippools"])?);
+    println!("$ tesseractl ipam show\n{}", ctl(&["ipam", "show"])?);
 
     // Every pod to every pod of its pool on other nodes (the first packets may wait for
     // routes to converge, so each pair gets a few seconds before it counts as failed).
@@ -230,8 +242,9 @@ fn run(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
             c.pods[c.pods.len() - 1].ip
         );
         println!(
-            "  ip netns exec {} etcdctl --endpoints {} get --prefix /tessera/v1/nodes/",
+            "  ip netns exec {} {} --etcd-endpoints {} get nodes -o wide",
             c.lab.ctl.name(),
+            tessera_testbed::cluster::bin("tesseractl").display(),
             c.lab.etcd_endpoint()
         );
         println!(
