@@ -106,6 +106,17 @@ enum IpamCmd {
 
 #[derive(Subcommand)]
 enum NodeCmd {
+    /// This node's agent: readiness, BGP sessions, tunnel devices, blocks.
+    Status {
+        /// Where the agent's health endpoint listens: HOST:PORT or unix:PATH.
+        #[arg(long, env = "TESSERA_HEALTH_LISTEN", default_value = "127.0.0.1:9099")]
+        agent: String,
+        /// The node expected to answer (a check that this is the node you think).
+        node: Option<String>,
+        /// The agent's JSON as it is.
+        #[arg(long)]
+        json: bool,
+    },
     /// Declare NODE gone for good: its addresses and blocks are reclaimed at once.
     Decommission {
         node: String,
@@ -351,6 +362,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             println!("{released} address(es) released, {stale} stale entr(y/ies) skipped");
+        }
+        Cmd::Node(NodeCmd::Status { agent, node, json }) => {
+            let body = tesseractl::agent::get(agent, "/status")?;
+            let status: tesseractl::agent::NodeStatus =
+                serde_json::from_str(&body).context("the agent's /status")?;
+            if let Some(n) = node {
+                anyhow::ensure!(
+                    &status.node == n,
+                    "the agent at {agent} is node {}, not {n}",
+                    status.node
+                );
+            }
+            if *json {
+                println!("{body}");
+            } else {
+                print!("{}", tesseractl::agent::render(style, &status));
+            }
+            if !status.ready {
+                return Ok(ExitCode::from(1));
+            }
         }
         Cmd::Node(NodeCmd::Decommission { node, reason }) => {
             let kv = connect(&cli).await?;

@@ -66,7 +66,7 @@ fn mac_text(m: [u8; 6]) -> String {
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let shared = Shared::new(cfg.bgp.enabled);
+    let shared = Shared::new(&cfg.node_name, cfg.bgp.enabled);
     let health = tokio::spawn(crate::health::serve(cfg.health()?, shared.clone()));
     let (conn, handle, _) = rtnetlink::new_connection()?;
     tokio::spawn(conn);
@@ -485,6 +485,7 @@ impl Reconciler {
         let mut h = self.shared.health();
         h.last_speaker_answer = Some(Instant::now());
         h.bgp_checked = true;
+        h.bgp = Some(status.clone());
         // Routed pools need their sessions up.
         let routed_pools = self.last.as_ref().is_some_and(|d| {
             d.targets
@@ -986,6 +987,16 @@ impl Reconciler {
             .collect();
         h.not_ready = not_ready;
         h.not_ready.extend(bgp);
+        h.devices = [
+            (d.vxlan, "vxlan.calico"),
+            (d.vxlan_v6, "vxlan-v6.calico"),
+            (d.ipip, "tunl0"),
+        ]
+        .into_iter()
+        .filter(|(wanted, _)| *wanted)
+        .map(|(_, name)| name.to_string())
+        .collect();
+        h.blocks = d.my_blocks.iter().map(ToString::to_string).collect();
         drop(h);
         self.shared.metrics.in_sync.set(i64::from(synced.in_sync));
         self.last = Some(d);

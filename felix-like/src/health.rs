@@ -1,4 +1,4 @@
-//! /livez, /readyz and /metrics over HTTP (TCP, or a Unix socket for tests and sidecars).
+//! /livez, /readyz, /status (JSON: sessions, devices, blocks) and /metrics over HTTP (TCP, or a Unix socket for tests and sidecars).
 //!
 //! Live means the loops answer: the reconcile loop finished a pass and the BGP speaker
 //! answered a status query recently (not merely that the process exists). Ready means the
@@ -41,6 +41,43 @@ pub struct HealthState {
     pub not_ready: Vec<String>,
     /// Set while the liveness lease is not being renewed (the cluster sees us as suspect).
     pub lease_trouble: Option<String>,
+    /// The speaker's last answer (sessions), for `/status`.
+    pub bgp: Option<tessera_routed::speaker::Status>,
+    /// The tunnel devices the node's pools need, and the blocks it announces.
+    pub devices: Vec<String>,
+    pub blocks: Vec<String>,
+}
+
+/// What `/status` answers (and `tesseractl node status` prints).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub node: String,
+    pub live: bool,
+    pub ready: bool,
+    /// Why it is not live or not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub bgp_peers: Vec<BgpPeerStatus>,
+    #[serde(default)]
+    pub devices: Vec<String>,
+    #[serde(default)]
+    pub blocks: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BgpPeerStatus {
+    pub address: String,
+    pub asn: u32,
+    /// Internal (same AS) or external.
+    pub kind: String,
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_seconds: Option<u64>,
+    pub prefixes_received: usize,
+    pub prefixes_sent: usize,
 }
 
 impl HealthState {
@@ -56,6 +93,44 @@ impl HealthState {
             bgp_checked: false,
             not_ready: vec!["starting".into()],
             lease_trouble: None,
+            bgp: None,
+            devices: Vec::new(),
+            blocks: Vec::new(),
+        }
+    }
+
+    pub fn status(&self, node: &str) -> NodeStatus {
+        let live = self.live();
+        let ready = self.ready();
+        let reason = ready.as_ref().err().cloned();
+        let bgp_peers = self
+            .bgp
+            .iter()
+            .flat_map(|s| {
+                s.peers.iter().map(move |p| BgpPeerStatus {
+                    address: p.address.to_string(),
+                    asn: p.asn,
+                    kind: if p.asn == s.asn {
+                        "internal"
+                    } else {
+                        "external"
+                    }
+                    .into(),
+                    state: format!("{:?}", p.state),
+                    uptime_seconds: p.uptime_seconds,
+                    prefixes_received: p.prefixes_received,
+                    prefixes_sent: p.prefixes_sent,
+                })
+            })
+            .collect();
+        NodeStatus {
+            node: node.to_string(),
+            live: live.is_ok(),
+            ready: ready.is_ok(),
+            reason,
+            bgp_peers,
+            devices: self.devices.clone(),
+            blocks: self.blocks.clone(),
         }
     }
 
@@ -134,13 +209,16 @@ pub struct Metrics {
 }
 
 pub struct Shared {
+    /// This node's name (for `/status`).
+    pub node: String,
     pub health: Mutex<HealthState>,
     pub metrics: Metrics,
     registry: Registry,
 }
 
 impl Shared {
-    pub fn new(bgp_enabled: bool) -> Arc<Self> {
+    pub fn new(node: &str, bgp_enabled: bool) -> Arc<Self> {
+        let node = node.to_string();
         let metrics = Metrics {
             reconcile_seconds: Some(Histogram::new(exponential_buckets(0.0005, 2.0, 14))),
             ..Default::default()
@@ -204,6 +282,7 @@ impl Shared {
             metrics.in_sync.clone(),
         );
         Arc::new(Shared {
+            node,
             health: Mutex::new(HealthState::new(bgp_enabled)),
             metrics,
             registry,
@@ -231,6 +310,13 @@ fn answer(r: Result<(), String>) -> (StatusCode, String) {
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        .route(
+            "/status",
+            get(|State(s): State<Arc<Shared>>| async move {
+                let status = s.health().status(&s.node);
+                axum::Json(status)
+            }),
+        )
         .route(
             "/livez",
             get(|State(s): State<Arc<Shared>>| async move { answer(s.health().live()) }),

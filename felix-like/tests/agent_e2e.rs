@@ -86,6 +86,22 @@ fn pods_talk_across_nodes_in_every_mode_and_leave_through_nat() {
     for pool in ["bgp", "vxlan-crosssubnet", "vxlan-always"] {
         assert_full_mesh(&c, pool);
     }
+    // What an operator on node1 sees: `tesseractl node status` from the agent's endpoint.
+    let out = std::process::Command::new(tessera_testbed::cluster::bin("tesseractl"))
+        .args(["node", "status", "node1", "--agent"])
+        .arg(format!("unix:{}", c.health_socket("node1").display()))
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("tesseractl node status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("node node1: ready"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("198.18.0.254 ") && l.contains("Established")),
+        "the session with the underlay router: {text}"
+    );
+    assert!(text.contains("Tunnel devices: vxlan.calico"), "{text}");
 
     // The kernel holds what each mode says (node1 on subnet 0; node2 and node4 on subnet 1,
     // node3 on subnet 0 with node1).

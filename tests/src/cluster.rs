@@ -195,11 +195,9 @@ impl Cluster {
         cmd.stdout(Stdio::null()).stderr(log);
         self.router = Some(Child::spawn(cmd, "the router's BGP speaker")?);
         // Every node peers with the router.
-        let peer = serde_json::json!({
-            "name": "underlay-router", "peerIp": ROUTER_BGP.to_string(), "asNumber": 64512
-        });
-        self.lab
-            .etcdctl(&["put", &keys::bgp_peer("underlay-router"), &peer.to_string()])?;
+        self.lab.apply_yaml(&format!(
+            "apiVersion: tessera.dev/v1\nkind: BGPPeer\nmetadata: {{ name: underlay-router }}\nspec: {{ peerIP: {ROUTER_BGP}, asNumber: 64512 }}\n"
+        ))?;
         Ok(())
     }
 

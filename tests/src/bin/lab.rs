@@ -138,6 +138,17 @@ fn run(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
     };
     println!("\n$ tesseractl get ippools\n{}", ctl(&["get", "ippools"])?);
     println!("$ tesseractl ipam show\n{}", ctl(&["ipam", "show"])?);
+    let n0 = &c.lab.nodes[0];
+    let status = n0.netns.exec(
+        &tessera_testbed::cluster::bin("tesseractl").to_string_lossy(),
+        &[
+            "node",
+            "status",
+            "--agent",
+            &format!("unix:{}", c.health_socket(&n0.name).display()),
+        ],
+    )?;
+    println!("$ tesseractl node status   # on {}\n{status}", n0.name);
 
     // Every pod to every pod of its pool on other nodes (the first packets may wait for
     // routes to converge, so each pair gets a few seconds before it counts as failed).
