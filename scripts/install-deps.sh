@@ -14,6 +14,8 @@ PKGS=(
   iperf3                                   # throughput in tests, benchmarks and the IPIP VMs
   nftables                                 # the node agent's natOutgoing rules (nft -j)
   libssl3 openssl                          # test certificate authorities for etcd over TLS
+  debian-archive-keyring mmdebstrap        # the image's base, made from Debian's packages (no registry)
+  python3-venv                             # a venv for kubernetes-validate (PyPI), which checks the manifests
 )
 missing=()
 for p in "${PKGS[@]}"; do
@@ -31,4 +33,12 @@ if ! ls "$VMDIR"/root/boot/vmlinuz-* >/dev/null 2>&1; then
   pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
   mkdir -p "$VMDIR"
   (cd "$VMDIR" && apt-get download -qq "$pkg" && dpkg-deb -x "${pkg}"_*.deb root && rm -f "${pkg}"_*.deb)
+fi
+
+# kubernetes-validate (PyPI) checks deploy/kubernetes against the Kubernetes OpenAPI schemas.
+VENV=/var/cache/tessera/venv
+if ! "$VENV"/bin/kubernetes-validate --version >/dev/null 2>&1; then
+  mkdir -p /var/cache/tessera
+  /usr/bin/python3 -m venv "$VENV"
+  "$VENV"/bin/pip install -q kubernetes-validate==1.37.0
 fi

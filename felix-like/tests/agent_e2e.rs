@@ -94,7 +94,11 @@ fn pods_talk_across_nodes_in_every_mode_and_leave_through_nat() {
         .output()
         .expect("tesseractl node status");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.starts_with("node node1: ready"), "{text}");
     assert!(
         text.lines()
