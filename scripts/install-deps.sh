@@ -15,7 +15,8 @@ PKGS=(
   nftables                                 # the node agent's natOutgoing rules (nft -j)
   libssl3 openssl                          # test certificate authorities for etcd over TLS
   debian-archive-keyring mmdebstrap        # the image's base, made from Debian's packages (no registry)
-  python3-venv                             # a venv for kubernetes-validate (PyPI), which checks the manifests
+  python3-venv python3-minimal             # a venv for kubernetes-validate (PyPI), which checks the manifests
+  binutils ruby                            # strip for the image; `ruby -c` checks deploy/vagrant/Vagrantfile (Vagrant itself cannot run here)
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -394,7 +394,7 @@ mod deploy_tests {
     /// The ConfigMap in deploy/ stays a valid agent configuration.
     #[test]
     fn the_daemonsets_configmap_is_valid() {
-        let manifest = include_str!("../../deploy/tessera-node.yaml");
+        let manifest = include_str!("../../deploy/kubernetes/tessera-node.yaml");
         let start = manifest
             .find("tessera-node.yaml: |")
             .expect("the ConfigMap key");
@@ -417,12 +417,5 @@ mod deploy_tests {
             c.health().expect("health"),
             HealthListen::Tcp("127.0.0.1:9099".parse().expect("addr"))
         );
-    }
-
-    #[test]
-    fn the_example_pools_parse() {
-        let r = tessera_datastore::yaml::parse_resources(include_str!("../../deploy/pools.yaml"))
-            .expect("valid pools");
-        assert_eq!(r.pools.len(), 4);
     }
 }
