@@ -182,8 +182,8 @@ pub fn show_ip(snap: &Snapshot, weps: &[WorkloadEndpoint], addr: IpAddr) -> Stri
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "kind")]
 pub enum Finding {
-    /// An address allocated to a handle that no workload endpoint names: its pod is gone
-    /// (a lost DEL) or its ADD is still running. `ipam release --from-report` frees it only
+    /// An address allocated to a pod (its allocation names a container) whose handle no
+    /// workload endpoint names: the pod is gone (a lost DEL) or its ADD is still running. `ipam release --from-report` frees it only
     /// if the handle is still at `handle_revision` and the endpoint is still absent.
     LeakedAddress {
         address: IpAddr,
@@ -241,7 +241,13 @@ pub fn check(snap: &Snapshot, weps: &[WorkloadEndpoint]) -> Report {
     let held: BTreeSet<&str> = weps.iter().map(|w| w.handle.as_str()).collect();
     let mut leaks: BTreeMap<IpAddr, Finding> = BTreeMap::new();
     for (cidr, b) in &snap.blocks {
-        for (addr, a) in b.value.allocated() {
+        // Only a pod's allocation (the CNI plugin records its container) has an endpoint to
+        // miss; tunnel addresses and the like belong to their node.
+        for (addr, a) in b
+            .value
+            .allocated()
+            .filter(|(_, a)| a.attrs.contains_key("containerID"))
+        {
             if !held.contains(a.handle.as_str()) {
                 leaks.insert(
                     addr,

@@ -117,6 +117,17 @@ enum NodeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A tarball for a bug report: the agent's status and metrics, links, addresses,
+    /// routes, neighbours, FDB, Tessera's nft table, and the end of the logs given.
+    Diags {
+        #[arg(long, env = "TESSERA_HEALTH_LISTEN", default_value = "127.0.0.1:9099")]
+        agent: String,
+        /// Log files to include (the last 2000 lines of each), e.g. the agent pod's log.
+        #[arg(long = "log")]
+        logs: Vec<PathBuf>,
+        #[arg(short = 'o', long, default_value = "tessera-diags.tar.gz")]
+        output: PathBuf,
+    },
     /// Declare NODE gone for good: its addresses and blocks are reclaimed at once.
     Decommission {
         node: String,
@@ -382,6 +393,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !status.ready {
                 return Ok(ExitCode::from(1));
             }
+        }
+        Cmd::Node(NodeCmd::Diags {
+            agent,
+            logs,
+            output,
+        }) => {
+            let names = tesseractl::diags::collect(agent, logs, output)
+                .with_context(|| format!("writing {}", output.display()))?;
+            let failed: Vec<&String> = names.iter().filter(|n| n.ends_with(".error")).collect();
+            println!(
+                "{}: {} files{}",
+                output.display(),
+                names.len(),
+                if failed.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({} could not be collected: see {})",
+                        failed.len(),
+                        failed
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            );
         }
         Cmd::Node(NodeCmd::Decommission { node, reason }) => {
             let kv = connect(&cli).await?;

@@ -193,6 +193,7 @@ fixed         10.244.200.0/28  /28    none               no   no
     let req = AssignRequest {
         owner: Owner {
             handle: "k8s-pod-network.lost-del".into(),
+            attrs: [("containerID".to_string(), "lost-del".to_string())].into(),
             ..Default::default()
         },
         num_v4: 2,

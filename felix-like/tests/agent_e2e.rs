@@ -106,6 +106,48 @@ fn pods_talk_across_nodes_in_every_mode_and_leave_through_nat() {
         "the session with the underlay router: {text}"
     );
     assert!(text.contains("Tunnel devices: vxlan.calico"), "{text}");
+    // And the bug-report tarball, collected inside node1.
+    let diags = tempfile::tempdir().expect("tempdir");
+    let tarball = diags.path().join("diags.tar.gz");
+    c.lab.nodes[0]
+        .netns
+        .exec(
+            &tessera_testbed::cluster::bin("tesseractl").to_string_lossy(),
+            &[
+                "node",
+                "diags",
+                "--agent",
+                &format!("unix:{}", c.health_socket("node1").display()),
+                "--log",
+                &c.agent_log("node1").to_string_lossy(),
+                "-o",
+                &tarball.to_string_lossy(),
+            ],
+        )
+        .expect("tesseractl node diags");
+    let unpacked = diags.path().join("x");
+    std::fs::create_dir_all(&unpacked).expect("dir");
+    let ok = std::process::Command::new("tar")
+        .arg("-xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&unpacked)
+        .status()
+        .expect("tar");
+    assert!(ok.success());
+    let read =
+        |f: &str| std::fs::read_to_string(unpacked.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    assert!(read("status.json").contains("\"node\":\"node1\""));
+    assert!(
+        read("routes-v4.json").contains("\"protocol\":\"80\""),
+        "BGP routes of node1"
+    );
+    assert!(read("nft-tessera.json").contains("tessera"));
+    assert!(read("links.json").contains("vxlan.calico"));
+    assert!(std::fs::read_dir(&unpacked)
+        .expect("files")
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().starts_with("log-")));
 
     // The kernel holds what each mode says (node1 on subnet 0; node2 and node4 on subnet 1,
     // node3 on subnet 0 with node1).

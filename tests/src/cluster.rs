@@ -536,6 +536,88 @@ impl Cluster {
         Ok(self.pods.len() - 1)
     }
 
+    /// A CNI ADD killed in its middle, as a node crash or an OOM kill leaves it: the plugin
+    /// runs with debug logs; as soon as it says it assigned addresses and starts wiring,
+    /// etcd is stopped (SIGSTOP, so the endpoint write cannot land), the plugin is killed
+    /// with SIGKILL, and etcd continues. Returns the addresses it had been given and whether
+    /// its endpoint got written anyway (the kill came too late: no leak). The pod's
+    /// namespace goes with its links.
+    pub fn add_pod_killed_mid_add(
+        &mut self,
+        node: &str,
+        pool: &str,
+    ) -> anyhow::Result<(Vec<std::net::IpAddr>, bool)> {
+        use std::io::BufRead;
+        self.pod_seq += 1;
+        let name = format!("{node}-{pool}-killed-{}", self.pod_seq);
+        let intent = PodIntent {
+            ipv4_pools: vec![pool.to_string()],
+            ..Default::default()
+        };
+        self.lab.etcdctl(&[
+            "put",
+            &keys::pod_intent("default", &name),
+            &serde_json::to_string(&intent)?,
+        ])?;
+        let netns = Netns::new(&format!("{}-p{}", self.lab.prefix(), self.pod_seq))?;
+        let container_id = format!("{:064x}", self.pod_seq);
+        let i = self.node_index(node);
+        let plugin = bin("tessera");
+        let mut cmd: Command = self.lab.nodes[i].netns.command(&plugin.to_string_lossy());
+        cmd.env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", &container_id)
+            .env("CNI_NETNS", netns.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", plugin.parent().unwrap_or(Path::new("/")))
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"),
+            )
+            .env("TESSERA_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut conf = tempfile::tempfile()?;
+        conf.write_all(self.cni_config(node, false).as_bytes())?;
+        std::io::Seek::rewind(&mut conf)?;
+        let mut child = Child::spawn_with_stdin(cmd, "the CNI plugin", Stdio::from(conf))?;
+        let stderr = child
+            .take_stderr()
+            .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+        let mut addresses = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line?;
+            if let Some(rest) = line.split("ADD: wiring addresses=[").nth(1) {
+                addresses = rest
+                    .split(']')
+                    .next()
+                    .unwrap_or("")
+                    .split(", ")
+                    .filter_map(|a| a.trim().parse().ok())
+                    .collect();
+                let etcd = self
+                    .lab
+                    .etcd()
+                    .pid()
+                    .map(|p| nix::unistd::Pid::from_raw(p as i32));
+                if let Some(pid) = etcd {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP);
+                }
+                child.kill();
+                if let Some(pid) = etcd {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+                }
+                break;
+            }
+        }
+        drop(child);
+        drop(netns);
+        let recorded = self
+            .lab
+            .etcdctl(&["get", &keys::workload(node, "default", &name, "eth0")])?
+            .contains(&name);
+        Ok((addresses, recorded))
+    }
+
     /// CNI DEL of a pod, and its namespace gone.
     pub fn delete_pod(&mut self, i: usize) -> anyhow::Result<()> {
         let p = self.pods.remove(i);

@@ -14,8 +14,13 @@ pub struct Child {
 
 impl Child {
     /// Spawns `cmd` with stdin closed; stdout/stderr as the command sets them.
-    pub fn spawn(mut cmd: Command, what: &str) -> anyhow::Result<Self> {
-        cmd.stdin(Stdio::null());
+    pub fn spawn(cmd: Command, what: &str) -> anyhow::Result<Self> {
+        Self::spawn_with_stdin(cmd, what, Stdio::null())
+    }
+
+    /// [`Child::spawn`] reading `stdin` (a file, say).
+    pub fn spawn_with_stdin(mut cmd: Command, what: &str, stdin: Stdio) -> anyhow::Result<Self> {
+        cmd.stdin(stdin);
         let inner = cmd
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start {what}: {e}"))?;
