@@ -47,7 +47,8 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Print resources of KIND (ippool, ipreservation, bgppeer, node), or one by NAME.
+    /// Print resources of KIND (ippool, ipreservation, bgpconfiguration, bgppeer, node), or
+    /// one by NAME.
     Get {
         kind: String,
         name: Option<String>,
@@ -259,6 +260,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 r.pools.retain(|x| &x.name == n);
                 r.reservations.retain(|x| &x.name == n);
                 r.bgp_peers.retain(|x| &x.name == n);
+                r.bgp_configs.retain(|x| &x.name == n);
                 r.nodes.retain(|x| &x.name == n);
                 anyhow::ensure!(!r.is_empty(), "{k} {n:?} not found");
             }

@@ -137,6 +137,27 @@ pub fn resources_table(style: Style, kind: Kind, r: &Resources, wide: bool) -> S
                 })
                 .collect(),
         ),
+        Kind::BgpConfiguration => table(
+            style,
+            &["NAME", "AS", "NODE-TO-NODE MESH", "CLUSTER ID"],
+            r.bgp_configs
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.name.clone(),
+                        c.as_number.map_or("-".into(), |a| a.to_string()),
+                        if c.node_to_node_mesh_enabled {
+                            "on"
+                        } else {
+                            "off"
+                        }
+                        .into(),
+                        c.route_reflector_cluster_id
+                            .map_or("-".into(), |a| a.to_string()),
+                    ]
+                })
+                .collect(),
+        ),
         Kind::BgpPeer => {
             let mut header = vec!["NAME", "PEER", "AS", "NODES", "BFD"];
             if wide {
@@ -241,6 +262,11 @@ apiVersion: tessera.dev/v1
 kind: Node
 metadata: { name: node1, labels: { rack: r1 } }
 spec: { ipv4Address: 198.18.0.11/24, asNumber: 64512 }
+---
+apiVersion: tessera.dev/v1
+kind: BGPConfiguration
+metadata: { name: default }
+spec: { asNumber: 64600, nodeToNodeMeshEnabled: false }
 "#;
 
     #[test]
@@ -259,6 +285,13 @@ fixed         10.244.200.0/28  /28    IPIP Always        no   no
             "\
 NAME  PEER        AS     NODES         BFD  PASSWORD
 tor   198.18.0.1  65000  rack == \"r1\"  no   set
+"
+        );
+        assert_eq!(
+            resources_table(Style::Plain, Kind::BgpConfiguration, &r, false),
+            "\
+NAME     AS     NODE-TO-NODE MESH  CLUSTER ID
+default  64600  off                -
 "
         );
         assert_eq!(

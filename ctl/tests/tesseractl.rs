@@ -279,6 +279,22 @@ fixed         10.244.200.0/28  /28    none               no   no
     );
 
     // A pool with addresses in use is not deleted, nor shrunk, unless forced.
+    // The cluster's BGP settings: one record, named default.
+    let bgp = "apiVersion: tessera.dev/v1\nkind: BGPConfiguration\nmetadata: { name: default }\nspec: { asNumber: 64600, nodeToNodeMeshEnabled: false }\n";
+    assert_eq!(
+        ctl.ok(&["apply", "-f", "-"], Some(bgp)),
+        "BGPConfiguration default created\n"
+    );
+    assert_eq!(
+        ctl.ok(&["get", "bgpconfiguration"], None),
+        "NAME     AS     NODE-TO-NODE MESH  CLUSTER ID\ndefault  64600  off                -\n"
+    );
+    let e = ctl.fails(
+        &["apply", "-f", "-"],
+        Some(&bgp.replace("name: default", "name: other")),
+    );
+    assert!(e.contains("named default"), "{e}");
+
     // The explicit "this node is gone".
     ctl.ok(&["node", "decommission", "node1"], None);
     assert!(kv

@@ -16,7 +16,7 @@ use crate::codec::{decode, encode};
 use crate::error::IpamError;
 use crate::keys;
 use crate::kv::{Compare, Kv, Op, Txn};
-use crate::model::{BgpPeer, IpPool, IpReservation, Node};
+use crate::model::{BgpConfiguration, BgpPeer, IpPool, IpReservation, Node};
 use crate::snapshot::Snapshot;
 use crate::yaml::{Kind, Resources};
 
@@ -71,6 +71,7 @@ fn key_of(kind: Kind, name: &str) -> String {
     match kind {
         Kind::IpPool => keys::pool(name),
         Kind::IpReservation => keys::reservation(name),
+        Kind::BgpConfiguration => keys::bgp_config(name),
         Kind::BgpPeer => keys::bgp_peer(name),
         Kind::Node => keys::node(name),
     }
@@ -80,6 +81,7 @@ fn prefix_of(kind: Kind) -> &'static str {
     match kind {
         Kind::IpPool => keys::POOLS,
         Kind::IpReservation => keys::RESERVATIONS,
+        Kind::BgpConfiguration => keys::BGP_CONFIG,
         Kind::BgpPeer => keys::BGP_PEERS,
         Kind::Node => keys::NODES,
     }
@@ -105,6 +107,10 @@ pub async fn read<K: Kv>(kv: &K, kinds: &[Kind]) -> Result<Stored, IpamError> {
                     .resources
                     .reservations
                     .push(decode::<IpReservation>(item)?),
+                Kind::BgpConfiguration => out
+                    .resources
+                    .bgp_configs
+                    .push(decode::<BgpConfiguration>(item)?),
                 Kind::BgpPeer => out.resources.bgp_peers.push(decode::<BgpPeer>(item)?),
                 Kind::Node => out.resources.nodes.push(decode::<Node>(item)?),
             }
@@ -203,6 +209,16 @@ pub async fn write<K: Kv>(
                         })?,
                 )
             }
+            Kind::BgpConfiguration => encode(
+                desired
+                    .bgp_configs
+                    .iter()
+                    .find(|c| c.name == name)
+                    .ok_or_else(|| AdminError::NotFound {
+                        kind,
+                        name: name.clone(),
+                    })?,
+            ),
             Kind::BgpPeer => encode(
                 desired
                     .bgp_peers

@@ -10,6 +10,8 @@ pub const CONFIG_EPOCH: &str = "/tessera/v1/config/epoch";
 pub const POOLS: &str = "/tessera/v1/config/pools/";
 pub const RESERVATIONS: &str = "/tessera/v1/config/reservations/";
 pub const BGP_PEERS: &str = "/tessera/v1/config/bgppeers/";
+/// Cluster-wide BGP settings (one record, `default`).
+pub const BGP_CONFIG: &str = "/tessera/v1/config/bgp/";
 /// Pools, reservations and the epoch, readable in one range request.
 pub const CONFIG: &str = "/tessera/v1/config/";
 
@@ -36,6 +38,9 @@ pub fn cidr_segment(cidr: IpNetwork) -> String {
 
 pub fn pool(name: &str) -> String {
     format!("{POOLS}{name}")
+}
+pub fn bgp_config(name: &str) -> String {
+    format!("{BGP_CONFIG}{name}")
 }
 pub fn bgp_peer(name: &str) -> String {
     format!("{BGP_PEERS}{name}")

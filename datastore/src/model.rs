@@ -286,6 +286,38 @@ pub struct BgpPeer {
     pub bfd: bool,
 }
 
+/// Cluster-wide BGP settings, one record named `default`: `/tessera/v1/config/bgp/default`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpConfiguration {
+    pub name: String,
+    /// The AS of nodes that set none of their own (else each agent's configured default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_number: Option<u32>,
+    /// Nodes peer with each other automatically: the iBGP full mesh, or through the nodes
+    /// labelled route reflector. Off: only the BGPPeers that select a node.
+    #[serde(default = "crate::model::yes")]
+    pub node_to_node_mesh_enabled: bool,
+    /// The cluster id of the route reflectors (default: each reflector's router id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_reflector_cluster_id: Option<std::net::Ipv4Addr>,
+}
+
+pub(crate) fn yes() -> bool {
+    true
+}
+
+impl Default for BgpConfiguration {
+    fn default() -> Self {
+        BgpConfiguration {
+            name: "default".into(),
+            as_number: None,
+            node_to_node_mesh_enabled: true,
+            route_reflector_cluster_id: None,
+        }
+    }
+}
+
 /// What a pod asks of the network, as Calico reads it from pod annotations:
 /// `/tessera/v1/pod-intents/<namespace>/<pod>`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,7 +20,9 @@ use ipnetwork::IpNetwork;
 use serde::Serialize;
 
 use crate::keys;
-use crate::model::{BgpPeer, IpPool, IpPoolSpec, IpReservation, IpReservationSpec, Node};
+use crate::model::{
+    BgpConfiguration, BgpPeer, IpPool, IpPoolSpec, IpReservation, IpReservationSpec, Node,
+};
 use crate::selector::Selector;
 
 pub const API_VERSION: &str = "tessera.dev/v1";
@@ -30,18 +32,26 @@ pub const API_VERSION: &str = "tessera.dev/v1";
 pub enum Kind {
     IpPool,
     IpReservation,
+    BgpConfiguration,
     BgpPeer,
     Node,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::IpPool, Kind::IpReservation, Kind::BgpPeer, Kind::Node];
+    pub const ALL: [Kind; 5] = [
+        Kind::IpPool,
+        Kind::IpReservation,
+        Kind::BgpConfiguration,
+        Kind::BgpPeer,
+        Kind::Node,
+    ];
 
     /// The `kind:` of its documents.
     pub fn name(self) -> &'static str {
         match self {
             Kind::IpPool => "IPPool",
             Kind::IpReservation => "IPReservation",
+            Kind::BgpConfiguration => "BGPConfiguration",
             Kind::BgpPeer => "BGPPeer",
             Kind::Node => "Node",
         }
@@ -54,6 +64,7 @@ impl Kind {
         match l {
             "ippool" | "pool" => Some(Kind::IpPool),
             "ipreservation" | "reservation" => Some(Kind::IpReservation),
+            "bgpconfiguration" | "bgpconfig" => Some(Kind::BgpConfiguration),
             "bgppeer" | "peer" => Some(Kind::BgpPeer),
             "node" | "no" => Some(Kind::Node),
             _ => None,
@@ -72,6 +83,8 @@ pub struct Resources {
     pub pools: Vec<IpPool>,
     pub reservations: Vec<IpReservation>,
     pub bgp_peers: Vec<BgpPeer>,
+    /// The cluster's BGP settings (one record, `default`).
+    pub bgp_configs: Vec<BgpConfiguration>,
     /// Nodes as an operator describes them (addresses, AS, labels); the agent's own fields
     /// (tunnel addresses, identity) are not part of the document.
     pub nodes: Vec<Node>,
@@ -82,6 +95,7 @@ impl Resources {
         self.pools.is_empty()
             && self.reservations.is_empty()
             && self.bgp_peers.is_empty()
+            && self.bgp_configs.is_empty()
             && self.nodes.is_empty()
     }
 
@@ -93,6 +107,11 @@ impl Resources {
             self.reservations
                 .iter()
                 .map(|r| (Kind::IpReservation, r.name.clone())),
+        );
+        out.extend(
+            self.bgp_configs
+                .iter()
+                .map(|c| (Kind::BgpConfiguration, c.name.clone())),
         );
         out.extend(
             self.bgp_peers
@@ -131,6 +150,14 @@ impl Resources {
         for r in &self.reservations {
             out.push(doc(Kind::IpReservation, &r.name, None, json(&r.spec)));
         }
+        for c in &self.bgp_configs {
+            out.push(doc(
+                Kind::BgpConfiguration,
+                &c.name,
+                None,
+                json(&BgpConfigurationSpec::from(c)),
+            ));
+        }
         for p in &self.bgp_peers {
             out.push(doc(
                 Kind::BgpPeer,
@@ -148,6 +175,28 @@ impl Resources {
             ));
         }
         out
+    }
+}
+
+/// A BGPConfiguration document's spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct BgpConfigurationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    as_number: Option<u32>,
+    #[serde(default = "crate::model::yes")]
+    node_to_node_mesh_enabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    route_reflector_cluster_id: Option<std::net::Ipv4Addr>,
+}
+
+impl From<&BgpConfiguration> for BgpConfigurationSpec {
+    fn from(c: &BgpConfiguration) -> Self {
+        BgpConfigurationSpec {
+            as_number: c.as_number,
+            node_to_node_mesh_enabled: c.node_to_node_mesh_enabled,
+            route_reflector_cluster_id: c.route_reflector_cluster_id,
+        }
     }
 }
 
@@ -306,6 +355,34 @@ pub fn parse_resources(text: &str) -> Result<Resources, ResourceError> {
                 out.reservations.push(IpReservation {
                     name: d.metadata.name,
                     spec: d.spec,
+                });
+            }
+            "BGPConfiguration" => {
+                let d = typed::<BgpConfigurationSpec>(doc)
+                    .map_err(|e| parse_err(Some(what.clone()), &e))?;
+                if d.metadata.name != "default" {
+                    return Err(ResourceError::Invalid {
+                        document,
+                        line,
+                        what,
+                        field: "metadata.name".into(),
+                        reason: "the cluster has one BGPConfiguration, named default".into(),
+                    });
+                }
+                if d.spec.as_number == Some(0) {
+                    return Err(ResourceError::Invalid {
+                        document,
+                        line,
+                        what,
+                        field: "spec.asNumber".into(),
+                        reason: "0 is not an AS number".into(),
+                    });
+                }
+                out.bgp_configs.push(BgpConfiguration {
+                    name: d.metadata.name,
+                    as_number: d.spec.as_number,
+                    node_to_node_mesh_enabled: d.spec.node_to_node_mesh_enabled,
+                    route_reflector_cluster_id: d.spec.route_reflector_cluster_id,
                 });
             }
             "BGPPeer" => {

@@ -99,6 +99,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         _ = &mut shutdown => return Ok(()),
     };
     register(&kv, &cfg, &underlay, &identity).await?;
+    // The node's AS: its own (configured, or an operator's on its Node record), else the
+    // cluster's BGPConfiguration's, else the default. Read once: a change needs a restart.
+    let bgp_config = tessera_routed::mesh::bgp_configuration(&kv).await;
+    let asn = get_node(&kv, &cfg.node_name)
+        .await?
+        .and_then(|n| n.as_number)
+        .or(bgp_config.as_number)
+        .unwrap_or(crate::config::DEFAULT_ASN);
     let mut lease = NodeLease::acquire(
         kv.clone(),
         &cfg.node_name,
@@ -129,7 +137,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             anyhow::bail!("the underlay address must be IPv4 (router id)");
         };
         let rcfg = tessera_routed::config::Config {
-            asn: cfg.as_number,
+            asn,
             router_id,
             listen: underlay.v4.ip(),
             listen_port: cfg.bgp.port,
@@ -139,8 +147,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             stable_after_seconds: 60,
             extended_message: false,
             graceful_restart_seconds: cfg.bgp.graceful_restart_seconds,
-            // A node labelled as a route reflector reflects (cluster id: its router id).
-            cluster_id: tessera_routed::mesh::cluster_id(&cfg.labels, router_id),
+            // A node labelled as a route reflector reflects (cluster id: the configured one,
+            // else its router id).
+            cluster_id: tessera_routed::mesh::cluster_id(&cfg.labels, router_id, &bgp_config),
             ecmp: false,
             kernel: Default::default(),
             networks: vec![],
@@ -173,7 +182,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
 
     let me = Me {
         name: cfg.node_name.clone(),
-        asn: cfg.as_number,
+        asn,
         v4: underlay.v4,
         v6: underlay.v6,
     };
@@ -325,7 +334,9 @@ async fn register(
     node.ipv4_address = Some(u.v4);
     node.ipv6_address = u.v6;
     node.labels = cfg.labels.clone();
-    node.as_number = Some(cfg.as_number);
+    if cfg.as_number.is_some() {
+        node.as_number = cfg.as_number;
+    }
     node.vxlan_tunnel_mac = Some(mac_text(vtep_mac(&cfg.node_name)));
     node.agent_identity = Some(identity.to_string());
     node.witness_port = (cfg.witness_port != 0).then_some(cfg.witness_port);

@@ -24,9 +24,10 @@ pub struct AgentConfig {
     /// explicit address with its prefix length.
     #[serde(default)]
     pub ip_autodetection_method: Method,
-    /// `AS`: the node's AS number.
-    #[serde(default = "default_asn")]
-    pub as_number: u32,
+    /// `AS`: the node's AS number. Unset: the one its Node record has (an operator's
+    /// `tesseractl apply`), else the BGPConfiguration's, else 64512.
+    #[serde(default)]
+    pub as_number: Option<u32>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Where the CNI plugin reads the pod MTU (`mtuFile` in its config).
@@ -115,9 +116,8 @@ impl Default for GcSettings {
 fn yes() -> bool {
     true
 }
-fn default_asn() -> u32 {
-    64512
-}
+/// The AS of a node when nothing sets one (Calico's default too).
+pub const DEFAULT_ASN: u32 = 64512;
 fn default_mtu_file() -> PathBuf {
     PathBuf::from("/var/lib/tessera/mtu")
 }
@@ -231,10 +231,10 @@ impl AgentConfig {
             })?;
         }
         if let Some(v) = env("AS") {
-            cfg.as_number = v.parse().map_err(|_| ConfigError::Env {
+            cfg.as_number = Some(v.parse().map_err(|_| ConfigError::Env {
                 var: "AS",
                 message: format!("{v:?} is not an AS number"),
-            })?;
+            })?);
         }
         if let Some(v) = env("TESSERA_HEALTH_LISTEN") {
             cfg.health_listen = v;
@@ -277,7 +277,7 @@ impl AgentConfig {
         self.datastore
             .validate()
             .map_err(|e| ConfigError::Datastore(e.to_string()))?;
-        if self.as_number == 0 {
+        if self.as_number == Some(0) {
             return Err(ConfigError::Invalid {
                 field: "asNumber",
                 message: "0 is not a usable AS number".into(),
@@ -346,7 +346,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.node_name, "node-a");
-        assert_eq!(c.as_number, 65001);
+        assert_eq!(c.as_number, Some(65001));
         assert_eq!(c.bgp.hold_time, 9);
         assert_eq!(
             c.ip_autodetection_method,

@@ -27,6 +27,8 @@ pub struct ClusterView {
     pub nodes: Vec<Node>,
     pub blocks: Vec<IpamBlock>,
     pub bgp_peers: Vec<BgpPeer>,
+    /// The cluster's BGP settings (defaults when no record exists).
+    pub bgp_config: tessera_datastore::model::BgpConfiguration,
     /// Nodes whose liveness lease is held.
     pub live: BTreeSet<String>,
     /// Keys that did not decode (reported, never fatal).
@@ -62,6 +64,11 @@ impl ClusterView {
                 take(k, val, &mut v.blocks, &mut v.corrupt);
             } else if k.starts_with(keys::BGP_PEERS) {
                 take(k, val, &mut v.bgp_peers, &mut v.corrupt);
+            } else if k == keys::bgp_config("default") {
+                match serde_json::from_slice(val) {
+                    Ok(c) => v.bgp_config = c,
+                    Err(_) => v.corrupt.push(k.to_string()),
+                }
             } else if let Some(n) = k.strip_prefix(keys::LIVENESS) {
                 v.live.insert(n.to_string());
             } else if k.starts_with(keys::WORKLOADS) {
@@ -379,6 +386,7 @@ pub fn desired(me: &Me, view: &ClusterView) -> Desired {
         &view.bgp_peers,
         &view.live,
         &holders,
+        &view.bgp_config,
     );
     d.peers = peers;
     d

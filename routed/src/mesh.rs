@@ -11,7 +11,7 @@ use ipnetwork::IpNetwork;
 use tessera_datastore::block::{holders, IpamBlock};
 use tessera_datastore::keys;
 use tessera_datastore::kv::Kv;
-use tessera_datastore::model::{BgpPeer, Node};
+use tessera_datastore::model::{BgpConfiguration, BgpPeer, Node};
 use tokio::sync::mpsc;
 
 use crate::config::PeerConfig;
@@ -66,6 +66,8 @@ pub fn mesh_peers(me: &str, default_asn: u32, nodes: &[Node]) -> Vec<PeerConfig>
 /// their liveness lease (`live`) or still hold blocks or addresses (`holders`), and the
 /// external `BgpPeer`s that select `me`. A lapsed lease alone does not unpeer a node: it may
 /// be cut off from etcd only, its pods running; once reclaimed it holds nothing and goes.
+/// The cluster's [`BgpConfiguration`] applies: its AS for nodes without their own (over
+/// `default_asn`), and with the node-to-node mesh off only the `BgpPeer`s remain.
 pub fn node_peers(
     me: &str,
     default_asn: u32,
@@ -73,13 +75,19 @@ pub fn node_peers(
     bgp_peers: &[BgpPeer],
     live: &BTreeSet<String>,
     holders: &BTreeSet<String>,
+    bgp: &BgpConfiguration,
 ) -> Vec<PeerConfig> {
+    let default_asn = bgp.as_number.unwrap_or(default_asn);
     let meshed: Vec<Node> = nodes
         .iter()
         .filter(|n| n.name == me || live.contains(&n.name) || holders.contains(&n.name))
         .cloned()
         .collect();
-    let mut peers = mesh_peers(me, default_asn, &meshed);
+    let mut peers = if bgp.node_to_node_mesh_enabled {
+        mesh_peers(me, default_asn, &meshed)
+    } else {
+        Vec::new()
+    };
     for e in external_peers(me, &meshed, bgp_peers) {
         if !peers.iter().any(|p| p.address == e.address) {
             peers.push(e);
@@ -89,12 +97,27 @@ pub fn node_peers(
     peers
 }
 
-/// The cluster id of a node labelled as a route reflector: its router id. None otherwise.
-pub fn cluster_id(labels: &BTreeMap<String, String>, router_id: Ipv4Addr) -> Option<Ipv4Addr> {
-    labels
-        .get(REFLECTOR_LABEL)
-        .is_some_and(|v| v == "true")
-        .then_some(router_id)
+/// The cluster id of a node labelled as a route reflector: the configured one, else its
+/// router id. None for other nodes, and with the node-to-node mesh off.
+pub fn cluster_id(
+    labels: &BTreeMap<String, String>,
+    router_id: Ipv4Addr,
+    bgp: &BgpConfiguration,
+) -> Option<Ipv4Addr> {
+    (bgp.node_to_node_mesh_enabled && labels.get(REFLECTOR_LABEL).is_some_and(|v| v == "true"))
+        .then(|| bgp.route_reflector_cluster_id.unwrap_or(router_id))
+}
+
+/// The cluster's BGP settings from the `default` record (the defaults when there is none or
+/// it does not decode).
+pub async fn bgp_configuration<K: Kv>(kv: &K) -> BgpConfiguration {
+    match kv.get(&keys::bgp_config("default")).await {
+        Ok(Some(item)) => serde_json::from_slice(&item.value).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the BGPConfiguration does not decode: using the defaults");
+            BgpConfiguration::default()
+        }),
+        _ => BgpConfiguration::default(),
+    }
 }
 
 /// External peers (`BgpPeer` resources) whose node selector matches node `me`.
@@ -143,6 +166,7 @@ pub async fn follow_datastore<K: Kv>(
             kv.list_keys(keys::LIVENESS),
             kv.get_prefix(keys::BLOCKS),
         );
+        let bgp = bgp_configuration(&kv).await;
         let read = nodes.and_then(|n| Ok((n, bgp_peers?, live?, blocks?)));
         match read {
             Ok(((kvs, _), (pkvs, _), live, (bkvs, _))) => {
@@ -160,6 +184,7 @@ pub async fn follow_datastore<K: Kv>(
                     &external,
                     &live,
                     &holders(&blocks),
+                    &bgp,
                 );
                 let key: Vec<_> = peers
                     .iter()
@@ -260,10 +285,18 @@ mod tests {
         let live: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
         let mut block = IpamBlock::new("10.244.0.0/26".parse().expect("net"), Some("c".into()));
         let peers = |blocks: &[IpamBlock]| {
-            node_peers("a", 64512, &nodes, &[], &live, &holders(blocks))
-                .iter()
-                .map(|p| p.address.to_string())
-                .collect::<Vec<_>>()
+            node_peers(
+                "a",
+                64512,
+                &nodes,
+                &[],
+                &live,
+                &holders(blocks),
+                &BgpConfiguration::default(),
+            )
+            .iter()
+            .map(|p| p.address.to_string())
+            .collect::<Vec<_>>()
         };
         // c's lease lapsed but it holds a block: it may be cut off from etcd only.
         assert_eq!(
@@ -278,13 +311,70 @@ mod tests {
     #[test]
     fn only_a_labelled_node_gets_a_cluster_id() {
         let id = Ipv4Addr::new(198, 18, 0, 10);
+        let bgp = BgpConfiguration::default();
         assert_eq!(
-            cluster_id(&node("a", "198.18.0.10", true).labels, id),
+            cluster_id(&node("a", "198.18.0.10", true).labels, id, &bgp),
             Some(id)
         );
         assert_eq!(
-            cluster_id(&node("a", "198.18.0.10", false).labels, id),
+            cluster_id(&node("a", "198.18.0.10", false).labels, id, &bgp),
             None
         );
+        let configured = BgpConfiguration {
+            route_reflector_cluster_id: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            ..Default::default()
+        };
+        assert_eq!(
+            cluster_id(&node("a", "198.18.0.10", true).labels, id, &configured),
+            Some(Ipv4Addr::new(10, 0, 0, 1))
+        );
+    }
+
+    #[test]
+    fn the_bgp_configuration_sets_the_as_and_turns_the_mesh_off() {
+        let nodes = vec![
+            node("a", "198.18.0.10", false),
+            node("b", "198.18.0.11", false),
+        ];
+        let live: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
+        let tor = BgpPeer {
+            name: "tor".into(),
+            peer_ip: "198.18.0.1".parse().expect("ip"),
+            as_number: 65000,
+            node_selector: tessera_datastore::selector::Selector::all(),
+            password: None,
+            bfd: false,
+        };
+        let peers = |bgp: &BgpConfiguration| {
+            node_peers(
+                "a",
+                64512,
+                &nodes,
+                std::slice::from_ref(&tor),
+                &live,
+                &BTreeSet::new(),
+                bgp,
+            )
+            .iter()
+            .map(|p| (p.address.to_string(), p.asn))
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            peers(&BgpConfiguration::default()),
+            [("198.18.0.1".into(), 65000), ("198.18.0.11".into(), 64512)]
+        );
+        let other_as = BgpConfiguration {
+            as_number: Some(64600),
+            ..Default::default()
+        };
+        assert_eq!(
+            peers(&other_as),
+            [("198.18.0.1".into(), 65000), ("198.18.0.11".into(), 64600)]
+        );
+        let no_mesh = BgpConfiguration {
+            node_to_node_mesh_enabled: false,
+            ..Default::default()
+        };
+        assert_eq!(peers(&no_mesh), [("198.18.0.1".into(), 65000)]);
     }
 }

@@ -80,8 +80,10 @@ async fn main() -> anyhow::Result<()> {
                     let me = tessera_datastore::resources::get_node(&kv, &node)
                         .await
                         .with_context(|| format!("reading node {node}"))?;
-                    cfg.cluster_id =
-                        me.and_then(|n| tessera_routed::mesh::cluster_id(&n.labels, cfg.router_id));
+                    let bgp = tessera_routed::mesh::bgp_configuration(&kv).await;
+                    cfg.cluster_id = me.and_then(|n| {
+                        tessera_routed::mesh::cluster_id(&n.labels, cfg.router_id, &bgp)
+                    });
                 }
                 let period = std::time::Duration::from_secs(1);
                 tokio::spawn(tessera_routed::mesh::follow_datastore(
