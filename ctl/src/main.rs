@@ -354,7 +354,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (None, None) => anyhow::bail!("--ip ADDR or --from-report FILE"),
             };
             let (mut released, mut stale) = (0usize, 0usize);
+            // A bar on a terminal (stderr); nothing when piped.
+            let bar = indicatif::ProgressBar::new(targets.len() as u64);
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} handles")
+            {
+                bar.set_style(style);
+            }
             for t in &targets {
+                bar.inc(1);
                 match admin::release_leaked_handle(
                     &kv,
                     &t.handle,
@@ -366,14 +374,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     admin::LeakRelease::Released(addrs) => {
                         released += addrs.len();
                         let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-                        println!("released {} (handle {})", list.join(", "), t.handle);
+                        bar.suspend(|| {
+                            println!("released {} (handle {})", list.join(", "), t.handle)
+                        });
                     }
                     admin::LeakRelease::Stale(why) => {
                         stale += t.addresses.len();
-                        println!("skipped handle {}: {why}", t.handle);
+                        bar.suspend(|| println!("skipped handle {}: {why}", t.handle));
                     }
                 }
             }
+            bar.finish_and_clear();
             println!("{released} address(es) released, {stale} stale entr(y/ies) skipped");
         }
         Cmd::Node(NodeCmd::Status { agent, node, json }) => {
