@@ -232,7 +232,9 @@ pub struct Report {
 
 pub fn check(snap: &Snapshot, weps: &[WorkloadEndpoint]) -> Report {
     let mut findings = Vec::new();
-    if let Err(v) = snap.check(false) {
+    // Settled: pending or dangling affinities and affine blocks without their record are
+    // reported too (a claim in flight shows once; run check again to tell).
+    if let Err(v) = snap.check(true) {
         findings.extend(
             v.into_iter()
                 .map(|message| Finding::Inconsistency { message }),

@@ -280,11 +280,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let kv = connect(&cli).await?;
             let snap = Snapshot::read(&kv).await?;
             match ip {
-                Some(addr) => {
-                    let weps =
-                        tessera_datastore::resources::list_all_workload_endpoints(&kv).await?;
-                    print!("{}", tesseractl::ipam::show_ip(&snap, &weps, *addr));
-                }
+                Some(addr) => print!(
+                    "{}",
+                    tesseractl::ipam::show_ip(&snap, &snap.workloads, *addr)
+                ),
                 None => print!(
                     "{}",
                     tesseractl::ipam::show(style, &snap, *show_blocks, *show_borrowed)
@@ -293,12 +292,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Ipam(IpamCmd::Check { output }) => {
             let kv = connect(&cli).await?;
-            // Workload endpoints first: an address allocated after this read has its
-            // endpoint written after it too, so it is never counted as leaked by mistake...
-            // unless its ADD is still running (the report says so).
-            let weps = tessera_datastore::resources::list_all_workload_endpoints(&kv).await?;
+            // Everything at one revision: blocks, handles, affinities and endpoints. An ADD
+            // still running then shows as a leak; a release of it is refused once its
+            // endpoint exists, and its endpoint write fails once the release came first.
             let snap = Snapshot::read(&kv).await?;
-            let report = tesseractl::ipam::check(&snap, &weps);
+            let report = tesseractl::ipam::check(&snap, &snap.workloads);
             for f in &report.findings {
                 println!("{f}");
             }
@@ -328,10 +326,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     tesseractl::ipam::leak_targets(&report)
                 }
                 (Some(addr), None) => {
-                    let weps =
-                        tessera_datastore::resources::list_all_workload_endpoints(&kv).await?;
                     let snap = Snapshot::read(&kv).await?;
-                    let report = tesseractl::ipam::check(&snap, &weps);
+                    let weps = &snap.workloads;
+                    let report = tesseractl::ipam::check(&snap, weps);
                     let targets: Vec<_> = tesseractl::ipam::leak_targets(&report)
                         .into_iter()
                         .filter(|t| t.addresses.contains(addr))

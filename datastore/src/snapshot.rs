@@ -11,7 +11,9 @@ use crate::codec::{decode, with_retry};
 use crate::error::IpamError;
 use crate::keys;
 use crate::kv::Kv;
-use crate::model::{AffinityState, BlockAffinity, IpPool, IpReservation, IpamHandle, Node};
+use crate::model::{
+    AffinityState, BlockAffinity, IpPool, IpReservation, IpamHandle, Node, WorkloadEndpoint,
+};
 
 #[derive(Debug, Clone)]
 pub struct Rev<T> {
@@ -32,6 +34,8 @@ pub struct Snapshot {
     pub nodes: BTreeMap<String, Node>,
     /// Nodes whose liveness key exists.
     pub live: HashSet<String>,
+    /// Every pod's endpoint, at the same revision.
+    pub workloads: Vec<WorkloadEndpoint>,
 }
 
 impl Snapshot {
@@ -79,6 +83,8 @@ impl Snapshot {
                 s.nodes.insert(n.name.clone(), n);
             } else if let Some(name) = k.strip_prefix(keys::LIVENESS) {
                 s.live.insert(name.to_string());
+            } else if k.starts_with(keys::WORKLOADS) {
+                s.workloads.push(decode(item)?);
             }
         }
         Ok(s)

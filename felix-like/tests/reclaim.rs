@@ -335,14 +335,24 @@ fn a_decommissioned_node_that_returns_fences_what_went_elsewhere() {
 
     // node3 is alive but cut off; the operator says it is gone.
     f.c.partition_from_etcd("node3").expect("partition");
-    let decommission = serde_json::json!({ "node": "node3", "sinceMs": 0, "reason": "test" });
-    f.c.lab
-        .etcdctl(&[
-            "put",
-            "/tessera/v1/nodestatus/decommissions/node3",
-            &decommission.to_string(),
-        ])
-        .expect("decommission");
+    let ctl = tessera_testbed::cluster::bin("tesseractl");
+    let said =
+        f.c.lab
+            .ctl
+            .exec(
+                &ctl.to_string_lossy(),
+                &[
+                    "--etcd-endpoints",
+                    &f.c.lab.etcd_endpoint(),
+                    "node",
+                    "decommission",
+                    "node3",
+                    "--reason",
+                    "test",
+                ],
+            )
+            .expect("tesseractl node decommission");
+    assert!(said.contains("node node3 decommissioned"), "{said}");
     let took = f.wait_for("node3 reclaimed", Duration::from_secs(30), |f| {
         f.held_by("node3") == 0
     });
