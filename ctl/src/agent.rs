@@ -4,38 +4,9 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::render::{table, Style};
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeStatus {
-    pub node: String,
-    pub live: bool,
-    pub ready: bool,
-    #[serde(default)]
-    pub reason: Option<String>,
-    #[serde(default)]
-    pub bgp_peers: Vec<BgpPeerStatus>,
-    #[serde(default)]
-    pub devices: Vec<String>,
-    #[serde(default)]
-    pub blocks: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BgpPeerStatus {
-    pub address: String,
-    pub asn: u32,
-    pub kind: String,
-    pub state: String,
-    #[serde(default)]
-    pub uptime_seconds: Option<u64>,
-    pub prefixes_received: usize,
-    pub prefixes_sent: usize,
-}
+pub use tessera_datastore::model::{BgpPeerStatus, NodeStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

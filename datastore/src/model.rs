@@ -438,3 +438,35 @@ mod tests {
         assert!(pool("10.244.0.0/16", None).validate().is_ok());
     }
 }
+
+/// What the node agent's `/status` answers (and `tesseractl node status` prints).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub node: String,
+    pub live: bool,
+    pub ready: bool,
+    /// Why it is not live or not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub bgp_peers: Vec<BgpPeerStatus>,
+    #[serde(default)]
+    pub devices: Vec<String>,
+    #[serde(default)]
+    pub blocks: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BgpPeerStatus {
+    pub address: String,
+    pub asn: u32,
+    /// Internal (same AS) or external.
+    pub kind: String,
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_seconds: Option<u64>,
+    pub prefixes_received: usize,
+    pub prefixes_sent: usize,
+}

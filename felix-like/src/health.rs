@@ -48,37 +48,7 @@ pub struct HealthState {
     pub blocks: Vec<String>,
 }
 
-/// What `/status` answers (and `tesseractl node status` prints).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeStatus {
-    pub node: String,
-    pub live: bool,
-    pub ready: bool,
-    /// Why it is not live or not ready.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(default)]
-    pub bgp_peers: Vec<BgpPeerStatus>,
-    #[serde(default)]
-    pub devices: Vec<String>,
-    #[serde(default)]
-    pub blocks: Vec<String>,
-}
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BgpPeerStatus {
-    pub address: String,
-    pub asn: u32,
-    /// Internal (same AS) or external.
-    pub kind: String,
-    pub state: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uptime_seconds: Option<u64>,
-    pub prefixes_received: usize,
-    pub prefixes_sent: usize,
-}
+pub use tessera_datastore::model::{BgpPeerStatus, NodeStatus};
 
 impl HealthState {
     pub fn new(bgp_enabled: bool) -> Self {

@@ -106,7 +106,7 @@ pub fn updates(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::{PathAttr, Update, SAFI_UNICAST};
+    use crate::packet::SAFI_UNICAST;
     use std::net::Ipv4Addr;
 
     fn local() -> Local {
@@ -148,18 +148,10 @@ mod tests {
         let mut out: Vec<u16> = msgs
             .iter()
             .filter_map(|m| match m {
-                Message::Update(u) => Some(u),
+                Message::Update(u) => Some(u.afis()),
                 _ => None,
             })
-            .flat_map(|u: &Update| {
-                let mp = u.attrs.iter().filter_map(|a| match a {
-                    PathAttr::MpReach { afi, .. } | PathAttr::MpUnreach { afi, .. } => Some(*afi),
-                    _ => None,
-                });
-                let v4 = (!u.nlri.is_empty() || !u.withdrawn.is_empty() || u.attrs.is_empty())
-                    .then_some(AFI_IPV4);
-                mp.chain(v4).collect::<Vec<_>>()
-            })
+            .flatten()
             .collect();
         out.sort_unstable();
         out.dedup();

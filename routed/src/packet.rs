@@ -335,6 +335,25 @@ impl Update {
         self.attrs.iter().find(|a| a.code() == code)
     }
 
+    /// The AFIs this UPDATE says anything of: routes, withdrawals, or its End-of-RIB (an
+    /// empty UPDATE is IPv4's), sorted.
+    pub fn afis(&self) -> Vec<u16> {
+        let mut out: Vec<u16> = self
+            .attrs
+            .iter()
+            .filter_map(|a| match a {
+                PathAttr::MpReach { afi, .. } | PathAttr::MpUnreach { afi, .. } => Some(*afi),
+                _ => None,
+            })
+            .collect();
+        if !self.nlri.is_empty() || !self.withdrawn.is_empty() || self.attrs.is_empty() {
+            out.push(AFI_IPV4);
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Every prefix this UPDATE announces, IPv4 and multiprotocol.
     pub fn announced(&self) -> Vec<IpNetwork> {
         let mut out: Vec<IpNetwork> = self.nlri.iter().map(|n| IpNetwork::V4(*n)).collect();

@@ -480,22 +480,7 @@ impl Cluster {
         pool6: Option<&str>,
         name: Option<&str>,
     ) -> anyhow::Result<usize> {
-        self.pod_seq += 1;
-        let name = name
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("{node}-{pool}-{}", self.pod_seq));
-        let intent = PodIntent {
-            ipv4_pools: vec![pool.to_string()],
-            ipv6_pools: pool6.into_iter().map(String::from).collect(),
-            ..Default::default()
-        };
-        self.lab.etcdctl(&[
-            "put",
-            &keys::pod_intent("default", &name),
-            &serde_json::to_string(&intent)?,
-        ])?;
-        let netns = Netns::new(&format!("{}-p{}", self.lab.prefix(), self.pod_seq))?;
-        let container_id = format!("{:064x}", self.pod_seq);
+        let (name, netns, container_id) = self.new_pod(node, pool, pool6, name)?;
         let r = self.cni(
             "ADD",
             &PodRef {
@@ -536,6 +521,35 @@ impl Cluster {
         Ok(self.pods.len() - 1)
     }
 
+    /// A new pod's name (given, or `<node>-<pool>-<n>`), its namespace and container id,
+    /// with its intent (the pools it asks for) in etcd, as the Kubernetes integration writes
+    /// it.
+    fn new_pod(
+        &mut self,
+        node: &str,
+        pool: &str,
+        pool6: Option<&str>,
+        name: Option<&str>,
+    ) -> anyhow::Result<(String, Netns, String)> {
+        self.pod_seq += 1;
+        let name = name
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{node}-{pool}-{}", self.pod_seq));
+        let intent = PodIntent {
+            ipv4_pools: vec![pool.to_string()],
+            ipv6_pools: pool6.into_iter().map(String::from).collect(),
+            ..Default::default()
+        };
+        self.lab.etcdctl(&[
+            "put",
+            &keys::pod_intent("default", &name),
+            &serde_json::to_string(&intent)?,
+        ])?;
+        let netns = Netns::new(&format!("{}-p{}", self.lab.prefix(), self.pod_seq))?;
+        let container_id = format!("{:064x}", self.pod_seq);
+        Ok((name, netns, container_id))
+    }
+
     /// A CNI ADD killed in its middle, as a node crash or an OOM kill leaves it: the plugin
     /// runs with debug logs; as soon as it says it assigned addresses and starts wiring,
     /// etcd is stopped (SIGSTOP, so the endpoint write cannot land), the plugin is killed
@@ -548,19 +562,7 @@ impl Cluster {
         pool: &str,
     ) -> anyhow::Result<(Vec<std::net::IpAddr>, bool)> {
         use std::io::BufRead;
-        self.pod_seq += 1;
-        let name = format!("{node}-{pool}-killed-{}", self.pod_seq);
-        let intent = PodIntent {
-            ipv4_pools: vec![pool.to_string()],
-            ..Default::default()
-        };
-        self.lab.etcdctl(&[
-            "put",
-            &keys::pod_intent("default", &name),
-            &serde_json::to_string(&intent)?,
-        ])?;
-        let netns = Netns::new(&format!("{}-p{}", self.lab.prefix(), self.pod_seq))?;
-        let container_id = format!("{:064x}", self.pod_seq);
+        let (name, netns, container_id) = self.new_pod(node, pool, None, None)?;
         let i = self.node_index(node);
         let plugin = bin("tessera");
         let mut cmd: Command = self.lab.nodes[i].netns.command(&plugin.to_string_lossy());
