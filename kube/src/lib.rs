@@ -1,0 +1,6 @@
+//! Tessera's Kubernetes integration. The pure core: [`intent`] (pod and namespace
+//! annotations and labels to the pod intents the CNI plugin reads) and [`decisions`]
+//! (sticky addresses, leak GC by Calico's rule, Node deletion as decommission).
+
+pub mod decisions;
+pub mod intent;
