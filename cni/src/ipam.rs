@@ -226,6 +226,11 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
     let (existing, intent, warm) =
         tokio::join!(ipam.handle_addresses(&handle), intent, ipam.prefetch());
     let (existing, intent) = (existing?, intent?.unwrap_or_default());
+    if let Some(why) = &intent.invalid {
+        return Err(CniError::invalid_config(format!(
+            "the pod's annotations cannot be followed: {why}"
+        )));
+    }
     warm?;
     let floating_ips = intent.floating_ips.clone();
     let done = |addresses: Vec<IpAddr>| Assigned {

@@ -341,6 +341,10 @@ pub struct PodIntent {
     /// Labels, for owner-selected pools.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Why the pod's annotations cannot be followed (the controller's words): the CNI
+    /// plugin refuses the pod with them rather than fall back to defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<String>,
 }
 
 /// Who a workload is, for stable addresses and owner-selected pools.

@@ -216,6 +216,31 @@ pub async fn put_pod_intent<K: Kv>(
     Ok(())
 }
 
+pub async fn delete_pod_intent<K: Kv>(kv: &K, namespace: &str, pod: &str) -> Result<(), IpamError> {
+    let txn = Txn::new().then(Op::delete(keys::pod_intent(namespace, pod)));
+    with_retry(|| kv.txn(txn.clone())).await?;
+    Ok(())
+}
+
+/// Every pod intent, by (namespace, pod).
+pub async fn list_pod_intents<K: Kv>(
+    kv: &K,
+) -> Result<Vec<((String, String), PodIntent)>, IpamError> {
+    let (items, _) = with_retry(|| kv.get_prefix(keys::POD_INTENTS)).await?;
+    let mut out = Vec::new();
+    for item in &items {
+        let Some((ns, pod)) = item
+            .key
+            .strip_prefix(keys::POD_INTENTS)
+            .and_then(|k| k.split_once('/'))
+        else {
+            continue;
+        };
+        out.push(((ns.to_string(), pod.to_string()), decode(item)?));
+    }
+    Ok(out)
+}
+
 pub async fn get_pod_intent<K: Kv>(
     kv: &K,
     namespace: &str,
