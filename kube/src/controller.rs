@@ -49,7 +49,8 @@ pub fn namespace_view(n: &Namespace) -> NamespaceView {
 
 /// One watcher event of any of the three kinds.
 pub enum Watched {
-    Pod(Event<Pod>),
+    // Boxed: a Pod is far larger than the others.
+    Pod(Box<Event<Pod>>),
     Namespace(Event<Namespace>),
     Node(Event<Node>),
 }
@@ -65,7 +66,7 @@ pub struct Relists {
 impl Relists {
     pub fn change(&mut self, w: Watched) -> Option<Change> {
         match w {
-            Watched::Pod(e) => match e {
+            Watched::Pod(e) => match *e {
                 Event::Init => {
                     self.pods = Some(Vec::new());
                     None
@@ -119,7 +120,7 @@ impl Relists {
 pub fn watches(client: &Client) -> impl Stream<Item = Result<Watched, watcher::Error>> + Send {
     let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .default_backoff()
-        .map(|e| e.map(Watched::Pod));
+        .map(|e| e.map(|e| Watched::Pod(Box::new(e))));
     let namespaces = watcher(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
