@@ -49,10 +49,10 @@ pub fn namespace_view(n: &Namespace) -> NamespaceView {
 
 /// One watcher event of any of the three kinds.
 pub enum Watched {
-    // Boxed: a Pod is far larger than the others.
+    // Boxed: the objects are large and of very different sizes.
     Pod(Box<Event<Pod>>),
-    Namespace(Event<Namespace>),
-    Node(Event<Node>),
+    Namespace(Box<Event<Namespace>>),
+    Node(Box<Event<Node>>),
 }
 
 /// Turns watcher events into [`Change`]s, holding a (re)list back until it is complete.
@@ -82,7 +82,7 @@ impl Relists {
                     name: p.name_any(),
                 }),
             },
-            Watched::Namespace(e) => match e {
+            Watched::Namespace(e) => match *e {
                 Event::Init => {
                     self.namespaces = Some(Vec::new());
                     None
@@ -99,7 +99,7 @@ impl Relists {
                 Event::Apply(n) => Some(Change::NamespaceApplied(namespace_view(&n))),
                 Event::Delete(n) => Some(Change::NamespaceDeleted(n.name_any())),
             },
-            Watched::Node(e) => match e {
+            Watched::Node(e) => match *e {
                 Event::Init => {
                     self.nodes = Some(Vec::new());
                     None
@@ -129,7 +129,7 @@ pub fn watches(client: &Client) -> impl Stream<Item = Result<Watched, watcher::E
     .map(|e| e.map(Watched::Namespace));
     let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
         .default_backoff()
-        .map(|e| e.map(Watched::Node));
+        .map(|e| e.map(|e| Watched::Node(Box::new(e))));
     futures::stream::select(pods, futures::stream::select(namespaces, nodes))
 }
 
