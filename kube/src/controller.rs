@@ -126,7 +126,7 @@ pub fn watches(client: &Client) -> impl Stream<Item = Result<Watched, watcher::E
         watcher::Config::default(),
     )
     .default_backoff()
-    .map(|e| e.map(Watched::Namespace));
+    .map(|e| e.map(|e| Watched::Namespace(Box::new(e))));
     let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .map(|e| e.map(|e| Watched::Node(Box::new(e))));
