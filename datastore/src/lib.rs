@@ -11,6 +11,7 @@
 //! - [`ipam`]: assignment, release and block claims, each write one guarded transaction.
 //! - [`gc`]: repair after crashes and dead or deleted nodes.
 //! - [`liveness`]: node leases.
+//! - [`leader`]: one holder at a time for a job (a key on an etcd lease).
 //! - [`reassert`]: a returning node takes back what is still free and learns what it lost.
 //! - [`snapshot`]: a consistent read of all IPAM state and the invariant checker.
 //!
@@ -25,6 +26,7 @@ pub mod gc;
 pub mod ipam;
 pub mod keys;
 pub mod kv;
+pub mod leader;
 pub mod liveness;
 pub mod model;
 pub mod reassert;

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_datastore::gc::{gc, mark_suspect, reclaim_node, GcOptions, ReclaimGuard, Verdict};
-use tessera_datastore::kv::{Kv, Op, Txn};
+use tessera_datastore::kv::Kv;
+use tessera_datastore::leader;
 use tessera_datastore::model::Suspect;
 use tessera_datastore::resources::list_all_workload_endpoints;
 use tessera_datastore::snapshot::Snapshot;
@@ -90,28 +91,27 @@ impl SuspectState {
     }
 }
 
-struct Leadership {
-    lease: i64,
-    /// The leader key's revision: every reclaim compares it.
-    key_rev: i64,
-}
-
 pub async fn run(kv: EtcdKv, me: String, settings: GcSettings, shared: Arc<Shared>) {
-    let mut leading: Option<Leadership> = None;
+    let mut leading: Option<leader::Leadership> = None;
     let mut orphans_seen: HashMap<String, Instant> = HashMap::new();
     let mut reported: BTreeMap<String, SuspectState> = BTreeMap::new();
     let period = Duration::from_secs(settings.interval_seconds.max(1));
     loop {
         tokio::time::sleep(period).await;
         leading = match leading {
-            Some(l) => match kv.lease_keep_alive(l.lease).await {
-                Ok(ttl) if ttl > 0 => Some(l),
-                _ => {
-                    tracing::warn!("lost GC leadership");
-                    None
+            Some(l) if leader::keep(&kv, &l).await => Some(l),
+            Some(_) => {
+                tracing::warn!("lost GC leadership");
+                None
+            }
+            None => {
+                let l = leader::try_lead(&kv, keys::GC_LEADER, &me, settings.leader_lease_seconds)
+                    .await;
+                if l.is_some() {
+                    tracing::info!(node = me, "GC leader");
                 }
-            },
-            None => try_lead(&kv, &me, settings.leader_lease_seconds).await,
+                l
+            }
         };
         let Some(l) = &leading else {
             orphans_seen.clear();
@@ -131,28 +131,6 @@ pub async fn run(kv: EtcdKv, me: String, settings: GcSettings, shared: Arc<Share
         .await
         {
             tracing::warn!(error = %e, "GC pass failed; next pass retries");
-        }
-    }
-}
-
-async fn try_lead(kv: &EtcdKv, me: &str, ttl: u64) -> Option<Leadership> {
-    let id = kv.lease_grant(ttl.max(2) as i64).await.ok()?;
-    let txn = Txn::new().expect(keys::GC_LEADER, 0).then(Op::Put {
-        key: keys::GC_LEADER.into(),
-        value: me.as_bytes().to_vec(),
-        lease: Some(id),
-    });
-    match kv.txn(txn).await {
-        Ok(o) if o.succeeded => {
-            tracing::info!(node = me, "GC leader");
-            Some(Leadership {
-                lease: id,
-                key_rev: o.revision,
-            })
-        }
-        _ => {
-            let _ = kv.lease_revoke(id).await;
-            None
         }
     }
 }

@@ -5,7 +5,8 @@
 //! deleted while the watch was down is noticed. The only module that spawns nothing but its
 //! own loop: one task.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, ObjectReference, Pod};
@@ -13,7 +14,8 @@ use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, ResourceExt};
-use tessera_datastore::kv::Kv;
+use tessera_datastore::kv::{Kv, Op, Txn};
+use tessera_datastore::leader::{self, Leadership};
 
 use crate::intent::{NamespaceView, PodView};
 use crate::sync::{Change, IntentSync, Write};
@@ -22,6 +24,32 @@ use crate::sync::{Change, IntentSync, Write};
 pub enum ControllerError {
     #[error("datastore: {0}")]
     Datastore(#[from] tessera_datastore::error::IpamError),
+    #[error("lost the controllers' leadership (another replica leads now)")]
+    LostLeadership,
+}
+
+/// Held by the one active replica (the Deployment may run more, on standby).
+pub const LEADER_KEY: &str = "/tessera/v1/kube-controllers/leader";
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This replica's name in the leader key (its pod name).
+    pub identity: String,
+    pub leader_lease_seconds: u64,
+    /// An allocation whose pod is gone, or bound to another node, is released after this.
+    pub leak_grace: Duration,
+    pub gc_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            identity: "tessera-kube-controllers".into(),
+            leader_lease_seconds: 15,
+            leak_grace: Duration::from_secs(120),
+            gc_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 pub fn pod_view(p: &Pod) -> PodView {
@@ -133,24 +161,48 @@ pub fn watches(client: &Client) -> impl Stream<Item = Result<Watched, watcher::E
     futures::stream::select(pods, futures::stream::select(namespaces, nodes))
 }
 
-/// Carries out the state machine's writes.
+/// Carries out the state machine's writes, each guarded by the leader key.
 pub struct Executor<K: Kv> {
     pub kv: K,
     pub recorder: Option<Recorder>,
+    pub leadership: Leadership,
 }
 
 impl<K: Kv> Executor<K> {
+    /// One transaction that holds only while we lead.
+    async fn as_leader(&self, op: Op) -> Result<(), ControllerError> {
+        let txn = Txn::new()
+            .expect(LEADER_KEY, self.leadership.key_rev)
+            .then(op);
+        let out = self
+            .kv
+            .txn(txn)
+            .await
+            .map_err(tessera_datastore::error::IpamError::from)?;
+        if out.succeeded {
+            Ok(())
+        } else {
+            Err(ControllerError::LostLeadership)
+        }
+    }
+
     pub async fn run(&self, writes: Vec<Write>) -> Result<(), ControllerError> {
-        use tessera_datastore::resources::{delete_pod_intent, put_pod_intent};
+        use tessera_datastore::keys::pod_intent;
         for w in writes {
             match w {
                 Write::PutIntent {
                     namespace,
                     name,
                     intent,
-                } => put_pod_intent(&self.kv, &namespace, &name, &intent).await?,
+                } => {
+                    // Plain structs with string keys: serialising cannot fail.
+                    let value = serde_json::to_vec(&intent).unwrap_or_default();
+                    self.as_leader(Op::put(pod_intent(&namespace, &name), value))
+                        .await?
+                }
                 Write::DeleteIntent { namespace, name } => {
-                    delete_pod_intent(&self.kv, &namespace, &name).await?
+                    self.as_leader(Op::delete(pod_intent(&namespace, &name)))
+                        .await?
                 }
                 Write::Decommission(node) => {
                     tracing::info!(%node, "the Kubernetes Node was deleted: decommissioning it");
@@ -193,13 +245,33 @@ impl<K: Kv> Executor<K> {
     }
 }
 
-/// Runs until `shutdown`: the state from the datastore, then every watch event through the
-/// state machine and its writes.
+/// Runs until `shutdown` (or until leadership is lost): waits to lead, takes the state from
+/// the datastore, then feeds every watch event through the state machine and carries out
+/// its writes; every `gc_interval` releases the allocations of pods that are gone.
 pub async fn run<K: Kv + Clone>(
     client: Client,
     kv: K,
+    settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ControllerError> {
+    futures::pin_mut!(shutdown);
+    let leadership = loop {
+        let l = leader::try_lead(
+            &kv,
+            LEADER_KEY,
+            &settings.identity,
+            settings.leader_lease_seconds,
+        )
+        .await;
+        if let Some(l) = l {
+            tracing::info!(identity = %settings.identity, "leading the Kubernetes controllers");
+            break l;
+        }
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
     let existing = tessera_datastore::resources::list_pod_intents(&kv).await?;
     let (nodes, _) = kv
         .get_prefix(tessera_datastore::keys::NODES)
@@ -212,32 +284,201 @@ pub async fn run<K: Kv + Clone>(
         .collect();
     let mut sync = IntentSync::new(existing, datastore_nodes);
     let exec = Executor {
-        kv,
+        kv: kv.clone(),
         recorder: Some(Recorder::new(
             client.clone(),
             Reporter {
                 controller: "tessera-kube-controllers".into(),
-                instance: std::env::var("POD_NAME").ok(),
+                instance: Some(settings.identity.clone()),
             },
         )),
+        leadership,
     };
     let mut relists = Relists::default();
     let events = watches(&client);
     futures::pin_mut!(events);
-    futures::pin_mut!(shutdown);
+    let mut keepalive = tokio::time::interval(Duration::from_secs(
+        (settings.leader_lease_seconds / 3).max(1),
+    ));
+    let mut gc = tokio::time::interval(settings.gc_interval);
+    let mut first_invalid: BTreeMap<String, u64> = BTreeMap::new();
     loop {
-        let next = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            next = events.next() => next,
-        };
-        match next {
-            None => return Ok(()),
-            Some(Err(e)) => tracing::warn!(error = %e, "watch error; retrying"),
-            Some(Ok(w)) => {
-                if let Some(change) = relists.change(w) {
-                    exec.run(sync.apply(change)).await?;
+        tokio::select! {
+            _ = &mut shutdown => {
+                let _ = kv.lease_revoke(leadership.lease).await;
+                return Ok(());
+            }
+            _ = keepalive.tick() => {
+                if !leader::keep(&kv, &leadership).await {
+                    return Err(ControllerError::LostLeadership);
                 }
             }
+            _ = gc.tick() => {
+                if let Some(pods) = sync.bound_pods() {
+                    let grace = settings.leak_grace.as_millis() as u64;
+                    match gc_pass(&kv, &pods, &mut first_invalid, tessera_datastore::now_ms(), grace).await {
+                        Ok(released) if !released.is_empty() => tracing::info!(?released, "released the addresses of pods that are gone"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "leak GC pass failed; the next one retries"),
+                    }
+                }
+            }
+            next = events.next() => match next {
+                None => return Ok(()),
+                Some(Err(e)) => tracing::warn!(error = %e, "watch error; retrying"),
+                Some(Ok(w)) => {
+                    if let Some(change) = relists.change(w) {
+                        exec.run(sync.apply(change)).await?;
+                    }
+                }
+            },
         }
+    }
+}
+
+/// One leak GC pass against the cluster's truth (Calico's rule: an allocation is valid while
+/// its pod exists and is bound to the allocation's node). `pods`: (namespace, name) -> node.
+/// A pod's allocation invalid for `grace_ms` is released with the leak guards (its handle
+/// unchanged, its endpoint absent). Returns the addresses released.
+pub async fn gc_pass<K: Kv + Clone>(
+    kv: &K,
+    pods: &BTreeMap<(String, String), Option<String>>,
+    first_invalid: &mut BTreeMap<String, u64>,
+    now_ms: u64,
+    grace_ms: u64,
+) -> Result<Vec<std::net::IpAddr>, ControllerError> {
+    use crate::decisions::{leak_verdict, LeakVerdict, PodAllocation};
+    use tessera_datastore::admin::{release_leaked_handle, workload_key_of, LeakRelease};
+    let snap = tessera_datastore::snapshot::Snapshot::read(kv).await?;
+    let mut verdicts: BTreeMap<String, (LeakVerdict, Option<String>)> = BTreeMap::new();
+    for b in snap.blocks.values() {
+        for (_, a) in b.value.allocated() {
+            let (Some(_), Some(ns), Some(pod), Some(node)) = (
+                a.attrs.get("containerID"),
+                a.attrs.get("namespace"),
+                a.attrs.get("pod"),
+                a.attrs.get("node"),
+            ) else {
+                continue;
+            };
+            let alloc = PodAllocation {
+                handle: a.handle.clone(),
+                node: node.clone(),
+                namespace: ns.clone(),
+                pod: pod.clone(),
+            };
+            let v = leak_verdict(
+                &alloc,
+                pods,
+                first_invalid.get(&a.handle).copied(),
+                now_ms,
+                grace_ms,
+            );
+            verdicts.insert(a.handle.clone(), (v, workload_key_of(&a.attrs)));
+        }
+    }
+    first_invalid.retain(|h, _| verdicts.contains_key(h));
+    let mut released = Vec::new();
+    for (handle, (v, workload)) in verdicts {
+        match v {
+            LeakVerdict::Valid => {
+                first_invalid.remove(&handle);
+            }
+            LeakVerdict::Waiting { since_ms } => {
+                first_invalid.insert(handle, since_ms);
+            }
+            LeakVerdict::Release => {
+                let rev = snap.handles.get(&handle).map_or(0, |h| h.rev);
+                match release_leaked_handle(kv, &handle, rev, workload.as_deref()).await? {
+                    LeakRelease::Released(a) => released.extend(a),
+                    LeakRelease::Stale(why) => {
+                        tracing::info!(%handle, %why, "leak not released")
+                    }
+                }
+                first_invalid.remove(&handle);
+            }
+        }
+    }
+    Ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_datastore::ipam::{AssignRequest, Ipam, Owner};
+    use tessera_datastore::kv::MemKv;
+
+    async fn allocate(kv: &MemKv, pod: &str, node: &str) -> std::net::IpAddr {
+        let ipam = Ipam::new(kv.clone(), node);
+        let req = AssignRequest {
+            owner: Owner {
+                handle: format!("k8s-pod-network.{pod}.eth0"),
+                attrs: [
+                    ("containerID", pod),
+                    ("namespace", "shop"),
+                    ("pod", pod),
+                    ("ifname", "eth0"),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+                ..Default::default()
+            },
+            num_v4: 1,
+            ..Default::default()
+        };
+        ipam.auto_assign(&req).await.expect("address")[0].addr
+    }
+
+    #[tokio::test]
+    async fn allocations_of_pods_that_are_gone_or_elsewhere_are_released_after_the_grace() {
+        let kv = MemKv::new();
+        let pools = tessera_datastore::yaml::parse_resources(
+            "apiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: { name: p }\nspec: { cidr: 10.244.0.0/24 }\n",
+        )
+        .expect("pool");
+        tessera_datastore::admin::write(
+            &kv,
+            &pools,
+            tessera_datastore::admin::WriteMode::Apply,
+            false,
+        )
+        .await
+        .expect("pool");
+        let web = allocate(&kv, "web", "node1").await;
+        let gone = allocate(&kv, "gone", "node1").await;
+        let moved = allocate(&kv, "moved", "node1").await;
+        let pods: BTreeMap<(String, String), Option<String>> = [
+            (
+                ("shop".to_string(), "web".to_string()),
+                Some("node1".to_string()),
+            ),
+            (
+                ("shop".to_string(), "moved".to_string()),
+                Some("node2".to_string()),
+            ),
+        ]
+        .into();
+        let mut first = BTreeMap::new();
+        let r = gc_pass(&kv, &pods, &mut first, 1_000, 60_000)
+            .await
+            .expect("pass");
+        assert!(r.is_empty(), "within the grace");
+        assert_eq!(first.len(), 2, "gone and moved are waiting");
+        let mut r = gc_pass(&kv, &pods, &mut first, 61_000, 60_000)
+            .await
+            .expect("pass");
+        r.sort();
+        let mut want = vec![gone, moved];
+        want.sort();
+        assert_eq!(r, want);
+        let left: Vec<std::net::IpAddr> = tessera_datastore::snapshot::Snapshot::read(&kv)
+            .await
+            .expect("snap")
+            .allocations()
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        assert_eq!(left, [web]);
     }
 }

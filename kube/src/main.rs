@@ -12,6 +12,12 @@ use tessera_datastore::connection::{DatastoreConfig, DatastoreFlags};
 struct Args {
     #[command(flatten)]
     datastore: DatastoreFlags,
+    /// This replica's name in the leader key.
+    #[arg(long, env = "POD_NAME", default_value = "tessera-kube-controllers")]
+    identity: String,
+    /// A pod's allocation whose pod is gone (or bound elsewhere) is released after this.
+    #[arg(long, default_value_t = 120)]
+    leak_grace_seconds: u64,
 }
 
 #[tokio::main]
@@ -33,6 +39,11 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    tessera_kube_controllers::controller::run(client, kv, shutdown).await?;
+    let settings = tessera_kube_controllers::controller::Settings {
+        identity: args.identity,
+        leak_grace: std::time::Duration::from_secs(args.leak_grace_seconds),
+        ..Default::default()
+    };
+    tessera_kube_controllers::controller::run(client, kv, settings, shutdown).await?;
     Ok(())
 }

@@ -66,6 +66,8 @@ pub struct IntentSync {
     datastore_nodes: BTreeSet<String>,
     /// Nodes Kubernetes has shown us.
     seen_nodes: BTreeSet<String>,
+    /// A complete pod list has been seen: only then is a missing pod known to be gone.
+    pods_listed: bool,
 }
 
 impl IntentSync {
@@ -95,6 +97,7 @@ impl IntentSync {
                 self.sync_pod(&key, &mut out);
             }
             Change::PodsListed(pods) => {
+                self.pods_listed = true;
                 let stale: Vec<PodKey> = self.written.keys().cloned().collect();
                 self.pods = pods
                     .into_iter()
@@ -140,6 +143,17 @@ impl IntentSync {
             }
         }
         out
+    }
+
+    /// Every pod and the node it is bound to, once a complete list has been seen (the leak
+    /// GC's truth); None before.
+    pub fn bound_pods(&self) -> Option<BTreeMap<(String, String), Option<String>>> {
+        self.pods_listed.then(|| {
+            self.pods
+                .iter()
+                .map(|(k, p)| (k.clone(), p.node.clone()))
+                .collect()
+        })
     }
 
     fn decommission(&mut self, deleted: BTreeSet<String>, out: &mut Vec<Write>) {

@@ -192,6 +192,7 @@ async fn watches_relists_and_writes_follow_the_apiserver() {
     let controller = tokio::spawn(tessera_kube_controllers::controller::run(
         client,
         kv.clone(),
+        Default::default(),
         async {
             let _ = stopped.await;
         },
