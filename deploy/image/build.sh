@@ -47,9 +47,9 @@ if [ "$(podman image inspect --format '{{index .Labels "tessera.base"}}' localho
 fi
 
 # The binaries, stripped (the image carries no debug info).
-BINS="tessera-node tessera-routed tesseractl tessera tessera-ipam"
+BINS="tessera-node tessera-routed tesseractl tessera-kube-controllers tessera tessera-ipam"
 if [ "$PROFILE" = release ]; then
-  cargo build --release --quiet $(printf -- '-p %s ' tessera-node tessera-routed tesseractl tessera-cni)
+  cargo build --release --quiet $(printf -- "-p %s " tessera-node tessera-routed tesseractl tessera-kube-controllers tessera-cni)
   OUT=target/release
 else
   cargo build --quiet --workspace --bins

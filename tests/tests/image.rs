@@ -82,7 +82,12 @@ fn the_image_runs_and_installs_the_cni_plugins_idempotently() {
         format!("localhost/tessera:{TAG}")
     );
 
-    for b in ["tessera-node", "tessera-routed", "tesseractl"] {
+    for b in [
+        "tessera-node",
+        "tessera-routed",
+        "tesseractl",
+        "tessera-kube-controllers",
+    ] {
         let v = run_in_image(&[], &[b, "--version"]);
         assert!(
             v.contains(env!("CARGO_PKG_VERSION")),

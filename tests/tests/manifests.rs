@@ -70,58 +70,67 @@ fn the_kubernetes_manifests_validate_and_a_typo_does_not() {
 }
 
 #[test]
-fn the_daemonset_runs_what_the_image_contains() {
-    let ds = std::fs::read_to_string(root().join("deploy/kubernetes/tessera-node.yaml"))
-        .expect("daemonset");
+fn every_workload_runs_what_the_image_contains() {
     let build = std::fs::read_to_string(root().join("deploy/image/build.sh")).expect("build.sh");
     let containerfile =
         std::fs::read_to_string(root().join("deploy/image/Containerfile")).expect("Containerfile");
-    // The image build.sh tags by default: localhost/tessera:<workspace version>.
-    let image = format!("localhost/tessera:{}", env!("CARGO_PKG_VERSION"));
-    let images: Vec<&str> = ds
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("image: "))
-        .map(|l| l.split_whitespace().next().unwrap_or(""))
-        .collect();
-    assert_eq!(
-        images,
-        [image.as_str(), image.as_str()],
-        "init container and agent"
-    );
-    // Every program the DaemonSet runs is where the image puts it.
+    assert!(containerfile.contains("COPY bin/ /usr/local/bin/"));
+    assert!(containerfile.contains("COPY deploy/ /deploy/"));
     let bins_line = build
         .lines()
         .find(|l| l.starts_with("BINS="))
         .expect("BINS in build.sh");
-    assert!(containerfile.contains("COPY bin/ /usr/local/bin/"));
-    assert!(containerfile.contains("COPY deploy/ /deploy/"));
-    for l in ds
-        .lines()
-        .filter(|l| l.trim_start().starts_with("command:"))
-    {
-        let program = l.split('"').nth(1).expect("a command with a program");
-        match program.strip_prefix("/usr/local/bin/") {
-            Some(b) => assert!(
-                bins_line.contains(b),
-                "{b} is not in the image ({bins_line})"
-            ),
-            None => {
-                let file = program.strip_prefix("/deploy/").expect("/deploy/...");
-                assert!(
-                    build.contains(&format!("deploy/{file}")),
-                    "{program}: build.sh does not copy deploy/{file}"
+    // The image build.sh tags by default: localhost/tessera:<workspace version>.
+    let image = format!("localhost/tessera:{}", env!("CARGO_PKG_VERSION"));
+    let mut commands = 0;
+    for m in files("deploy/kubernetes") {
+        let text = std::fs::read_to_string(&m).expect("manifest");
+        for l in text.lines() {
+            if let Some(i) = l.trim().strip_prefix("image: ") {
+                assert_eq!(
+                    i.split_whitespace().next(),
+                    Some(image.as_str()),
+                    "{}",
+                    m.display()
                 );
             }
         }
-        for arg in l.split('"').filter(|a| a.starts_with("/deploy/")) {
-            let file = arg.trim_start_matches("/deploy/");
-            assert!(
-                build.contains(&format!("deploy/{file}")),
-                "{arg} not in the image"
-            );
+        // Every program a container runs is where the image puts it.
+        for l in text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("command:"))
+        {
+            commands += 1;
+            let program = l.split('"').nth(1).expect("a command with a program");
+            match program.strip_prefix("/usr/local/bin/") {
+                Some(b) => assert!(
+                    bins_line.split(['"', ' ']).any(|w| w == b),
+                    "{b} is not in the image ({bins_line})"
+                ),
+                None => {
+                    let file = program.strip_prefix("/deploy/").expect("/deploy/...");
+                    assert!(
+                        build.contains(&format!("deploy/{file}")),
+                        "{program}: build.sh does not copy deploy/{file}"
+                    );
+                }
+            }
+            for arg in l.split('"').filter(|a| a.starts_with("/deploy/")) {
+                let file = arg.trim_start_matches("/deploy/");
+                assert!(
+                    build.contains(&format!("deploy/{file}")),
+                    "{arg} not in the image"
+                );
+            }
         }
     }
+    assert!(
+        commands >= 3,
+        "the agent, its init container and the controllers"
+    );
     // The agent's config path is the ConfigMap's mount and key.
+    let ds = std::fs::read_to_string(root().join("deploy/kubernetes/tessera-node.yaml"))
+        .expect("daemonset");
     assert!(ds.contains("mountPath: /etc/tessera }") && ds.contains("tessera-node.yaml: |"));
 }
 
