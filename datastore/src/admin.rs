@@ -389,6 +389,31 @@ pub async fn release_leaked_handle<K: Kv + Clone>(
     }
 }
 
+/// Releases the addresses of a pod the cluster says is gone (the Kubernetes controllers'
+/// leak GC), with the fencing of a dead node's reclaim: its endpoint record goes first (in a
+/// transaction that holds only if the handle is still at `handle_rev` and the endpoint is as
+/// read), so the node's agent removes the pod's routes; then the addresses, as a leak.
+pub async fn release_gone_pod<K: Kv + Clone>(
+    kv: &K,
+    handle: &str,
+    handle_rev: i64,
+    workload_key: Option<&str>,
+) -> Result<LeakRelease, IpamError> {
+    if let Some(key) = workload_key {
+        if let Some(wep) = kv.get(key).await? {
+            let txn = Txn::new()
+                .expect(keys::handle(handle), handle_rev)
+                .expect(key, wep.mod_revision)
+                .then(Op::delete(key));
+            if !kv.txn(txn).await?.succeeded {
+                return Ok(LeakRelease::Stale(StaleReason::HandleChanged));
+            }
+            tracing::info!(%handle, endpoint = %key, "removed the endpoint of a pod that is gone");
+        }
+    }
+    release_leaked_handle(kv, handle, handle_rev, workload_key).await
+}
+
 /// Where the endpoint of an allocation with these attributes is (the CNI plugin records
 /// node, namespace, pod and interface).
 pub fn workload_key_of(attrs: &crate::block::Attributes) -> Option<String> {
@@ -593,6 +618,33 @@ mod tests {
             .await
             .expect("release");
         assert_eq!(r, LeakRelease::Stale(StaleReason::HandleChanged));
+    }
+
+    #[tokio::test]
+    async fn a_gone_pods_endpoint_goes_first_then_its_addresses() {
+        let kv = kv_with_pool().await;
+        let (handle, rev, key) = leaked(&kv).await;
+        crate::resources::put_workload_endpoint_bound(&kv, &wep(&handle), rev)
+            .await
+            .expect("the pod had its endpoint");
+        let r = release_gone_pod(&kv, &handle, rev, key.as_deref())
+            .await
+            .expect("release");
+        assert!(
+            matches!(r, LeakRelease::Released(ref a) if a.len() == 1),
+            "{r:?}"
+        );
+        assert!(kv
+            .get(key.as_deref().expect("key"))
+            .await
+            .expect("get")
+            .is_none());
+        crate::snapshot::assert_invariants(&kv, false).await;
+        assert!(Snapshot::read(&kv)
+            .await
+            .expect("snap")
+            .allocations()
+            .is_empty());
     }
 
     #[tokio::test]

@@ -338,8 +338,9 @@ pub async fn run<K: Kv + Clone>(
 
 /// One leak GC pass against the cluster's truth (Calico's rule: an allocation is valid while
 /// its pod exists and is bound to the allocation's node). `pods`: (namespace, name) -> node.
-/// A pod's allocation invalid for `grace_ms` is released with the leak guards (its handle
-/// unchanged, its endpoint absent). Returns the addresses released.
+/// A pod's allocation invalid for `grace_ms` is released with the fencing of a dead node's
+/// reclaim (its endpoint removed first, then its addresses, each guarded). Returns the
+/// addresses released.
 pub async fn gc_pass<K: Kv + Clone>(
     kv: &K,
     pods: &BTreeMap<(String, String), Option<String>>,
@@ -348,7 +349,7 @@ pub async fn gc_pass<K: Kv + Clone>(
     grace_ms: u64,
 ) -> Result<Vec<std::net::IpAddr>, ControllerError> {
     use crate::decisions::{leak_verdict, LeakVerdict, PodAllocation};
-    use tessera_datastore::admin::{release_leaked_handle, workload_key_of, LeakRelease};
+    use tessera_datastore::admin::{release_gone_pod, workload_key_of, LeakRelease};
     let snap = tessera_datastore::snapshot::Snapshot::read(kv).await?;
     let mut verdicts: BTreeMap<String, (LeakVerdict, Option<String>)> = BTreeMap::new();
     for b in snap.blocks.values() {
@@ -389,7 +390,7 @@ pub async fn gc_pass<K: Kv + Clone>(
             }
             LeakVerdict::Release => {
                 let rev = snap.handles.get(&handle).map_or(0, |h| h.rev);
-                match release_leaked_handle(kv, &handle, rev, workload.as_deref()).await? {
+                match release_gone_pod(kv, &handle, rev, workload.as_deref()).await? {
                     LeakRelease::Released(a) => released.extend(a),
                     LeakRelease::Stale(why) => {
                         tracing::info!(%handle, %why, "leak not released")
