@@ -413,6 +413,12 @@ impl Cluster {
         })
     }
 
+    /// Starts pod `name` on `node` (namespace `default`) with whatever its intent in etcd
+    /// says, as written by the Kubernetes controllers; returns its index.
+    pub fn add_pod_as_kubernetes_says(&mut self, node: &str, name: &str) -> anyhow::Result<usize> {
+        self.add_pod_as(node, "", None, Some(name))
+    }
+
     /// Starts a pod on `node` with an address from `pool`; returns its index.
     pub fn add_pod(&mut self, node: &str, pool: &str) -> anyhow::Result<usize> {
         self.add_pod_with(node, pool, None)
@@ -535,16 +541,19 @@ impl Cluster {
         let name = name
             .map(str::to_string)
             .unwrap_or_else(|| format!("{node}-{pool}-{}", self.pod_seq));
-        let intent = PodIntent {
-            ipv4_pools: vec![pool.to_string()],
-            ipv6_pools: pool6.into_iter().map(String::from).collect(),
-            ..Default::default()
-        };
-        self.lab.etcdctl(&[
-            "put",
-            &keys::pod_intent("default", &name),
-            &serde_json::to_string(&intent)?,
-        ])?;
+        // An empty pool: the intent is someone else's to write (the Kubernetes controllers).
+        if !pool.is_empty() {
+            let intent = PodIntent {
+                ipv4_pools: vec![pool.to_string()],
+                ipv6_pools: pool6.into_iter().map(String::from).collect(),
+                ..Default::default()
+            };
+            self.lab.etcdctl(&[
+                "put",
+                &keys::pod_intent("default", &name),
+                &serde_json::to_string(&intent)?,
+            ])?;
+        }
         let netns = Netns::new(&format!("{}-p{}", self.lab.prefix(), self.pod_seq))?;
         let container_id = format!("{:064x}", self.pod_seq);
         Ok((name, netns, container_id))
