@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use serde_json::Value;
 use tessera_datastore::block::Attributes;
+use tessera_datastore::kv::Kv;
 use tessera_datastore::model::WorkloadId;
 use tessera_datastore::resources::{get_pod_intent, list_workload_endpoints};
 use tessera_datastore::snapshot::Snapshot;
@@ -240,6 +241,24 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
         without_ipam: false,
         handle_revision: 0,
     };
+    // A sticky pod back (on any node): the addresses its hold kept.
+    if let (true, Some(hold)) = (existing.is_empty(), &intent.sticky_hold) {
+        let moved =
+            tessera_datastore::sticky::transfer(kv, hold, &handle, &pod.attributes(&conf.name))
+                .await?;
+        if !moved.is_empty() {
+            tracing::info!(%handle, %hold, ?moved, "ADD of a sticky pod: its kept addresses");
+            let handle_revision = kv
+                .get(&tessera_datastore::keys::handle(&handle))
+                .await
+                .map_err(tessera_datastore::IpamError::from)?
+                .map_or(0, |h| h.mod_revision);
+            return Ok(Assigned {
+                handle_revision,
+                ..done(moved)
+            });
+        }
+    }
     if !existing.is_empty() {
         tracing::info!(%handle, ?existing, "ADD again for the same container: same addresses");
         return Ok(Assigned {
@@ -336,9 +355,20 @@ pub async fn release(call: Call<'_>) -> Result<(), CniError> {
     match conf.ipam.as_ref() {
         Some(i) if i.ipam_type == TESSERA_IPAM => {
             let _lock = IpamLock::acquire(conf, node).await?;
+            let handle = pod.handle(&conf.name);
+            // A sticky pod leaves: its hold keeps the addresses for its return.
+            let intent = get_pod_intent(kv, &pod.namespace, &pod.name).await?;
+            if let Some(hold) = intent.and_then(|i| i.sticky_hold) {
+                let attrs = Attributes::from([
+                    ("namespace".to_string(), pod.namespace.clone()),
+                    ("pod".to_string(), pod.name.clone()),
+                ]);
+                let kept = tessera_datastore::sticky::transfer(kv, &handle, &hold, &attrs).await?;
+                tracing::info!(%handle, %hold, ?kept, "DEL of a sticky pod: addresses kept");
+                return Ok(());
+            }
             let ipam = Ipam::new(kv.clone(), node);
             // Warm the cache for the empty-block check that follows a release.
-            let handle = pod.handle(&conf.name);
             let (released, warm) = tokio::join!(ipam.release_by_handle(&handle), ipam.prefetch());
             released?;
             warm?;

@@ -13,6 +13,7 @@
 //! - [`liveness`]: node leases.
 //! - [`leader`]: one holder at a time for a job (a key on an etcd lease).
 //! - [`reassert`]: a returning node takes back what is still free and learns what it lost.
+//! - [`sticky`]: a StatefulSet pod's addresses held while it is away.
 //! - [`snapshot`]: a consistent read of all IPAM state and the invariant checker.
 //!
 //! DESIGN.md beside this crate lists the invariants and why they hold.
@@ -33,6 +34,7 @@ pub mod reassert;
 pub mod resources;
 pub mod selector;
 pub mod snapshot;
+pub mod sticky;
 pub mod yaml;
 
 pub use codec::{now_ms, TRANSIENT_RETRY_BUDGET};

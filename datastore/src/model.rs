@@ -345,6 +345,10 @@ pub struct PodIntent {
     /// plugin refuses the pod with them rather than fall back to defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invalid: Option<String>,
+    /// A sticky StatefulSet pod: the handle that keeps its addresses while it is away
+    /// (`crate::sticky`). DEL hands the addresses to it, the next ADD takes them back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_hold: Option<String>,
 }
 
 /// Who a workload is, for stable addresses and owner-selected pools.

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, Node, ObjectReference, Pod};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, watcher, Event};
@@ -17,6 +18,7 @@ use kube::{Api, Client, ResourceExt};
 use tessera_datastore::kv::{Kv, Op, Txn};
 use tessera_datastore::leader::{self, Leadership};
 
+use crate::decisions::{StatefulSetView, StickyHold};
 use crate::intent::{NamespaceView, PodView};
 use crate::sync::{Change, IntentSync, Write};
 
@@ -75,12 +77,26 @@ pub fn namespace_view(n: &Namespace) -> NamespaceView {
     }
 }
 
-/// One watcher event of any of the three kinds.
+pub fn statefulset_view(s: &StatefulSet) -> StatefulSetView {
+    StatefulSetView {
+        namespace: s.namespace().unwrap_or_default(),
+        name: s.name_any(),
+        replicas: s
+            .spec
+            .as_ref()
+            .and_then(|sp| sp.replicas)
+            .map_or(1, |r| u32::try_from(r).unwrap_or(0)),
+        annotations: s.annotations().clone(),
+    }
+}
+
+/// One watcher event of any of the kinds watched.
 pub enum Watched {
     // Boxed: the objects are large and of very different sizes.
     Pod(Box<Event<Pod>>),
     Namespace(Box<Event<Namespace>>),
     Node(Box<Event<Node>>),
+    StatefulSet(Box<Event<StatefulSet>>),
 }
 
 /// Turns watcher events into [`Change`]s, holding a (re)list back until it is complete.
@@ -89,6 +105,7 @@ pub struct Relists {
     pods: Option<Vec<PodView>>,
     namespaces: Option<Vec<NamespaceView>>,
     nodes: Option<Vec<String>>,
+    sets: Option<Vec<StatefulSetView>>,
 }
 
 impl Relists {
@@ -140,11 +157,31 @@ impl Relists {
                 Event::Apply(n) => Some(Change::NodeApplied(n.name_any())),
                 Event::Delete(n) => Some(Change::NodeDeleted(n.name_any())),
             },
+            Watched::StatefulSet(e) => match *e {
+                Event::Init => {
+                    self.sets = Some(Vec::new());
+                    None
+                }
+                Event::InitApply(s) => {
+                    self.sets
+                        .get_or_insert_with(Vec::new)
+                        .push(statefulset_view(&s));
+                    None
+                }
+                Event::InitDone => Some(Change::StatefulSetsListed(
+                    self.sets.take().unwrap_or_default(),
+                )),
+                Event::Apply(s) => Some(Change::StatefulSetApplied(statefulset_view(&s))),
+                Event::Delete(s) => Some(Change::StatefulSetDeleted {
+                    namespace: s.namespace().unwrap_or_default(),
+                    name: s.name_any(),
+                }),
+            },
         }
     }
 }
 
-/// The three watches as one stream (each retried with kube-rs's default backoff).
+/// The watches as one stream (each retried with kube-rs's default backoff).
 pub fn watches(client: &Client) -> impl Stream<Item = Result<Watched, watcher::Error>> + Send {
     let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .default_backoff()
@@ -158,7 +195,16 @@ pub fn watches(client: &Client) -> impl Stream<Item = Result<Watched, watcher::E
     let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .map(|e| e.map(|e| Watched::Node(Box::new(e))));
-    futures::stream::select(pods, futures::stream::select(namespaces, nodes))
+    let sets = watcher(
+        Api::<StatefulSet>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|e| e.map(|e| Watched::StatefulSet(Box::new(e))));
+    futures::stream::select(
+        futures::stream::select(pods, namespaces),
+        futures::stream::select(nodes, sets),
+    )
 }
 
 /// Carries out the state machine's writes, each guarded by the leader key.
@@ -314,6 +360,9 @@ pub async fn run<K: Kv + Clone>(
                 }
             }
             _ = gc.tick() => {
+                if let Err(e) = release_holds(&kv, &mut sync, &exec).await {
+                    tracing::warn!(error = %e, "sticky hold pass failed; the next one retries");
+                }
                 if let Some(pods) = sync.bound_pods() {
                     let grace = settings.leak_grace.as_millis() as u64;
                     match gc_pass(&kv, &pods, &mut first_invalid, tessera_datastore::now_ms(), grace).await {
@@ -334,6 +383,46 @@ pub async fn run<K: Kv + Clone>(
             },
         }
     }
+}
+
+/// Releases the sticky holds whose StatefulSet is gone, no longer sticky or scaled below
+/// them (and the intents kept for their pods).
+async fn release_holds<K: Kv + Clone>(
+    kv: &K,
+    sync: &mut IntentSync,
+    exec: &Executor<K>,
+) -> Result<(), ControllerError> {
+    use tessera_datastore::sticky::{parse_hold, HOLD_PREFIX};
+    let prefix = format!("{}{HOLD_PREFIX}", tessera_datastore::keys::HANDLES);
+    let keys = kv
+        .list_keys(&prefix)
+        .await
+        .map_err(tessera_datastore::error::IpamError::from)?;
+    let holds: Vec<StickyHold> = keys
+        .iter()
+        .filter_map(|(k, _)| k.strip_prefix(tessera_datastore::keys::HANDLES))
+        .filter_map(parse_hold)
+        .map(|(namespace, statefulset, ordinal)| StickyHold {
+            namespace,
+            statefulset,
+            ordinal,
+        })
+        .collect();
+    let Some(release) = sync.holds_to_release(&holds) else {
+        return Ok(());
+    };
+    let ipam = tessera_datastore::Ipam::new(kv.clone(), "");
+    for h in release {
+        let handle =
+            tessera_datastore::sticky::hold_handle(&h.namespace, &h.statefulset, h.ordinal);
+        let freed = ipam.release_by_handle(&handle).await?;
+        tracing::info!(%handle, ?freed, "released a sticky hold (StatefulSet gone, opted out or scaled down)");
+        let pod = format!("{}-{}", h.statefulset, h.ordinal);
+        if let Some(w) = sync.forget_kept_intent(&h.namespace, &pod) {
+            exec.run(vec![w]).await?;
+        }
+    }
+    Ok(())
 }
 
 /// One leak GC pass against the cluster's truth (Calico's rule: an allocation is valid while

@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tessera_datastore::model::PodIntent;
 
-use crate::decisions::nodes_to_decommission;
+use crate::decisions::{
+    holds_to_release, is_sticky, nodes_to_decommission, ordinal, StatefulSetView, StickyHold,
+};
 use crate::intent::{pod_intent, NamespaceView, PodView};
 
 type PodKey = (String, String);
@@ -25,6 +27,12 @@ pub enum Change {
     NamespaceApplied(NamespaceView),
     NamespaceDeleted(String),
     NamespacesListed(Vec<NamespaceView>),
+    StatefulSetApplied(StatefulSetView),
+    StatefulSetDeleted {
+        namespace: String,
+        name: String,
+    },
+    StatefulSetsListed(Vec<StatefulSetView>),
     NodeApplied(String),
     NodeDeleted(String),
     /// Every node, after the node watch (re)started: nodes seen before and missing now
@@ -68,6 +76,9 @@ pub struct IntentSync {
     seen_nodes: BTreeSet<String>,
     /// A complete pod list has been seen: only then is a missing pod known to be gone.
     pods_listed: bool,
+    sets: BTreeMap<(String, String), StatefulSetView>,
+    /// A complete StatefulSet list has been seen: only then may holds be released.
+    sets_listed: bool,
 }
 
 impl IntentSync {
@@ -127,6 +138,28 @@ impl IntentSync {
                     self.sync_namespace(&n, &mut out);
                 }
             }
+            Change::StatefulSetApplied(set) => {
+                let key = (set.namespace.clone(), set.name.clone());
+                self.sets.insert(key.clone(), set);
+                self.sync_set(&key, &mut out);
+            }
+            Change::StatefulSetDeleted { namespace, name } => {
+                let key = (namespace, name);
+                self.sets.remove(&key);
+                self.sync_set(&key, &mut out);
+            }
+            Change::StatefulSetsListed(list) => {
+                self.sets_listed = true;
+                let mut keys: BTreeSet<PodKey> = self.sets.keys().cloned().collect();
+                self.sets = list
+                    .into_iter()
+                    .map(|s| ((s.namespace.clone(), s.name.clone()), s))
+                    .collect();
+                keys.extend(self.sets.keys().cloned());
+                for k in keys {
+                    self.sync_set(&k, &mut out);
+                }
+            }
             Change::NodeApplied(n) => {
                 self.seen_nodes.insert(n.clone());
                 self.datastore_nodes.insert(n);
@@ -143,6 +176,61 @@ impl IntentSync {
             }
         }
         out
+    }
+
+    /// The holds (from the datastore's handles) to release now: their StatefulSet is gone,
+    /// no longer sticky, or scaled below them, and their pod is not running. None until
+    /// complete StatefulSet and pod lists have been seen.
+    pub fn holds_to_release(&self, holds: &[StickyHold]) -> Option<Vec<StickyHold>> {
+        if !self.sets_listed || !self.pods_listed {
+            return None;
+        }
+        let sets: Vec<StatefulSetView> = self.sets.values().cloned().collect();
+        let namespaces: Vec<NamespaceView> = self.namespaces.values().cloned().collect();
+        Some(
+            holds_to_release(holds, &sets, &namespaces)
+                .into_iter()
+                .filter(|h| {
+                    let pod = format!("{}-{}", h.statefulset, h.ordinal);
+                    !self.pods.contains_key(&(h.namespace.clone(), pod))
+                })
+                .collect(),
+        )
+    }
+
+    /// A released hold's pod keeps no intent (it was kept only for the hold).
+    pub fn forget_kept_intent(&mut self, namespace: &str, pod: &str) -> Option<Write> {
+        let key = (namespace.to_string(), pod.to_string());
+        if self.pods.contains_key(&key) {
+            return None;
+        }
+        self.written.remove(&key).map(|_| Write::DeleteIntent {
+            namespace: key.0,
+            name: key.1,
+        })
+    }
+
+    fn sync_set(&mut self, key: &PodKey, out: &mut Vec<Write>) {
+        let pods: Vec<PodKey> = self
+            .pods
+            .iter()
+            .filter(|((ns, _), p)| *ns == key.0 && p.statefulset.as_deref() == Some(key.1.as_str()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in pods {
+            self.sync_pod(&k, out);
+        }
+    }
+
+    /// The hold of a pod of a sticky StatefulSet, within its replicas.
+    fn sticky_hold(&self, pod: &PodView) -> Option<String> {
+        let set_name = pod.statefulset.as_deref()?;
+        let o = ordinal(&pod.name, set_name)?;
+        let set = self
+            .sets
+            .get(&(pod.namespace.clone(), set_name.to_string()))?;
+        (is_sticky(set, self.namespaces.get(&pod.namespace)) && o < set.replicas)
+            .then(|| tessera_datastore::sticky::hold_handle(&pod.namespace, set_name, o))
     }
 
     /// Every pod and the node it is bound to, once a complete list has been seen (the leak
@@ -176,14 +264,25 @@ impl IntentSync {
         let (namespace, name) = key.clone();
         let Some(pod) = self.pods.get(key) else {
             self.warned.remove(key);
+            // A sticky pod's intent stays while it is away: its DEL (which may come after
+            // the pod object is gone) hands its addresses to the hold the intent names.
+            if self
+                .written
+                .get(key)
+                .is_some_and(|i| i.sticky_hold.is_some())
+            {
+                return;
+            }
             if self.written.remove(key).is_some() {
                 out.push(Write::DeleteIntent { namespace, name });
             }
             return;
         };
+        let hold = self.sticky_hold(pod);
         let wanted = match pod_intent(pod, self.namespaces.get(&pod.namespace)) {
-            Ok(i) => {
+            Ok(mut i) => {
                 self.warned.remove(key);
+                i.sticky_hold = hold;
                 i
             }
             Err(e) => {
@@ -304,6 +403,66 @@ mod tests {
             name: "gone".into()
         }));
         assert_eq!(puts(&w).len(), 1);
+    }
+
+    #[test]
+    fn a_sticky_statefulset_pod_names_its_hold_and_keeps_its_intent_while_away() {
+        let mut s = IntentSync::default();
+        s.apply(Change::PodsListed(vec![]));
+        s.apply(Change::StatefulSetsListed(vec![StatefulSetView {
+            namespace: "shop".into(),
+            name: "ledger".into(),
+            replicas: 2,
+            annotations: [(
+                crate::decisions::STICKY_ANNOTATION.to_string(),
+                "true".to_string(),
+            )]
+            .into(),
+        }]));
+        let mut p = pod("shop", "ledger-1", &[]);
+        p.statefulset = Some("ledger".into());
+        let w = s.apply(Change::PodApplied(p));
+        assert_eq!(
+            puts(&w)[0].1.sticky_hold.as_deref(),
+            Some("sticky.shop.ledger.1")
+        );
+        // Deleted: the intent stays for its DEL and its return.
+        let w = s.apply(Change::PodDeleted {
+            namespace: "shop".into(),
+            name: "ledger-1".into(),
+        });
+        assert!(w.is_empty(), "{w:?}");
+        let hold = StickyHold {
+            namespace: "shop".into(),
+            statefulset: "ledger".into(),
+            ordinal: 1,
+        };
+        assert_eq!(
+            s.holds_to_release(std::slice::from_ref(&hold)),
+            Some(vec![])
+        );
+        // Scaled to one: ordinal 1's hold goes, and the intent kept for it.
+        s.apply(Change::StatefulSetApplied(StatefulSetView {
+            namespace: "shop".into(),
+            name: "ledger".into(),
+            replicas: 1,
+            annotations: [(
+                crate::decisions::STICKY_ANNOTATION.to_string(),
+                "true".to_string(),
+            )]
+            .into(),
+        }));
+        assert_eq!(
+            s.holds_to_release(std::slice::from_ref(&hold)),
+            Some(vec![hold.clone()])
+        );
+        assert_eq!(
+            s.forget_kept_intent("shop", "ledger-1"),
+            Some(Write::DeleteIntent {
+                namespace: "shop".into(),
+                name: "ledger-1".into()
+            })
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! the controllers. Checked: a labelled pod gets its address from the pool its label owns and
 //! an unlabelled one does not; a pod deleted without its CNI DEL (a lost DEL) has its
 //! endpoint and addresses released after the grace period; a deleted Node is decommissioned
-//! and its addresses reclaimed at once.
+//! and its addresses reclaimed at once; a sticky StatefulSet pod gets its address back on
+//! another node, nobody takes it meanwhile, and a scale-down frees it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -37,6 +38,7 @@ fn resource_of(path: &str) -> Option<&'static str> {
         "/api/v1/pods" => Some("pods"),
         "/api/v1/namespaces" => Some("namespaces"),
         "/api/v1/nodes" => Some("nodes"),
+        "/apis/apps/v1/statefulsets" => Some("statefulsets"),
         _ => None,
     }
 }
@@ -45,7 +47,16 @@ fn kind_of(resource: &str) -> &'static str {
     match resource {
         "pods" => "Pod",
         "namespaces" => "Namespace",
+        "statefulsets" => "StatefulSet",
         _ => "Node",
+    }
+}
+
+fn api_version_of(resource: &str) -> &'static str {
+    if resource == "statefulsets" {
+        "apps/v1"
+    } else {
+        "v1"
     }
 }
 
@@ -98,7 +109,7 @@ async fn fake_apiserver(mut handle: Handle, mut pushes: mpsc::UnboundedReceiver<
                     }
                 } else {
                     let items: Vec<Value> = objects.get(r).map(|m| m.values().cloned().collect()).unwrap_or_default();
-                    let list = json!({ "apiVersion": "v1", "kind": format!("{}List", kind_of(r)),
+                    let list = json!({ "apiVersion": api_version_of(r), "kind": format!("{}List", kind_of(r)),
                         "metadata": { "resourceVersion": rv.to_string() }, "items": items });
                     respond(send, serde_json::to_vec(&list).expect("json"));
                 }
@@ -131,6 +142,24 @@ fn pod(name: &str, node: &str, labels: Value) -> Value {
     json!({ "apiVersion": "v1", "kind": "Pod",
         "metadata": { "name": name, "namespace": "default", "labels": labels, "uid": format!("uid-{name}") },
         "spec": { "nodeName": node, "containers": [{ "name": "c", "image": "x" }] } })
+}
+
+fn statefulset(name: &str, replicas: u32) -> Value {
+    json!({ "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": { "name": name, "namespace": "default", "uid": format!("uid-{name}"),
+                      "annotations": { "tessera.dev/sticky-addresses": "true" } },
+        "spec": { "replicas": replicas, "serviceName": name,
+                  "selector": { "matchLabels": { "app": "ledger" } },
+                  "template": { "metadata": { "labels": { "app": "ledger" } },
+                                "spec": { "containers": [{ "name": "c", "image": "x" }] } } } })
+}
+
+/// A pod the StatefulSet `set` owns.
+fn owned_pod(name: &str, node: &str, set: &str) -> Value {
+    let mut p = pod(name, node, json!({ "app": "ledger" }));
+    p["metadata"]["ownerReferences"] = json!([{ "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "name": set, "uid": format!("uid-{set}"), "controller": true }]);
+    p
 }
 
 fn node(name: &str) -> Value {
@@ -293,6 +322,63 @@ fn the_controllers_output_drives_pods_leaks_and_node_deletion() {
         "node3's addresses reclaimed",
         Duration::from_secs(60),
         || !allocated(&c, c.pods[d].ip),
+    );
+
+    // Sticky addresses: the StatefulSet opts in; its pod ledger-1 leaves node1 (DEL, then
+    // the object goes), another ledger pod comes meanwhile, and ledger-1 is recreated on
+    // node2 with the address it had. Scaled below it, the address is free again.
+    push.send(Push::Add("statefulsets", statefulset("ledger", 2)))
+        .expect("push");
+    let sticky = owned_pod("ledger-1", "node1", "ledger");
+    push.send(Push::Add("pods", sticky.clone())).expect("push");
+    wait_for(
+        "ledger-1's intent with its hold",
+        Duration::from_secs(20),
+        || intent_of(&c, "ledger-1").is_some_and(|i| i["stickyHold"] == "sticky.default.ledger.1"),
+    );
+    let s1 = c
+        .add_pod_as_kubernetes_says("node1", "ledger-1")
+        .expect("ledger-1");
+    let kept_ip = c.pods[s1].ip;
+    assert!(owned.contains(kept_ip.into()), "{kept_ip}");
+    c.delete_pod(s1).expect("DEL of ledger-1");
+    push.send(Push::Delete("pods", sticky)).expect("push");
+    assert!(allocated(&c, kept_ip), "held while ledger-1 is away");
+    push.send(Push::Add(
+        "pods",
+        pod("ledger-2", "node2", json!({ "app": "ledger" })),
+    ))
+    .expect("push");
+    wait_for("ledger-2's intent", Duration::from_secs(20), || {
+        intent_of(&c, "ledger-2").is_some()
+    });
+    let other = c
+        .add_pod_as_kubernetes_says("node2", "ledger-2")
+        .expect("ledger-2");
+    assert_ne!(c.pods[other].ip, kept_ip, "nobody takes a held address");
+    let back = owned_pod("ledger-1", "node2", "ledger");
+    push.send(Push::Add("pods", back.clone())).expect("push");
+    let s1 = c
+        .add_pod_as_kubernetes_says("node2", "ledger-1")
+        .expect("ledger-1 again");
+    assert_eq!(
+        c.pods[s1].ip, kept_ip,
+        "ledger-1 back on node2 with its address"
+    );
+    // Scaled to one: ledger-1 goes for good and so does its hold.
+    c.delete_pod(s1).expect("DEL");
+    push.send(Push::Delete("pods", back)).expect("push");
+    push.send(Push::Add("statefulsets", statefulset("ledger", 1)))
+        .expect("push");
+    wait_for(
+        "the hold released after the scale-down",
+        Duration::from_secs(20),
+        || !allocated(&c, kept_ip),
+    );
+    wait_for(
+        "ledger-1's kept intent removed",
+        Duration::from_secs(20),
+        || intent_of(&c, "ledger-1").is_none(),
     );
 
     let _ = stop_tx.send(());
