@@ -219,7 +219,7 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
     // Independent reads, concurrently.
     let intent = async {
         if pod.named {
-            get_pod_intent(kv, &pod.namespace, &pod.name).await
+            intent_or_apiserver(kv, conf, pod).await
         } else {
             Ok(None)
         }
@@ -340,6 +340,65 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
         handle_revision: ipam.handle_revision(&handle).await?,
         ..done(got.into_iter().map(|a| a.addr).collect())
     })
+}
+
+/// How long an ADD waits for the Kubernetes controllers to write a pod's intent before it
+/// asks the apiserver itself.
+const INTENT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The pod's intent: the datastore's; with a kubeconfig and none there yet (the controllers
+/// have not seen the pod), after a short wait, the pod and its namespace read from the
+/// apiserver and mapped the way the controllers map them. An annotation is never ignored.
+async fn intent_or_apiserver(
+    kv: &EtcdKv,
+    conf: &NetConf,
+    pod: &PodId,
+) -> Result<Option<tessera_datastore::model::PodIntent>, CniError> {
+    let found = get_pod_intent(kv, &pod.namespace, &pod.name).await?;
+    let Some(k) = conf.kubernetes.as_ref().filter(|_| found.is_none()) else {
+        return Ok(found);
+    };
+    let deadline = tokio::time::Instant::now() + INTENT_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if let Some(i) = get_pod_intent(kv, &pod.namespace, &pod.name).await? {
+            return Ok(Some(i));
+        }
+    }
+    tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "no intent yet: reading the pod from the apiserver");
+    let unreachable = |e: &dyn std::fmt::Display| {
+        CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!(
+                "the pod's intent is not in the datastore and the apiserver did not answer: {e}"
+            ),
+        )
+    };
+    let kubeconfig = kube::config::Kubeconfig::read_from(&k.kubeconfig).map_err(|e| {
+        CniError::invalid_config(format!("kubernetes.kubeconfig {}: {e}", k.kubeconfig))
+    })?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .map_err(|e| {
+            CniError::invalid_config(format!("kubernetes.kubeconfig {}: {e}", k.kubeconfig))
+        })?;
+    let client = kube::Client::try_from(config).map_err(|e| unreachable(&e))?;
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    let p: Pod = kube::Api::namespaced(client.clone(), &pod.namespace)
+        .get(&pod.name)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let ns: Option<Namespace> = kube::Api::all(client)
+        .get_opt(&pod.namespace)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    use tessera_kube_controllers::controller::{namespace_view, pod_view};
+    let ns_view = ns.as_ref().map(namespace_view);
+    tessera_kube_controllers::intent::pod_intent(&pod_view(&p), ns_view.as_ref())
+        .map(Some)
+        .map_err(|e| {
+            CniError::invalid_config(format!("the pod's annotations cannot be followed: {e}"))
+        })
 }
 
 /// Releases the pod's addresses (idempotent).

@@ -191,6 +191,10 @@ pub struct NetConf {
     pub mtu: Option<u32>,
     #[serde(default)]
     pub datastore: DatastoreConf,
+    /// The apiserver, for a pod whose intent the Kubernetes controllers have not written
+    /// yet (install-cni.sh writes the kubeconfig, as Calico's install does).
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConf>,
     /// This node's name in the datastore; else TESSERA_NODENAME, else `nodenameFile`, else
     /// the hostname.
     #[serde(default)]
@@ -217,6 +221,12 @@ pub struct NetConf {
     /// Everything else (capabilities, other plugins' settings) passes through untouched.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubernetesConf {
+    pub kubeconfig: String,
 }
 
 /// The datastore settings every Tessera binary shares (names, defaults, TLS).

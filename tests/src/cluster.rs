@@ -149,6 +149,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     spec: ClusterSpec,
     pod_seq: usize,
+    /// Fields added to the CNI configuration (e.g. `kubernetes`).
+    pub cni_extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Cluster {
@@ -167,6 +169,7 @@ impl Cluster {
             dir,
             spec,
             pod_seq: 0,
+            cni_extra: Default::default(),
         };
         c.agents = (0..c.lab.nodes.len()).map(|_| None).collect();
         if c.spec.router_bgp {
@@ -350,7 +353,7 @@ impl Cluster {
     }
 
     fn cni_config(&self, node: &str, ipv6: bool) -> String {
-        serde_json::json!({
+        let mut conf = serde_json::json!({
             "cniVersion": "1.1.0",
             "name": "k8s-pod-network",
             "type": "tessera",
@@ -359,8 +362,11 @@ impl Cluster {
             "mtuFile": self.mtu_file(node),
             "logFile": self.dir.path().join("cni.log"),
             "ipam": { "type": "tessera-ipam", "assignIpv4": true, "assignIpv6": ipv6 }
-        })
-        .to_string()
+        });
+        for (k, v) in &self.cni_extra {
+            conf[k] = v.clone();
+        }
+        conf.to_string()
     }
 
     /// Runs the CNI plugin for one pod, as a runtime would.
