@@ -51,6 +51,35 @@ if [ -n "$DATASTORE" ]; then
 else
   cp "$CONF" "$TMP"
 fi
+# In a pod: a kubeconfig from its ServiceAccount for the plugin on the host (it reads a pod
+# from the apiserver when the Kubernetes controllers have not written its intent yet).
+SA_DIR=${SERVICEACCOUNT_DIR:-/var/run/secrets/kubernetes.io/serviceaccount}
+if [ -n "${KUBERNETES_SERVICE_HOST:-}" ] && [ -r "$SA_DIR/token" ]; then
+  KUBECONFIG_FILE="$CONF_DIR/tessera-kubeconfig"
+  CA_DATA=$(base64 -w0 < "$SA_DIR/ca.crt")
+  TOKEN=$(cat "$SA_DIR/token")
+  umask 077
+  cat > "$KUBECONFIG_FILE.tmp" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: https://${KUBERNETES_SERVICE_HOST}:${KUBERNETES_SERVICE_PORT:-443}
+    certificate-authority-data: ${CA_DATA}
+users:
+- name: tessera-cni
+  user:
+    token: ${TOKEN}
+contexts:
+- name: tessera
+  context: { cluster: local, user: tessera-cni }
+current-context: tessera
+KUBECONFIG
+  mv -f "$KUBECONFIG_FILE.tmp" "$KUBECONFIG_FILE"
+  sed "s#^\( *\)\"datastore\": \(.*\)\$#\1\"datastore\": \2\n\1\"kubernetes\": { \"kubeconfig\": \"$KUBECONFIG_FILE\" },#" "$TMP" > "$TMP.k"
+  mv -f "$TMP.k" "$TMP"
+fi
 mv -f "$TMP" "$CONF_DIR/10-tessera.conflist"
 if [ -n "${TESSERA_NODENAME:-}" ]; then
   printf '%s\n' "$TESSERA_NODENAME" > "$STATE_DIR/nodename"

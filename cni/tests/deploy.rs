@@ -16,6 +16,11 @@ fn install_script_copies_plugins_and_writes_the_conflist() {
     for f in ["ca.crt", "tls.crt", "tls.key"] {
         std::fs::write(secret.join(f), format!("PEM of {f}\n")).expect("secret file");
     }
+    // The pod's ServiceAccount, as Kubernetes mounts it.
+    let sa = tmp.path().join("serviceaccount");
+    std::fs::create_dir_all(&sa).expect("sa dir");
+    std::fs::write(sa.join("token"), "the-token").expect("token");
+    std::fs::write(sa.join("ca.crt"), "PEM of the cluster CA\n").expect("ca");
     let status = Command::new(root.join("deploy/install-cni.sh"))
         .arg(bin_src)
         .env("CNI_BIN_DIR", tmp.path().join("bin"))
@@ -29,6 +34,9 @@ fn install_script_copies_plugins_and_writes_the_conflist() {
         .env("ETCD_CERT_FILE", secret.join("tls.crt"))
         .env("ETCD_KEY_FILE", secret.join("tls.key"))
         .env("TESSERA_NODENAME", "node7")
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "443")
+        .env("SERVICEACCOUNT_DIR", &sa)
         .status()
         .expect("run install-cni.sh");
     assert!(status.success());
@@ -66,6 +74,18 @@ fn install_script_copies_plugins_and_writes_the_conflist() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o077, 0, "the key is private: {mode:o}");
+    // The kubeconfig for the plugin on the host, from the ServiceAccount, private.
+    let kubeconfig = conf["plugins"][0]["kubernetes"]["kubeconfig"]
+        .as_str()
+        .expect("the conflist names the kubeconfig")
+        .to_string();
+    let kc = std::fs::read_to_string(&kubeconfig).expect("kubeconfig written");
+    assert!(
+        kc.contains("server: https://10.96.0.1:443") && kc.contains("token: the-token"),
+        "{kc}"
+    );
+    let mode = std::fs::metadata(&kubeconfig).expect("kc").permissions().mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
     let parsed: tessera_cni::spec::DatastoreConf =
         serde_json::from_value(datastore.clone()).expect("the plugin reads the section");
     parsed.validate().expect("consistent TLS settings");
