@@ -59,23 +59,9 @@ if [ -n "${KUBERNETES_SERVICE_HOST:-}" ] && [ -r "$SA_DIR/token" ]; then
   CA_DATA=$(base64 -w0 < "$SA_DIR/ca.crt")
   TOKEN=$(cat "$SA_DIR/token")
   umask 077
-  cat > "$KUBECONFIG_FILE.tmp" <<KUBECONFIG
-apiVersion: v1
-kind: Config
-clusters:
-- name: local
-  cluster:
-    server: https://${KUBERNETES_SERVICE_HOST}:${KUBERNETES_SERVICE_PORT:-443}
-    certificate-authority-data: ${CA_DATA}
-users:
-- name: tessera-cni
-  user:
-    token: ${TOKEN}
-contexts:
-- name: tessera
-  context: { cluster: local, user: tessera-cni }
-current-context: tessera
-KUBECONFIG
+  SERVER="https://${KUBERNETES_SERVICE_HOST}:${KUBERNETES_SERVICE_PORT:-443}"
+  printf 'apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: %s\n    certificate-authority-data: %s\nusers:\n- name: tessera-cni\n  user:\n    token: %s\ncontexts:\n- name: tessera\n  context: { cluster: local, user: tessera-cni }\ncurrent-context: tessera\n' \
+    "$SERVER" "$CA_DATA" "$TOKEN" > "$KUBECONFIG_FILE.tmp"
   mv -f "$KUBECONFIG_FILE.tmp" "$KUBECONFIG_FILE"
   sed "s#^\( *\)\"datastore\": \(.*\)\$#\1\"datastore\": \2\n\1\"kubernetes\": { \"kubeconfig\": \"$KUBECONFIG_FILE\" },#" "$TMP" > "$TMP.k"
   mv -f "$TMP.k" "$TMP"

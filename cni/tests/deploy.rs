@@ -84,7 +84,10 @@ fn install_script_copies_plugins_and_writes_the_conflist() {
         kc.contains("server: https://10.96.0.1:443") && kc.contains("token: the-token"),
         "{kc}"
     );
-    let mode = std::fs::metadata(&kubeconfig).expect("kc").permissions().mode();
+    let mode = std::fs::metadata(&kubeconfig)
+        .expect("kc")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o077, 0, "{mode:o}");
     let parsed: tessera_cni::spec::DatastoreConf =
         serde_json::from_value(datastore.clone()).expect("the plugin reads the section");

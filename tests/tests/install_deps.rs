@@ -114,9 +114,21 @@ fn shell_uses(text: &str, file: &str) -> Vec<Use> {
         })
         .collect();
     let separators = Regex::new(r"\$\(|&&|\|\||[;|(`]|\bthen\b|\bdo\b|\belse\b").expect("regex");
+    let heredoc = Regex::new(r"<<-?\s*'?([A-Za-z_]+)'?").expect("regex");
     let mut out = Vec::new();
     let mut in_array = false;
+    // A here-document's body is text, not commands: skipped up to its end word.
+    let mut until: Option<String> = None;
     for (i, raw) in text.lines().enumerate() {
+        if let Some(end) = &until {
+            if raw.trim() == end {
+                until = None;
+            }
+            continue;
+        }
+        if let Some(c) = heredoc.captures(raw) {
+            until = Some(c[1].to_string());
+        }
         let line = unquote(&strip_comment(raw));
         // An array literal over several lines holds words, not commands.
         if line.trim_end().ends_with("=(") {
@@ -507,6 +519,16 @@ fn a_program_from_an_unlisted_package_is_named_with_its_package() {
             },
         ]
     );
+}
+
+#[test]
+fn here_document_bodies_are_not_commands() {
+    let script = "#!/bin/sh\ncat > f <<EOF\napiVersion: v1\nkind: Config\nEOF\nnft list ruleset\n";
+    let found: Vec<String> = shell_uses(script, "h.sh")
+        .into_iter()
+        .map(|u| u.program)
+        .collect();
+    assert_eq!(found, ["cat", "nft"]);
 }
 
 #[test]
