@@ -36,10 +36,16 @@ const NOT_FROM_THE_LIST: [(&str, &str); 5] = [
 ];
 
 /// Scripts that run on an operator's machine, not on the test bed, and why.
-const OTHER_MACHINES: [(&str, &str); 1] = [(
-    "deploy/kind/up.sh",
-    "needs kind, kubectl and a container engine daemon, which the test bed cannot run (README)",
-)];
+const OTHER_MACHINES: [(&str, &str); 2] = [
+    (
+        "deploy/kind/up.sh",
+        "needs kind, kubectl and a container engine daemon, which the test bed cannot run (README)",
+    ),
+    (
+        "deploy/kind/scenarios.sh",
+        "runs against a kind cluster with kubectl (README)",
+    ),
+];
 
 /// Words in command position of a shell script that are not programs.
 const SHELL_WORDS: &[&str] = &[

@@ -194,6 +194,16 @@ async fn the_example_pools_apply_with_tesseractl_and_fit_the_kind_subnets() {
 }
 
 #[test]
+fn the_kind_scenarios_statefulset_validates() {
+    let out = validate(&root().join("deploy/kind/ledger-statefulset.yaml"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
 fn the_vagrantfile_parses() {
     let out = Command::new("ruby")
         .arg("-c")
