@@ -22,7 +22,14 @@ apiVersion: tessera.dev/v1
 kind: IPPool
 metadata: { name: ledger-owned }
 spec: { cidr: 10.244.100.0/28, blockSize: 30, ownerSelector: app == \"ledger\" }
+---
+apiVersion: tessera.dev/v1
+kind: IPReservation
+metadata: { name: ledger-owned-edges }
+spec: { reservedCidrs: [10.244.100.10/31, 10.244.100.12/30] }
 ";
+
+// Ten addresses owned by app=ledger: a /28 cut into /30 blocks, six reserved.
 
 /// A change the test makes to the cluster's objects.
 enum Push {
