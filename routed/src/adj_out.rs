@@ -145,17 +145,7 @@ mod tests {
     }
 
     fn afis(msgs: &[Message]) -> Vec<u16> {
-        let mut out: Vec<u16> = msgs
-            .iter()
-            .filter_map(|m| match m {
-                Message::Update(u) => Some(u.afis()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
+        crate::packet::afis_of(msgs)
     }
 
     #[test]

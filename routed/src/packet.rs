@@ -330,6 +330,21 @@ pub struct Update {
     pub extended_length: Vec<u8>,
 }
 
+/// Every AFI a batch of messages says anything of (see [`Update::afis`]), sorted.
+pub fn afis_of(messages: &[Message]) -> Vec<u16> {
+    let mut out: Vec<u16> = messages
+        .iter()
+        .filter_map(|m| match m {
+            Message::Update(u) => Some(u.afis()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 impl Update {
     pub fn attr(&self, code: u8) -> Option<&PathAttr> {
         self.attrs.iter().find(|a| a.code() == code)

@@ -168,17 +168,7 @@ fn sent_to(out: &[Output], addr: &str) -> Vec<Message> {
 
 /// Every AFI the messages carry anything of (routes, withdrawals or End-of-RIB).
 fn afis(msgs: &[Message]) -> Vec<u16> {
-    let mut out: Vec<u16> = msgs
-        .iter()
-        .filter_map(|m| match m {
-            Message::Update(u) => Some(u.afis()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    out.sort_unstable();
-    out.dedup();
-    out
+    crate::packet::afis_of(msgs)
 }
 
 fn end_of_ribs(msgs: &[Message]) -> Vec<u16> {
