@@ -278,19 +278,35 @@ impl DatastoreConfig {
         ]
         .iter()
         .any(|w| lower.contains(w));
-        // Our certificate rejected: a TLS alert, or (TLS 1.3 finishes the client's side of
-        // the handshake before the server checks our certificate) the connection closing
-        // at the first request.
-        let ours_rejected = tls
-            && ((lower.contains("alert") && lower.contains("certificate"))
-                || lower.contains("connection closed"));
+        // Our certificate rejected (or missing): a TLS alert, or, since TLS 1.3 finishes the
+        // client's side of the handshake before the server checks our certificate, the
+        // connection closing, reset or broken at the first request. (etcd down is a refused
+        // TCP connection instead.)
+        let dropped = [
+            "connection closed",
+            "broken pipe",
+            "connection reset",
+            "unexpected eof",
+            "early eof",
+        ]
+        .iter()
+        .any(|w| lower.contains(w))
+            || (lower.contains("transport error")
+                && !lower.contains("tcp connect error")
+                && !lower.contains("timed out"));
+        let ours_rejected =
+            tls && ((lower.contains("alert") && lower.contains("certificate")) || dropped);
         if ours_rejected {
+            let why = if self.etcd_cert_file.is_some() {
+                "etcd did not accept our client certificate (check etcdCertFile and etcdKeyFile: \
+                 signed by the CA etcd trusts?)"
+            } else {
+                "etcd ended the TLS connection: it wants a client certificate (set etcdCertFile \
+                 and etcdKeyFile)"
+            };
             return DatastoreError::Refused {
                 endpoints: endpoints.into(),
-                reason: format!(
-                    "etcd did not accept our client certificate (check etcdCertFile and \
-                     etcdKeyFile: signed by the CA etcd trusts?) [{reason}]"
-                ),
+                reason: format!("{why} [{reason}]"),
             };
         }
         if tls && lower.contains("invalid peer certificate") {
