@@ -16,7 +16,7 @@ PKGS=(
   libssl3 openssl                          # test certificate authorities for etcd over TLS
   debian-archive-keyring mmdebstrap        # the image's base, made from Debian's packages (no registry)
   python3-venv python3-minimal             # a venv for kubernetes-validate (PyPI), which checks the manifests
-  binutils ruby                            # strip for the image; `ruby -c` checks deploy/vagrant/Vagrantfile (Vagrant itself cannot run here)
+  binutils binutils-x86-64-linux-gnu ruby ruby3.1  # strip for the image; `ruby -c` checks deploy/vagrant/Vagrantfile (Vagrant itself cannot run here)
 )
 missing=()
 for p in "${PKGS[@]}"; do

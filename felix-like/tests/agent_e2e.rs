@@ -74,6 +74,9 @@ fn block_of(ip: Ipv4Addr) -> String {
     format!("{}.{}.{}.{}/26", o[0], o[1], o[2], o[3] & 0xc0)
 }
 
+/// `tesseractl node status node1 --agent …` (its agent's socket follows).
+const NODE_STATUS: [&str; 4] = ["node", "status", "node1", "--agent"];
+
 #[test]
 fn pods_talk_across_nodes_in_every_mode_and_leave_through_nat() {
     let mut c = cluster("agent_modes");
@@ -88,7 +91,7 @@ fn pods_talk_across_nodes_in_every_mode_and_leave_through_nat() {
     }
     // What an operator on node1 sees: `tesseractl node status` from the agent's endpoint.
     let out = std::process::Command::new(tessera_testbed::cluster::bin("tesseractl"))
-        .args(["node", "status", "node1", "--agent"])
+        .args(NODE_STATUS)
         .arg(format!("unix:{}", c.health_socket("node1").display()))
         .env("NO_COLOR", "1")
         .output()
