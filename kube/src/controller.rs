@@ -1,9 +1,9 @@
-//! The thin adapter: kube-rs watchers on Pods, Namespaces and Nodes feed [`IntentSync`]; its
-//! writes go to etcd (pod intents, decommission records) and to the apiserver (Warning
-//! Events on pods). kube-rs's watcher relists after a 410 Gone or a broken watch and follows
-//! bookmarks; a relist here is one complete [`Change`] (`PodsListed`, ...), so that what was
-//! deleted while the watch was down is noticed. The only module that spawns nothing but its
-//! own loop: one task.
+//! The thin adapter: kube-rs watchers on Pods, Namespaces, StatefulSets and Nodes feed
+//! [`IntentSync`]; its writes go to etcd (pod intents, decommission records, each guarded by
+//! the leader key) and to the apiserver (Warning Events on pods). kube-rs's watcher relists
+//! after a 410 Gone or a broken watch and follows bookmarks; a relist here is one complete
+//! [`Change`] (`PodsListed`, ...), so that what was deleted while the watch was down is
+//! noticed. Everything runs in one loop on the caller's task: nothing is spawned.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
