@@ -350,8 +350,9 @@ impl Update {
         self.attrs.iter().find(|a| a.code() == code)
     }
 
-    /// The AFIs this UPDATE says anything of: routes, withdrawals, or its End-of-RIB (an
-    /// empty UPDATE is IPv4's), sorted.
+    /// The AFIs this UPDATE says anything of: its MP attributes' AFIs, and IPv4 for the
+    /// IPv4 fields (NLRI, withdrawn routes, NEXT_HOP) or an empty UPDATE (the IPv4
+    /// End-of-RIB), sorted.
     pub fn afis(&self) -> Vec<u16> {
         let mut out: Vec<u16> = self
             .attrs
@@ -361,7 +362,11 @@ impl Update {
                 _ => None,
             })
             .collect();
-        if !self.nlri.is_empty() || !self.withdrawn.is_empty() || self.attrs.is_empty() {
+        let v4_fields = !self.nlri.is_empty()
+            || !self.withdrawn.is_empty()
+            || self.attrs.iter().any(|a| matches!(a, PathAttr::NextHop(_)))
+            || self.attrs.is_empty();
+        if v4_fields {
             out.push(AFI_IPV4);
         }
         out.sort_unstable();

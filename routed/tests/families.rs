@@ -123,26 +123,6 @@ fn collect(s: &mut TcpStream, wait: Duration) -> Vec<(Vec<u8>, Message)> {
     out
 }
 
-/// The AFI/SAFI an UPDATE speaks of: its MP attributes' AFIs, and AFI 1 for the IPv4 fields
-/// (NLRI, withdrawn routes, NEXT_HOP) or for an empty UPDATE (the IPv4 End-of-RIB).
-fn afis_of(u: &Update) -> Vec<u16> {
-    let mut afis: Vec<u16> = u
-        .attrs
-        .iter()
-        .filter_map(|a| match a {
-            PathAttr::MpReach { afi, .. } | PathAttr::MpUnreach { afi, .. } => Some(*afi),
-            _ => None,
-        })
-        .collect();
-    let v4_fields = !u.nlri.is_empty()
-        || !u.withdrawn.is_empty()
-        || u.attrs.iter().any(|a| matches!(a, PathAttr::NextHop(_)))
-        || u.attrs.is_empty();
-    if v4_fields {
-        afis.push(AFI_IPV4);
-    }
-    afis
-}
 
 /// A speaker on loopback with three eBGP peers (what one announces is passed on to the
 /// others), and what the tests need of it.
@@ -243,7 +223,7 @@ async fn each_peer_hears_only_the_families_it_negotiated() {
         let us = updates(msgs);
         for u in &us {
             assert!(
-                !afis_of(u).contains(&foreign),
+                !u.afis().contains(&foreign),
                 "{who} got AFI {foreign}: {u:?}"
             );
         }
