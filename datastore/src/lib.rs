@@ -39,6 +39,18 @@ pub mod yaml;
 
 pub use codec::{now_ms, TRANSIENT_RETRY_BUDGET};
 
+/// The daemons' logging: to stderr, at the level `TESSERA_LOG` says (default `info`).
+#[cfg(feature = "cli")]
+pub fn log_to_stderr() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// What every Tessera binary prints for `--version`: the workspace version and the git
 /// commit it was built from (`unknown` outside a git checkout, e.g. from a source tarball;
 /// `TESSERA_GIT_COMMIT` at build time overrides it).

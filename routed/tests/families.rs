@@ -123,7 +123,6 @@ fn collect(s: &mut TcpStream, wait: Duration) -> Vec<(Vec<u8>, Message)> {
     out
 }
 
-
 /// A speaker on loopback with three eBGP peers (what one announces is passed on to the
 /// others), and what the tests need of it.
 struct Running {
