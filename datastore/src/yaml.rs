@@ -311,23 +311,26 @@ pub fn parse_resources(text: &str) -> Result<Resources, ResourceError> {
             return Err(parse_err(None, &"missing `kind` or `metadata.name`"));
         };
         let what = format!("{kind} {:?}", meta.name);
+        let invalid = |field: &str, reason: String| ResourceError::Invalid {
+            document,
+            line,
+            what: what.clone(),
+            field: field.into(),
+            reason,
+        };
+        // An AS number, where a document gives one, is never 0.
+        let check_asn = |asn: Option<u32>| match asn {
+            Some(0) => Err(invalid("spec.asNumber", "0 is not an AS number".into())),
+            _ => Ok(()),
+        };
         if header.api_version.as_deref() != Some(API_VERSION) {
-            return Err(ResourceError::Invalid {
-                document,
-                line,
-                what,
-                field: "apiVersion".into(),
-                reason: format!("must be {API_VERSION}"),
-            });
+            return Err(invalid("apiVersion", format!("must be {API_VERSION}")));
         }
         if !keys::valid_segment(&meta.name) {
-            return Err(ResourceError::Invalid {
-                document,
-                line,
-                what,
-                field: "metadata.name".into(),
-                reason: "must be non-empty printable ASCII without '/'".into(),
-            });
+            return Err(invalid(
+                "metadata.name",
+                "must be non-empty printable ASCII without '/'".into(),
+            ));
         }
         fn typed<S: DeserializeOwned>(doc: &str) -> Result<Document<S>, serde_saphyr::Error> {
             serde_saphyr::from_str(doc)
@@ -340,13 +343,7 @@ pub fn parse_resources(text: &str) -> Result<Resources, ResourceError> {
                     spec: d.spec,
                 };
                 pool.validate()
-                    .map_err(|(field, reason)| ResourceError::Invalid {
-                        document,
-                        line,
-                        what: what.clone(),
-                        field: field.into(),
-                        reason,
-                    })?;
+                    .map_err(|(field, reason)| invalid(field, reason))?;
                 out.pools.push(pool);
             }
             "IPReservation" => {
@@ -361,23 +358,12 @@ pub fn parse_resources(text: &str) -> Result<Resources, ResourceError> {
                 let d = typed::<BgpConfigurationSpec>(doc)
                     .map_err(|e| parse_err(Some(what.clone()), &e))?;
                 if d.metadata.name != "default" {
-                    return Err(ResourceError::Invalid {
-                        document,
-                        line,
-                        what,
-                        field: "metadata.name".into(),
-                        reason: "the cluster has one BGPConfiguration, named default".into(),
-                    });
+                    return Err(invalid(
+                        "metadata.name",
+                        "the cluster has one BGPConfiguration, named default".into(),
+                    ));
                 }
-                if d.spec.as_number == Some(0) {
-                    return Err(ResourceError::Invalid {
-                        document,
-                        line,
-                        what,
-                        field: "spec.asNumber".into(),
-                        reason: "0 is not an AS number".into(),
-                    });
-                }
+                check_asn(d.spec.as_number)?;
                 out.bgp_configs.push(BgpConfiguration {
                     name: d.metadata.name,
                     as_number: d.spec.as_number,
@@ -387,15 +373,7 @@ pub fn parse_resources(text: &str) -> Result<Resources, ResourceError> {
             }
             "BGPPeer" => {
                 let d = typed::<BgpPeerSpec>(doc).map_err(|e| parse_err(Some(what.clone()), &e))?;
-                if d.spec.as_number == 0 {
-                    return Err(ResourceError::Invalid {
-                        document,
-                        line,
-                        what,
-                        field: "spec.asNumber".into(),
-                        reason: "0 is not an AS number".into(),
-                    });
-                }
+                check_asn(Some(d.spec.as_number))?;
                 out.bgp_peers.push(BgpPeer {
                     name: d.metadata.name,
                     peer_ip: d.spec.peer_ip,
@@ -407,15 +385,7 @@ pub fn parse_resources(text: &str) -> Result<Resources, ResourceError> {
             }
             "Node" => {
                 let d = typed::<NodeSpec>(doc).map_err(|e| parse_err(Some(what.clone()), &e))?;
-                if d.spec.as_number == Some(0) {
-                    return Err(ResourceError::Invalid {
-                        document,
-                        line,
-                        what,
-                        field: "spec.asNumber".into(),
-                        reason: "0 is not an AS number".into(),
-                    });
-                }
+                check_asn(d.spec.as_number)?;
                 out.nodes.push(Node {
                     name: d.metadata.name,
                     labels: d.metadata.labels,
@@ -426,16 +396,13 @@ pub fn parse_resources(text: &str) -> Result<Resources, ResourceError> {
                 });
             }
             other => {
-                return Err(ResourceError::Invalid {
-                    document,
-                    line,
-                    what,
-                    field: "kind".into(),
-                    reason: format!(
+                return Err(invalid(
+                    "kind",
+                    format!(
                         "unknown kind {other:?} (expected one of {})",
                         Kind::ALL.map(Kind::name).join(", ")
                     ),
-                })
+                ))
             }
         }
     }
