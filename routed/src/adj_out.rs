@@ -153,7 +153,7 @@ mod tests {
         let mut rib = Rib::new(false);
         originated(&mut rib, &["10.244.1.0/26", "fd10:244::1:0/122"]);
         let info = peer();
-        let all: Vec<IpNetwork> = rib.loc_rib().map(|(n, _)| *n).collect();
+        let all: Vec<IpNetwork> = rib.loc_rib().map(|(n, _)| n).collect();
         let out = updates(
             &local(),
             &rib,

@@ -2,13 +2,16 @@
 //! process, and the export rules that make the Adj-RIB-Out (iBGP split horizon, route
 //! reflection per RFC 4456, eBGP AS prepend and next-hop self).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 
 use crate::packet::{AsSegment, Origin, PathAttr, Update};
+use table::PrefixTable;
+
+mod table;
 
 /// A peer, by its address.
 pub type PeerId = IpAddr;
@@ -302,11 +305,11 @@ impl Paths {
 
 /// Adj-RIBs-In and the Loc-RIB in one table: every path to every prefix (each peer's and
 /// ours), best first, so the selected route is the first path and a prefix that one peer
-/// sent costs one entry. A B-tree, not a hash map: a hash table of 120k routes rounds up to
+/// sent costs one entry. B-trees, not a hash map: a hash table of 120k routes rounds up to
 /// 262k buckets.
 #[derive(Debug, Default)]
 pub struct Rib {
-    table: BTreeMap<IpNetwork, Paths>,
+    table: PrefixTable<Paths>,
     /// Prefixes per peer (Adj-RIB-In sizes).
     received: HashMap<PeerId, usize>,
     /// Prefixes we originate.
@@ -328,7 +331,7 @@ impl Rib {
         self.table.get(prefix).map(Paths::best)
     }
 
-    pub fn loc_rib(&self) -> impl Iterator<Item = (&IpNetwork, &Path)> {
+    pub fn loc_rib(&self) -> impl Iterator<Item = (IpNetwork, &Path)> {
         self.table.iter().map(|(k, p)| (k, p.best()))
     }
 
@@ -463,7 +466,21 @@ impl Rib {
                 self.count(peer.addr, 1);
             }
         }
+        // Amortised: a table that keeps growing is repacked each time it doubles.
+        let len = self.table.len();
+        if len >= COMPACT_FROM && len >= 2 * self.table.len_at_compaction() {
+            self.table.compact();
+        }
         out
+    }
+
+    /// A peer finished sending its table (End-of-RIB): the table is repacked if it grew by
+    /// an eighth since it last was, so that a full table costs packed nodes once loaded.
+    pub fn end_of_rib(&mut self) {
+        let (len, then) = (self.table.len(), self.table.len_at_compaction());
+        if len >= COMPACT_FROM && len >= then + then / 8 {
+            self.table.compact();
+        }
     }
 
     /// The prefixes for which `peer` has a path (optionally: only stale ones).
@@ -476,7 +493,7 @@ impl Rib {
                     .iter()
                     .any(|p| Paths::source(p) == Some(*peer) && (!stale_only || p.stale))
             })
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect()
     }
 
@@ -561,6 +578,9 @@ impl Rib {
         self.local.iter()
     }
 }
+
+/// Smaller tables are not worth repacking.
+const COMPACT_FROM: usize = 1024;
 
 /// Who we are, for export.
 #[derive(Debug, Clone)]

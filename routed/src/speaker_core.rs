@@ -211,7 +211,7 @@ impl SpeakerCore {
             Input::SetDynamicPeers(list) => self.set_dynamic_peers(list, &mut out),
             Input::SetNetworks(nets) => self.set_networks(nets, &mut out),
             Input::Resync => {
-                let all: Vec<IpNetwork> = self.rib.loc_rib().map(|(n, _)| *n).collect();
+                let all: Vec<IpNetwork> = self.rib.loc_rib().map(|(n, _)| n).collect();
                 self.resync(&all, &mut out);
             }
             Input::ResyncPrefixes(prefixes) => self.resync(&prefixes, &mut out),
@@ -466,6 +466,7 @@ impl SpeakerCore {
         };
         if let Some((afi, _)) = u.end_of_rib() {
             p.eor.insert(afi);
+            self.rib.end_of_rib();
             if p.stale_until.take().is_some() {
                 let ch = self.rib.sweep_stale(&addr);
                 self.changes(ch, out);
@@ -513,7 +514,7 @@ impl SpeakerCore {
         if !all_eor && now < left.deadline {
             return;
         }
-        let installed: HashSet<&IpNetwork> = self
+        let installed: HashSet<IpNetwork> = self
             .rib
             .loc_rib()
             .filter(|(_, p)| p.peer.is_some())
@@ -654,7 +655,7 @@ impl SpeakerCore {
     }
 
     fn send_full_table(&mut self, addr: IpAddr, out: &mut Vec<Output>) {
-        let all: Vec<IpNetwork> = self.rib.loc_rib().map(|(k, _)| *k).collect();
+        let all: Vec<IpNetwork> = self.rib.loc_rib().map(|(k, _)| k).collect();
         self.send_prefixes(addr, &all, true, out);
     }
 

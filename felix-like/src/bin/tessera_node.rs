@@ -18,8 +18,19 @@ struct Args {
     datastore: tessera_datastore::connection::DatastoreFlags,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // Before the runtime's threads exist (the in-process speaker holds a full table).
+    tessera_routed::kernel::use_one_allocator_arena();
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("tessera-node: starting the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> std::process::ExitCode {
     tessera_datastore::log_to_stderr();
     let args = Args::parse();
     let cfg = match AgentConfig::load_with_flags(

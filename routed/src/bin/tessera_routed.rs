@@ -38,8 +38,14 @@ enum Cmd {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    tessera_routed::kernel::use_one_allocator_arena();
+    tokio::runtime::Runtime::new()
+        .context("starting the runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     tessera_datastore::log_to_stderr();
     match Cli::parse().cmd {
         Cmd::Run {
