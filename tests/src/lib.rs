@@ -19,6 +19,8 @@ pub mod lab;
 pub mod netns;
 pub mod pki;
 pub mod process;
+pub mod vm;
+pub mod vm_cluster;
 
 pub use etcd::Etcd;
 pub use lab::{Lab, LabNode, LabSpec};
