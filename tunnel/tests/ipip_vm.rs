@@ -16,9 +16,7 @@ use tessera_testbed::{Child, Netns};
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in failover net_failover virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_net tunnel4 ip_tunnel ipip; do
-  insmod /lib/modules/$m.ko || echo "TB: insmod $m FAILED"
-done
+LOAD_MODULES
 for kv in $(cat /proc/cmdline); do case $kv in tb.*=*) k=${kv%%=*}; k=${k#tb.}; eval "TB_$k=${kv#*=}";; esac; done
 ip link set lo up
 ip link set eth0 up; ip addr add $TB_ip/24 dev eth0
