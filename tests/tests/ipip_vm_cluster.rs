@@ -80,13 +80,12 @@ fn ipip_pools_through_the_real_agent_in_three_vms() {
         assert!(eth0.text.contains("mtu 1480"), "{}", eth0.text);
     }
     for p in 0..3 {
-        for q in 0..3 {
+        for (q, &to) in ips.iter().enumerate() {
             if p != q {
                 assert!(
-                    c.wait_ping(p, ips[q], Duration::from_secs(60)).is_some(),
-                    "Always: {} -> {}\n{}",
+                    c.wait_ping(p, to, Duration::from_secs(60)).is_some(),
+                    "Always: {} -> {to}\n{}",
                     c.pods[p].name,
-                    ips[q],
                     c.agent_log(c.pods[p].guest)
                 );
             }

@@ -25,6 +25,10 @@ struct Args {
     /// Keep the lab up (until Ctrl-C) and print commands to poke around.
     #[arg(long)]
     keep: bool,
+    /// Three QEMU guests booting Debian's kernel instead of namespaces (IPIP needs the
+    /// ipip module this kernel may lack); each runs the agent and the CNI plugin inside.
+    #[arg(long)]
+    vms: bool,
 }
 
 const IPIP_POOL: &str = "
@@ -67,7 +71,12 @@ fn main() -> std::process::ExitCode {
             });
         });
     }
-    match run(&args, &stop) {
+    let outcome = if args.vms {
+        run_vms(&args, &stop)
+    } else {
+        run(&args, &stop)
+    };
+    match outcome {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::from(1),
         Err(e) => {
@@ -265,6 +274,136 @@ fn run(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
         println!(
             "  less {}                    # node1's agent log",
             c.agent_log(&n0.name).display()
+        );
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    step("tearing down");
+    c.finish();
+    step("done: nothing left behind");
+    Ok(all_ok)
+}
+
+/// The pools of the VM lab: every mode, IPIP included (the guests' kernel has it).
+const VM_POOLS: &str = "
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: bgp }
+spec: { cidr: 10.244.0.0/20, blockSize: 26, natOutgoing: true }
+---
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: vxlan-crosssubnet }
+spec: { cidr: 10.244.16.0/20, blockSize: 26, vxlanMode: CrossSubnet }
+---
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: vxlan-always }
+spec: { cidr: 10.244.32.0/20, blockSize: 26, vxlanMode: Always }
+---
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: ipip-always }
+spec: { cidr: 10.244.48.0/20, blockSize: 26, ipipMode: Always }
+---
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: ipip-crosssubnet }
+spec: { cidr: 10.244.64.0/20, blockSize: 26, ipipMode: CrossSubnet }
+";
+
+fn run_vms(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
+    use tessera_testbed::vm_cluster::{VmCluster, IP, OUTSIDE};
+    let t0 = Instant::now();
+    let step = |what: &str| println!("[{:5.1}s] {what}", t0.elapsed().as_secs_f64());
+    step("booting 3 QEMU guests (Debian's kernel, TCG): vm1, vm2 on 198.18.10.0/24, vm3 on 198.18.11.0/24; etcd and a BGP router in the router namespace");
+    let mut c = VmCluster::new("lab", VM_POOLS)?;
+    step("every agent ready (inside its guest)");
+    let pools = [
+        "bgp",
+        "vxlan-crosssubnet",
+        "vxlan-always",
+        "ipip-always",
+        "ipip-crosssubnet",
+    ];
+    for pool in pools {
+        for g in 0..c.guests.len() {
+            c.add_pod(g, pool)?;
+            interrupted(stop)?;
+        }
+    }
+    step(&format!(
+        "{} pods started through the CNI plugin inside the guests",
+        c.pods.len()
+    ));
+    println!(
+        "\n$ ip route   # on vm1\n{}",
+        c.sh_ok(0, &format!("{IP} route"))?
+    );
+    let (mut pairs, mut all_ok) = (0, true);
+    for pool in pools {
+        let pods: Vec<usize> = (0..c.pods.len())
+            .filter(|&i| c.pods[i].pool == pool)
+            .collect();
+        println!("\n{pool}: ping from row pod to column pod (ms)");
+        print!("{:>18}", "");
+        for &j in &pods {
+            print!(" {:>8}", c.guests[c.pods[j].guest].name);
+        }
+        println!();
+        for &i in &pods {
+            print!(
+                "{:>18}",
+                format!("{} {}", c.guests[c.pods[i].guest].name, c.pods[i].ip)
+            );
+            for &j in &pods {
+                if i == j {
+                    print!(" {:>8}", "-");
+                    continue;
+                }
+                interrupted(stop)?;
+                pairs += 1;
+                match c.wait_ping(i, c.pods[j].ip, Duration::from_secs(20)) {
+                    Some(ms) => print!(" {:>8}", format!("{ms:.3}")),
+                    None => {
+                        all_ok = false;
+                        print!(" {:>8}", "FAIL");
+                    }
+                }
+            }
+            println!();
+        }
+    }
+    let nat = c.ping(0, OUTSIDE);
+    println!(
+        "\nnatOutgoing: pod {} (bgp pool) -> outside {OUTSIDE}: {}",
+        c.pods[0].ip,
+        nat.map(|ms| format!("{ms:.3} ms")).unwrap_or("FAIL".into())
+    );
+    all_ok &= nat.is_some();
+    println!();
+    step(&format!(
+        "{pairs} pod pairs across {} pools: {}",
+        pools.len(),
+        if all_ok {
+            "all reachable"
+        } else {
+            "SOME FAILED"
+        }
+    ));
+    if args.keep {
+        println!(
+            "\nThe guests stay up until Ctrl-C. Their underlay is inside namespace {}:",
+            c.router.name()
+        );
+        println!(
+            "  ip netns exec {} tcpdump -ni br1 ip proto 4",
+            c.router.name()
+        );
+        println!(
+            "  less {}/vm1.console                # vm1's serial console",
+            c.dir.path().display()
         );
         while !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
