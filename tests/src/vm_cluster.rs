@@ -52,7 +52,7 @@ const GUEST_MODULES: [&str; 10] = [
 const INIT: &str = r#"#!/bin/busybox sh
 # iproute2 and nft in /usr/local/sbin. Busybox's shell runs its own `ip` applet whatever
 # PATH says: scripts name iproute2 by its path (IP in vm_cluster.rs).
-export PATH=/usr/local/sbin:/sbin:/usr/sbin:/bin:/usr/bin
+export PATH=/usr/local/sbin:/usr/local/bin:/sbin:/usr/sbin:/bin:/usr/bin
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
@@ -223,8 +223,9 @@ impl VmCluster {
         ] {
             fs.binary(PathBuf::from(program).as_path(), dest)?;
         }
-        fs.file("/bin/pod-add", POD_ADD, true)?
-            .file("/bin/pod-del", POD_DEL, true)?;
+        // Scripts of the guest's own (not programs of this machine).
+        fs.file("/usr/local/bin/pod-add", POD_ADD, true)?
+            .file("/usr/local/bin/pod-del", POD_DEL, true)?;
         let (kernel, initrd) = fs.build(&INIT.replace("LOAD_MODULES", vm::LOAD_MODULES))?;
         let etcd = self.etcd_endpoint();
         for (i, (ip, gw, tap)) in [

@@ -264,7 +264,9 @@ fn programs_run(root: &Path) -> BTreeMap<String, Vec<String>> {
     let own_binaries = workspace_binaries(root);
     let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for u in uses {
-        if own_binaries.contains(&u.program) {
+        // Ours, by name or at a path (a QEMU guest's copy of a workspace binary).
+        let name = u.program.rsplit('/').next().unwrap_or(&u.program);
+        if own_binaries.contains(&u.program) || own_binaries.contains(name) {
             continue;
         }
         map.entry(u.program).or_default().push(u.at);
