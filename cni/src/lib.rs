@@ -67,6 +67,22 @@ pub fn main_for(plugin: Plugin) -> ! {
     std::process::exit(outcome.exit_code)
 }
 
+/// The log file, created 0640 (it names pods, addresses and nodes); one someone left
+/// writable by others is tightened, so that no one else can forge its lines.
+fn open_log(path: &str) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)?;
+    let mode = f.metadata()?.permissions().mode();
+    if mode & 0o022 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o755 & !0o022))?;
+    }
+    Ok(f)
+}
+
 fn init_logging(stdin: &[u8]) {
     use tracing_subscriber::fmt::writer::MakeWriterExt;
     let path = serde_json::from_slice::<serde_json::Value>(stdin)
@@ -83,13 +99,7 @@ fn init_logging(stdin: &[u8]) {
         .parent()
         .map(std::fs::create_dir_all)
         .and_then(Result::ok)
-        .and_then(|_| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .ok()
-        });
+        .and_then(|_| open_log(&path).ok());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false);

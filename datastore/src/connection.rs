@@ -26,7 +26,7 @@ use crate::kv::{EtcdKv, KvError};
 /// Requests to etcd give up after this long unless `timeoutMs` says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DatastoreConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -47,6 +47,25 @@ pub struct DatastoreConfig {
     pub etcd_password: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+}
+
+/// Debug output (and with it every log line that prints a configuration) never shows the
+/// etcd password.
+impl std::fmt::Debug for DatastoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatastoreConfig")
+            .field("etcd_endpoints", &self.etcd_endpoints)
+            .field("etcd_ca_cert_file", &self.etcd_ca_cert_file)
+            .field("etcd_cert_file", &self.etcd_cert_file)
+            .field("etcd_key_file", &self.etcd_key_file)
+            .field("etcd_username", &self.etcd_username)
+            .field(
+                "etcd_password",
+                &self.etcd_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -370,6 +389,22 @@ fn read_pem(field: &'static str, path: &Path, kind: &str) -> Result<Vec<u8>, Dat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_password() {
+        let cfg = DatastoreConfig {
+            etcd_endpoints: vec!["http://198.18.0.2:2379".into()],
+            etcd_username: Some("tessera".into()),
+            etcd_password: Some("pw-never-logged".into()),
+            ..Default::default()
+        };
+        let shown = format!("{cfg:?} {cfg:#?}");
+        assert!(!shown.contains("pw-never-logged"), "{shown}");
+        assert!(
+            shown.contains("tessera") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
     use std::collections::HashMap;
 
     fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {

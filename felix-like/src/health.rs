@@ -313,6 +313,7 @@ pub async fn serve(listen: HealthListen, shared: Arc<Shared>) -> std::io::Result
         HealthListen::Unix(path) => {
             let _ = std::fs::remove_file(&path);
             let l = tokio::net::UnixListener::bind(&path)?;
+            tessera_routed::speaker::owner_only(&path)?;
             axum::serve(l, app).await
         }
     }

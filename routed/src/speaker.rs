@@ -579,11 +579,21 @@ async fn serve_status(path: String, status: Arc<Mutex<Status>>) {
         tracing::warn!(%path, "cannot listen for status queries");
         return;
     };
+    // The status names peers and their state: root's business only.
+    if let Err(e) = owner_only(&path) {
+        tracing::warn!(%path, error = %e, "cannot restrict the status socket to its owner");
+    }
     while let Ok((mut s, _)) = listener.accept().await {
         let body = serde_json::to_vec(&*status.lock().unwrap_or_else(|p| p.into_inner()))
             .unwrap_or_default();
         let _ = s.write_all(&body).await;
     }
+}
+
+/// Mode 0600 on a socket just bound (connecting to a Unix socket needs write permission).
+pub fn owner_only(path: impl AsRef<std::path::Path>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
 /// `tessera-routed status`: the JSON status of a running speaker.

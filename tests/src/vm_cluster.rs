@@ -224,8 +224,11 @@ impl VmCluster {
             fs.binary(PathBuf::from(program).as_path(), dest)?;
         }
         // Scripts of the guest's own (not programs of this machine).
-        fs.file("/usr/local/bin/pod-add", POD_ADD, true)?
-            .file("/usr/local/bin/pod-del", POD_DEL, true)?;
+        fs.file("/usr/local/bin/pod-add", POD_ADD, true)?.file(
+            "/usr/local/bin/pod-del",
+            POD_DEL,
+            true,
+        )?;
         let (kernel, initrd) = fs.build(&INIT.replace("LOAD_MODULES", vm::LOAD_MODULES))?;
         let etcd = self.etcd_endpoint();
         for (i, (ip, gw, tap)) in [
