@@ -127,10 +127,42 @@ pub trait Kv: Clone + Send + Sync + 'static {
     fn lease_revoke(&self, id: i64) -> impl Future<Output = Result<(), KvError>> + Send;
 }
 
-/// etcd v3 through `etcd-client`. Cheap to clone (the gRPC channel is shared).
+/// etcd v3 through `etcd-client`, over one member at a time. Cheap to clone (the members
+/// and the gRPC channel are shared).
+///
+/// A request goes to the member in use; when that member cannot be reached, or has no
+/// leader (requests carry etcd's require-leader flag, so a member cut off from the others
+/// says so at once instead of waiting out the timeout), the client moves to the next
+/// member and sends the request again there. Reads move on any transient error; writes
+/// (transactions, leases) only when the request cannot have been applied (no connection,
+/// no leader): a write whose outcome is unknown is the caller's to retry after re-reading,
+/// as every guarded transaction in Tessera is. etcd-client's own balancing over several
+/// endpoints does not do this: it sends requests to a dead member until they time out.
 #[derive(Clone)]
 pub struct EtcdKv {
+    members: Arc<Members>,
+}
+
+struct Members {
+    endpoints: Vec<String>,
+    opts: etcd_client::ConnectOptions,
+    current: std::sync::Mutex<Member>,
+}
+
+/// The member in use: its index in `endpoints` and a client of it alone.
+#[derive(Clone)]
+struct Member {
+    index: usize,
     client: etcd_client::Client,
+}
+
+/// Whether a failed request may be sent again to another member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// A read: any transient error.
+    Read,
+    /// A write: only when it cannot have been applied.
+    WriteNotApplied,
 }
 
 impl EtcdKv {
@@ -145,15 +177,104 @@ impl EtcdKv {
     }
 
     /// With options built elsewhere (TLS, a user): see
-    /// [`crate::connection::DatastoreConfig::connect`], what the binaries use.
+    /// [`crate::connection::DatastoreConfig::connect`], what the binaries use. Clients
+    /// start at a member picked by process id, so that a node's agent and its CNI
+    /// invocations spread over the cluster.
     pub async fn connect_with(
         endpoints: &[String],
         opts: etcd_client::ConnectOptions,
     ) -> Result<Self, KvError> {
-        let client = etcd_client::Client::connect(endpoints, Some(opts))
-            .await
-            .map_err(etcd_error)?;
-        Ok(EtcdKv { client })
+        if endpoints.is_empty() {
+            return Err(KvError::Other("no etcd endpoint".into()));
+        }
+        let opts = opts.with_require_leader(true);
+        let n = endpoints.len();
+        let first = std::process::id() as usize % n;
+        let mut last = None;
+        for k in 0..n {
+            let index = (first + k) % n;
+            match etcd_client::Client::connect([&endpoints[index]], Some(opts.clone())).await {
+                Ok(client) => {
+                    return Ok(EtcdKv {
+                        members: Arc::new(Members {
+                            endpoints: endpoints.to_vec(),
+                            opts,
+                            current: std::sync::Mutex::new(Member { index, client }),
+                        }),
+                    })
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last
+            .as_ref()
+            .map(etcd_error)
+            .unwrap_or_else(|| KvError::Other("no member".into())))
+    }
+
+    fn member(&self) -> Member {
+        self.members
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Moves to the member after `failed`, unless another request already moved on.
+    async fn move_on_from(&self, failed: usize) {
+        let n = self.members.endpoints.len();
+        if self.member().index != failed {
+            return;
+        }
+        for k in 1..n {
+            let index = (failed + k) % n;
+            let endpoint = &self.members.endpoints[index];
+            // Connecting is lazy unless a login is needed; a dead member shows on the
+            // resent request, which moves on again.
+            if let Ok(client) =
+                etcd_client::Client::connect([endpoint], Some(self.members.opts.clone())).await
+            {
+                let mut current = self
+                    .members
+                    .current
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if current.index == failed {
+                    tracing::info!(from = %self.members.endpoints[failed], to = %endpoint, "moving to another etcd member");
+                    *current = Member { index, client };
+                }
+                return;
+            }
+        }
+    }
+
+    /// Sends a request, moving to the next member as `resend` allows, at most once round
+    /// the cluster.
+    async fn request<T, F, Fut>(&self, resend: Resend, f: F) -> Result<T, KvError>
+    where
+        F: Fn(etcd_client::Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.members.endpoints.len();
+        let mut tries = 0;
+        loop {
+            let member = self.member();
+            match f(member.client).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tries += 1;
+                    let again = match resend {
+                        Resend::Read => etcd_error(&e).is_transient(),
+                        Resend::WriteNotApplied => not_applied(&e),
+                    };
+                    if !again || tries >= n {
+                        return Err(etcd_error(&e));
+                    }
+                    tracing::debug!(member = %self.members.endpoints[member.index], error = %with_causes(&e), "etcd member failed; trying the next");
+                    self.move_on_from(member.index).await;
+                }
+            }
+        }
     }
 
     /// One key-only read of at most one key under `prefix`: proves the connection, the TLS
@@ -163,25 +284,59 @@ impl EtcdKv {
             .with_prefix()
             .with_keys_only()
             .with_limit(1);
-        self.client
-            .clone()
-            .get(prefix, Some(opts))
-            .await
-            .map_err(etcd_error)?;
+        self.request(Resend::Read, |mut c| {
+            let opts = opts.clone();
+            async move { c.get(prefix, Some(opts)).await }
+        })
+        .await?;
         Ok(())
     }
 
-    /// The underlying client, for what the [`Kv`] trait does not cover (watches).
+    /// The client of the member in use, for what the [`Kv`] trait does not cover
+    /// (watches). A watch that breaks reports it with [`EtcdKv::watch_broke`].
     pub fn client(&self) -> etcd_client::Client {
-        self.client.clone()
+        self.member().client
+    }
+
+    /// A watch on the member in use broke (the member died, lost its leader, or the stream
+    /// ended): the next watch goes to the next member.
+    pub async fn watch_broke(&self) {
+        let index = self.member().index;
+        if self.members.endpoints.len() > 1 {
+            self.move_on_from(index).await;
+        }
+    }
+
+    /// The endpoint of the member in use.
+    pub fn endpoint(&self) -> String {
+        self.members.endpoints[self.member().index].clone()
     }
 }
 
-fn etcd_error(e: etcd_client::Error) -> KvError {
+/// Whether a failed write certainly was not applied: no connection to the member, or the
+/// member has no leader (etcd refuses a require-leader request before proposing it).
+fn not_applied(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    let text = with_causes(e).to_lowercase();
+    match e {
+        E::TransportError(_) => true,
+        E::GRpcStatus(s) if s.code() == tonic_code::Code::Unavailable => [
+            "connect error",
+            "connection refused",
+            "no leader",
+            "no route to host",
+        ]
+        .iter()
+        .any(|w| text.contains(w)),
+        _ => false,
+    }
+}
+
+fn etcd_error(e: &etcd_client::Error) -> KvError {
     use etcd_client::Error as E;
     use tonic_code::*;
-    let text = with_causes(&e);
-    match &e {
+    let text = with_causes(e);
+    match e {
         E::TransportError(_) | E::IoError(_) => KvError::Unavailable(text),
         E::GRpcStatus(s) if TRANSIENT.contains(&s.code()) => KvError::Unavailable(text),
         _ => KvError::Other(text),
@@ -239,34 +394,37 @@ fn to_etcd_op(op: &Op) -> etcd_client::TxnOp {
 
 impl Kv for EtcdKv {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, KvError> {
-        let mut c = self.client.kv_client();
-        let resp = c.get(key, None).await.map_err(etcd_error)?;
+        let resp = self
+            .request(Resend::Read, |mut c| async move { c.get(key, None).await })
+            .await?;
         Ok(resp.kvs().first().map(from_etcd))
     }
 
     async fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), KvError> {
-        let mut c = self.client.kv_client();
-        let resp = c
-            .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
-            .await
-            .map_err(etcd_error)?;
+        let resp = self
+            .request(Resend::Read, |mut c| async move {
+                c.get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+                    .await
+            })
+            .await?;
         let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
         Ok((resp.kvs().iter().map(from_etcd).collect(), rev))
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, i64)>, KvError> {
-        let mut c = self.client.kv_client();
-        let resp = c
-            .get(
-                prefix,
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_keys_only(),
-                ),
-            )
-            .await
-            .map_err(etcd_error)?;
+        let resp = self
+            .request(Resend::Read, |mut c| async move {
+                c.get(
+                    prefix,
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only(),
+                    ),
+                )
+                .await
+            })
+            .await?;
         Ok(resp
             .kvs()
             .iter()
@@ -298,8 +456,12 @@ impl Kv for EtcdKv {
             .when(compares)
             .and_then(txn.success.iter().map(to_etcd_op).collect::<Vec<_>>())
             .or_else(txn.failure.iter().map(to_etcd_op).collect::<Vec<_>>());
-        let mut c = self.client.kv_client();
-        let resp = c.txn(t).await.map_err(etcd_error)?;
+        let resp = self
+            .request(Resend::WriteNotApplied, |mut c| {
+                let t = t.clone();
+                async move { c.txn(t).await }
+            })
+            .await?;
         let gets = resp
             .op_responses()
             .into_iter()
@@ -316,16 +478,24 @@ impl Kv for EtcdKv {
     }
 
     async fn lease_grant(&self, ttl_secs: i64) -> Result<i64, KvError> {
-        let mut c = self.client.lease_client();
-        let resp = c.grant(ttl_secs, None).await.map_err(etcd_error)?;
+        let resp = self
+            .request(Resend::WriteNotApplied, |mut c| async move {
+                c.lease_grant(ttl_secs, None).await
+            })
+            .await?;
         Ok(resp.id())
     }
 
     async fn lease_keep_alive(&self, id: i64) -> Result<i64, KvError> {
-        let mut c = self.client.lease_client();
-        let (mut keeper, mut stream) = c.keep_alive(id).await.map_err(etcd_error)?;
-        keeper.keep_alive().await.map_err(etcd_error)?;
-        match stream.message().await.map_err(etcd_error)? {
+        // Refreshing twice is harmless: a read for the purpose of moving on.
+        let resp = self
+            .request(Resend::Read, |mut c| async move {
+                let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+                keeper.keep_alive().await?;
+                stream.message().await
+            })
+            .await?;
+        match resp {
             Some(resp) => Ok(resp.ttl()),
             None => Err(KvError::Unavailable(
                 "lease keep-alive stream closed".into(),
@@ -334,15 +504,19 @@ impl Kv for EtcdKv {
     }
 
     async fn lease_revoke(&self, id: i64) -> Result<(), KvError> {
-        let mut c = self.client.lease_client();
-        match c.revoke(id).await {
-            Ok(_) => Ok(()),
-            // Already expired: the outcome the caller wanted.
-            Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic_code::Code::NotFound => {
-                Ok(())
+        self.request(Resend::WriteNotApplied, |mut c| async move {
+            match c.lease_revoke(id).await {
+                Ok(_) => Ok(()),
+                // Already expired: the outcome the caller wanted.
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if s.code() == tonic_code::Code::NotFound =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(etcd_error(e)),
-        }
+        })
+        .await
     }
 }
 

@@ -59,9 +59,10 @@ pub async fn follow(kv: EtcdKv, node: String, tx: watch::Sender<Synced>) {
                 revision = None;
             }
             WatchEnd::Broken(last, why) => {
-                tracing::warn!(error = %why, "datastore watch broken; resuming");
+                tracing::warn!(error = %why, member = %kv.endpoint(), "datastore watch broken; resuming on the next etcd member");
                 revision = Some(last);
                 mark_stale(&tx);
+                kv.watch_broke().await;
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
         }

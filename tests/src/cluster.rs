@@ -121,6 +121,9 @@ pub struct ClusterSpec {
     pub router_bgp: bool,
     /// Node labels (`k=v,k2=v2`) per node name, given to its agent.
     pub node_labels: std::collections::BTreeMap<String, String>,
+    /// etcd members: 1 runs in the control namespace; more run as a cluster, each in its
+    /// own namespace ([`Lab::with_etcd_cluster`]).
+    pub etcd_members: u8,
 }
 
 impl Default for ClusterSpec {
@@ -135,6 +138,7 @@ impl Default for ClusterSpec {
             agent_yaml: String::new(),
             router_bgp: true,
             node_labels: Default::default(),
+            etcd_members: 1,
         }
     }
 }
@@ -142,6 +146,8 @@ impl Default for ClusterSpec {
 /// Fields drop in order: pods and processes before the lab's namespaces.
 pub struct Cluster {
     pub pods: Vec<Pod>,
+    /// Sandboxes whose ADD failed, waiting for their DEL.
+    failed_adds: Vec<Pod>,
     agents: Vec<Option<Child>>,
     router: Option<Child>,
     outside: Option<Netns>,
@@ -155,13 +161,18 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(test: &str, spec: ClusterSpec) -> anyhow::Result<Self> {
-        let lab = Lab::new(test, spec.lab.clone())?;
+        let lab = if spec.etcd_members > 1 {
+            Lab::with_etcd_cluster(test, spec.lab.clone(), spec.etcd_members)?
+        } else {
+            Lab::new(test, spec.lab.clone())?
+        };
         let dir = tempfile::tempdir()?;
         if !spec.pools.trim().is_empty() {
             lab.apply_yaml(&spec.pools)?;
         }
         let mut c = Cluster {
             pods: Vec::new(),
+            failed_adds: Vec::new(),
             agents: Vec::new(),
             router: None,
             outside: None,
@@ -358,7 +369,7 @@ impl Cluster {
             "name": "k8s-pod-network",
             "type": "tessera",
             "nodename": node,
-            "datastore": { "etcdEndpoints": [self.lab.etcd_endpoint()], "timeoutMs": 3000 },
+            "datastore": { "etcdEndpoints": self.lab.etcd_endpoints(), "timeoutMs": 3000 },
             "mtuFile": self.mtu_file(node),
             "logFile": self.dir.path().join("cni.log"),
             "ipam": { "type": "tessera-ipam", "assignIpv4": true, "assignIpv6": ipv6 }
@@ -635,11 +646,56 @@ impl Cluster {
         Ok((addresses, recorded))
     }
 
-    /// CNI DEL of a pod, and its namespace gone.
+    /// CNI DEL of a pod, and its namespace gone. A failed DEL leaves the pod in place (a
+    /// runtime retries it).
     pub fn delete_pod(&mut self, i: usize) -> anyhow::Result<()> {
-        let p = self.pods.remove(i);
-        self.cni("DEL", &PodRef::from(&p))?;
+        self.cni("DEL", &PodRef::from(&self.pods[i]))?;
+        self.pods.remove(i);
         Ok(())
+    }
+
+    /// ADD as kubelet runs it: when the ADD fails, the sandbox is kept for a DEL, which the
+    /// runtime retries until it succeeds ([`Cluster::retry_failed_adds_del`]). Returns the
+    /// pod's index, or the ADD's error.
+    pub fn add_pod_as_kubelet(&mut self, node: &str, pool: &str) -> anyhow::Result<usize> {
+        let (name, netns, container_id) = self.new_pod(node, pool, None, None)?;
+        let pod = Pod {
+            name,
+            node: node.to_string(),
+            pool: pool.to_string(),
+            ip: Ipv4Addr::UNSPECIFIED,
+            ip6: None,
+            netns,
+            container_id,
+        };
+        match self.cni("ADD", &PodRef::from(&pod)) {
+            Ok(r) => {
+                let ip = r["ips"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i["address"].as_str())
+                    .find_map(|a| a.split('/').next()?.parse().ok())
+                    .ok_or_else(|| anyhow::anyhow!("no IPv4 address in {r}"))?;
+                self.pods.push(Pod { ip, ..pod });
+                Ok(self.pods.len() - 1)
+            }
+            Err(e) => {
+                self.failed_adds.push(pod);
+                Err(e)
+            }
+        }
+    }
+
+    /// DEL of every sandbox whose ADD failed; returns how many DELs still fail.
+    pub fn retry_failed_adds_del(&mut self) -> usize {
+        let failed = std::mem::take(&mut self.failed_adds);
+        for p in failed {
+            if self.cni("DEL", &PodRef::from(&p)).is_err() {
+                self.failed_adds.push(p);
+            }
+        }
+        self.failed_adds.len()
     }
 
     /// One ping from pod `from` to `to`: the round trip in ms, or None if it did not cross.

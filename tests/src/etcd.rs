@@ -11,6 +11,9 @@ pub struct Etcd {
     client_url: String,
     peer_url: String,
     netns: Option<String>,
+    /// The member's name and the cluster it starts in (`name=peer-url,...`).
+    name: String,
+    initial_cluster: Option<String>,
     /// Client-certificate authentication: etcd's CA, its server pair, and the client pair
     /// the health check uses.
     tls: Option<EtcdTls>,
@@ -45,6 +48,8 @@ impl Etcd {
             client_url: format!("https://127.0.0.1:{client}"),
             peer_url: format!("http://127.0.0.1:{peer}"),
             netns: None,
+            name: "tessera".into(),
+            initial_cluster: None,
             tls: Some(EtcdTls {
                 ca: pki.ca(),
                 server: pki.server(),
@@ -71,10 +76,48 @@ impl Etcd {
             client_url,
             peer_url,
             netns,
+            name: "tessera".into(),
+            initial_cluster: None,
             tls: None,
         };
         e.spawn()?;
         Ok(e)
+    }
+
+    /// A cluster of members, member `i` named `etcd<i+1>` in namespace `members[i].0` at
+    /// address `members[i].1` (ports 2379/2380). All start together (each waits for a
+    /// quorum) and the call returns once every member is healthy.
+    pub fn start_cluster(members: &[(&str, &str)]) -> anyhow::Result<Vec<Etcd>> {
+        let initial = members
+            .iter()
+            .enumerate()
+            .map(|(i, (_, addr))| format!("etcd{}=http://{addr}:2380", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut all = Vec::new();
+        for (i, (ns, addr)) in members.iter().enumerate() {
+            let mut e = Etcd {
+                child: None,
+                data: tempfile::Builder::new().prefix("tessera-etcd").tempdir()?,
+                client_url: format!("http://{addr}:2379"),
+                peer_url: format!("http://{addr}:2380"),
+                netns: Some(ns.to_string()),
+                name: format!("etcd{}", i + 1),
+                initial_cluster: Some(initial.clone()),
+                tls: None,
+            };
+            e.spawn_process()?;
+            all.push(e);
+        }
+        for e in &mut all {
+            e.wait_healthy(Duration::from_secs(60))?;
+        }
+        Ok(all)
+    }
+
+    /// This member's name (`etcd1`, ... in a cluster).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     fn command(&self, program: &str) -> Command {
@@ -89,11 +132,23 @@ impl Etcd {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::File::create(self.data.path().join("etcd.log"))?;
+        self.spawn_process()?;
+        self.wait_healthy(Duration::from_secs(30))
+    }
+
+    fn spawn_process(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.path().join("etcd.log"))?;
+        let initial_cluster = self
+            .initial_cluster
+            .clone()
+            .unwrap_or_else(|| format!("{}={}", self.name, self.peer_url));
         let mut cmd = self.command("etcd");
         cmd.args([
             "--name",
-            "tessera",
+            &self.name,
             "--data-dir",
             &self.data.path().join("data").to_string_lossy(),
             "--listen-client-urls",
@@ -105,7 +160,7 @@ impl Etcd {
             "--initial-advertise-peer-urls",
             &self.peer_url,
             "--initial-cluster",
-            &format!("tessera={}", self.peer_url),
+            &initial_cluster,
             "--log-level",
             "warn",
         ]);
@@ -117,7 +172,7 @@ impl Etcd {
         }
         cmd.stdout(Stdio::null()).stderr(log);
         self.child = Some(Child::spawn(cmd, "etcd")?);
-        self.wait_healthy(Duration::from_secs(30))
+        Ok(())
     }
 
     fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {
@@ -181,6 +236,13 @@ impl Etcd {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.spawn()
+    }
+
+    /// Starts a killed cluster member again on its data dir, without waiting for it to be
+    /// healthy (it cannot be, alone, while the cluster has no quorum).
+    pub fn restart_member(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn_process()
     }
 }
 

@@ -37,6 +37,9 @@ impl Default for LabSpec {
 /// A cluster of namespaces. Fields drop in order: processes first, then namespaces.
 pub struct Lab {
     etcd: Option<Etcd>,
+    /// The members of a multi-member etcd ([`Lab::with_etcd_cluster`]), and their namespaces.
+    pub etcd_members: Vec<Etcd>,
+    pub etcd_member_ns: Vec<Netns>,
     pub nodes: Vec<LabNode>,
     pub ctl: Netns,
     pub router: Netns,
@@ -56,6 +59,8 @@ impl Lab {
         let ctl = Netns::new(&format!("{prefix}-ctl"))?;
         let mut lab = Lab {
             etcd: None,
+            etcd_members: Vec::new(),
+            etcd_member_ns: Vec::new(),
             nodes: Vec::new(),
             ctl,
             router,
@@ -116,6 +121,77 @@ impl Lab {
         Ok(lab)
     }
 
+    /// A lab whose etcd is a cluster of `members` members, each in its own namespace on
+    /// subnet 0 (`etcd1` at 198.18.0.3, `etcd2` at .4, ...), as production runs it;
+    /// `spec.etcd` is ignored.
+    pub fn with_etcd_cluster(test: &str, spec: LabSpec, members: u8) -> anyhow::Result<Self> {
+        anyhow::ensure!((1..=9).contains(&members), "1 to 9 etcd members");
+        let mut lab = Lab::new(
+            test,
+            LabSpec {
+                etcd: false,
+                ..spec
+            },
+        )?;
+        let mut at = Vec::new();
+        for i in 0..members {
+            let name = format!("etcd{}", i + 1);
+            let ns = Netns::new(&format!("{}-{name}", lab.prefix))?;
+            let v4 = Ipv4Addr::new(198, 18, 0, 3 + i);
+            lab.attach(
+                &ns,
+                &name,
+                0,
+                v4,
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 3 + u16::from(i)),
+            )?;
+            at.push((ns.name().to_string(), v4.to_string()));
+            lab.etcd_member_ns.push(ns);
+        }
+        let refs: Vec<(&str, &str)> = at.iter().map(|(n, a)| (n.as_str(), a.as_str())).collect();
+        lab.etcd_members = Etcd::start_cluster(&refs)?;
+        Ok(lab)
+    }
+
+    /// The index in [`Lab::etcd_members`] of the current leader, by asking the members.
+    pub fn etcd_leader(&self) -> anyhow::Result<usize> {
+        let out = self.ctl.exec(
+            "etcdctl",
+            &[
+                "--endpoints",
+                &self.etcd_endpoint(),
+                "--dial-timeout=1s",
+                "--command-timeout=2s",
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+            ],
+        );
+        // Members that are down make etcdctl fail but still print the others.
+        let text = match out {
+            Ok(t) => t,
+            Err(e) => e.to_string(),
+        };
+        let start = text
+            .find('[')
+            .ok_or_else(|| anyhow::anyhow!("etcdctl: {text}"))?;
+        let status: serde_json::Value = serde_json::Deserializer::from_str(&text[start..])
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("etcdctl: {text}"))??;
+        for s in status.as_array().into_iter().flatten() {
+            let (me, leader) = (&s["Status"]["header"]["member_id"], &s["Status"]["leader"]);
+            if me == leader {
+                let ep = s["Endpoint"].as_str().unwrap_or_default();
+                if let Some(i) = self.etcd_members.iter().position(|m| m.endpoint() == ep) {
+                    return Ok(i);
+                }
+            }
+        }
+        anyhow::bail!("no leader among {text}")
+    }
+
     /// Wires `ns` to subnet `s` of the router: `eth0` in `ns`, `port` on bridge `br<s>`.
     fn attach(
         &self,
@@ -151,14 +227,35 @@ impl Lab {
         self.etcd.as_mut().expect("this lab runs etcd")
     }
 
-    /// The etcd endpoint as node namespaces reach it.
+    /// The etcd endpoint as node namespaces reach it; with a multi-member etcd, every
+    /// member's, comma-separated (as ETCD_ENDPOINTS and etcdctl take them).
     pub fn etcd_endpoint(&self) -> String {
-        format!("http://{CTL_ADDR}:2379")
+        if self.etcd_members.is_empty() {
+            format!("http://{CTL_ADDR}:2379")
+        } else {
+            self.etcd_endpoints().join(",")
+        }
+    }
+
+    /// The etcd endpoints, one per member (as `etcdEndpoints` lists them).
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        if self.etcd_members.is_empty() {
+            vec![format!("http://{CTL_ADDR}:2379")]
+        } else {
+            self.etcd_members
+                .iter()
+                .map(|m| m.endpoint().to_string())
+                .collect()
+        }
     }
 
     /// PIDs of the processes the lab itself runs (for [`crate::assert_nothing_left`]).
     pub fn pids(&self) -> Vec<u32> {
-        self.etcd.as_ref().and_then(Etcd::pid).into_iter().collect()
+        self.etcd
+            .iter()
+            .chain(&self.etcd_members)
+            .filter_map(Etcd::pid)
+            .collect()
     }
 
     /// `etcdctl <args>` against the lab's etcd, run inside the control namespace.

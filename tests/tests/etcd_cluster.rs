@@ -1,0 +1,200 @@
+//! etcd as production runs it: three members, each in its own namespace on the underlay,
+//! and every client (agents, the CNI plugin, tesseractl) given all three endpoints.
+//! - The leader is killed (SIGKILL) during pod churn on four nodes: IPAM keeps serving
+//!   after the re-election, no ADD fails except with CNI code 11 ("try again later"), and
+//!   `tesseractl ipam check` finds nothing afterwards.
+//! - Quorum is lost (two members down) for 30 s: ADD fails with code 11 and says why, the
+//!   agents report not ready but keep the kernel forwarding, and when quorum returns
+//!   everything converges without restarting anything.
+
+use std::time::{Duration, Instant};
+
+use tessera_testbed::cluster::{bin, Cluster, ClusterSpec};
+use tessera_testbed::LabSpec;
+
+const POOL: &str = "
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: bgp }
+spec: { cidr: 10.244.0.0/20, blockSize: 26 }
+";
+
+/// The CNI error code in a failed ADD's or DEL's message (the plugin's JSON on stdout).
+fn cni_code(e: &anyhow::Error) -> Option<u64> {
+    let text = e.to_string();
+    let at = text.find("\"code\":")? + "\"code\":".len();
+    text[at..]
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn ipam_check(c: &Cluster) -> String {
+    c.lab
+        .ctl
+        .exec(
+            &bin("tesseractl").to_string_lossy(),
+            &["--etcd-endpoints", &c.lab.etcd_endpoint(), "ipam", "check"],
+        )
+        .unwrap_or_else(|e| format!("ipam check failed: {e}"))
+}
+
+/// Retries the DELs of failed ADDs (as a runtime does) until all went through.
+fn clean_up_failed_adds(c: &mut Cluster) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.retry_failed_adds_del() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "DEL of failed ADDs keeps failing"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn three_members(test: &str, nodes: usize) -> Cluster {
+    let mut c = Cluster::new(
+        test,
+        ClusterSpec {
+            lab: LabSpec {
+                nodes,
+                subnets: 2,
+                etcd: true,
+            },
+            pools: POOL.into(),
+            etcd_members: 3,
+            ..Default::default()
+        },
+    )
+    .expect("cluster");
+    c.start_agents().expect("agents");
+    c.wait_ready(Duration::from_secs(60)).expect("ready");
+    c
+}
+
+#[test]
+fn ipam_keeps_serving_when_the_etcd_leader_is_killed_during_pod_churn() {
+    let mut c = three_members("etcd_leader", 4);
+    let nodes: Vec<String> = c.lab.nodes.iter().map(|n| n.name.clone()).collect();
+    let (mut failures, mut adds_after_kill, mut killed) = (Vec::new(), 0, None);
+    for round in 0..30 {
+        if round == 10 {
+            let leader = c.lab.etcd_leader().expect("leader");
+            c.lab.etcd_members[leader].kill();
+            killed = Some(leader);
+        }
+        // No intent of its own (the test harness would write it through etcd): the pod
+        // gets the node's default pool.
+        match c.add_pod_as_kubelet(&nodes[round % nodes.len()], "") {
+            Ok(_) if killed.is_some() => adds_after_kill += 1,
+            Ok(_) => {}
+            Err(e) => failures.push(e),
+        }
+        if c.pods.len() > 8 {
+            if let Err(e) = c.delete_pod(0) {
+                failures.push(e);
+            }
+        }
+    }
+    for e in &failures {
+        assert_eq!(cni_code(e), Some(11), "only \"try again later\": {e:#}");
+    }
+    assert!(
+        adds_after_kill >= 15,
+        "IPAM kept serving after the re-election: {adds_after_kill} ADDs of 20 ({} failures)",
+        failures.len()
+    );
+    // Every pod has its own address.
+    let mut ips: Vec<_> = c.pods.iter().map(|p| p.ip).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), c.pods.len(), "an address on two pods");
+
+    // The member comes back; the failed ADDs' DELs go through; nothing is left over.
+    let killed = killed.expect("a leader was killed");
+    c.lab.etcd_members[killed]
+        .restart_member()
+        .expect("restart");
+    clean_up_failed_adds(&mut c);
+    while !c.pods.is_empty() {
+        c.delete_pod(0).expect("DEL");
+    }
+    let report = ipam_check(&c);
+    assert!(report.contains("0 finding(s)"), "{report}");
+    eprintln!(
+        "{} failures (all code 11) in 30 rounds; {adds_after_kill} ADDs after the leader died",
+        failures.len()
+    );
+    let (prefix, pids) = (c.lab.prefix().to_string(), c.lab.pids());
+    drop(c);
+    tessera_testbed::assert_nothing_left(&prefix, &pids);
+}
+
+#[test]
+fn without_quorum_adds_fail_with_try_again_and_the_data_plane_keeps_forwarding() {
+    let mut c = three_members("etcd_quorum", 2);
+    let (n1, n2) = (c.lab.nodes[0].name.clone(), c.lab.nodes[1].name.clone());
+    let a = c.add_pod(&n1, "bgp").expect("pod on node1");
+    let b = c.add_pod(&n2, "bgp").expect("pod on node2");
+    let (ip_a, ip_b) = (c.pods[a].ip, c.pods[b].ip);
+    assert!(c.wait_ping(a, ip_b, Duration::from_secs(30)), "before");
+
+    // Two of three members down: no quorum.
+    c.lab.etcd_members[0].kill();
+    c.lab.etcd_members[1].kill();
+    let t = Instant::now();
+    let e = c
+        .add_pod_as_kubelet(&n1, "")
+        .expect_err("no quorum, no address");
+    let took = t.elapsed();
+    assert_eq!(cni_code(&e), Some(11), "try again later: {e:#}");
+    assert!(
+        e.to_string().contains("etcd"),
+        "the message says why: {e:#}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for node in [&n1, &n2] {
+        loop {
+            match c.http(node, "/readyz") {
+                Ok((503, _)) => break,
+                other => {
+                    assert!(Instant::now() < deadline, "{node} still ready: {other:?}");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+    // The outage lasts 30 s; the kernel keeps forwarding through it.
+    let outage_end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < outage_end {
+        assert!(c.ping(a, ip_b).is_some(), "forwarding during the outage");
+        assert!(c.ping(b, ip_a).is_some(), "forwarding during the outage");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    for node in [&n1, &n2] {
+        assert!(
+            c.agent_exited(node).is_none(),
+            "{node}'s agent kept running"
+        );
+    }
+
+    // Quorum returns: the same agents become ready, ADD works, nothing is left over.
+    c.lab.etcd_members[0].restart_member().expect("restart");
+    c.lab.etcd_members[1].restart_member().expect("restart");
+    c.wait_ready(Duration::from_secs(60))
+        .expect("ready again without a restart");
+    let d = c.add_pod(&n2, "bgp").expect("ADD after quorum returned");
+    let ip_d = c.pods[d].ip;
+    assert!(
+        c.wait_ping(a, ip_d, Duration::from_secs(30)),
+        "new pod reached"
+    );
+    clean_up_failed_adds(&mut c);
+    let report = ipam_check(&c);
+    assert!(report.contains("0 finding(s)"), "{report}");
+    eprintln!("ADD without quorum failed after {took:?}: {e:#}");
+    let (prefix, pids) = (c.lab.prefix().to_string(), c.lab.pids());
+    drop(c);
+    tessera_testbed::assert_nothing_left(&prefix, &pids);
+}
