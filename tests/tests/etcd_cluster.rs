@@ -198,3 +198,60 @@ fn without_quorum_adds_fail_with_try_again_and_the_data_plane_keeps_forwarding()
     drop(c);
     tessera_testbed::assert_nothing_left(&prefix, &pids);
 }
+
+#[test]
+fn a_member_cut_off_from_the_others_is_left_by_every_client() {
+    let mut c = three_members("etcd_partition", 2);
+    let nodes: Vec<String> = c.lab.nodes.iter().map(|n| n.name.clone()).collect();
+    // etcd1 loses the other two (its packets to them are dropped); clients still reach it.
+    let cut = &c.lab.etcd_member_ns[0];
+    for other in ["198.18.0.4/32", "198.18.0.5/32"] {
+        cut.ip(&["route", "add", "prohibit", other])
+            .expect("partition");
+    }
+    // Within an election timeout it knows it has no leader (before that, a write sent there
+    // times out with its outcome unknown: code 11, as it should be). From then on a client
+    // that starts there (one CNI invocation in three, by process id) is told "no leader"
+    // at once and moves to a member that has one.
+    let member = c.lab.etcd_members[0].endpoint().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = c
+            .lab
+            .ctl
+            .exec(
+                "etcdctl",
+                &["--endpoints", &member, "endpoint", "status", "-w", "json"],
+            )
+            .unwrap_or_default();
+        if status.contains("etcdserver: no leader") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcd1 still has a leader: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut failures = Vec::new();
+    for round in 0..12 {
+        if let Err(e) = c.add_pod_as_kubelet(&nodes[round % nodes.len()], "") {
+            failures.push(e);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "every ADD served by the healthy members: {failures:#?}"
+    );
+    c.wait_ready(Duration::from_secs(30))
+        .expect("the agents stay ready");
+    let mut ips: Vec<_> = c.pods.iter().map(|p| p.ip).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 12, "twelve pods, twelve addresses");
+    let report = ipam_check(&c);
+    assert!(report.contains("0 finding(s)"), "{report}");
+    let (prefix, pids) = (c.lab.prefix().to_string(), c.lab.pids());
+    drop(c);
+    tessera_testbed::assert_nothing_left(&prefix, &pids);
+}
