@@ -2,6 +2,7 @@
 //! BGP speaker in-process, and applies [`desired`](crate::state::desired) to the kernel
 //! (netlink, nftables), again whenever the datastore or the kernel changes.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
@@ -17,7 +18,7 @@ use tessera_datastore::liveness::NodeLease;
 use tessera_datastore::model::{EncapMode, Node};
 use tessera_datastore::reassert::{reassert, LocalWorkload};
 use tessera_datastore::resources::{get_node, mark_workload_conflicted, put_node};
-use tessera_datastore::{now_ms, AssignRequest, EtcdKv, Ipam, Owner};
+use tessera_datastore::{now_ms, AssignRequest, EtcdKv, Ipam, Kv, Owner};
 use tessera_routed::kernel::{RouteTarget, Target};
 use tessera_routed::speaker::Command;
 use tessera_tunnel::desired::vtep_mac;
@@ -204,6 +205,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         // Whatever happened before we started, our running pods' addresses are checked once.
         reassert_pending: true,
         fenced: Vec::new(),
+        sandbox_gone_since: HashMap::new(),
     };
     {
         let mut h = shared.health();
@@ -462,6 +464,9 @@ struct Reconciler {
     reassert_pending: bool,
     /// Addresses of local pods that now belong to other workloads, as the last pass fenced.
     fenced: Vec<Fenced>,
+    /// Local endpoint records whose host interface is missing, since when (see
+    /// [`Reconciler::release_gone_sandboxes`]).
+    sandbox_gone_since: HashMap<String, Instant>,
 }
 
 impl Reconciler {
@@ -747,6 +752,69 @@ impl Reconciler {
 
     /// Removes the host routes of fenced addresses (the CNI plugin made them; nothing makes
     /// them again while the pod is conflicted). Returns how many it removed.
+    /// Endpoint records of this node whose pod's host interface has been gone for the GC
+    /// grace period: the sandbox died with no DEL to follow (a crash, a lost DEL). The
+    /// interface goes only with the pod's network namespace (deleting either end of a veth
+    /// deletes both), so a pod without it has no network left to route to; its endpoint
+    /// record and addresses are released as the Kubernetes controllers release a pod the
+    /// apiserver no longer has, guarded by the handle's and the record's revisions (an ADD
+    /// of a new sandbox for the same pod in the meantime wins).
+    async fn release_gone_sandboxes(&mut self, view: &ClusterView) -> anyhow::Result<()> {
+        let links = tessera_tunnel::routes::link_names(&self.handle).await?;
+        let gone: Vec<&tessera_datastore::model::WorkloadEndpoint> = view
+            .workloads
+            .iter()
+            .filter(|w| w.node == self.me.name && w.conflict.is_none())
+            .filter(|w| {
+                w.host_interface
+                    .as_ref()
+                    .is_some_and(|h| !links.contains(h))
+            })
+            .collect();
+        let key = |w: &tessera_datastore::model::WorkloadEndpoint| {
+            tessera_datastore::keys::workload(&w.node, &w.namespace, &w.pod, &w.interface)
+        };
+        let now = Instant::now();
+        let current: std::collections::HashSet<String> = gone.iter().map(|w| key(w)).collect();
+        self.sandbox_gone_since.retain(|k, _| current.contains(k));
+        let grace = Duration::from_secs(self.cfg.gc.workload_grace_seconds);
+        for w in gone {
+            let k = key(w);
+            let since = *self.sandbox_gone_since.entry(k.clone()).or_insert(now);
+            if now.duration_since(since) < grace {
+                continue;
+            }
+            let Some(handle) = self
+                .kv
+                .get(&tessera_datastore::keys::handle(&w.handle))
+                .await?
+            else {
+                // A DEL that died after releasing the addresses and before removing the
+                // record: only the record is left, and it goes unless it changed.
+                if let Some(rec) = self.kv.get(&k).await? {
+                    let txn = tessera_datastore::kv::Txn::new()
+                        .expect(k.clone(), rec.mod_revision)
+                        .then(tessera_datastore::kv::Op::delete(k.clone()));
+                    if self.kv.txn(txn).await?.succeeded {
+                        tracing::info!(endpoint = %k, "removed the record of a pod whose sandbox and addresses are gone");
+                    }
+                }
+                self.sandbox_gone_since.remove(&k);
+                continue;
+            };
+            let outcome = tessera_datastore::admin::release_gone_pod(
+                &self.kv,
+                &w.handle,
+                handle.mod_revision,
+                Some(&k),
+            )
+            .await?;
+            tracing::info!(pod = %format!("{}/{}", w.namespace, w.pod), endpoint = %k, ?outcome, "released a pod whose sandbox is gone (its interface vanished, no DEL came)");
+            self.sandbox_gone_since.remove(&k);
+        }
+        Ok(())
+    }
+
     async fn fence(&mut self, view: &ClusterView) -> Result<usize, String> {
         let now = fenced(view);
         let mut removed = 0;
@@ -839,6 +907,12 @@ impl Reconciler {
                 "fenced pods, their addresses now belong to other workloads (recreate them): {}",
                 pods.into_iter().collect::<Vec<_>>().join(", ")
             ));
+        }
+
+        if full && self.cfg.gc.enabled {
+            if let Err(e) = self.release_gone_sandboxes(view).await {
+                tracing::warn!(error = %e, "releasing the addresses of pods whose sandbox is gone");
+            }
         }
 
         // VXLAN devices and entries, per family.

@@ -88,6 +88,15 @@ pub struct Pod {
     container_id: String,
 }
 
+/// How a CNI invocation that was to be killed ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CniEnd {
+    /// It finished before the kill (successfully or not).
+    Finished { ok: bool },
+    /// SIGKILL while it ran.
+    Killed,
+}
+
 /// What the CNI plugin is told about a pod.
 struct PodRef<'a> {
     node: &'a str,
@@ -644,6 +653,102 @@ impl Cluster {
             .etcdctl(&["get", &keys::workload(node, "default", &name, "eth0")])?
             .contains(&name);
         Ok((addresses, recorded))
+    }
+
+    /// Starts the CNI plugin for `p` without waiting for it (its stdin already written).
+    fn spawn_cni(&self, command: &str, p: &PodRef<'_>) -> anyhow::Result<Child> {
+        let i = self.node_index(p.node);
+        let plugin = bin("tessera");
+        let mut cmd: Command = self.lab.nodes[i].netns.command(&plugin.to_string_lossy());
+        cmd.env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", p.container_id)
+            .env("CNI_NETNS", p.netns.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", plugin.parent().unwrap_or(Path::new("/")))
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={}",
+                    p.name
+                ),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut conf = tempfile::tempfile()?;
+        conf.write_all(self.cni_config(p.node, p.ipv6).as_bytes())?;
+        std::io::Seek::rewind(&mut conf)?;
+        Child::spawn_with_stdin(cmd, "the CNI plugin", Stdio::from(conf))
+    }
+
+    /// Runs `command` for `p` and SIGKILLs the plugin after `delay` unless it finished;
+    /// returns how it ended and, when it finished, what it printed.
+    fn cni_killed_after(
+        &self,
+        command: &str,
+        p: &PodRef<'_>,
+        delay: Duration,
+    ) -> anyhow::Result<(CniEnd, String)> {
+        let mut child = self.spawn_cni(command, p)?;
+        let mut stdout = child
+            .take_stdout()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let until = Instant::now() + delay;
+        let status = loop {
+            if let Some(s) = child.try_wait() {
+                break Some(s);
+            }
+            if Instant::now() >= until {
+                break None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        let end = match status {
+            Some(s) => CniEnd::Finished { ok: s.success() },
+            None => {
+                child.kill();
+                CniEnd::Killed
+            }
+        };
+        let mut out = String::new();
+        let _ = stdout.read_to_string(&mut out);
+        Ok((end, out))
+    }
+
+    /// A crash during ADD: the plugin is SIGKILLed after `delay` (unless it finished first)
+    /// and, unless the ADD finished and succeeded, the sandbox goes with the crash and no
+    /// DEL ever comes. Returns how the plugin ended.
+    pub fn add_pod_killed_after(&mut self, node: &str, delay: Duration) -> anyhow::Result<CniEnd> {
+        let (name, netns, container_id) = self.new_pod(node, "", None, None)?;
+        let pod = Pod {
+            name,
+            node: node.to_string(),
+            pool: String::new(),
+            ip: Ipv4Addr::UNSPECIFIED,
+            ip6: None,
+            netns,
+            container_id,
+        };
+        let (end, out) = self.cni_killed_after("ADD", &PodRef::from(&pod), delay)?;
+        if end == (CniEnd::Finished { ok: true }) {
+            let r: serde_json::Value = serde_json::from_str(&out)?;
+            let ip = r["ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i["address"].as_str())
+                .find_map(|a| a.split('/').next()?.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("no IPv4 address in {r}"))?;
+            self.pods.push(Pod { ip, ..pod });
+        }
+        Ok(end)
+    }
+
+    /// A crash during DEL of pod `i`: the plugin is SIGKILLed after `delay` (unless it
+    /// finished first) and the pod's sandbox is gone either way, with no DEL retried.
+    pub fn delete_pod_killed_after(&mut self, i: usize, delay: Duration) -> anyhow::Result<CniEnd> {
+        let pod = self.pods.remove(i);
+        let (end, _) = self.cni_killed_after("DEL", &PodRef::from(&pod), delay)?;
+        Ok(end)
     }
 
     /// CNI DEL of a pod, and its namespace gone. A failed DEL leaves the pod in place (a
