@@ -5,14 +5,11 @@
 //! each address and check who answered.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use tessera_testbed::cluster::{Cluster, ClusterSpec, POOL_OF_TEN};
+use tessera_testbed::responders::{who_answers, NameServers};
 use tessera_testbed::LabSpec;
 
 const PROBE_POOL: &str = "
@@ -22,77 +19,6 @@ kind: IPPool
 metadata: { name: probe }
 spec: { cidr: 10.244.200.0/24, blockSize: 28 }
 ";
-
-const PORT: u16 = 7000;
-
-fn enter(path: &str) {
-    let ns = std::fs::File::open(path).expect("open netns");
-    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-}
-
-/// Name servers in pods: each answers every connection with its pod's name. Stopped (and
-/// their sockets closed) on drop.
-struct NameServers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl NameServers {
-    fn new() -> Self {
-        NameServers {
-            stop: Arc::new(AtomicBool::new(false)),
-            threads: Vec::new(),
-        }
-    }
-
-    fn serve(&mut self, netns: String, name: String) {
-        let stop = self.stop.clone();
-        let (ready_tx, ready) = std::sync::mpsc::channel();
-        self.threads.push(std::thread::spawn(move || {
-            enter(&netns);
-            let l = TcpListener::bind(("0.0.0.0", PORT)).expect("bind");
-            l.set_nonblocking(true).expect("nonblocking");
-            let _ = ready_tx.send(());
-            while !stop.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.write_all(format!("{name}\n").as_bytes());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        }));
-        ready.recv().expect("server ready");
-    }
-}
-
-impl Drop for NameServers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Who answers at `addr`, asked from inside the namespace at `from`.
-fn who_answers(from: &str, addr: Ipv4Addr) -> Result<String, String> {
-    let from = from.to_string();
-    std::thread::spawn(move || {
-        enter(&from);
-        let mut s =
-            TcpStream::connect_timeout(&SocketAddr::from((addr, PORT)), Duration::from_secs(2))
-                .map_err(|e| format!("{addr}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))
-            .map_err(|e| e.to_string())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)
-            .map_err(|e| format!("{addr}: {e}"))?;
-        Ok(out.trim().to_string())
-    })
-    .join()
-    .expect("probe thread")
-}
 
 struct Fixture {
     c: Cluster,

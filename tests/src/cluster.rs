@@ -861,6 +861,14 @@ impl Cluster {
         self.agents.iter().flatten().map(Child::pid).collect()
     }
 
+    /// The agent's PID per node, in node order (`None` where it is not running).
+    pub fn agent_pids_by_node(&self) -> Vec<Option<u32>> {
+        self.agents
+            .iter()
+            .map(|a| a.as_ref().map(Child::pid))
+            .collect()
+    }
+
     /// Node namespaces, router and control: what [`crate::assert_nothing_left`] checks.
     pub fn pids(&self) -> Vec<u32> {
         let mut p = self.lab.pids();

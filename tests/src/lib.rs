@@ -19,6 +19,8 @@ pub mod lab;
 pub mod netns;
 pub mod pki;
 pub mod process;
+pub mod responders;
+pub mod soak;
 pub mod vm;
 pub mod vm_cluster;
 

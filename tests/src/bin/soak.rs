@@ -1,0 +1,71 @@
+//! `tessera-soak`: the long soak (see `tessera_testbed::soak`), 30 minutes by default:
+//! pod churn across nodes with agents, an agent killed and brought back every few minutes,
+//! `ipam check` and a responder check every minute. Prints each checkpoint and exits
+//! non-zero on any failure, finding, wrong responder or leftover.
+
+use std::time::Duration;
+
+use clap::Parser;
+use tessera_testbed::soak::{run, SoakSpec};
+
+#[derive(Parser)]
+#[command(name = "tessera-soak", version = tessera_datastore::VERSION)]
+struct Args {
+    #[arg(long, default_value_t = 30)]
+    minutes: u64,
+    #[arg(long, default_value_t = 8)]
+    nodes: usize,
+    /// Seconds between checkpoints.
+    #[arg(long, default_value_t = 60)]
+    check_every: u64,
+    /// Seconds between agent kills.
+    #[arg(long, default_value_t = 180)]
+    restart_every: u64,
+    #[arg(long, default_value_t = 40)]
+    pods: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn main() -> std::process::ExitCode {
+    let a = Args::parse();
+    let r = match run(
+        &SoakSpec {
+            nodes: a.nodes,
+            duration: Duration::from_secs(a.minutes * 60),
+            check_every: Duration::from_secs(a.check_every),
+            restart_every: Duration::from_secs(a.restart_every),
+            target_pods: a.pods,
+            seed: a.seed,
+        },
+        |line| println!("{line}"),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tessera-soak: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let bad_checks = r
+        .checkpoints
+        .iter()
+        .filter(|c| c.findings != 0 || !c.wrong_responders.is_empty())
+        .count();
+    for f in &r.failures {
+        println!("failure: {f}");
+    }
+    for l in &r.left_at_end {
+        println!("left over: {l}");
+    }
+    if r.failures.is_empty() && bad_checks == 0 && r.left_at_end.is_empty() {
+        println!(
+            "soak passed: {} checkpoints, {} agent restarts",
+            r.checkpoints.len(),
+            r.restarts
+        );
+        std::process::ExitCode::SUCCESS
+    } else {
+        println!("soak FAILED: {bad_checks} bad checkpoints");
+        std::process::ExitCode::from(1)
+    }
+}
