@@ -14,6 +14,8 @@
 pub mod delegate;
 pub mod driver;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ipam;
 pub mod netns;
 pub mod plugin;

@@ -23,6 +23,8 @@ pub mod block;
 mod codec;
 pub mod connection;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gc;
 pub mod ipam;
 pub mod keys;

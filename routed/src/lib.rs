@@ -4,6 +4,8 @@ pub mod adj_out;
 pub mod bfd;
 pub mod config;
 pub mod fsm;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kernel;
 pub mod md5;
 pub mod mesh;
