@@ -1,0 +1,156 @@
+//! The agent's pure desired-state calculation on synthetic cluster views of Kubernetes'
+//! documented limits (5,000 nodes, 150,000 pods), and smaller ones for the curve. Each node
+//! has an underlay address (250 per /24 subnet), a VXLAN VTEP, and one /26 block in each of
+//! two pools (IPIP Always, VXLAN CrossSubnet) holding 15 pods each. Measured: building the
+//! view, the resident memory it takes, one full `desired()` (what the agent runs on every
+//! datastore event that changes what it programs: median of 5), and the etcd footprint the
+//! cluster's IPAM writes (keys and value sizes, as the datastore encodes them).
+//!
+//! `cargo bench -p tessera-node --bench scale_view`
+
+use std::time::{Duration, Instant};
+
+use tessera_datastore::block::{Attributes, IpamBlock};
+use tessera_datastore::model::{EncapMode, IpPool, IpPoolSpec, Node};
+use tessera_node::state::{desired, ClusterView, Me};
+
+const PODS_PER_BLOCK: usize = 15;
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn pool(name: &str, cidr: &str, vxlan: EncapMode, ipip: EncapMode) -> IpPool {
+    IpPool {
+        name: name.into(),
+        spec: IpPoolSpec {
+            cidr: cidr.parse().expect("cidr"),
+            block_size: Some(26),
+            ipip_mode: ipip,
+            vxlan_mode: vxlan,
+            nat_outgoing: false,
+            disabled: false,
+            node_selector: Default::default(),
+            owner_selector: None,
+            strict_affinity: false,
+            min_reuse_delay_seconds: 0,
+        },
+    }
+}
+
+/// Node `i`'s /26 in the pool whose second octet starts at `second` (0: IPIP, 128: VXLAN).
+fn block_of(second: usize, i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(
+        10,
+        (second + i / 1024) as u8,
+        ((i % 1024) / 4) as u8,
+        ((i % 4) * 64) as u8,
+    )
+}
+
+fn view(nodes: usize) -> ClusterView {
+    let mut v = ClusterView {
+        pools: vec![
+            pool("ipip", "10.0.0.0/9", EncapMode::Never, EncapMode::Always),
+            pool(
+                "vxlan",
+                "10.128.0.0/9",
+                EncapMode::CrossSubnet,
+                EncapMode::Never,
+            ),
+        ],
+        ..Default::default()
+    };
+    for i in 0..nodes {
+        let name = format!("node{i}");
+        let (subnet, host) = (i / 250, i % 250 + 2);
+        v.nodes.push(Node {
+            name: name.clone(),
+            ipv4_address: Some(
+                format!("198.{}.{}.{host}/24", 18 + subnet / 256, subnet % 256)
+                    .parse()
+                    .expect("underlay"),
+            ),
+            // The VTEP address is the first of the node's VXLAN block, as Calico takes it.
+            vxlan_tunnel_address: Some(block_of(128, i).into()),
+            vxlan_tunnel_mac: Some(format!("66:00:00:{:02x}:{:02x}:01", i / 256, i % 256)),
+            ..Default::default()
+        });
+        for second in [0, 128] {
+            let net = format!("{}/26", block_of(second, i));
+            let mut b = IpamBlock::new(net.parse().expect("block"), Some(name.clone()));
+            for p in 0..PODS_PER_BLOCK {
+                let handle = format!("k8s-pod-network.{i:x}{second:x}{p:04x}.eth0");
+                let attrs: Attributes = [
+                    ("namespace".to_string(), "default".to_string()),
+                    ("pod".to_string(), format!("pod-{i}-{second}-{p}")),
+                    ("node".to_string(), name.clone()),
+                    ("containerID".to_string(), format!("{:064x}", i * 1000 + p)),
+                    ("ifname".to_string(), "eth0".to_string()),
+                ]
+                .into();
+                b.assign(1, &handle, &attrs, 0, 0, |_| false);
+            }
+            v.blocks.push(b);
+        }
+        v.live.insert(name);
+    }
+    v
+}
+
+fn main() {
+    println!("Desired state on synthetic views: 2 pools, a /26 per node and pool, {PODS_PER_BLOCK} pods per block");
+    println!();
+    println!("| nodes | pods | blocks | build (s) | view RSS (MiB) | desired() p50 (ms) | routes | VXLAN entries | block value (B, mean) | IPAM + endpoint keys |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for nodes in [100, 1000, 5000] {
+        let before = rss_kib();
+        let t = Instant::now();
+        let v = view(nodes);
+        let build = t.elapsed();
+        let rss = rss_kib().saturating_sub(before);
+        let me = Me {
+            name: "node0".into(),
+            asn: 64512,
+            v4: v.nodes[0].ipv4_address.expect("underlay"),
+            v6: None,
+        };
+        let mut times: Vec<Duration> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                let d = desired(&me, &v);
+                let e = t.elapsed();
+                std::hint::black_box(d);
+                e
+            })
+            .collect();
+        times.sort();
+        let d = desired(&me, &v);
+        let value_bytes: usize = v
+            .blocks
+            .iter()
+            .map(|b| serde_json::to_vec(b).expect("block").len())
+            .sum();
+        let pods = v.blocks.len() * PODS_PER_BLOCK;
+        // Per pod: its handle, its endpoint record, its intent; per block: the block and
+        // its affinity; per node: the node record and its liveness key.
+        let keys = pods * 3 + v.blocks.len() * 2 + nodes * 2;
+        println!(
+            "| {nodes} | {pods} | {} | {:.2} | {:.1} | {:.1} | {} | {} | {} | {keys} |",
+            v.blocks.len(),
+            build.as_secs_f64(),
+            rss as f64 / 1024.0,
+            times[2].as_secs_f64() * 1000.0,
+            d.routes.len(),
+            d.vxlan_entries.neighbours.len() + d.vxlan_entries.fdb.len(),
+            value_bytes / v.blocks.len().max(1),
+        );
+        drop(v);
+    }
+}
