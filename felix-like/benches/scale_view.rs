@@ -17,13 +17,7 @@ use tessera_node::state::{desired, ClusterView, Me};
 const PODS_PER_BLOCK: usize = 15;
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    tessera_testbed::process::rss_kib(std::process::id())
 }
 
 fn pool(name: &str, cidr: &str, vxlan: EncapMode, ipip: EncapMode) -> IpPool {

@@ -400,22 +400,8 @@ impl Cluster {
         p: &PodRef<'_>,
         prev_result: Option<serde_json::Value>,
     ) -> anyhow::Result<serde_json::Value> {
-        let i = self.node_index(p.node);
-        let plugin = bin("tessera");
-        let mut cmd: Command = self.lab.nodes[i].netns.command(&plugin.to_string_lossy());
-        cmd.env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", p.container_id)
-            .env("CNI_NETNS", p.netns.path())
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", plugin.parent().unwrap_or(Path::new("/")))
-            .env(
-                "CNI_ARGS",
-                format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={}",
-                    p.name
-                ),
-            )
-            .stdin(Stdio::piped())
+        let mut cmd = self.cni_command(command, p);
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
@@ -655,8 +641,8 @@ impl Cluster {
         Ok((addresses, recorded))
     }
 
-    /// Starts the CNI plugin for `p` without waiting for it (its stdin already written).
-    fn spawn_cni(&self, command: &str, p: &PodRef<'_>) -> anyhow::Result<Child> {
+    /// The plugin's command for `p`, with the environment a runtime sets.
+    fn cni_command(&self, command: &str, p: &PodRef<'_>) -> Command {
         let i = self.node_index(p.node);
         let plugin = bin("tessera");
         let mut cmd: Command = self.lab.nodes[i].netns.command(&plugin.to_string_lossy());
@@ -671,9 +657,14 @@ impl Cluster {
                     "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={}",
                     p.name
                 ),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            );
+        cmd
+    }
+
+    /// Starts the CNI plugin for `p` without waiting for it (its stdin already written).
+    fn spawn_cni(&self, command: &str, p: &PodRef<'_>) -> anyhow::Result<Child> {
+        let mut cmd = self.cni_command(command, p);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
         let mut conf = tempfile::tempfile()?;
         conf.write_all(self.cni_config(p.node, p.ipv6).as_bytes())?;
         std::io::Seek::rewind(&mut conf)?;
@@ -731,13 +722,7 @@ impl Cluster {
         let (end, out) = self.cni_killed_after("ADD", &PodRef::from(&pod), delay)?;
         if end == (CniEnd::Finished { ok: true }) {
             let r: serde_json::Value = serde_json::from_str(&out)?;
-            let ip = r["ips"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i["address"].as_str())
-                .find_map(|a| a.split('/').next()?.parse().ok())
-                .ok_or_else(|| anyhow::anyhow!("no IPv4 address in {r}"))?;
+            let ip = first_ipv4(&r)?;
             self.pods.push(Pod { ip, ..pod });
         }
         Ok(end)
@@ -775,13 +760,7 @@ impl Cluster {
         };
         match self.cni("ADD", &PodRef::from(&pod)) {
             Ok(r) => {
-                let ip = r["ips"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|i| i["address"].as_str())
-                    .find_map(|a| a.split('/').next()?.parse().ok())
-                    .ok_or_else(|| anyhow::anyhow!("no IPv4 address in {r}"))?;
+                let ip = first_ipv4(&r)?;
                 self.pods.push(Pod { ip, ..pod });
                 Ok(self.pods.len() - 1)
             }
@@ -856,6 +835,33 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// `tesseractl ipam check` in the control namespace: the number of findings (`usize::MAX`
+    /// when the report cannot be read) and the report.
+    pub fn ipam_check(&self) -> (usize, String) {
+        let out = self
+            .lab
+            .ctl
+            .command(&bin("tesseractl").to_string_lossy())
+            .args([
+                "--etcd-endpoints",
+                &self.lab.etcd_endpoint(),
+                "ipam",
+                "check",
+            ])
+            .env("NO_COLOR", "1")
+            .output();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| e.to_string());
+        let n = text
+            .split(" finding(s)")
+            .next()
+            .and_then(|t| t.split_whitespace().last())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(usize::MAX);
+        (n, text)
+    }
+
     /// PIDs of the running agents.
     pub fn agent_pids(&self) -> Vec<u32> {
         self.agents.iter().flatten().map(Child::pid).collect()
@@ -922,6 +928,17 @@ impl ContinuousPing {
 }
 
 /// `ping -c1 -W<secs>` from `ns`: the round trip in ms.
+/// The first IPv4 address of a CNI result.
+fn first_ipv4(r: &serde_json::Value) -> anyhow::Result<Ipv4Addr> {
+    r["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str())
+        .find_map(|a| a.split('/').next()?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no IPv4 address in {r}"))
+}
+
 pub fn ping_in(ns: &Netns, to: impl Into<std::net::IpAddr>, wait_secs: u32) -> Option<f64> {
     let to: std::net::IpAddr = to.into();
     let out = ns

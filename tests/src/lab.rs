@@ -282,32 +282,7 @@ impl Lab {
     /// Applies pools, reservations, BGP peers or nodes as an operator does: `tesseractl
     /// apply -f -` in the control namespace.
     pub fn apply_yaml(&self, yaml: &str) -> anyhow::Result<()> {
-        use std::io::Write;
-        let mut cmd = self
-            .ctl
-            .command(&crate::cluster::bin("tesseractl").to_string_lossy());
-        cmd.args([
-            "--etcd-endpoints",
-            &self.etcd_endpoint(),
-            "apply",
-            "-f",
-            "-",
-        ])
-        .env("NO_COLOR", "1")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn()?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(yaml.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "tesseractl apply: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
+        tesseractl_apply(&self.ctl, &self.etcd_endpoint(), yaml)
     }
 
     /// Tears the lab down and asserts that it left nothing behind (namespaces, processes).
@@ -323,4 +298,26 @@ impl Lab {
             .find(|n| n.name == name)
             .unwrap_or_else(|| panic!("no node {name} in the lab"))
     }
+}
+
+/// `tesseractl --etcd-endpoints <endpoints> apply -f -` inside `ns`, with `yaml` on stdin.
+pub fn tesseractl_apply(ns: &Netns, endpoints: &str, yaml: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut cmd = ns.command(&crate::cluster::bin("tesseractl").to_string_lossy());
+    cmd.args(["--etcd-endpoints", endpoints, "apply", "-f", "-"])
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(yaml.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "tesseractl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-use crate::cluster::{bin, Cluster, ClusterSpec};
+use crate::cluster::{Cluster, ClusterSpec};
 use crate::responders::{who_answers, NameServers};
 use crate::LabSpec;
 
@@ -61,36 +61,6 @@ pub struct SoakReport {
     pub restarts: usize,
     /// Routes or links of pods that no longer exist, and findings, after the last DEL.
     pub left_at_end: Vec<String>,
-}
-
-fn findings(c: &Cluster) -> (usize, String) {
-    let out = c
-        .lab
-        .ctl
-        .command(&bin("tesseractl").to_string_lossy())
-        .args(["--etcd-endpoints", &c.lab.etcd_endpoint(), "ipam", "check"])
-        .env("NO_COLOR", "1")
-        .output();
-    let text = out
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_else(|e| e.to_string());
-    let n = text
-        .split(" finding(s)")
-        .next()
-        .and_then(|t| t.split_whitespace().last())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(usize::MAX);
-    (n, text)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Routes and links of pods in every node's namespace that belong to no live pod.
@@ -230,7 +200,7 @@ pub fn run(spec: &SoakSpec, mut say: impl FnMut(&str)) -> anyhow::Result<SoakRep
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (n, text) = findings(&c);
+        let (n, text) = c.ipam_check();
         let mut left = left_over(&c);
         if n != 0 {
             left.push(text);
@@ -263,7 +233,7 @@ fn checkpoint(
     dels: usize,
 ) -> Checkpoint {
     let at = t0.elapsed();
-    let (findings, _) = findings(c);
+    let (findings, _) = c.ipam_check();
     // Routes to the newest pods may still be on their way: up to 20 s to settle.
     let deadline = Instant::now() + Duration::from_secs(20);
     let wrong = loop {
@@ -286,7 +256,7 @@ fn checkpoint(
         .nodes
         .iter()
         .zip(c.agent_pids_by_node())
-        .filter_map(|(n, pid)| Some((n.name.clone(), (pid?, rss_kib(pid?)))))
+        .filter_map(|(n, pid)| Some((n.name.clone(), (pid?, crate::process::rss_kib(pid?)))))
         .collect();
     Checkpoint {
         at,

@@ -330,30 +330,7 @@ impl VmCluster {
 
     /// `tesseractl apply -f -` in the router namespace.
     pub fn apply_yaml(&self, yaml: &str) -> anyhow::Result<()> {
-        use std::io::Write;
-        let mut cmd = self.router.command(&bin("tesseractl").to_string_lossy());
-        cmd.args([
-            "--etcd-endpoints",
-            &self.etcd_endpoint(),
-            "apply",
-            "-f",
-            "-",
-        ])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn()?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(yaml.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "tesseractl apply: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
+        crate::lab::tesseractl_apply(&self.router, &self.etcd_endpoint(), yaml)
     }
 
     /// Starts a pod on guest `g` with an address from `pool` (its intent in etcd, as the

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use tessera_testbed::cluster::{bin, Cluster, ClusterSpec, CniEnd};
+use tessera_testbed::cluster::{Cluster, ClusterSpec, CniEnd};
 use tessera_testbed::LabSpec;
 
 const POOL: &str = "
@@ -21,21 +21,6 @@ metadata: { name: bgp }
 spec: { cidr: 10.244.0.0/20, blockSize: 26 }
 ";
 const KILLS: usize = 200;
-
-fn ipam_check(c: &Cluster) -> (bool, String) {
-    let out = c
-        .lab
-        .ctl
-        .command(&bin("tesseractl").to_string_lossy())
-        .args(["--etcd-endpoints", &c.lab.etcd_endpoint(), "ipam", "check"])
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("tesseractl");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
 
 /// The /32 routes through pod interfaces (`cali*`) in a node's namespace, and those
 /// interfaces.
@@ -133,11 +118,11 @@ fn the_plugin_killed_at_200_random_points_leaves_nothing_after_one_gc_pass() {
     let live_on = |c: &Cluster, node: &str| c.pods.iter().filter(|p| p.node == node).count();
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let (clean, report) = ipam_check(&c);
+        let (findings, report) = c.ipam_check();
         let settled = nodes
             .iter()
             .all(|n| endpoints(&c, n).len() == live_on(&c, n));
-        if clean && report.contains("0 finding(s)") && settled {
+        if findings == 0 && settled {
             break;
         }
         assert!(

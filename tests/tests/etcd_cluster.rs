@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use tessera_testbed::cluster::{bin, Cluster, ClusterSpec};
+use tessera_testbed::cluster::{Cluster, ClusterSpec};
 use tessera_testbed::LabSpec;
 
 const POOL: &str = "
@@ -29,16 +29,6 @@ fn cni_code(e: &anyhow::Error) -> Option<u64> {
         .next()?
         .parse()
         .ok()
-}
-
-fn ipam_check(c: &Cluster) -> String {
-    c.lab
-        .ctl
-        .exec(
-            &bin("tesseractl").to_string_lossy(),
-            &["--etcd-endpoints", &c.lab.etcd_endpoint(), "ipam", "check"],
-        )
-        .unwrap_or_else(|e| format!("ipam check failed: {e}"))
 }
 
 /// Retries the DELs of failed ADDs (as a runtime does) until all went through.
@@ -120,8 +110,8 @@ fn ipam_keeps_serving_when_the_etcd_leader_is_killed_during_pod_churn() {
     while !c.pods.is_empty() {
         c.delete_pod(0).expect("DEL");
     }
-    let report = ipam_check(&c);
-    assert!(report.contains("0 finding(s)"), "{report}");
+    let (findings, report) = c.ipam_check();
+    assert_eq!(findings, 0, "{report}");
     eprintln!(
         "{} failures (all code 11) in 30 rounds; {adds_after_kill} ADDs after the leader died",
         failures.len()
@@ -191,8 +181,8 @@ fn without_quorum_adds_fail_with_try_again_and_the_data_plane_keeps_forwarding()
         "new pod reached"
     );
     clean_up_failed_adds(&mut c);
-    let report = ipam_check(&c);
-    assert!(report.contains("0 finding(s)"), "{report}");
+    let (findings, report) = c.ipam_check();
+    assert_eq!(findings, 0, "{report}");
     eprintln!("ADD without quorum failed after {took:?}: {e:#}");
     let (prefix, pids) = (c.lab.prefix().to_string(), c.lab.pids());
     drop(c);
@@ -249,8 +239,8 @@ fn a_member_cut_off_from_the_others_is_left_by_every_client() {
     ips.sort();
     ips.dedup();
     assert_eq!(ips.len(), 12, "twelve pods, twelve addresses");
-    let report = ipam_check(&c);
-    assert!(report.contains("0 finding(s)"), "{report}");
+    let (findings, report) = c.ipam_check();
+    assert_eq!(findings, 0, "{report}");
     let (prefix, pids) = (c.lab.prefix().to_string(), c.lab.pids());
     drop(c);
     tessera_testbed::assert_nothing_left(&prefix, &pids);

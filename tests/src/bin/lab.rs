@@ -285,40 +285,26 @@ fn run(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
     Ok(all_ok)
 }
 
-/// The pools of the VM lab: every mode, IPIP included (the guests' kernel has it).
-const VM_POOLS: &str = "
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: bgp }
-spec: { cidr: 10.244.0.0/20, blockSize: 26, natOutgoing: true }
----
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: vxlan-crosssubnet }
-spec: { cidr: 10.244.16.0/20, blockSize: 26, vxlanMode: CrossSubnet }
----
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: vxlan-always }
-spec: { cidr: 10.244.32.0/20, blockSize: 26, vxlanMode: Always }
----
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: ipip-always }
-spec: { cidr: 10.244.48.0/20, blockSize: 26, ipipMode: Always }
----
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: ipip-crosssubnet }
-spec: { cidr: 10.244.64.0/20, blockSize: 26, ipipMode: CrossSubnet }
-";
+/// The pools of the VM lab: the namespace lab's IPv4 pools (the guests' underlay is IPv4
+/// only) and IPIP Always and CrossSubnet (the guests' kernel has the module).
+fn vm_pools() -> String {
+    let v4: Vec<&str> = POOLS
+        .split("---")
+        .filter(|doc| !doc.contains("vxlan-v6"))
+        .collect();
+    format!(
+        "{}\n---\n{}\n---\napiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: {{ name: ipip-crosssubnet }}\nspec: {{ cidr: 10.244.64.0/20, blockSize: 26, ipipMode: CrossSubnet }}\n",
+        v4.join("---"),
+        IPIP_POOL.trim().trim_start_matches("---")
+    )
+}
 
 fn run_vms(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
     use tessera_testbed::vm_cluster::{VmCluster, IP, OUTSIDE};
     let t0 = Instant::now();
     let step = |what: &str| println!("[{:5.1}s] {what}", t0.elapsed().as_secs_f64());
     step("booting 3 QEMU guests (Debian's kernel, TCG): vm1, vm2 on 198.18.10.0/24, vm3 on 198.18.11.0/24; etcd and a BGP router in the router namespace");
-    let mut c = VmCluster::new("lab", VM_POOLS)?;
+    let mut c = VmCluster::new("lab", &vm_pools())?;
     step("every agent ready (inside its guest)");
     let pools = [
         "bgp",
