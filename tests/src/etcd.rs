@@ -164,6 +164,11 @@ impl Etcd {
             "--log-level",
             "warn",
         ]);
+        if self.initial_cluster.is_some() {
+            // A cluster on a shared 2-core machine: heartbeats and elections slow enough that
+            // load alone does not depose leaders (etcd's tuning guide for busy hosts).
+            cmd.args(["--heartbeat-interval", "250", "--election-timeout", "2500"]);
+        }
         if let Some(t) = &self.tls {
             cmd.arg("--client-cert-auth")
                 .arg(format!("--trusted-ca-file={}", t.ca.display()))
