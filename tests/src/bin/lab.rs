@@ -46,6 +46,49 @@ fn interrupted(flag: &AtomicBool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints who reaches whom among `rows` (pod index, its node, its address): a row per pod,
+/// a column per pod it pings, the round trip in ms or FAIL. Returns (pairs tried, all
+/// reached).
+fn ping_table(
+    title: &str,
+    rows: &[(usize, String, std::net::IpAddr)],
+    stop: &AtomicBool,
+    mut ping: impl FnMut(usize, std::net::IpAddr) -> Option<f64>,
+) -> anyhow::Result<(usize, bool)> {
+    let w = rows
+        .iter()
+        .map(|(_, node, a)| node.len() + 1 + a.to_string().len())
+        .max()
+        .unwrap_or(0);
+    println!("\n{title}: ping from row pod to column pod (ms)");
+    print!("{:>w$}", "");
+    for (_, node, _) in rows {
+        print!(" {node:>8}");
+    }
+    println!();
+    let (mut pairs, mut all_ok) = (0, true);
+    for (i, node, from) in rows {
+        print!("{:>w$}", format!("{node} {from}"));
+        for (_, _, to) in rows {
+            if to == from {
+                print!(" {:>8}", "-");
+                continue;
+            }
+            interrupted(stop)?;
+            pairs += 1;
+            match ping(*i, *to) {
+                Some(ms) => print!(" {:>8}", format!("{ms:.3}")),
+                None => {
+                    all_ok = false;
+                    print!(" {:>8}", "FAIL");
+                }
+            }
+        }
+        println!();
+    }
+    Ok((pairs, all_ok))
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let stop = Arc::new(AtomicBool::new(false));
@@ -182,40 +225,20 @@ fn run(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
             .collect(),
     ));
     for (title, pods) in &tables {
-        // Rows: each pod and its address; columns: the pod it pings, by node.
-        let w = pods
+        let rows: Vec<(usize, String, std::net::IpAddr)> = pods
             .iter()
-            .map(|(i, a)| c.pods[*i].node.len() + 1 + a.to_string().len())
-            .max()
-            .unwrap_or(0);
-        println!("\n{title}: ping from row pod to column pod (ms)");
-        print!("{:>w$}", "");
-        for (i, _) in pods {
-            print!(" {:>8}", c.pods[*i].node);
-        }
-        println!();
-        let w8 = 8;
-        for &(i, from) in pods {
-            print!("{:>w$}", format!("{} {from}", c.pods[i].node));
-            for &(_, to) in pods {
-                if to == from {
-                    print!(" {:>w8$}", "-");
-                    continue;
-                }
-                interrupted(stop)?;
-                let ok = c.wait_ping(i, to, Duration::from_secs(10));
-                let rtt = if ok { c.ping(i, to) } else { None };
-                pairs += 1;
-                match rtt {
-                    Some(ms) => print!(" {:>w8$}", format!("{ms:.3}")),
-                    None => {
-                        all_ok = false;
-                        print!(" {:>w8$}", "FAIL");
-                    }
-                }
+            .map(|&(i, a)| (i, c.pods[i].node.clone(), a))
+            .collect();
+        let (n, ok) = ping_table(title, &rows, stop, |i, to| {
+            let ok = c.wait_ping(i, to, Duration::from_secs(10));
+            if ok {
+                c.ping(i, to)
+            } else {
+                None
             }
-            println!();
-        }
+        })?;
+        pairs += n;
+        all_ok &= ok;
     }
     // natOutgoing: from a bgp-pool pod to the router's outside-facing address happens in
     // the tests (203.0.113.0/24); here, node to remote pod:
@@ -329,37 +352,23 @@ fn run_vms(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
     );
     let (mut pairs, mut all_ok) = (0, true);
     for pool in pools {
-        let pods: Vec<usize> = (0..c.pods.len())
+        let rows: Vec<(usize, String, std::net::IpAddr)> = (0..c.pods.len())
             .filter(|&i| c.pods[i].pool == pool)
+            .map(|i| {
+                let p = &c.pods[i];
+                (
+                    i,
+                    c.guests[p.guest].name.clone(),
+                    std::net::IpAddr::V4(p.ip),
+                )
+            })
             .collect();
-        println!("\n{pool}: ping from row pod to column pod (ms)");
-        print!("{:>18}", "");
-        for &j in &pods {
-            print!(" {:>8}", c.guests[c.pods[j].guest].name);
-        }
-        println!();
-        for &i in &pods {
-            print!(
-                "{:>18}",
-                format!("{} {}", c.guests[c.pods[i].guest].name, c.pods[i].ip)
-            );
-            for &j in &pods {
-                if i == j {
-                    print!(" {:>8}", "-");
-                    continue;
-                }
-                interrupted(stop)?;
-                pairs += 1;
-                match c.wait_ping(i, c.pods[j].ip, Duration::from_secs(20)) {
-                    Some(ms) => print!(" {:>8}", format!("{ms:.3}")),
-                    None => {
-                        all_ok = false;
-                        print!(" {:>8}", "FAIL");
-                    }
-                }
-            }
-            println!();
-        }
+        let (n, ok) = ping_table(pool, &rows, stop, |i, to| match to {
+            std::net::IpAddr::V4(to) => c.wait_ping(i, to, Duration::from_secs(20)),
+            std::net::IpAddr::V6(_) => None,
+        })?;
+        pairs += n;
+        all_ok &= ok;
     }
     let nat = c.ping(0, OUTSIDE);
     println!(
