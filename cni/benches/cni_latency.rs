@@ -121,6 +121,11 @@ fn main() -> anyhow::Result<()> {
 
     println!("ADD+DEL latency, {pairs} pairs per row (sequential) or per worker (parallel)");
     println!();
+    let mut run = tessera_testbed::bench_results::BenchRun::new(
+        "cni_latency",
+        "cargo bench -p tessera-cni --bench cni_latency",
+    );
+    let at_most = Some(tessera_testbed::bench_results::Target::AtMost(0.8));
     println!("| run | plugin | ADD+DEL p50 ms | ADD+DEL p99 ms | ADD p50 ms | DEL p50 ms | p50 ratio (tessera / ptp+host-local) |");
     println!("|---|---|---:|---:|---:|---:|---:|");
     for (label, threads) in [("sequential", 1usize), ("10 in parallel", 10)] {
@@ -168,6 +173,17 @@ fn main() -> anyhow::Result<()> {
             ms(td),
             ms(t50) / ms(r50)
         );
+        run.ratio(
+            &format!("CNI ADD+DEL p50, {label} / ptp+host-local"),
+            ms(t50) / ms(r50),
+            at_most,
+        )
+        .ratio(
+            &format!("CNI ADD+DEL p99, {label} / ptp+host-local"),
+            ms(t99) / ms(r99),
+            at_most,
+        );
     }
+    run.save();
     Ok(())
 }

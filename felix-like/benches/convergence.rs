@@ -301,5 +301,38 @@ fn main() {
         );
     }
     let (cpu, rss, max_rss, pods) = steady_state();
+    let ms = |f: fn(&Round) -> Duration| -> Vec<(f64, f64)> {
+        rounds
+            .iter()
+            .map(|r| (r.nodes as f64, f(r).as_secs_f64() * 1e3))
+            .collect()
+    };
+    let mut run = tessera_testbed::bench_results::BenchRun::new(
+        "node_convergence",
+        "cargo bench -p tessera-node --bench convergence",
+    );
+    run.series(
+        "node_convergence",
+        "pool mode change",
+        ("nodes", "ms, slowest node"),
+        ms(|r| r.mode_change),
+    )
+    .series(
+        "node_convergence",
+        "node joins (VXLAN)",
+        ("nodes", "ms, slowest node"),
+        ms(|r| r.join_vxlan),
+    )
+    .series(
+        "node_convergence",
+        "node joins (BGP)",
+        ("nodes", "ms, slowest node"),
+        ms(|r| r.join_bgp),
+    );
+    run.extra = serde_json::json!({
+        "steady_16_nodes": { "pods": pods, "agent_cpu_percent": cpu, "rss_mib_mean": rss, "rss_mib_max": max_rss },
+        "node_death_s": rounds.iter().map(|r| (r.nodes, r.death.as_secs_f64())).collect::<Vec<_>>(),
+    });
+    run.save();
     println!("\nsteady state, 16 nodes, {pods} pods, 30 s window: agent CPU {cpu:.2} % of a core (mean), RSS {rss:.1} MiB mean, {max_rss:.1} MiB max");
 }

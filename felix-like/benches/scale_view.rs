@@ -103,6 +103,7 @@ fn main() {
     println!();
     println!("| nodes | pods | blocks | build (s) | view RSS (MiB) | desired() p50 (ms) | routes | VXLAN entries | block value (B, mean) | IPAM + endpoint keys |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let (mut per_event, mut view_mib) = (Vec::new(), Vec::new());
     for nodes in [100, 1000, 5000] {
         let before = rss_kib();
         let t = Instant::now();
@@ -145,6 +146,25 @@ fn main() {
             d.vxlan_entries.neighbours.len() + d.vxlan_entries.fdb.len(),
             value_bytes / v.blocks.len().max(1),
         );
+        per_event.push((nodes as f64, times[2].as_secs_f64() * 1000.0));
+        view_mib.push((nodes as f64, rss as f64 / 1024.0));
         drop(v);
     }
+    tessera_testbed::bench_results::BenchRun::new(
+        "scale_view",
+        "cargo bench -p tessera-node --bench scale_view",
+    )
+    .series(
+        "scale_view",
+        "desired() per event, ms",
+        ("nodes", "ms per event / MiB"),
+        per_event,
+    )
+    .series(
+        "scale_view",
+        "the view's memory, MiB",
+        ("nodes", "ms per event / MiB"),
+        view_mib,
+    )
+    .save();
 }

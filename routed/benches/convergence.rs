@@ -252,6 +252,27 @@ fn main() -> anyhow::Result<()> {
         t.kernel.as_secs_f64() / b.kernel.as_secs_f64(),
         t.rss_kib as f64 / b.rss_kib.max(1) as f64
     );
+    use tessera_testbed::bench_results::{BenchRun, Target};
+    BenchRun::new(
+        "routed_convergence",
+        "cargo bench -p tessera-routed --bench convergence",
+    )
+    .ratio(
+        "BGP: time to RIB / BIRD 2",
+        t.rib.as_secs_f64() / b.rib.as_secs_f64(),
+        Some(Target::AtMost(1.0)),
+    )
+    .ratio(
+        "BGP: time to kernel / BIRD 2",
+        t.kernel.as_secs_f64() / b.kernel.as_secs_f64(),
+        Some(Target::AtMost(1.0)),
+    )
+    .ratio(
+        "BGP: receiver memory / BIRD 2",
+        t.rss_kib as f64 / b.rss_kib.max(1) as f64,
+        Some(Target::AtMost(1.0)),
+    )
+    .save();
     drop(lab);
     Ok(())
 }

@@ -133,6 +133,9 @@ pub struct ClusterSpec {
     /// etcd members: 1 runs in the control namespace; more run as a cluster, each in its
     /// own namespace ([`Lab::with_etcd_cluster`]).
     pub etcd_members: u8,
+    /// With several members: the one whose data lives on a small filesystem of its own, to
+    /// fill ([`crate::Etcd::fill_disk`]).
+    pub etcd_small_disk: Option<usize>,
 }
 
 impl Default for ClusterSpec {
@@ -148,6 +151,7 @@ impl Default for ClusterSpec {
             router_bgp: true,
             node_labels: Default::default(),
             etcd_members: 1,
+            etcd_small_disk: None,
         }
     }
 }
@@ -171,7 +175,12 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(test: &str, spec: ClusterSpec) -> anyhow::Result<Self> {
         let lab = if spec.etcd_members > 1 {
-            Lab::with_etcd_cluster(test, spec.lab.clone(), spec.etcd_members)?
+            Lab::with_etcd_cluster(
+                test,
+                spec.lab.clone(),
+                spec.etcd_members,
+                spec.etcd_small_disk,
+            )?
         } else {
             Lab::new(test, spec.lab.clone())?
         };
@@ -537,6 +546,66 @@ impl Cluster {
             container_id,
         });
         Ok(self.pods.len() - 1)
+    }
+
+    /// Starts one IPv4 pod per `(node, pool)`, `parallel` CNI ADDs at a time (as kubelets
+    /// on many nodes do); returns their indices. Stops at the first failure.
+    pub fn add_pods(
+        &mut self,
+        wanted: &[(String, String)],
+        parallel: usize,
+    ) -> anyhow::Result<Vec<usize>> {
+        let mut added = Vec::with_capacity(wanted.len());
+        for batch in wanted.chunks(parallel.max(1)) {
+            let mut fresh = Vec::with_capacity(batch.len());
+            for (node, pool) in batch {
+                fresh.push((node, pool, self.new_pod(node, pool, None, None)?));
+            }
+            let this = &*self;
+            let results: Vec<anyhow::Result<serde_json::Value>> = std::thread::scope(|s| {
+                let runs: Vec<_> = fresh
+                    .iter()
+                    .map(|(node, _, (name, netns, container_id))| {
+                        s.spawn(move || {
+                            this.cni(
+                                "ADD",
+                                &PodRef {
+                                    node,
+                                    name,
+                                    container_id,
+                                    netns,
+                                    ipv6: false,
+                                },
+                            )
+                        })
+                    })
+                    .collect();
+                runs.into_iter()
+                    .map(|r| r.join().expect("CNI ADD thread"))
+                    .collect()
+            });
+            for ((node, pool, (name, netns, container_id)), r) in fresh.into_iter().zip(results) {
+                let ip = first_ipv4(&r?)?;
+                self.pods.push(Pod {
+                    name,
+                    node: node.clone(),
+                    pool: pool.clone(),
+                    ip,
+                    ip6: None,
+                    netns,
+                    container_id,
+                });
+                added.push(self.pods.len() - 1);
+            }
+        }
+        Ok(added)
+    }
+
+    /// Gives `node` these labels (`k=v,k2=v2`) from its agent's next start on.
+    pub fn set_node_labels(&mut self, node: &str, labels: &str) {
+        self.spec
+            .node_labels
+            .insert(node.to_string(), labels.to_string());
     }
 
     /// A new pod's name (given, or `<node>-<pool>-<n>`), its namespace and container id,

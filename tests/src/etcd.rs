@@ -17,6 +17,9 @@ pub struct Etcd {
     /// Client-certificate authentication: etcd's CA, its server pair, and the client pair
     /// the health check uses.
     tls: Option<EtcdTls>,
+    /// The data dir is a filesystem of its own this size (MiB): a tmpfs mounted in the
+    /// member's private mount namespace, gone with the process (no restart on it).
+    small_disk_mib: Option<u32>,
 }
 
 struct EtcdTls {
@@ -24,6 +27,10 @@ struct EtcdTls {
     server: crate::pki::CertPair,
     client: crate::pki::CertPair,
 }
+
+/// The size of a member's own filesystem when it has one: room for etcd's preallocated
+/// 64 MiB WAL segment and its database, and little more.
+pub const SMALL_DISK_MIB: u32 = 96;
 
 impl Etcd {
     /// On 127.0.0.1 with free ports: for tests whose own process talks to etcd.
@@ -55,6 +62,7 @@ impl Etcd {
                 server: pki.server(),
                 client: pki.client(),
             }),
+            small_disk_mib: None,
         };
         e.spawn()?;
         Ok(e)
@@ -79,6 +87,7 @@ impl Etcd {
             name: "tessera".into(),
             initial_cluster: None,
             tls: None,
+            small_disk_mib: None,
         };
         e.spawn()?;
         Ok(e)
@@ -87,7 +96,12 @@ impl Etcd {
     /// A cluster of members, member `i` named `etcd<i+1>` in namespace `members[i].0` at
     /// address `members[i].1` (ports 2379/2380). All start together (each waits for a
     /// quorum) and the call returns once every member is healthy.
-    pub fn start_cluster(members: &[(&str, &str)]) -> anyhow::Result<Vec<Etcd>> {
+    /// Member `small_disk`, if any, keeps its data on a filesystem of [`SMALL_DISK_MIB`] that
+    /// [`Etcd::fill_disk`] fills.
+    pub fn start_cluster(
+        members: &[(&str, &str)],
+        small_disk: Option<usize>,
+    ) -> anyhow::Result<Vec<Etcd>> {
         let initial = members
             .iter()
             .enumerate()
@@ -105,6 +119,7 @@ impl Etcd {
                 name: format!("etcd{}", i + 1),
                 initial_cluster: Some(initial.clone()),
                 tls: None,
+                small_disk_mib: (small_disk == Some(i)).then_some(SMALL_DISK_MIB),
             };
             e.spawn_process()?;
             all.push(e);
@@ -145,12 +160,27 @@ impl Etcd {
             .initial_cluster
             .clone()
             .unwrap_or_else(|| format!("{}={}", self.name, self.peer_url));
-        let mut cmd = self.command("etcd");
+        let data_dir = self.data.path().join("data");
+        let mut cmd = match self.small_disk_mib {
+            None => self.command("etcd"),
+            Some(mib) => {
+                // `ip netns exec` runs us in a mount namespace of our own (slave to the
+                // host's): the tmpfs is seen by this member only and goes with it.
+                std::fs::create_dir_all(&data_dir)?;
+                let mut c = self.command("sh");
+                c.arg("-c")
+                    .arg(format!(
+                        "mount -t tmpfs -o size={mib}m tessera-etcd \"$0\" && exec etcd \"$@\""
+                    ))
+                    .arg(&data_dir);
+                c
+            }
+        };
         cmd.args([
             "--name",
             &self.name,
             "--data-dir",
-            &self.data.path().join("data").to_string_lossy(),
+            &data_dir.to_string_lossy(),
             "--listen-client-urls",
             &self.client_url,
             "--advertise-client-urls",
@@ -228,6 +258,70 @@ impl Etcd {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::pid)
+    }
+
+    /// Fills the member's own filesystem (see [`Etcd::start_cluster`]) with a file of zeros
+    /// until the kernel says ENOSPC; returns the bytes written. The member's next write that
+    /// needs a new page fails as on a full disk.
+    pub fn fill_disk(&self) -> anyhow::Result<u64> {
+        anyhow::ensure!(
+            self.small_disk_mib.is_some(),
+            "{} has no filesystem of its own to fill",
+            self.name
+        );
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow::anyhow!("{} is not running", self.name))?;
+        let filler = self.data.path().join("data").join("filler");
+        // dd fails at ENOSPC, which is the point: the size written is what counts.
+        let _ = Command::new("nsenter")
+            .args([
+                "-t",
+                &pid.to_string(),
+                "-m",
+                "--",
+                "dd",
+                "if=/dev/zero",
+                "bs=1M",
+            ])
+            .arg(format!("of={}", filler.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        let out = Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-m", "--", "stat", "-c", "%s"])
+            .arg(&filler)
+            .output()?;
+        let written: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        anyhow::ensure!(written > 0, "nothing written to {}", filler.display());
+        Ok(written)
+    }
+
+    /// Whether the member answers `endpoint health` within a second.
+    pub fn healthy(&self) -> bool {
+        self.command("etcdctl")
+            .args([
+                "--endpoints",
+                &self.client_url,
+                "--dial-timeout=1s",
+                "--command-timeout=2s",
+                "endpoint",
+                "health",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// The member's log so far (its last lines), for assertion messages.
+    pub fn log(&self) -> String {
+        self.log_tail()
     }
 
     /// kill -9, as a crash would.

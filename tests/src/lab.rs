@@ -124,7 +124,14 @@ impl Lab {
     /// A lab whose etcd is a cluster of `members` members, each in its own namespace on
     /// subnet 0 (`etcd1` at 198.18.0.3, `etcd2` at .4, ...), as production runs it;
     /// `spec.etcd` is ignored.
-    pub fn with_etcd_cluster(test: &str, spec: LabSpec, members: u8) -> anyhow::Result<Self> {
+    /// Member `small_disk`, if any, keeps its data on a small filesystem of its own
+    /// ([`Etcd::fill_disk`]).
+    pub fn with_etcd_cluster(
+        test: &str,
+        spec: LabSpec,
+        members: u8,
+        small_disk: Option<usize>,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!((1..=9).contains(&members), "1 to 9 etcd members");
         let mut lab = Lab::new(
             test,
@@ -149,7 +156,7 @@ impl Lab {
             lab.etcd_member_ns.push(ns);
         }
         let refs: Vec<(&str, &str)> = at.iter().map(|(n, a)| (n.as_str(), a.as_str())).collect();
-        lab.etcd_members = Etcd::start_cluster(&refs)?;
+        lab.etcd_members = Etcd::start_cluster(&refs, small_disk)?;
         Ok(lab)
     }
 

@@ -12,6 +12,7 @@
 //! process started inside a namespace. Names carry a per-test prefix ([`unique_prefix`]) so
 //! tests run in parallel; [`assert_nothing_left`] checks that a prefix left nothing behind.
 
+pub mod bench_results;
 pub mod cluster;
 pub mod crash;
 pub mod etcd;

@@ -6,6 +6,8 @@
 //! - Quorum is lost (two members down) for 30 s: ADD fails with code 11 and says why, the
 //!   agents report not ready but keep the kernel forwarding, and when quorum returns
 //!   everything converges without restarting anything.
+//! - A member cut off from the other two, and a member whose disk fills up: every client
+//!   moves to the healthy members.
 
 use std::time::{Duration, Instant};
 
@@ -48,6 +50,10 @@ fn clean_up_failed_adds(c: &mut Cluster) {
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn three_members(test: &str, nodes: usize) -> Cluster {
+    three_members_with(test, nodes, None)
+}
+
+fn three_members_with(test: &str, nodes: usize, small_disk: Option<usize>) -> Cluster {
     let mut c = Cluster::new(
         test,
         ClusterSpec {
@@ -58,6 +64,7 @@ fn three_members(test: &str, nodes: usize) -> Cluster {
             },
             pools: POOL.into(),
             etcd_members: 3,
+            etcd_small_disk: small_disk,
             ..Default::default()
         },
     )
@@ -252,6 +259,62 @@ fn a_member_cut_off_from_the_others_is_left_by_every_client() {
     ips.sort();
     ips.dedup();
     assert_eq!(ips.len(), 12, "twelve pods, twelve addresses");
+    let (findings, report) = c.ipam_check();
+    assert_eq!(findings, 0, "{report}");
+    let (prefix, pids) = (c.lab.prefix().to_string(), c.lab.pids());
+    drop(c);
+    tessera_testbed::assert_nothing_left(&prefix, &pids);
+}
+
+#[test]
+fn a_member_whose_disk_fills_up_is_left_by_every_client() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = three_members_with("etcd_disk_full", 2, Some(0));
+    let nodes: Vec<String> = c.lab.nodes.iter().map(|n| n.name.clone()).collect();
+    let written = c.lab.etcd_members[0].fill_disk().expect("fill the disk");
+    // Writes go on until etcd1 needs a page its disk cannot give (it then stops: etcd treats
+    // a failed WAL or database write as fatal). Until that moment an ADD it takes part in
+    // may time out with code 11; a runtime retries those.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut round = 0;
+    while c.lab.etcd_members[0].healthy() {
+        assert!(
+            Instant::now() < deadline,
+            "etcd1 kept serving on a full disk ({written} bytes of filler): {}",
+            c.lab.etcd_members[0].log()
+        );
+        if let Err(e) = c.add_pod_as_kubelet(&nodes[round % nodes.len()], "") {
+            assert_eq!(cni_code(&e), Some(11), "only \"try again later\": {e:#}");
+        }
+        round += 1;
+        if c.pods.len() > 6 {
+            c.delete_pod(0).expect("DEL");
+        }
+    }
+    eprintln!(
+        "etcd1 stopped serving after {round} pod starts: {}",
+        c.lab.etcd_members[0].log()
+    );
+    // From now on every client, whichever member it tries first, is served by the others.
+    let before = c.pods.len();
+    let mut failures = Vec::new();
+    for round in 0..12 {
+        if let Err(e) = c.add_pod_as_kubelet(&nodes[round % nodes.len()], "") {
+            failures.push(e);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "every ADD served by the healthy members: {failures:#?}"
+    );
+    assert_eq!(c.pods.len(), before + 12);
+    c.wait_ready(Duration::from_secs(30))
+        .expect("the agents stay ready");
+    let mut ips: Vec<_> = c.pods.iter().map(|p| p.ip).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), c.pods.len(), "an address on two pods");
+    clean_up_failed_adds(&mut c);
     let (findings, report) = c.ipam_check();
     assert_eq!(findings, 0, "{report}");
     let (prefix, pids) = (c.lab.prefix().to_string(), c.lab.pids());

@@ -85,6 +85,17 @@ fn main() -> anyhow::Result<()> {
         h / u
     );
     println!("\nhand0 on vm1:\n{stats}");
+    use tessera_testbed::bench_results::{BenchRun, Target};
+    BenchRun::new(
+        "tunnel_ipip_vm",
+        "cargo bench -p tessera-tunnel --bench ipip_vm",
+    )
+    .ratio(
+        "pod throughput, IPIP (QEMU guests) / hand-made IPIP",
+        a / h,
+        Some(Target::AtLeast(0.95)),
+    )
+    .save();
     c.finish();
     Ok(())
 }

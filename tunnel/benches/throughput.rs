@@ -207,14 +207,35 @@ fn main() {
     println!("| path | 1 stream | ratio | 4 streams | ratio |");
     println!("|---|---:|---:|---:|---:|");
     let base = [median(results[0][0].clone()), median(results[0][1].clone())];
-    for (p, r) in paths.iter().zip(&results) {
-        let (a, b) = (median(r[0].clone()), median(r[1].clone()));
+    let medians: Vec<[f64; 2]> = results
+        .iter()
+        .map(|r| [median(r[0].clone()), median(r[1].clone())])
+        .collect();
+    for (p, [a, b]) in paths.iter().zip(&medians) {
         println!(
             "| {p} | {a:.2} | {:.2} | {b:.2} | {:.2} |",
             a / base[0],
             b / base[1]
         );
     }
+    use tessera_testbed::bench_results::{BenchRun, Target};
+    let mut run = BenchRun::new(
+        "tunnel_throughput",
+        "cargo bench -p tessera-tunnel --bench throughput",
+    );
+    for (k, streams) in ["1 stream", "4 streams"].into_iter().enumerate() {
+        run.ratio(
+            &format!("pod throughput, native, {streams} / bare underlay"),
+            medians[1][k] / base[k],
+            Some(Target::AtLeast(0.95)),
+        )
+        .ratio(
+            &format!("pod throughput, VXLAN, {streams} / hand-made VXLAN"),
+            medians[2][k] / medians[3][k],
+            Some(Target::AtLeast(0.95)),
+        );
+    }
+    run.save();
     drop(pods);
     drop(lab);
 }

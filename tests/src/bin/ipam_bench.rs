@@ -57,6 +57,11 @@ spec: { cidr: 10.245.0.0/20, blockSize: 26 }
 
     println!("| clients | raw CAS (get+txn) ops/s | raw CAS (blind txn) ops/s | IPAM pairs/s | pairs / CAS | pairs / blind CAS |");
     println!("|---:|---:|---:|---:|---:|---:|");
+    use tessera_testbed::bench_results::{BenchRun, Target};
+    let mut run = BenchRun::new(
+        "ipam",
+        "cargo build --release -p tessera-testbed && ./target/release/ipam-bench",
+    );
     for &n in &args.clients {
         let mut kvs = Vec::new();
         for _ in 0..n {
@@ -75,6 +80,11 @@ spec: { cidr: 10.245.0.0/20, blockSize: 26 }
             pairs / cas,
             pairs / blind
         );
+        run.ratio(
+            &format!("IPAM pairs/s at {n} clients / raw get+txn CAS"),
+            pairs / cas,
+            (n == 8).then_some(Target::AtLeast(0.75)),
+        );
     }
 
     // Per-operation cost as the pool fills: 8 clients, each on its own node whose block is
@@ -87,6 +97,7 @@ spec: { cidr: 10.245.0.0/20, blockSize: 26 }
         kvs.push(connect().await?);
     }
     let mut filled_blocks = 0usize;
+    let mut per_pair = Vec::new();
     for (level, pct) in [(0, 1usize), (1, 50), (2, 90)] {
         let ipams: Vec<Arc<Ipam<EtcdKv>>> = kvs
             .iter()
@@ -107,7 +118,22 @@ spec: { cidr: 10.245.0.0/20, blockSize: 26 }
         }
         let pairs = pair_rate(&ipams, "fill", dur).await?;
         println!("| {pct} % | {pairs:.0} | {:.2} |", 8.0 * 1000.0 / pairs);
+        per_pair.push((pct as f64, 8.0 * 1000.0 / pairs));
     }
+    if let (Some(first), Some(last)) = (per_pair.first(), per_pair.last()) {
+        run.ratio(
+            "IPAM ms per pair, pool 90 % full / 1 % full",
+            last.1 / first.1,
+            Some(Target::AtMost(1.1)),
+        );
+    }
+    run.series(
+        "ipam_fill",
+        "ms per pair per client (8 clients)",
+        ("pool filled, %", "ms"),
+        per_pair,
+    );
+    run.save();
     drop(etcd);
     Ok(())
 }

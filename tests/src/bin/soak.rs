@@ -46,6 +46,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    record(&a, &r);
     let bad_checks = r
         .checkpoints
         .iter()
@@ -68,4 +69,65 @@ fn main() -> std::process::ExitCode {
         println!("soak FAILED: {bad_checks} bad checkpoints");
         std::process::ExitCode::from(1)
     }
+}
+
+/// The agents' RSS and the churn by checkpoint, for the benchmark report's soak plots.
+fn record(a: &Args, r: &tessera_testbed::soak::SoakReport) {
+    let minutes = |c: &tessera_testbed::soak::Checkpoint| c.at.as_secs_f64() / 60.0;
+    let rss: Vec<Vec<f64>> = r
+        .checkpoints
+        .iter()
+        .map(|c| {
+            c.agent_rss
+                .values()
+                .map(|(_, k)| *k as f64 / 1024.0)
+                .collect()
+        })
+        .collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let points = |f: &dyn Fn(usize) -> f64| -> Vec<(f64, f64)> {
+        r.checkpoints
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (minutes(c), f(i)))
+            .collect()
+    };
+    let mut run = tessera_testbed::bench_results::BenchRun::new(
+        "soak",
+        &format!(
+            "cargo build --workspace --bins && ./target/debug/tessera-soak --minutes {} --nodes {}",
+            a.minutes, a.nodes
+        ),
+    );
+    run.series(
+        "soak_rss",
+        "agent RSS, mean",
+        ("minutes", "MiB"),
+        points(&|i| mean(&rss[i])),
+    )
+    .series(
+        "soak_rss",
+        "agent RSS, max",
+        ("minutes", "MiB"),
+        points(&|i| max(&rss[i])),
+    )
+    .series(
+        "soak_churn",
+        "pod ADDs so far",
+        ("minutes", "ADDs"),
+        points(&|i| r.checkpoints[i].adds as f64),
+    );
+    run.extra = serde_json::json!({
+        "minutes": a.minutes,
+        "nodes": a.nodes,
+        "restarts": r.restarts,
+        "failures": r.failures.len(),
+        "findings": r.checkpoints.iter().map(|c| c.findings).sum::<usize>(),
+        "wrong_responders": r.checkpoints.iter().map(|c| c.wrong_responders.len()).sum::<usize>(),
+        "left_at_end": r.left_at_end.len(),
+        "adds": r.checkpoints.last().map_or(0, |c| c.adds),
+        "dels": r.checkpoints.last().map_or(0, |c| c.dels),
+    });
+    run.save();
 }

@@ -1,0 +1,470 @@
+//! Scale in namespaces: 64 nodes with agents on one underlay subnet, 5,000 pods, the BGP
+//! full mesh against two route reflectors (nodes labelled `tessera.dev/route-reflector`).
+//!
+//! `cargo build --release --workspace --bins && cargo bench -p tessera-node --bench scale_cluster`
+//! (`TESSERA_SCALE_NODES`, `TESSERA_SCALE_PODS` shrink it). Not in CI: it takes ~20 minutes.
+//!
+//! 1. The pods first (the CNI plugin needs no agent), 8 ADDs at a time: etcd revisions per
+//!    pod and per second.
+//! 2. Full mesh: agents started in steps (16, 32, 64 nodes); after each step the time until
+//!    every running node routes every other running node's blocks, the established sessions
+//!    per node, and 15 s of steady state (agent CPU and RSS, etcd revisions per second).
+//!    At 64: a node joins (time until every other node routes its blocks), the node dies
+//!    (until no node routes them), the pool's mode changes to VXLAN Always and back.
+//! 3. Route reflectors, switched live: node1 and node2 restart labelled as reflectors; the
+//!    time until every client has exactly its two sessions; then the same measurements at 64,
+//!    and steady state with agents stopped down to 32 and 16 (stopped nodes stay in the
+//!    mesh as peers that do not answer: they still hold blocks).
+//!
+//! Convergence is polled by one thread going round the nodes with `ip -j route` (a round
+//! takes ~0.3 s at 64 nodes, the resolution of the figures); per-node threads polling every
+//! few ms, as the 16-node benchmark does, would take the two cores from the agents.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use tessera_testbed::bench_results::BenchRun;
+use tessera_testbed::cluster::{Cluster, ClusterSpec};
+use tessera_testbed::LabSpec;
+
+const REFLECTOR: &str = "tessera.dev/route-reflector=true";
+
+fn pool(mode: &str) -> String {
+    format!("apiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: {{ name: bgp }}\nspec: {{ cidr: 10.244.0.0/16, blockSize: 26, vxlanMode: {mode} }}\n")
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The device (or gateway) of each route in a namespace's main table, by destination.
+fn routes(ns: &str) -> BTreeMap<String, String> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "-n", ns, "route", "show"])
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            Some((
+                r["dst"].as_str()?.to_string(),
+                r["dev"].as_str().unwrap_or("").to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn block_of(ip: std::net::Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("{}.{}.{}.{}/26", o[0], o[1], o[2], o[3] & 0xc0)
+}
+
+/// Goes round `nodes` (name, namespace) until `done` holds for each; the time since `t0` at
+/// which the last one did.
+fn converge(
+    nodes: &[(String, String)],
+    t0: Instant,
+    done: impl Fn(&str, &BTreeMap<String, String>) -> bool,
+) -> Duration {
+    let limit = Duration::from_secs(300);
+    let mut pending: Vec<&(String, String)> = nodes.iter().collect();
+    let mut last = Duration::ZERO;
+    while !pending.is_empty() {
+        pending.retain(|(name, ns)| {
+            if done(name, &routes(ns)) {
+                last = t0.elapsed();
+                false
+            } else {
+                true
+            }
+        });
+        assert!(
+            t0.elapsed() < limit,
+            "{} nodes did not converge in {limit:?}: {:?}",
+            pending.len(),
+            pending.iter().take(5).map(|p| &p.0).collect::<Vec<_>>()
+        );
+    }
+    last
+}
+
+/// Established BGP sessions of `node`'s speaker (its /metrics).
+fn sessions(c: &Cluster, node: &str) -> usize {
+    c.http(node, "/metrics")
+        .map(|(_, m)| {
+            m.lines()
+                .filter(|l| l.starts_with("tessera_bgp_session_established{") && l.ends_with(" 1"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// utime+stime (clock ticks) and VmRSS (KiB).
+fn cpu_and_rss(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    (ticks, tessera_testbed::process::rss_kib(pid))
+}
+
+fn etcd_revision(c: &Cluster) -> u64 {
+    let out = c
+        .lab
+        .etcdctl(&["endpoint", "status", "-w", "json"])
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    v[0]["Status"]["header"]["revision"].as_u64().unwrap_or(0)
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Steady {
+    topology: &'static str,
+    nodes: usize,
+    /// From starting the step's agents until every running node routes every other's blocks.
+    converge_s: Option<f64>,
+    sessions_min: usize,
+    sessions_max: usize,
+    /// Mean % of one core over the window: reflectors and the others apart.
+    cpu_clients: f64,
+    cpu_reflectors: Option<f64>,
+    rss_mean_mib: f64,
+    rss_max_mib: f64,
+    etcd_revisions_per_s: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Events {
+    topology: &'static str,
+    join_s: f64,
+    leave_s: f64,
+    mode_to_vxlan_s: f64,
+    mode_back_s: f64,
+}
+
+struct Bench {
+    c: Cluster,
+    names: Vec<String>,
+    blocks: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Bench {
+    fn running(&self) -> Vec<(String, String)> {
+        self.c
+            .agent_pids_by_node()
+            .iter()
+            .zip(&self.c.lab.nodes)
+            .filter(|(pid, _)| pid.is_some())
+            .map(|(_, n)| (n.name.clone(), n.netns.name().to_string()))
+            .collect()
+    }
+
+    /// Blocks of the running nodes other than `me`.
+    fn remote_blocks(&self, running: &[(String, String)], me: &str) -> Vec<String> {
+        running
+            .iter()
+            .filter(|(n, _)| n != me)
+            .flat_map(|(n, _)| self.blocks.get(n).into_iter().flatten().cloned())
+            .collect()
+    }
+
+    fn all_routed(&self, t0: Instant) -> Duration {
+        let running = self.running();
+        converge(&running, t0, |me, r| {
+            self.remote_blocks(&running, me)
+                .iter()
+                .all(|b| r.contains_key(b))
+        })
+    }
+
+    fn steady(
+        &self,
+        topology: &'static str,
+        converge_s: Option<f64>,
+        reflectors: &[&str],
+    ) -> Steady {
+        std::thread::sleep(Duration::from_secs(3));
+        let running = self.running();
+        let pids: Vec<(String, u32)> = self
+            .c
+            .agent_pids_by_node()
+            .iter()
+            .zip(&self.c.lab.nodes)
+            .filter_map(|(p, n)| Some((n.name.clone(), (*p)?)))
+            .collect();
+        let rev0 = etcd_revision(&self.c);
+        let before: Vec<(u64, u64)> = pids.iter().map(|(_, p)| cpu_and_rss(*p)).collect();
+        let window = Duration::from_secs(15);
+        std::thread::sleep(window);
+        let after: Vec<(u64, u64)> = pids.iter().map(|(_, p)| cpu_and_rss(*p)).collect();
+        let rev1 = etcd_revision(&self.c);
+        let cpu = |b: &(u64, u64), a: &(u64, u64)| {
+            (a.0.saturating_sub(b.0)) as f64 / 100.0 / window.as_secs_f64() * 100.0
+        };
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let (mut rr, mut cl) = (Vec::new(), Vec::new());
+        for (i, (name, _)) in pids.iter().enumerate() {
+            let x = cpu(&before[i], &after[i]);
+            if reflectors.contains(&name.as_str()) {
+                rr.push(x);
+            } else {
+                cl.push(x);
+            }
+        }
+        let rss: Vec<f64> = after.iter().map(|a| a.1 as f64 / 1024.0).collect();
+        let counts: Vec<usize> = running.iter().map(|(n, _)| sessions(&self.c, n)).collect();
+        Steady {
+            topology,
+            nodes: running.len(),
+            converge_s,
+            sessions_min: counts.iter().copied().min().unwrap_or(0),
+            sessions_max: counts.iter().copied().max().unwrap_or(0),
+            cpu_clients: mean(&cl),
+            cpu_reflectors: (!rr.is_empty()).then(|| mean(&rr)),
+            rss_mean_mib: mean(&rss),
+            rss_max_mib: rss.iter().copied().fold(0.0, f64::max),
+            etcd_revisions_per_s: (rev1.saturating_sub(rev0)) as f64 / window.as_secs_f64(),
+        }
+    }
+
+    /// A node joins (its agent starts; its pods exist), then dies; the pool changes mode and
+    /// back. Every figure is the slowest running node's.
+    fn events(&mut self, topology: &'static str, joiner: &str) -> Events {
+        let jblocks: Vec<String> = self.blocks[joiner].iter().cloned().collect();
+        let others = self.running();
+        let t0 = Instant::now();
+        self.c.start_agent(joiner).expect("joiner's agent");
+        let join = converge(&others, t0, |_, r| {
+            jblocks.iter().all(|b| r.contains_key(b))
+        });
+        let t0 = Instant::now();
+        self.c.kill_node(joiner);
+        let leave = converge(&others, t0, |_, r| {
+            jblocks.iter().all(|b| !r.contains_key(b))
+        });
+        let mode = |m: &str, dev_is_vxlan: bool| {
+            let t0 = Instant::now();
+            self.c.lab.apply_yaml(&pool(m)).expect("mode change");
+            let running = self.running();
+            converge(&running, t0, |me, r| {
+                self.remote_blocks(&running, me).iter().all(|b| {
+                    r.get(b)
+                        .is_some_and(|dev| (dev == "vxlan.calico") == dev_is_vxlan)
+                })
+            })
+        };
+        let to_vxlan = mode("Always", true);
+        let back = mode("Never", false);
+        Events {
+            topology,
+            join_s: join.as_secs_f64(),
+            leave_s: leave.as_secs_f64(),
+            mode_to_vxlan_s: to_vxlan.as_secs_f64(),
+            mode_back_s: back.as_secs_f64(),
+        }
+    }
+}
+
+fn main() {
+    tessera_testbed::require_root();
+    let nodes = env_usize("TESSERA_SCALE_NODES", 64);
+    let pods = env_usize("TESSERA_SCALE_PODS", 5000);
+    let steps: Vec<usize> = [16, 32, 64]
+        .into_iter()
+        .filter(|s| *s < nodes)
+        .chain([nodes])
+        .collect();
+    // Two joiners after the members: one per topology (a joiner dies in its round).
+    let c = Cluster::new(
+        "bench_scale",
+        ClusterSpec {
+            lab: LabSpec {
+                nodes: nodes + 2,
+                subnets: 1,
+                etcd: true,
+            },
+            pools: pool("Never"),
+            agent_yaml: "leaseTtlSeconds: 10\ngc:\n  intervalSeconds: 1\n  leaderLeaseSeconds: 5\n"
+                .into(),
+            router_bgp: false,
+            ..Default::default()
+        },
+    )
+    .expect("cluster");
+    let names: Vec<String> = c.lab.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut b = Bench {
+        c,
+        names,
+        blocks: BTreeMap::new(),
+    };
+    let (members, joiners) = b.names.split_at(nodes);
+    let (members, joiners) = (members.to_vec(), joiners.to_vec());
+
+    // 1. Pods.
+    let mut wanted: Vec<(String, String)> = (0..pods)
+        .map(|i| (members[i % nodes].clone(), "bgp".to_string()))
+        .collect();
+    for j in &joiners {
+        wanted.extend((0..8).map(|_| (j.clone(), "bgp".to_string())));
+    }
+    let rev0 = etcd_revision(&b.c);
+    let t = Instant::now();
+    b.c.add_pods(&wanted, 8).expect("pods");
+    let pods_s = t.elapsed().as_secs_f64();
+    let pod_revisions = etcd_revision(&b.c).saturating_sub(rev0);
+    for p in &b.c.pods {
+        b.blocks
+            .entry(p.node.clone())
+            .or_default()
+            .insert(block_of(p.ip));
+    }
+    eprintln!(
+        "{} pods in {pods_s:.0} s: {pod_revisions} etcd revisions ({:.1} per pod, {:.0}/s)",
+        wanted.len(),
+        pod_revisions as f64 / wanted.len() as f64,
+        pod_revisions as f64 / pods_s
+    );
+
+    // 2. Full mesh, in steps.
+    let mut steady = Vec::new();
+    let mut started = 0;
+    for &step in &steps {
+        let t0 = Instant::now();
+        for m in &members[started..step] {
+            b.c.start_agent(m).expect("agent");
+        }
+        started = step;
+        let took = b.all_routed(t0);
+        let s = b.steady("full mesh", Some(took.as_secs_f64()), &[]);
+        eprintln!("{s:?}");
+        steady.push(s);
+    }
+    let mesh_events = b.events("full mesh", &joiners[0]);
+    eprintln!("{mesh_events:?}");
+
+    // 3. Route reflectors, live: node1 and node2 restart labelled.
+    let reflectors = [members[0].as_str(), members[1].as_str()];
+    let t0 = Instant::now();
+    for r in reflectors {
+        let _ = b.c.stop_agent(r, Duration::from_secs(10));
+        b.c.set_node_labels(r, REFLECTOR);
+        b.c.start_agent(r).expect("reflector");
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let running = b.running();
+        let settled = running.iter().all(|(n, _)| {
+            let want = if reflectors.contains(&n.as_str()) {
+                running.len() - 1
+            } else {
+                2
+            };
+            sessions(&b.c, n) == want
+        });
+        if settled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reflector sessions did not settle"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let switch = b.all_routed(t0);
+    let s = b.steady("route reflectors", Some(switch.as_secs_f64()), &reflectors);
+    eprintln!("{s:?}");
+    steady.push(s);
+    let rr_events = b.events("route reflectors", &joiners[1]);
+    eprintln!("{rr_events:?}");
+    for &step in steps.iter().rev().skip(1) {
+        for m in &members[step..started] {
+            let _ = b.c.stop_agent(m, Duration::from_secs(10));
+        }
+        started = step;
+        let s = b.steady("route reflectors", None, &reflectors);
+        eprintln!("{s:?}");
+        steady.push(s);
+    }
+    b.c.finish();
+
+    println!("\n{} pods on {nodes} nodes in {pods_s:.0} s (8 ADDs at a time): {:.1} etcd revisions per pod, {:.0} revisions/s", wanted.len(), pod_revisions as f64 / wanted.len() as f64, pod_revisions as f64 / pods_s);
+    println!("\n| topology | nodes | converged | sessions/node | agent CPU (clients) | agent CPU (reflectors) | RSS mean / max | etcd revisions/s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for s in &steady {
+        println!(
+            "| {} | {} | {} | {}-{} | {:.2} % | {} | {:.1} / {:.1} MiB | {:.1} |",
+            s.topology,
+            s.nodes,
+            s.converge_s.map_or("-".into(), |x| format!("{x:.1} s")),
+            s.sessions_min,
+            s.sessions_max,
+            s.cpu_clients,
+            s.cpu_reflectors.map_or("-".into(), |x| format!("{x:.2} %")),
+            s.rss_mean_mib,
+            s.rss_max_mib,
+            s.etcd_revisions_per_s
+        );
+    }
+    println!(
+        "\n| topology (at {nodes} nodes) | join | leave (node dies) | mode -> VXLAN | mode back |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for e in [&mesh_events, &rr_events] {
+        println!(
+            "| {} | {:.2} s | {:.1} s | {:.2} s | {:.2} s |",
+            e.topology, e.join_s, e.leave_s, e.mode_to_vxlan_s, e.mode_back_s
+        );
+    }
+    println!("\n(the switch to reflectors, live, took {:.1} s until every client had its two sessions and every route)", switch.as_secs_f64());
+
+    let mut run = BenchRun::new(
+        "scale_cluster",
+        "cargo bench -p tessera-node --bench scale_cluster",
+    );
+    for topology in ["full mesh", "route reflectors"] {
+        let pts = |f: fn(&Steady) -> f64| -> Vec<(f64, f64)> {
+            let mut v: Vec<(f64, f64)> = steady
+                .iter()
+                .filter(|s| s.topology == topology)
+                .map(|s| (s.nodes as f64, f(s)))
+                .collect();
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            v
+        };
+        run.series(
+            "scale_agent_cpu",
+            topology,
+            ("nodes", "agent CPU, % of a core (clients)"),
+            pts(|s| s.cpu_clients),
+        );
+        run.series(
+            "scale_agent_rss",
+            topology,
+            ("nodes", "agent RSS, MiB (mean)"),
+            pts(|s| s.rss_mean_mib),
+        );
+        run.series(
+            "scale_sessions",
+            topology,
+            ("nodes", "BGP sessions per node (max)"),
+            pts(|s| s.sessions_max as f64),
+        );
+    }
+    run.extra = serde_json::json!({
+        "nodes": nodes,
+        "pods": wanted.len(),
+        "pods_seconds": pods_s,
+        "etcd_revisions_per_pod": pod_revisions as f64 / wanted.len() as f64,
+        "steady": steady,
+        "events": [mesh_events, rr_events],
+        "reflector_switch_s": switch.as_secs_f64(),
+    });
+    run.save();
+}
