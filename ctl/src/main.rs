@@ -257,6 +257,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let kv = connect(&cli).await?;
             let mut r = admin::read(&kv, &[k]).await?.resources;
             if let Some(n) = name {
+                r.ipam_configs.retain(|x| &x.name == n);
                 r.pools.retain(|x| &x.name == n);
                 r.reservations.retain(|x| &x.name == n);
                 r.bgp_peers.retain(|x| &x.name == n);

@@ -87,6 +87,14 @@ fn yes(b: bool) -> String {
 /// `get KIND` as a table.
 pub fn resources_table(style: Style, kind: Kind, r: &Resources, wide: bool) -> String {
     match kind {
+        Kind::IpamConfiguration => table(
+            style,
+            &["NAME", "BLOCK FORMAT"],
+            r.ipam_configs
+                .iter()
+                .map(|c| vec![c.name.clone(), format!("{:?}", c.block_format)])
+                .collect(),
+        ),
         Kind::IpPool => {
             let mut header = vec!["NAME", "CIDR", "BLOCK", "ENCAPSULATION", "NAT", "DISABLED"];
             if wide {

@@ -16,7 +16,7 @@ use crate::codec::{decode, encode};
 use crate::error::IpamError;
 use crate::keys;
 use crate::kv::{Compare, Kv, Op, Txn};
-use crate::model::{BgpConfiguration, BgpPeer, IpPool, IpReservation, Node};
+use crate::model::{BgpConfiguration, BgpPeer, IpPool, IpReservation, IpamConfiguration, Node};
 use crate::snapshot::Snapshot;
 use crate::yaml::{Kind, Resources};
 
@@ -69,6 +69,7 @@ impl std::fmt::Display for Written {
 
 fn key_of(kind: Kind, name: &str) -> String {
     match kind {
+        Kind::IpamConfiguration => keys::ipam_config(name),
         Kind::IpPool => keys::pool(name),
         Kind::IpReservation => keys::reservation(name),
         Kind::BgpConfiguration => keys::bgp_config(name),
@@ -79,6 +80,7 @@ fn key_of(kind: Kind, name: &str) -> String {
 
 fn prefix_of(kind: Kind) -> &'static str {
     match kind {
+        Kind::IpamConfiguration => keys::IPAM_CONFIG,
         Kind::IpPool => keys::POOLS,
         Kind::IpReservation => keys::RESERVATIONS,
         Kind::BgpConfiguration => keys::BGP_CONFIG,
@@ -102,6 +104,10 @@ pub async fn read<K: Kv>(kv: &K, kinds: &[Kind]) -> Result<Stored, IpamError> {
         for item in &items {
             out.revisions.insert(item.key.clone(), item.mod_revision);
             match kind {
+                Kind::IpamConfiguration => out
+                    .resources
+                    .ipam_configs
+                    .push(decode::<IpamConfiguration>(item)?),
                 Kind::IpPool => out.resources.pools.push(decode::<IpPool>(item)?),
                 Kind::IpReservation => out
                     .resources
@@ -167,6 +173,21 @@ pub async fn write<K: Kv>(
             _ => {}
         }
         let value = match kind {
+            Kind::IpamConfiguration => {
+                // Read with the pools and guarded by the same epoch: IPAM writes in flight
+                // when it changes start over with it.
+                config_changed = true;
+                encode(
+                    desired
+                        .ipam_configs
+                        .iter()
+                        .find(|c| c.name == name)
+                        .ok_or_else(|| AdminError::NotFound {
+                            kind,
+                            name: name.clone(),
+                        })?,
+                )
+            }
             Kind::IpPool => {
                 let p = desired
                     .pools

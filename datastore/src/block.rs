@@ -33,8 +33,13 @@ pub struct FreeSlot {
     pub released_ms: Option<u64>,
 }
 
+/// A block as stored: [`crate::block_format`] says how (two formats, the version in the
+/// value; a block is written back in the format it was read in or a newer one).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(
+    try_from = "crate::block_format::StoredBlock",
+    into = "crate::block_format::StoredBlock"
+)]
 pub struct IpamBlock {
     pub cidr: IpNetwork,
     /// The node whose block this is; `None` once that node is gone.
@@ -43,6 +48,19 @@ pub struct IpamBlock {
     pub allocations: Vec<Option<Allocation>>,
     pub free: VecDeque<FreeSlot>,
     pub next_seq: u64,
+    /// How it is written to etcd.
+    pub format: BlockFormat,
+}
+
+/// The stored formats of a block. `V1` is the first (an entry per ordinal, objects with
+/// named fields); `V2` lists only allocated ordinals, compresses the free queue, and does
+/// not repeat in the attributes what the handle already says. Readers take both; a cluster
+/// writes new blocks in `V2` once its `IPAMConfiguration` says every node reads it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum BlockFormat {
+    #[default]
+    V1,
+    V2,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,7 +117,14 @@ impl IpamBlock {
                 })
                 .collect(),
             next_seq: 0,
+            format: BlockFormat::default(),
         }
+    }
+
+    /// The same block, written in `format` from now on (never an older format than it has).
+    pub fn in_format(mut self, format: BlockFormat) -> Self {
+        self.format = self.format.max(format);
+        self
     }
 
     pub fn len(&self) -> u32 {

@@ -445,8 +445,12 @@ impl<K: Kv> Ipam<K> {
             let Some(blk) = self.block(cidr).await? else {
                 return Ok(Vec::new());
             };
-            let handle = self.handle(&owner.handle).await?;
-            let mut block = blk.value.clone();
+            // A handle we have not seen is taken to be new (a pod's first assignment): the
+            // transaction requires it absent, and if it is not, the failure branch brings
+            // it back for the next attempt. One round trip less per pod start.
+            let handle = self.cached_handle_or_new(&owner.handle);
+            // Written back in the cluster's format: blocks move to a newer one as they change.
+            let mut block = blk.value.clone().in_format(cfg.block_format);
             let got: Vec<Assigned> = match exact {
                 Some(addr) => vec![block
                     .assign_exact(addr, &owner.handle, attrs, |a| cfg.is_reserved(a))
@@ -635,7 +639,8 @@ impl<K: Kv> Ipam<K> {
             };
 
             // Phase 2: the block, if nobody has it.
-            let block = IpamBlock::new(cidr, Some(self.node.clone()));
+            let format = self.config().await?.block_format;
+            let block = IpamBlock::new(cidr, Some(self.node.clone())).in_format(format);
             let txn = Txn::new()
                 .expect(&bkey, 0)
                 .expect(&akey, aff_rev)
@@ -1096,6 +1101,20 @@ impl<K: Kv> Ipam<K> {
                 Ok(None)
             }
         }
+    }
+
+    fn cached_handle_or_new(&self, id: &str) -> Versioned<IpamHandle> {
+        self.cache()
+            .handles
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| Versioned {
+                rev: 0,
+                value: IpamHandle {
+                    id: id.to_string(),
+                    addresses: Vec::new(),
+                },
+            })
     }
 
     async fn handle(&self, id: &str) -> Result<Versioned<IpamHandle>, IpamError> {

@@ -39,6 +39,12 @@ pub fn cidr_segment(cidr: IpNetwork) -> String {
 pub fn pool(name: &str) -> String {
     format!("{POOLS}{name}")
 }
+/// `IPAMConfiguration` records: under [`CONFIG`], read with the pools and guarded by the
+/// epoch like them.
+pub const IPAM_CONFIG: &str = "/tessera/v1/config/ipam/";
+pub fn ipam_config(name: &str) -> String {
+    format!("{IPAM_CONFIG}{name}")
+}
 pub fn bgp_config(name: &str) -> String {
     format!("{BGP_CONFIG}{name}")
 }

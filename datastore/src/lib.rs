@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod block;
+pub mod block_format;
 mod codec;
 pub mod connection;
 pub mod error;

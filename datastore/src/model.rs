@@ -286,6 +286,19 @@ pub struct BgpPeer {
     pub bfd: bool,
 }
 
+/// Cluster-wide IPAM settings, one record named `default`: `/tessera/v1/config/ipam/default`
+/// (Calico's IPAMConfiguration).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpamConfiguration {
+    pub name: String,
+    /// The format blocks are written in. `V2` (compact) once every node runs a Tessera
+    /// that reads it (every release since the format came); blocks move to it as they
+    /// are next written. Never back: a V2 block stays V2.
+    #[serde(default)]
+    pub block_format: crate::block::BlockFormat,
+}
+
 /// Cluster-wide BGP settings, one record named `default`: `/tessera/v1/config/bgp/default`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

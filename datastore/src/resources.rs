@@ -13,6 +13,8 @@ pub struct Config {
     pub epoch_rev: i64,
     pub pools: Vec<IpPool>,
     pub reservations: Vec<IpReservation>,
+    /// The format blocks are written in (the `IPAMConfiguration`'s; V1 without one).
+    pub block_format: crate::block::BlockFormat,
 }
 
 impl Config {
@@ -38,6 +40,9 @@ pub async fn load_config<K: Kv>(kv: &K) -> Result<Config, IpamError> {
             cfg.pools.push(decode(item)?);
         } else if item.key.starts_with(keys::RESERVATIONS) {
             cfg.reservations.push(decode(item)?);
+        } else if item.key == keys::ipam_config("default") {
+            let c: crate::model::IpamConfiguration = decode(item)?;
+            cfg.block_format = c.block_format;
         }
     }
     Ok(cfg)

@@ -19,9 +19,11 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use serde::Serialize;
 
+use crate::block::BlockFormat;
 use crate::keys;
 use crate::model::{
-    BgpConfiguration, BgpPeer, IpPool, IpPoolSpec, IpReservation, IpReservationSpec, Node,
+    BgpConfiguration, BgpPeer, IpPool, IpPoolSpec, IpReservation, IpReservationSpec,
+    IpamConfiguration, Node,
 };
 use crate::selector::Selector;
 
@@ -30,6 +32,7 @@ pub const API_VERSION: &str = "tessera.dev/v1";
 /// The kinds a document may have, in the order they are applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
+    IpamConfiguration,
     IpPool,
     IpReservation,
     BgpConfiguration,
@@ -38,7 +41,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
+        Kind::IpamConfiguration,
         Kind::IpPool,
         Kind::IpReservation,
         Kind::BgpConfiguration,
@@ -49,6 +53,7 @@ impl Kind {
     /// The `kind:` of its documents.
     pub fn name(self) -> &'static str {
         match self {
+            Kind::IpamConfiguration => "IPAMConfiguration",
             Kind::IpPool => "IPPool",
             Kind::IpReservation => "IPReservation",
             Kind::BgpConfiguration => "BGPConfiguration",
@@ -62,6 +67,7 @@ impl Kind {
         let l = s.to_ascii_lowercase();
         let l = l.strip_suffix('s').unwrap_or(&l);
         match l {
+            "ipamconfiguration" | "ipamconfig" => Some(Kind::IpamConfiguration),
             "ippool" | "pool" => Some(Kind::IpPool),
             "ipreservation" | "reservation" => Some(Kind::IpReservation),
             "bgpconfiguration" | "bgpconfig" => Some(Kind::BgpConfiguration),
@@ -80,6 +86,8 @@ impl std::fmt::Display for Kind {
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Resources {
+    /// The cluster's IPAM settings (one record, `default`).
+    pub ipam_configs: Vec<IpamConfiguration>,
     pub pools: Vec<IpPool>,
     pub reservations: Vec<IpReservation>,
     pub bgp_peers: Vec<BgpPeer>,
@@ -92,7 +100,8 @@ pub struct Resources {
 
 impl Resources {
     pub fn is_empty(&self) -> bool {
-        self.pools.is_empty()
+        self.ipam_configs.is_empty()
+            && self.pools.is_empty()
             && self.reservations.is_empty()
             && self.bgp_peers.is_empty()
             && self.bgp_configs.is_empty()
@@ -102,6 +111,11 @@ impl Resources {
     /// (kind, name) of every resource, in order.
     pub fn names(&self) -> Vec<(Kind, String)> {
         let mut out: Vec<(Kind, String)> = Vec::new();
+        out.extend(
+            self.ipam_configs
+                .iter()
+                .map(|c| (Kind::IpamConfiguration, c.name.clone())),
+        );
         out.extend(self.pools.iter().map(|p| (Kind::IpPool, p.name.clone())));
         out.extend(
             self.reservations
@@ -144,6 +158,14 @@ impl Resources {
             serde_json::to_value(v).unwrap_or_default()
         }
         let mut out = Vec::new();
+        for c in &self.ipam_configs {
+            out.push(doc(
+                Kind::IpamConfiguration,
+                &c.name,
+                None,
+                json(&IpamConfigurationSpec::from(c)),
+            ));
+        }
         for p in &self.pools {
             out.push(doc(Kind::IpPool, &p.name, None, json(&p.spec)));
         }
@@ -175,6 +197,22 @@ impl Resources {
             ));
         }
         out
+    }
+}
+
+/// An IPAMConfiguration document's spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct IpamConfigurationSpec {
+    #[serde(default)]
+    block_format: BlockFormat,
+}
+
+impl From<&IpamConfiguration> for IpamConfigurationSpec {
+    fn from(c: &IpamConfiguration) -> Self {
+        IpamConfigurationSpec {
+            block_format: c.block_format,
+        }
     }
 }
 
@@ -336,6 +374,20 @@ pub fn parse_resources(text: &str) -> Result<Resources, ResourceError> {
             serde_saphyr::from_str(doc)
         }
         match kind.as_str() {
+            "IPAMConfiguration" => {
+                let d = typed::<IpamConfigurationSpec>(doc)
+                    .map_err(|e| parse_err(Some(what.clone()), &e))?;
+                if d.metadata.name != "default" {
+                    return Err(invalid(
+                        "metadata.name",
+                        "the cluster has one IPAMConfiguration, named default".into(),
+                    ));
+                }
+                out.ipam_configs.push(IpamConfiguration {
+                    name: d.metadata.name,
+                    block_format: d.spec.block_format,
+                });
+            }
             "IPPool" => {
                 let d = typed::<IpPoolSpec>(doc).map_err(|e| parse_err(Some(what.clone()), &e))?;
                 let pool = IpPool {
