@@ -308,9 +308,11 @@ pub fn use_one_allocator_arena() {
     }
 }
 
-/// After a burst (a full table arriving), the queues and per-UPDATE buffers are freed but
-/// glibc keeps the pages; give them back so the resident size reflects what is live.
-fn release_freed_memory() {
+/// After a burst (a full table arriving, a GC pass over the whole datastore), the buffers
+/// are freed but glibc keeps the pages (it returns only the top of the heap, and a
+/// long-lived allocation above them pins the rest); give them back so that the resident
+/// size reflects what is live.
+pub fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory of the allocator; it takes no pointers.
     unsafe {
