@@ -224,8 +224,14 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
             Ok(None)
         }
     };
-    let (existing, intent, warm) =
-        tokio::join!(ipam.handle_addresses(&handle), intent, ipam.prefetch());
+    let workload = pod
+        .named
+        .then_some((pod.namespace.as_str(), pod.name.as_str()));
+    let (existing, intent, warm) = tokio::join!(
+        ipam.handle_addresses(&handle),
+        intent,
+        ipam.prefetch_for(workload)
+    );
     let (existing, intent) = (existing?, intent?.unwrap_or_default());
     if let Some(why) = &intent.invalid {
         return Err(CniError::invalid_config(format!(

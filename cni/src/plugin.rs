@@ -317,20 +317,27 @@ async fn del(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<(
     let unwire = crate::netns::on_own_thread(move |h| async move {
         wiring::remove_host_end(&h, &host_ifname).await
     });
+    // The release and the endpoint's removal are independent writes: either order, or a
+    // crash between them, leaves what the GC repairs (an endpoint whose interface is gone, or
+    // addresses no endpoint names), so they go out together.
     let forget = async {
         let kv = ipam::connect(conf).await?;
-        ipam::release(ipam::Call {
+        let release = ipam::release(ipam::Call {
             kv: &kv,
             conf,
             env,
             node,
             pod: &pod,
             stdin,
-        })
-        .await?;
-        delete_workload_endpoint(&kv, node, &pod.namespace, &pod.name, &pod.ifname)
-            .await
-            .map_err(CniError::from)
+        });
+        let unrecord = async {
+            delete_workload_endpoint(&kv, node, &pod.namespace, &pod.name, &pod.ifname)
+                .await
+                .map_err(CniError::from)
+        };
+        let (released, unrecorded) = tokio::join!(release, unrecord);
+        released?;
+        unrecorded
     };
     let (unwired, forgotten) = tokio::join!(unwire, forget);
     unwired?;

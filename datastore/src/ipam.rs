@@ -88,6 +88,9 @@ struct Cache {
     handles: HashMap<String, Versioned<IpamHandle>>,
     /// Confirmed affinities of this node.
     affine: Option<BTreeSet<IpNetwork>>,
+    /// A workload's last addresses read ahead by [`Ipam::prefetch_for`], by key; taken (not
+    /// kept) by the assignment that asks for them.
+    last_addresses: HashMap<String, Vec<IpAddr>>,
 }
 
 impl Cache {
@@ -977,11 +980,37 @@ impl<K: Kv> Ipam<K> {
     /// Loads pools, node labels and this node's affinities concurrently (one round trip
     /// instead of three), so that a short-lived client (a CNI invocation) starts warm.
     pub async fn prefetch(&self) -> Result<(), IpamError> {
-        let (config, labels, affine) =
-            tokio::join!(self.config(), self.node_labels(), self.affine_blocks());
+        self.prefetch_for(None).await
+    }
+
+    /// [`Ipam::prefetch`], also reading this node's blocks (after its affinities) and, for a
+    /// named workload (`namespace`, `name`), the addresses it had last: everything an
+    /// assignment reads, in one round of concurrent requests, so that the assignment
+    /// itself is one transaction. What is read ahead is only a starting point: every write
+    /// is still guarded by the revisions it was read at.
+    pub async fn prefetch_for(&self, workload: Option<(&str, &str)>) -> Result<(), IpamError> {
+        let blocks = async {
+            // Usually one block per node and pool: one read after the affinities.
+            for cidr in self.affine_blocks().await? {
+                self.block(cidr).await?;
+            }
+            Ok::<(), IpamError>(())
+        };
+        let last = async {
+            let Some((namespace, name)) = workload else {
+                return Ok(());
+            };
+            let key = keys::last_addresses(namespace, name);
+            let addrs = self.read_last_addresses(&key).await?;
+            self.cache().last_addresses.insert(key, addrs);
+            Ok::<(), IpamError>(())
+        };
+        let (config, labels, blocks, last) =
+            tokio::join!(self.config(), self.node_labels(), blocks, last);
         config?;
         labels?;
-        affine?;
+        blocks?;
+        last?;
         Ok(())
     }
 
@@ -1165,7 +1194,14 @@ impl<K: Kv> Ipam<K> {
 
     async fn last_addresses(&self, w: &WorkloadId) -> Result<Vec<IpAddr>, IpamError> {
         let key = keys::last_addresses(&w.namespace, &w.name);
-        match with_retry(|| self.kv.get(&key)).await? {
+        if let Some(read_ahead) = self.cache().last_addresses.remove(&key) {
+            return Ok(read_ahead);
+        }
+        self.read_last_addresses(&key).await
+    }
+
+    async fn read_last_addresses(&self, key: &str) -> Result<Vec<IpAddr>, IpamError> {
+        match with_retry(|| self.kv.get(key)).await? {
             Some(kv) => decode(&kv),
             None => Ok(Vec::new()),
         }

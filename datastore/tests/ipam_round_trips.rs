@@ -133,3 +133,39 @@ async fn an_assignment_to_a_handle_that_exists_already_adds_to_it() {
     let released = second.release_by_handle("shared").await.expect("release");
     assert_eq!(released.len(), 2);
 }
+
+#[tokio::test]
+async fn after_the_read_ahead_a_pods_assignment_is_one_transaction() {
+    // What a CNI ADD does: a new process (nothing cached) reads ahead concurrently, then
+    // assigns. Everything the assignment needs (pools, labels, affinities, the block, the
+    // pod's last addresses) comes from the read-ahead.
+    let kv = Counting::default();
+    let r = parse_resources(POOL).expect("pool");
+    apply_config(&kv, &r.pools, &r.reservations)
+        .await
+        .expect("apply");
+    Ipam::new(kv.clone(), "node1")
+        .auto_assign(&request("earlier-pod"))
+        .await
+        .expect("the node's block");
+    let cni = Ipam::new(kv.clone(), "node1");
+    kv.take();
+    cni.prefetch_for(Some(("default", "web-1")))
+        .await
+        .expect("read ahead");
+    let (reads, txns) = kv.take();
+    assert_eq!(txns, 0);
+    assert!(reads <= 6, "read-ahead requests: {reads}");
+    let mut req = request("k8s-pod-network.web-1");
+    req.owner.workload = Some(tessera_datastore::model::WorkloadId {
+        namespace: "default".into(),
+        name: "web-1".into(),
+        labels: Default::default(),
+    });
+    cni.auto_assign(&req).await.expect("assign");
+    assert_eq!(
+        kv.take(),
+        (0, 1),
+        "the assignment: one transaction, no read"
+    );
+}
