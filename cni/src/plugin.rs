@@ -168,10 +168,16 @@ fn wiring_for(
 ) -> Result<PodWiring, CniError> {
     let prefix = conf.veth_prefix.as_deref().unwrap_or("cali");
     let mac = match conf.runtime_config.mac.as_deref().or(env.arg("MAC")) {
+        Some(_) if conf.pod_interface == wiring::PodInterface::Netkit => {
+            return Err(CniError::invalid_config(
+                "a MAC address was asked for, but podInterface netkit (L3 mode) has none",
+            ))
+        }
         Some(m) => Some(wiring::parse_mac(m)?),
         None => None,
     };
     Ok(PodWiring {
+        device: conf.pod_interface,
         netns: env.netns.clone().unwrap_or_default(),
         host_ifname: wiring::host_ifname(prefix, &pod.identity()),
         ifname: env.ifname().to_string(),
@@ -248,7 +254,7 @@ async fn wire_and_record(
         container_id: pod.container_id.clone(),
         interface: pod.ifname.clone(),
         host_interface: Some(w.host_ifname.clone()),
-        mac: Some(wired.container_mac.clone()),
+        mac: (!wired.container_mac.is_empty()).then(|| wired.container_mac.clone()),
         addresses: addresses.iter().map(|a| host_prefix(*a)).collect(),
         handle: pod.handle(&conf.name),
         floating_ips: assigned.floating_ips,
@@ -282,12 +288,14 @@ async fn wire_and_record(
         interfaces: vec![
             Interface {
                 name: w.host_ifname.clone(),
-                mac: Some(wiring::format_mac(&HOST_MAC)),
+                // A netkit pair in L3 mode has no MAC addresses.
+                mac: (w.device == wiring::PodInterface::Veth)
+                    .then(|| wiring::format_mac(&HOST_MAC)),
                 sandbox: None,
             },
             Interface {
                 name: w.ifname.clone(),
-                mac: Some(wired.container_mac),
+                mac: (!wired.container_mac.is_empty()).then_some(wired.container_mac),
                 sandbox: Some(w.netns.clone()),
             },
         ],

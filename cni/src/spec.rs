@@ -204,6 +204,9 @@ pub struct NetConf {
     /// Host-side interface name prefix (Calico's `cali`).
     #[serde(default)]
     pub veth_prefix: Option<String>,
+    /// The pod's device pair: `veth` (the default) or `netkit` (L3 mode, Linux 6.7+).
+    #[serde(default)]
+    pub pod_interface: crate::wiring::PodInterface,
     /// Where the node agent writes the pod MTU, when `mtu` is not set.
     #[serde(default)]
     pub mtu_file: Option<String>,

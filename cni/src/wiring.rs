@@ -5,6 +5,10 @@
 //! - in the pod: the /32 and /128, `169.254.1.1 dev eth0 scope link`,
 //!   `default via 169.254.1.1`, and for IPv6 `default via <host end's link-local>`;
 //! - on the host: `<pod-ip>/32 dev <host end> scope link` (and /128).
+//!
+//! With `podInterface: netkit` (opt-in; Linux 6.7 and later) the pair is a netkit pair in
+//! L3 mode instead: no MAC addresses and no ARP (the /32 and host-route model needs
+//! neither), and the kernel hands packets to the peer without veth's per-CPU backlog.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -12,7 +16,9 @@ use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use std::os::fd::AsRawFd;
 
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoNetkit, InfoVeth, LinkAttribute, LinkMessage, NetkitMode,
+};
 use rtnetlink::packet_route::route::{RouteProtocol, RouteScope};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use sha1::{Digest, Sha1};
@@ -35,9 +41,21 @@ pub fn host_ifname(prefix: &str, identity: &str) -> String {
     format!("{prefix}{}", &hex[..keep])
 }
 
+/// The kind of device pair a pod gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PodInterface {
+    /// What Calico uses, and every kernel has.
+    #[default]
+    Veth,
+    /// A netkit pair in L3 mode (Linux 6.7+).
+    Netkit,
+}
+
 /// What to build for one pod interface.
 #[derive(Debug, Clone)]
 pub struct PodWiring {
+    pub device: PodInterface,
     pub netns: String,
     pub host_ifname: String,
     pub ifname: String,
@@ -185,17 +203,36 @@ async fn create_pair(
     if let Some(mac) = w.mac {
         pod_end = pod_end.address(mac.to_vec());
     }
-    let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-        .name(w.host_ifname.clone())
-        .mtu(w.mtu)
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(pod_end.build())))
-        .build();
-    h.link().add(veth).execute().await.map_err(|e| match &e {
+    let pair = match w.device {
+        PodInterface::Veth => LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(w.host_ifname.clone())
+            .mtu(w.mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(pod_end.build())))
+            .build(),
+        PodInterface::Netkit => {
+            LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Netkit)
+                .name(w.host_ifname.clone())
+                .mtu(w.mtu)
+                .set_info_data(InfoData::Netkit(vec![
+                    InfoNetkit::Mode(NetkitMode::L3),
+                    InfoNetkit::Peer(pod_end.build()),
+                ]))
+                .build()
+        }
+    };
+    h.link().add(pair).execute().await.map_err(|e| match &e {
         rtnetlink::Error::NetlinkError(m) if m.raw_code() == -17 => CniError::new(
             crate::error::code::INVALID_CONFIG,
             format!("the pod already has an interface {}", w.ifname),
         ),
-        _ => CniError::netlink(format!("creating the veth pair: {e}")),
+        rtnetlink::Error::NetlinkError(m)
+            if m.raw_code() == -95 && w.device == PodInterface::Netkit =>
+        {
+            CniError::invalid_config(
+                "podInterface netkit: this kernel has no netkit devices (Linux 6.7 or later built with CONFIG_NETKIT); use veth",
+            )
+        }
+        _ => CniError::netlink(format!("creating the {:?} pair: {e}", w.device)),
     })?;
     link_by_name(h, &w.host_ifname)
         .await?
@@ -213,12 +250,16 @@ async fn configure(h: &Handle, w: &PodWiring, host: &LinkMessage) -> Result<Stri
         sysctl(&format!("net/ipv6/conf/{hn}/forwarding"), "1")?;
         sysctl("net/ipv6/conf/all/forwarding", "1")?;
     }
-    sysctl(&format!("net/ipv4/conf/{hn}/proxy_arp"), "1")?;
-    sysctl(&format!("net/ipv4/neigh/{hn}/proxy_delay"), "0")?;
+    let veth = w.device == PodInterface::Veth;
+    if veth {
+        // The pod's gateway is answered here; a netkit pair in L3 mode has no ARP at all.
+        sysctl(&format!("net/ipv4/conf/{hn}/proxy_arp"), "1")?;
+        sysctl(&format!("net/ipv4/neigh/{hn}/proxy_delay"), "0")?;
+    }
     sysctl(&format!("net/ipv4/conf/{hn}/forwarding"), "1")?;
     sysctl("net/ipv4/ip_forward", "1")?;
     let mut set = LinkUnspec::new_with_index(host.header.index).up();
-    if link_mac(host) != Some(format_mac(&HOST_MAC)) {
+    if veth && link_mac(host) != Some(format_mac(&HOST_MAC)) {
         set = set.address(HOST_MAC.to_vec());
     }
     if link_mtu(host) != Some(w.mtu) {
@@ -357,7 +398,8 @@ pub async fn check_pod(h: &Handle, w: &PodWiring) -> Result<(), CniError> {
     let host = link_by_name(h, &w.host_ifname).await?.ok_or_else(|| {
         CniError::check_failed(format!("host interface {} is missing", w.host_ifname))
     })?;
-    if link_mac(&host).as_deref() != Some(&format_mac(&HOST_MAC)) {
+    if w.device == PodInterface::Veth && link_mac(&host).as_deref() != Some(&format_mac(&HOST_MAC))
+    {
         return Err(CniError::check_failed(format!(
             "{} has the wrong MAC",
             w.host_ifname

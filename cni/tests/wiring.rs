@@ -301,3 +301,105 @@ fn add_again_leaves_a_running_pod_alone_and_repairs_damage_in_place() {
     drop((client, server, listener));
     finish(c);
 }
+
+#[test]
+fn netkit_pods_in_l3_mode_reach_each_other_and_pass_check() {
+    // `podInterface: netkit`: an L3 netkit pair instead of a veth, no MAC and no ARP; the
+    // same addresses, routes and records, and CHECK and DEL work the same.
+    let mut c = CniLab::new("cni_netkit", 2);
+    let netkit = |c: &CniLab, node: &str| {
+        let mut plugin = c.plugin(node, true);
+        plugin["podInterface"] = "netkit".into();
+        c.driver_with(node, "1.1.0", vec![plugin])
+    };
+    if !kernel_has_netkit() {
+        // Where the kernel has none, ADD says so as a configuration error and leaves
+        // nothing: no link, no endpoint record, no address held.
+        let pod = c.pod_netns();
+        let err = netkit(&c, "node1")
+            .add(&c.attachment(pod))
+            .expect_err("ADD without netkit in the kernel");
+        let text = format!("{err:?}");
+        assert!(
+            text.contains("code: 7") && text.contains("CONFIG_NETKIT"),
+            "{text}"
+        );
+        assert!(c.host_links("node1").is_empty());
+        assert!(c.etcd_keys("/tessera/v1/workloads/").is_empty());
+        assert!(c.etcd_keys("/tessera/v1/ipam/handles/").is_empty());
+        eprintln!("this kernel has no netkit (CONFIG_NETKIT): checked the refusal only");
+        finish(c);
+        return;
+    }
+    let mut pods = Vec::new();
+    for node in ["node1", "node1", "node2"] {
+        let pod = c.pod_netns();
+        let r = netkit(&c, node).add(&c.attachment(pod)).expect("ADD");
+        pods.push((pod, node, r));
+    }
+    let (p0, _, r0) = &pods[0];
+    let host_if = r0["interfaces"][0]["name"].as_str().expect("host if");
+    let node1 = &c.lab.node("node1").netns;
+    let link = node1
+        .ip_json(&["-d", "link", "show", host_if])
+        .expect("link");
+    assert_eq!(link[0]["linkinfo"]["info_kind"], "netkit", "{link}");
+    assert_eq!(link[0]["linkinfo"]["info_data"]["mode"], "l3", "{link}");
+    assert!(r0["interfaces"][1].get("mac").is_none(), "no MAC: {r0}");
+    let (a0, a1, a2) = (ips(r0), ips(&pods[1].2), ips(&pods[2].2));
+    let pod0 = &c.pods[*p0];
+    pod0.exec("ping", &["-c1", "-W2", &a1[0]])
+        .expect("pod0 -> pod1 (IPv4)");
+    pod0.exec("ping", &["-6", "-c1", "-W2", &a1[1]])
+        .expect("pod0 -> pod1 (IPv6)");
+    node1
+        .exec("ping", &["-c1", "-W2", &a0[0]])
+        .expect("node1 -> pod0");
+    // Across nodes: the lab's nodes route each other's pod addresses by hand here (the agent
+    // does it in the cluster tests).
+    let (n1, n2) = (
+        c.lab.node("node1").ipv4.ip().to_string(),
+        c.lab.node("node2").ipv4.ip().to_string(),
+    );
+    c.lab
+        .node("node1")
+        .netns
+        .ip(&["route", "add", &format!("{}/32", a2[0]), "via", &n2])
+        .expect("route");
+    c.lab
+        .node("node2")
+        .netns
+        .ip(&["route", "add", &format!("{}/32", a0[0]), "via", &n1])
+        .expect("route");
+    pod0.exec("ping", &["-c1", "-W2", &a2[0]])
+        .expect("pod0 on node1 -> pod2 on node2");
+    for (pod, node, r) in &pods {
+        netkit(&c, node)
+            .check(&c.attachment(*pod), r)
+            .expect("CHECK");
+    }
+    for (pod, node, r) in &pods {
+        netkit(&c, node)
+            .del(&c.attachment(*pod), Some(r))
+            .expect("DEL");
+    }
+    assert!(c.host_links("node1").is_empty() && c.host_links("node2").is_empty());
+    assert!(c.etcd_keys("/tessera/v1/workloads/").is_empty());
+    finish(c);
+}
+
+/// Whether the running kernel was built with netkit (`CONFIG_NETKIT`), from its own
+/// configuration; true when it does not publish one (then the ADD itself tells).
+fn kernel_has_netkit() -> bool {
+    let Ok(out) = std::process::Command::new("zcat")
+        .arg("/proc/config.gz")
+        .output()
+    else {
+        return true;
+    };
+    let config = String::from_utf8_lossy(&out.stdout);
+    config.is_empty()
+        || config
+            .lines()
+            .any(|l| l == "CONFIG_NETKIT=y" || l == "CONFIG_NETKIT=m")
+}

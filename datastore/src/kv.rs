@@ -371,6 +371,71 @@ mod tonic_code {
     ];
 }
 
+/// Keys per page of a prefix read. A response must fit gRPC's 4 MiB message limit (what
+/// etcd-client accepts): 2,500 blocks of 2.6 KB in one response did not. A full /26 in the
+/// first block format is ~19 KB, so 128 of them stay under 2.5 MiB.
+const PAGE_KEYS: i64 = 128;
+/// Keys without values: handles and endpoints of a 150,000-pod cluster are ~100 bytes each.
+const PAGE_KEYS_ONLY: i64 = 10_000;
+
+/// The first key after every key that starts with `prefix` (etcd's range end for a prefix).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
+}
+
+impl EtcdKv {
+    /// Everything under `prefix`, read in pages of `page` keys, every page at the revision
+    /// of the first: one consistent snapshot however large the prefix.
+    async fn range_in_pages(
+        &self,
+        prefix: &str,
+        page: i64,
+        keys_only: bool,
+    ) -> Result<(Vec<KeyValue>, i64), KvError> {
+        let end = prefix_end(prefix);
+        let mut from = prefix.as_bytes().to_vec();
+        let mut rev = 0;
+        let mut out = Vec::new();
+        loop {
+            let resp = self
+                .request(Resend::Read, |mut c| {
+                    let (from, end) = (from.clone(), end.clone());
+                    async move {
+                        let mut opts = etcd_client::GetOptions::new()
+                            .with_range(end)
+                            .with_limit(page);
+                        if rev > 0 {
+                            opts = opts.with_revision(rev);
+                        }
+                        if keys_only {
+                            opts = opts.with_keys_only();
+                        }
+                        c.get(from, Some(opts)).await
+                    }
+                })
+                .await?;
+            if rev == 0 {
+                rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+            }
+            out.extend(resp.kvs().iter().map(from_etcd));
+            match out.last() {
+                Some(last) if resp.more() => {
+                    from = last.key.as_bytes().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((out, rev)),
+            }
+        }
+    }
+}
+
 fn from_etcd(kv: &etcd_client::KeyValue) -> KeyValue {
     KeyValue {
         key: String::from_utf8_lossy(kv.key()).into_owned(),
@@ -401,39 +466,14 @@ impl Kv for EtcdKv {
     }
 
     async fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), KvError> {
-        let resp = self
-            .request(Resend::Read, |mut c| async move {
-                c.get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
-                    .await
-            })
-            .await?;
-        let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
-        Ok((resp.kvs().iter().map(from_etcd).collect(), rev))
+        self.range_in_pages(prefix, PAGE_KEYS, false).await
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, i64)>, KvError> {
-        let resp = self
-            .request(Resend::Read, |mut c| async move {
-                c.get(
-                    prefix,
-                    Some(
-                        etcd_client::GetOptions::new()
-                            .with_prefix()
-                            .with_keys_only(),
-                    ),
-                )
-                .await
-            })
-            .await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    kv.mod_revision(),
-                )
-            })
+        let (kvs, _) = self.range_in_pages(prefix, PAGE_KEYS_ONLY, true).await?;
+        Ok(kvs
+            .into_iter()
+            .map(|kv| (kv.key, kv.mod_revision))
             .collect())
     }
 

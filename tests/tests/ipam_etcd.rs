@@ -621,3 +621,32 @@ async fn gc_repairs_interrupted_claims_and_blocks_of_deleted_nodes() {
     assert!(n1.claim_block(&pool, stuck).await.expect("claim"));
     assert_invariants(&c.kv, true).await;
 }
+
+#[tokio::test]
+async fn a_prefix_larger_than_one_grpc_message_is_read_whole_at_one_revision() {
+    // 300 values of 30 KB: 9 MB, more than twice what one gRPC response may carry (4 MiB),
+    // as 2,500 blocks did. Written in batches, then a key outside the prefix after it.
+    let c = cluster("", &[]).await;
+    let value = vec![b'x'; 30_000];
+    for batch in 0..30 {
+        let mut txn = Txn::new();
+        for i in 0..10 {
+            let n = batch * 10 + i;
+            txn = txn.then(Op::put(format!("/big/{n:04}"), value.clone()));
+        }
+        c.kv.txn(txn).await.expect("put");
+    }
+    c.kv.txn(Txn::new().then(Op::put("/bigger", b"not in /big/".to_vec())))
+        .await
+        .expect("put");
+    let (kvs, rev) = c.kv.get_prefix("/big/").await.expect("read in pages");
+    assert_eq!(kvs.len(), 300);
+    let keys: Vec<String> = kvs.iter().map(|k| k.key.clone()).collect();
+    let want: Vec<String> = (0..300).map(|n| format!("/big/{n:04}")).collect();
+    assert_eq!(keys, want, "every key once, in order");
+    assert!(kvs.iter().all(|k| k.value.len() == 30_000));
+    assert!(kvs.iter().all(|k| k.mod_revision <= rev));
+    let listed = c.kv.list_keys("/big/").await.expect("keys");
+    assert_eq!(listed.len(), 300);
+    drop(c.etcd);
+}
