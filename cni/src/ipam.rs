@@ -213,10 +213,13 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
             handle_revision: 0,
         });
     }
-    let _lock = IpamLock::acquire(conf, node).await?;
     let ipam = Ipam::new(kv.clone(), node);
     let handle = pod.handle(&conf.name);
-    // Independent reads, concurrently.
+    // The pod's intent is read while this invocation waits for the node's IPAM lock. The
+    // IPAM reads come after it: the node's affinities must include the block the previous
+    // holder may just have claimed (read before the lock, parallel ADDs on a fresh node
+    // each claimed a block of their own), and a repeated ADD for the same container must
+    // see the first one's addresses.
     let intent = async {
         if pod.named {
             intent_or_apiserver(kv, conf, pod).await
@@ -227,12 +230,15 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
     let workload = pod
         .named
         .then_some((pod.namespace.as_str(), pod.name.as_str()));
-    let (existing, intent, warm) = tokio::join!(
-        ipam.handle_addresses(&handle),
-        intent,
-        ipam.prefetch_for(workload)
-    );
-    let (existing, intent) = (existing?, intent?.unwrap_or_default());
+    let locked = async {
+        let lock = IpamLock::acquire(conf, node).await?;
+        let (existing, warm) =
+            tokio::join!(ipam.handle_addresses(&handle), ipam.prefetch_for(workload));
+        Ok::<_, CniError>((lock, existing?, warm))
+    };
+    let (locked, intent) = tokio::join!(locked, intent);
+    let (_lock, existing, warm) = locked?;
+    let intent = intent?.unwrap_or_default();
     if let Some(why) = &intent.invalid {
         return Err(CniError::invalid_config(format!(
             "the pod's annotations cannot be followed: {why}"
@@ -419,10 +425,18 @@ pub async fn release(call: Call<'_>) -> Result<(), CniError> {
     } = call;
     match conf.ipam.as_ref() {
         Some(i) if i.ipam_type == TESSERA_IPAM => {
-            let _lock = IpamLock::acquire(conf, node).await?;
             let handle = pod.handle(&conf.name);
+            let ipam = Ipam::new(kv.clone(), node);
+            // As in ADD, the reads happen while waiting for the lock; the node's blocks read
+            // ahead serve the release's transaction and the empty-block check after it.
+            let (lock, intent, warm) = tokio::join!(
+                IpamLock::acquire(conf, node),
+                get_pod_intent(kv, &pod.namespace, &pod.name),
+                ipam.prefetch()
+            );
+            let (_lock, intent) = (lock?, intent?);
+            warm?;
             // A sticky pod leaves: its hold keeps the addresses for its return.
-            let intent = get_pod_intent(kv, &pod.namespace, &pod.name).await?;
             if let Some(hold) = intent.and_then(|i| i.sticky_hold) {
                 let attrs = Attributes::from([
                     ("namespace".to_string(), pod.namespace.clone()),
@@ -432,11 +446,7 @@ pub async fn release(call: Call<'_>) -> Result<(), CniError> {
                 tracing::info!(%handle, %hold, ?kept, "DEL of a sticky pod: addresses kept");
                 return Ok(());
             }
-            let ipam = Ipam::new(kv.clone(), node);
-            // Warm the cache for the empty-block check that follows a release.
-            let (released, warm) = tokio::join!(ipam.release_by_handle(&handle), ipam.prefetch());
-            released?;
-            warm?;
+            ipam.release_by_handle(&handle).await?;
             Ok(())
         }
         Some(i) => delegate::run(env, &i.ipam_type, "DEL", stdin)

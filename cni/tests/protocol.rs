@@ -254,6 +254,10 @@ fn fifty_parallel_adds_then_dels_on_one_node() {
     let addrs: HashSet<String> = results.iter().flat_map(ips).collect();
     assert_eq!(addrs.len(), 100, "50 pods x (v4 + v6), no duplicate");
     assert_eq!(c.host_links("node1").len(), 50);
+    // 50 pods fit one block per family: concurrent ADDs on a fresh node share the block the
+    // first one claims (each sees the affinity the one before it wrote).
+    let blocks = c.etcd_keys("/tessera/v1/ipam/blocks/");
+    assert_eq!(blocks.len(), 2, "one IPv4 and one IPv6 block: {blocks:?}");
     std::thread::scope(|s| {
         for (a, r) in atts.iter().zip(&results) {
             let d = &d;
