@@ -487,6 +487,11 @@ impl Reconciler {
             return;
         };
         let m = &self.shared.metrics;
+        // A peer the speaker no longer has (the mesh changed, reflectors came) must not stay
+        // in the metrics with its last value.
+        m.bgp_established.clear();
+        m.bgp_received.clear();
+        m.bgp_sent.clear();
         for p in &status.peers {
             let l = PeerLabel {
                 peer: p.address.to_string(),

@@ -797,3 +797,71 @@ fn a_node_labelled_route_reflector_reflects_for_the_others() {
     assert_eq!(sessions, 1, "node2 peers with the reflector only: {m}");
     c.finish();
 }
+
+/// Established sessions in `node`'s /metrics.
+fn established(c: &Cluster, node: &str) -> usize {
+    c.http(node, "/metrics")
+        .map(|(_, m)| {
+            m.lines()
+                .filter(|l| l.starts_with("tessera_bgp_session_established{") && l.ends_with(" 1"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_full_mesh_becomes_reflected_when_a_node_is_labelled_later() {
+    // Three nodes in a full mesh; the operator then labels node1 a route reflector (through
+    // the datastore, as the Kubernetes label would arrive) and its agent restarts. The
+    // others drop to the one session with node1, their metrics say so (no stale series of
+    // the peers they left), and their pods still reach each other.
+    let mut c = Cluster::new(
+        "agent_rr_later",
+        ClusterSpec {
+            lab: tessera_testbed::LabSpec {
+                nodes: 3,
+                subnets: 1,
+                etcd: true,
+            },
+            pools: MODE_POOLS.into(),
+            router_bgp: false,
+            ..Default::default()
+        },
+    )
+    .expect("cluster");
+    c.start_agents().expect("agents");
+    c.wait_ready(Duration::from_secs(60)).expect("ready");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while established(&c, "node2") != 2 {
+        assert!(Instant::now() < deadline, "node2 never meshed with both");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let n1 = c.lab.node("node1");
+    let doc = format!(
+        "apiVersion: tessera.dev/v1\nkind: Node\nmetadata: {{ name: node1, labels: {{ tessera.dev/route-reflector: \"true\" }} }}\nspec: {{ ipv4Address: \"{}\", ipv6Address: \"{}\" }}\n",
+        n1.ipv4, n1.ipv6
+    );
+    c.lab.apply_yaml(&doc).expect("label node1");
+    c.stop_agent("node1", Duration::from_secs(10));
+    c.set_node_labels("node1", "tessera.dev/route-reflector=true");
+    c.start_agent("node1").expect("node1 again");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (established(&c, "node2"), established(&c, "node3")) != (1, 1) {
+        assert!(
+            Instant::now() < deadline,
+            "clients still at {} and {} sessions: {}",
+            established(&c, "node2"),
+            established(&c, "node3"),
+            c.http("node2", "/metrics").map(|x| x.1).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let p2 = c.add_pod("node2", "bgp").expect("pod");
+    let p3 = c.add_pod("node3", "bgp").expect("pod");
+    let to = c.pods[p3].ip;
+    assert!(
+        c.wait_ping(p2, to, Duration::from_secs(20)),
+        "node2 -> node3 through the reflector"
+    );
+    c.finish();
+}
