@@ -39,8 +39,14 @@ esac
 
 # The benchmarks start the release binaries (agents, CNI plugin, speaker) next to them.
 cargo build --release --workspace --bins
+failed=()
 for b in "$@"; do
   echo "== $b"
-  run_one "$b"
+  # One benchmark failing does not cost the others' runs; the report says what it has.
+  run_one "$b" || failed+=("$b")
 done
 ./target/release/tessera-benchreport
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "failed: ${failed[*]} (their rows keep their last recorded run, if any)" >&2
+  exit 1
+fi
