@@ -7,6 +7,9 @@
 //! is watched by its own thread, polling `ip -j route` every few ms); then, with 1,000 pods
 //! across 16 nodes, the agents' CPU and resident memory over 30 s of steady state.
 
+mod common;
+
+use common::{block_of, cpu_and_rss, routes};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -27,29 +30,6 @@ spec: { cidr: 10.244.0.0/20, blockSize: 26 }
 
 fn vx_pool(mode: &str) -> String {
     format!("apiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: {{ name: vx }}\nspec: {{ cidr: 10.244.16.0/20, blockSize: 26, vxlanMode: {mode} }}\n")
-}
-
-/// The device of each route in a namespace's main table, by destination.
-fn routes(ns: &str) -> BTreeMap<String, String> {
-    let out = std::process::Command::new("ip")
-        .args(["-j", "-n", ns, "route", "show"])
-        .output()
-        .map(|o| o.stdout)
-        .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| {
-            Some((
-                r["dst"].as_str()?.to_string(),
-                r["dev"]
-                    .as_str()
-                    .unwrap_or(r["type"].as_str().unwrap_or(""))
-                    .to_string(),
-            ))
-        })
-        .collect()
 }
 
 /// Watches every namespace in parallel until `done(node, routes)` holds on each; returns the
@@ -82,11 +62,6 @@ fn converge(
             .max()
             .unwrap_or_default()
     })
-}
-
-fn block_of(ip: std::net::Ipv4Addr) -> String {
-    let o = ip.octets();
-    format!("{}.{}.{}.{}/26", o[0], o[1], o[2], o[3] & 0xc0)
 }
 
 struct Round {
@@ -219,23 +194,6 @@ fn round(n: usize) -> Round {
         join_bgp,
         death,
     }
-}
-
-/// utime+stime (clock ticks) and VmRSS (KiB) of a process.
-fn cpu_and_rss(pid: u32) -> (u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0);
-    (ticks, rss)
 }
 
 fn steady_state() -> (f64, f64, f64, usize) {

@@ -20,6 +20,9 @@
 //! takes ~0.3 s at 64 nodes, the resolution of the figures); per-node threads polling every
 //! few ms, as the 16-node benchmark does, would take the two cores from the agents.
 
+mod common;
+
+use common::{block_of, cpu_and_rss, routes};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -38,31 +41,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// The device (or gateway) of each route in a namespace's main table, by destination.
-fn routes(ns: &str) -> BTreeMap<String, String> {
-    let out = std::process::Command::new("ip")
-        .args(["-j", "-n", ns, "route", "show"])
-        .output()
-        .map(|o| o.stdout)
-        .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| {
-            Some((
-                r["dst"].as_str()?.to_string(),
-                r["dev"].as_str().unwrap_or("").to_string(),
-            ))
-        })
-        .collect()
-}
-
-fn block_of(ip: std::net::Ipv4Addr) -> String {
-    let o = ip.octets();
-    format!("{}.{}.{}.{}/26", o[0], o[1], o[2], o[3] & 0xc0)
 }
 
 /// Goes round `nodes` (name, namespace) until `done` holds for each; the time since `t0` at
@@ -97,27 +75,6 @@ fn converge(
         );
     }
     last
-}
-
-/// Established BGP sessions of `node`'s speaker (its /metrics).
-fn sessions(c: &Cluster, node: &str) -> usize {
-    c.http(node, "/metrics")
-        .map(|(_, m)| {
-            m.lines()
-                .filter(|l| l.starts_with("tessera_bgp_session_established{") && l.ends_with(" 1"))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-/// utime+stime (clock ticks) and VmRSS (KiB).
-fn cpu_and_rss(pid: u32) -> (u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    (ticks, tessera_testbed::process::rss_kib(pid))
 }
 
 fn etcd_revision(c: &Cluster) -> u64 {
@@ -224,7 +181,10 @@ impl Bench {
             }
         }
         let rss: Vec<f64> = after.iter().map(|a| a.1 as f64 / 1024.0).collect();
-        let counts: Vec<usize> = running.iter().map(|(n, _)| sessions(&self.c, n)).collect();
+        let counts: Vec<usize> = running
+            .iter()
+            .map(|(n, _)| self.c.bgp_sessions_established(n))
+            .collect();
         Steady {
             topology,
             nodes: running.len(),
@@ -430,7 +390,7 @@ fn main() {
         let running = b.running();
         counts = running
             .iter()
-            .map(|(n, _)| (n.clone(), sessions(&b.c, n)))
+            .map(|(n, _)| (n.clone(), b.c.bgp_sessions_established(n)))
             .collect::<Vec<_>>();
         let settled = counts.iter().all(|(n, got)| {
             *got == if reflectors.contains(&n.as_str()) {

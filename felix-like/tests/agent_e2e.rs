@@ -789,24 +789,12 @@ fn a_node_labelled_route_reflector_reflects_for_the_others() {
         (Some("198.18.0.12"), Some("80")),
         "reflected with node3 as the next hop: {learned}"
     );
-    let (_, m) = c.http("node2", "/metrics").expect("metrics");
-    let sessions = m
-        .lines()
-        .filter(|l| l.starts_with("tessera_bgp_session_established{"))
-        .count();
-    assert_eq!(sessions, 1, "node2 peers with the reflector only: {m}");
+    assert_eq!(
+        c.bgp_sessions_established("node2"),
+        1,
+        "node2 peers with the reflector only"
+    );
     c.finish();
-}
-
-/// Established sessions in `node`'s /metrics.
-fn established(c: &Cluster, node: &str) -> usize {
-    c.http(node, "/metrics")
-        .map(|(_, m)| {
-            m.lines()
-                .filter(|l| l.starts_with("tessera_bgp_session_established{") && l.ends_with(" 1"))
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 #[test]
@@ -832,7 +820,7 @@ fn a_full_mesh_becomes_reflected_when_a_node_is_labelled_later() {
     c.start_agents().expect("agents");
     c.wait_ready(Duration::from_secs(60)).expect("ready");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while established(&c, "node2") != 2 {
+    while c.bgp_sessions_established("node2") != 2 {
         assert!(Instant::now() < deadline, "node2 never meshed with both");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -846,12 +834,16 @@ fn a_full_mesh_becomes_reflected_when_a_node_is_labelled_later() {
     c.set_node_labels("node1", "tessera.dev/route-reflector=true");
     c.start_agent("node1").expect("node1 again");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while (established(&c, "node2"), established(&c, "node3")) != (1, 1) {
+    while (
+        c.bgp_sessions_established("node2"),
+        c.bgp_sessions_established("node3"),
+    ) != (1, 1)
+    {
         assert!(
             Instant::now() < deadline,
             "clients still at {} and {} sessions: {}",
-            established(&c, "node2"),
-            established(&c, "node3"),
+            c.bgp_sessions_established("node2"),
+            c.bgp_sessions_established("node3"),
             c.http("node2", "/metrics").map(|x| x.1).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(200));

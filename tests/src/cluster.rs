@@ -364,6 +364,20 @@ impl Cluster {
         Ok((code, body))
     }
 
+    /// The BGP sessions `node`'s agent reports established (its /metrics; 0 when it does not
+    /// answer).
+    pub fn bgp_sessions_established(&self, node: &str) -> usize {
+        self.http(node, "/metrics")
+            .map(|(_, m)| {
+                m.lines()
+                    .filter(|l| {
+                        l.starts_with("tessera_bgp_session_established{") && l.ends_with(" 1")
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     /// Waits until every agent answers /readyz with 200.
     pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;

@@ -213,27 +213,7 @@ impl Etcd {
     fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let mut etcdctl = self.command("etcdctl");
-            if let Some(t) = &self.tls {
-                etcdctl
-                    .arg(format!("--cacert={}", t.ca.display()))
-                    .arg(format!("--cert={}", t.client.cert.display()))
-                    .arg(format!("--key={}", t.client.key.display()));
-            }
-            let ok = etcdctl
-                .args([
-                    "--endpoints",
-                    &self.client_url,
-                    "--dial-timeout=1s",
-                    "endpoint",
-                    "health",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
+            let ok = self.healthy();
             if ok {
                 return Ok(());
             }
@@ -301,9 +281,16 @@ impl Etcd {
         Ok(written)
     }
 
-    /// Whether the member answers `endpoint health` within a second.
+    /// Whether the member answers `endpoint health` (connecting within a second).
     pub fn healthy(&self) -> bool {
-        self.command("etcdctl")
+        let mut etcdctl = self.command("etcdctl");
+        if let Some(t) = &self.tls {
+            etcdctl
+                .arg(format!("--cacert={}", t.ca.display()))
+                .arg(format!("--cert={}", t.client.cert.display()))
+                .arg(format!("--key={}", t.client.key.display()));
+        }
+        etcdctl
             .args([
                 "--endpoints",
                 &self.client_url,
