@@ -17,16 +17,16 @@ ALL="cni ipam ipam_blocks tunnel ipip_vm routed node_convergence scale_view scal
 
 run_one() {
   case "$1" in
-    cni) cargo bench -p tessera-cni --bench cni_latency ;;
-    ipam) ./target/release/ipam-bench ;;
-    ipam_blocks) ./target/release/ipam-blocks-bench ;;
-    tunnel) cargo bench -p tessera-tunnel --bench throughput ;;
-    ipip_vm) cargo bench -p tessera-tunnel --bench ipip_vm ;;
-    routed) cargo bench -p tessera-routed --bench convergence ;;
-    node_convergence) cargo bench -p tessera-node --bench convergence ;;
-    scale_view) cargo bench -p tessera-node --bench scale_view ;;
-    scale_cluster) cargo bench -p tessera-node --bench scale_cluster ;;
-    soak) ./target/release/tessera-soak --minutes "${SOAK_MINUTES:-30}" ;;
+    "cni") cargo bench -p tessera-cni --bench cni_latency ;;
+    "ipam") ./target/release/ipam-bench ;;
+    "ipam_blocks") ./target/release/ipam-blocks-bench ;;
+    "tunnel") cargo bench -p tessera-tunnel --bench throughput ;;
+    "ipip_vm") cargo bench -p tessera-tunnel --bench ipip_vm ;;
+    "routed") cargo bench -p tessera-routed --bench convergence ;;
+    "node_convergence") cargo bench -p tessera-node --bench convergence ;;
+    "scale_view") cargo bench -p tessera-node --bench scale_view ;;
+    "scale_cluster") cargo bench -p tessera-node --bench scale_cluster ;;
+    "soak") ./target/release/tessera-soak --minutes "${SOAK_MINUTES:-30}" ;;
     *) echo "unknown benchmark $1 (one of: $ALL)" >&2; exit 2 ;;
   esac
 }
