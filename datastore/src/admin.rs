@@ -150,6 +150,22 @@ fn pool_block_guards(snap: &Snapshot, pool: &IpPool) -> Vec<Compare> {
         .collect()
 }
 
+/// The resource of `kind` called `name` among `items`.
+fn named<'a, T>(
+    items: &'a [T],
+    name_of: impl Fn(&T) -> &str,
+    kind: Kind,
+    name: &str,
+) -> Result<&'a T, AdminError> {
+    items
+        .iter()
+        .find(|v| name_of(v) == name)
+        .ok_or_else(|| AdminError::NotFound {
+            kind,
+            name: name.to_string(),
+        })
+}
+
 /// Writes `desired` in one transaction. Nothing is written when any resource fails its
 /// mode's rule or a pool would lose addresses in use (without `force`).
 pub async fn write<K: Kv>(
@@ -177,26 +193,10 @@ pub async fn write<K: Kv>(
                 // Read with the pools and guarded by the same epoch: IPAM writes in flight
                 // when it changes start over with it.
                 config_changed = true;
-                encode(
-                    desired
-                        .ipam_configs
-                        .iter()
-                        .find(|c| c.name == name)
-                        .ok_or_else(|| AdminError::NotFound {
-                            kind,
-                            name: name.clone(),
-                        })?,
-                )
+                encode(named(&desired.ipam_configs, |v| &v.name, kind, &name)?)
             }
             Kind::IpPool => {
-                let p = desired
-                    .pools
-                    .iter()
-                    .find(|p| p.name == name)
-                    .ok_or_else(|| AdminError::NotFound {
-                        kind,
-                        name: name.clone(),
-                    })?;
+                let p = named(&desired.pools, |v| &v.name, kind, &name)?;
                 if let Some(old) = stored_pool(&name).filter(|o| o.spec.cidr != p.spec.cidr) {
                     if snap.is_none() {
                         snap = Some(Snapshot::read(kv).await?);
@@ -219,46 +219,14 @@ pub async fn write<K: Kv>(
             }
             Kind::IpReservation => {
                 config_changed = true;
-                encode(
-                    desired
-                        .reservations
-                        .iter()
-                        .find(|r| r.name == name)
-                        .ok_or_else(|| AdminError::NotFound {
-                            kind,
-                            name: name.clone(),
-                        })?,
-                )
+                encode(named(&desired.reservations, |v| &v.name, kind, &name)?)
             }
-            Kind::BgpConfiguration => encode(
-                desired
-                    .bgp_configs
-                    .iter()
-                    .find(|c| c.name == name)
-                    .ok_or_else(|| AdminError::NotFound {
-                        kind,
-                        name: name.clone(),
-                    })?,
-            ),
-            Kind::BgpPeer => encode(
-                desired
-                    .bgp_peers
-                    .iter()
-                    .find(|p| p.name == name)
-                    .ok_or_else(|| AdminError::NotFound {
-                        kind,
-                        name: name.clone(),
-                    })?,
-            ),
+            Kind::BgpConfiguration => {
+                encode(named(&desired.bgp_configs, |v| &v.name, kind, &name)?)
+            }
+            Kind::BgpPeer => encode(named(&desired.bgp_peers, |v| &v.name, kind, &name)?),
             Kind::Node => {
-                let wanted = desired
-                    .nodes
-                    .iter()
-                    .find(|n| n.name == name)
-                    .ok_or_else(|| AdminError::NotFound {
-                        kind,
-                        name: name.clone(),
-                    })?;
+                let wanted = named(&desired.nodes, |v| &v.name, kind, &name)?;
                 // The agent's own fields (tunnel addresses, identity) stay as it wrote them.
                 let mut node = current
                     .resources

@@ -27,7 +27,17 @@ struct Fixture {
 
 impl Fixture {
     fn new(test: &str, agent_yaml: &str) -> Self {
-        let mut c = Cluster::new(
+        let mut f = Self::without_agents(test, agent_yaml);
+        f.c.start_agents().expect("agents");
+        f.c.wait_ready(Duration::from_secs(60)).expect("ready");
+        for n in ["node1", "node2", "node3"] {
+            f.c.add_pod(n, "probe").expect("probe pod");
+        }
+        f
+    }
+
+    fn without_agents(test: &str, agent_yaml: &str) -> Self {
+        let c = Cluster::new(
             test,
             ClusterSpec {
                 lab: LabSpec {
@@ -41,11 +51,6 @@ impl Fixture {
             },
         )
         .expect("cluster");
-        c.start_agents().expect("agents");
-        c.wait_ready(Duration::from_secs(60)).expect("ready");
-        for n in ["node1", "node2", "node3"] {
-            c.add_pod(n, "probe").expect("probe pod");
-        }
         Fixture {
             c,
             servers: NameServers::new(),
@@ -246,6 +251,50 @@ fn a_node_cut_off_from_etcd_is_never_reclaimed_while_its_agent_answers() {
     for i in 0..f.c.pods.len() {
         f.c.check_pod(i).expect("CHECK after the heal");
     }
+    f.finish();
+}
+
+/// The order a scale-out produces: the CNI plugin wires a node's pods before its agent has
+/// ever run (the plugin needs no agent). The GC leader sees blocks held by a node that holds
+/// no lease and marks it suspect; once the agent starts it takes its lease, and every other
+/// node routes its pods.
+#[test]
+fn a_node_whose_pods_came_before_its_agent_is_routed_once_the_agent_runs() {
+    let yaml = "leaseTtlSeconds: 3\ngc:\n  intervalSeconds: 1\n  leaderLeaseSeconds: 3\n";
+    let mut f = Fixture::without_agents("reclaim_agent_late", yaml);
+    for n in ["node1", "node2"] {
+        f.c.start_agent(n).expect("agent");
+    }
+    for _ in 0..2 {
+        f.pod("node3").expect("a pod before node3's agent");
+    }
+    // Its Node record too, as an operator (or the Kubernetes controller) writes it before
+    // the agent runs: a record that names no witness yet.
+    let n3 = f.c.lab.node("node3");
+    let doc = format!(
+        "apiVersion: tessera.dev/v1\nkind: Node\nmetadata: {{ name: node3 }}\nspec: {{ ipv4Address: \"{}\" }}\n",
+        n3.ipv4
+    );
+    f.c.lab.apply_yaml(&doc).expect("node3's Node record");
+    f.wait_for("node3 suspect", Duration::from_secs(30), |f| {
+        f.key_exists("/tessera/v1/nodestatus/suspects/node3")
+    });
+    for n in ["node1", "node2"] {
+        f.c.add_pod(n, "probe").expect("probe pod");
+    }
+
+    f.c.start_agent("node3").expect("node3's agent");
+    let t = Instant::now();
+    f.wait_for("node3 ready", Duration::from_secs(30), |f| {
+        f.c.http("node3", "/readyz").is_ok_and(|(c, _)| c == 200)
+    });
+    assert!(!f.key_exists("/tessera/v1/nodestatus/suspects/node3"));
+    f.assert_one_responder_each(&f.owners(), Duration::from_secs(30));
+    eprintln!(
+        "node3's pods reached from node1 and node2 {:?} after its agent started",
+        t.elapsed()
+    );
+    assert_eq!(f.held_by("node3"), 2);
     f.finish();
 }
 

@@ -22,9 +22,16 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    let Some(addr) = std::env::args().nth(1) else {
-        eprintln!("usage: guest-shell <addr:port>");
-        return std::process::ExitCode::from(2);
+    let addr = match std::env::args().nth(1) {
+        Some(v) if v == "--version" => {
+            println!("guest-shell {}", tessera_datastore::VERSION);
+            return std::process::ExitCode::SUCCESS;
+        }
+        Some(addr) => addr,
+        None => {
+            eprintln!("usage: guest-shell <addr:port>");
+            return std::process::ExitCode::from(2);
+        }
     };
     let listener = match TcpListener::bind(&addr) {
         Ok(l) => l,
