@@ -6,7 +6,9 @@
 //! every reclaim transaction requires the liveness key absent), then looks at each local
 //! workload's addresses in one pass over a fresh snapshot ([`plan`], pure):
 //!
-//! - still allocated to the workload's handle: nothing to do;
+//! - still allocated to the workload's handle: nothing to do, except that an orphaned block
+//!   it sits in is adopted (GC orphans the blocks of a node it has no Node record of: a node
+//!   whose pods the CNI plugin wired before its agent ever registered);
 //! - free: taken back with a guarded assignment (an orphaned block it sits in, one whose
 //!   affinity GC released and nobody claimed, is adopted first);
 //! - allocated to another handle, reserved since, or outside every pool: lost. The caller
@@ -60,7 +62,11 @@ impl std::fmt::Display for Lost {
 /// What a fresh snapshot says about one of our addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fate {
-    Held,
+    /// Still ours; `orphaned_block` is its block when that block has no affinity (to adopt,
+    /// so that the node announces the block rather than an address per pod).
+    Held {
+        orphaned_block: Option<IpNetwork>,
+    },
     /// Free; `orphaned_block` is its block when that block has no affinity (to adopt).
     Free {
         orphaned_block: Option<IpNetwork>,
@@ -79,8 +85,11 @@ pub fn plan(snap: &Snapshot, workloads: &[LocalWorkload]) -> Vec<(usize, IpAddr,
     for (i, w) in workloads.iter().enumerate() {
         for &addr in &w.addresses {
             let block = snap.blocks.values().find(|b| b.value.cidr.contains(addr));
+            let orphaned_block = block
+                .filter(|b| b.value.affinity.is_none())
+                .map(|b| b.value.cidr);
             let fate = match block.and_then(|b| b.value.allocation(addr)) {
-                Some(a) if a.handle == w.handle => Fate::Held,
+                Some(a) if a.handle == w.handle => Fate::Held { orphaned_block },
                 Some(a) => Fate::Lost(Lost::TakenBy {
                     handle: a.handle.clone(),
                 }),
@@ -88,11 +97,7 @@ pub fn plan(snap: &Snapshot, workloads: &[LocalWorkload]) -> Vec<(usize, IpAddr,
                     Fate::Lost(Lost::NotInPool)
                 }
                 None if reserved(addr) => Fate::Lost(Lost::Reserved),
-                None => Fate::Free {
-                    orphaned_block: block
-                        .filter(|b| b.value.affinity.is_none())
-                        .map(|b| b.value.cidr),
-                },
+                None => Fate::Free { orphaned_block },
             };
             out.push((i, addr, fate));
         }
@@ -120,17 +125,23 @@ pub async fn reassert<K: Kv>(
     let snap = Snapshot::read(kv).await?;
     let ipam = Ipam::new(kv.clone(), node);
     let mut report = ReassertReport::default();
+    let mut tried: Vec<IpNetwork> = Vec::new();
     for (i, addr, fate) in plan(&snap, workloads) {
+        let orphaned_block = match &fate {
+            Fate::Held { orphaned_block } | Fate::Free { orphaned_block } => *orphaned_block,
+            Fate::Lost(_) => None,
+        };
+        if let Some(cidr) = orphaned_block.filter(|c| !tried.contains(c)) {
+            tried.push(cidr);
+            let rev = snap.blocks.get(&cidr).map_or(0, |b| b.rev);
+            if adopt_block(kv, node, cidr, rev).await? {
+                report.blocks_adopted.push(cidr);
+            }
+        }
         match fate {
-            Fate::Held => report.held += 1,
+            Fate::Held { .. } => report.held += 1,
             Fate::Lost(why) => report.lost.push((i, addr, why)),
-            Fate::Free { orphaned_block } => {
-                if let Some(cidr) = orphaned_block.filter(|c| !report.blocks_adopted.contains(c)) {
-                    let rev = snap.blocks.get(&cidr).map_or(0, |b| b.rev);
-                    if adopt_block(kv, node, cidr, rev).await? {
-                        report.blocks_adopted.push(cidr);
-                    }
-                }
+            Fate::Free { .. } => {
                 let w = &workloads[i];
                 let owner = Owner {
                     handle: w.handle.clone(),
@@ -344,6 +355,35 @@ mod tests {
         assert_eq!(r.held, 1);
         let snap = Snapshot::read(&kv).await.expect("snap");
         assert_eq!(snap.blocks[cidr].value.affinity.as_deref(), Some("n3"));
+        snap.check(true).expect("invariants");
+    }
+
+    #[tokio::test]
+    async fn a_block_orphaned_under_pods_that_still_hold_it_is_adopted() {
+        // The CNI plugin wired n3's pods before its agent registered n3; GC, knowing no such
+        // node, orphaned the block and kept the allocations. n3's agent adopts it.
+        let kv = store(&[]).await;
+        let a = take(&kv, "n3", "w1").await;
+        let gc = crate::gc::gc(&kv, &crate::gc::GcOptions::default())
+            .await
+            .expect("gc");
+        assert_eq!(gc.blocks_orphaned, 1, "{gc:?}");
+        let r = reassert(&kv, "n3", &[local("w1", a)])
+            .await
+            .expect("reassert");
+        assert_eq!((r.held, r.retaken.len(), r.lost.len()), (1, 0, 0));
+        assert_eq!(r.blocks_adopted.len(), 1);
+        let snap = Snapshot::read(&kv).await.expect("snap");
+        let block = snap
+            .blocks
+            .values()
+            .find(|b| b.value.cidr.contains(a))
+            .expect("block");
+        assert_eq!(block.value.affinity.as_deref(), Some("n3"));
+        assert_eq!(
+            block.value.allocation(a).map(|x| x.handle.as_str()),
+            Some("w1")
+        );
         snap.check(true).expect("invariants");
     }
 

@@ -7,7 +7,7 @@
 //! 1. The pods first (the CNI plugin needs no agent), 8 ADDs at a time: etcd revisions per
 //!    pod and per second.
 //! 2. Full mesh: agents started in steps (16, 32, 64 nodes); after each step the time until
-//!    every running node routes every other running node's blocks, the established sessions
+//!    every running node routes every other running node's pods, the established sessions
 //!    per node, and 15 s of steady state (agent CPU and RSS, etcd revisions per second).
 //!    At 64: a node joins (time until every other node routes its blocks), the node dies
 //!    (until no node routes them), the pool's mode changes to VXLAN Always and back.
@@ -90,7 +90,7 @@ fn etcd_revision(c: &Cluster) -> u64 {
 struct Steady {
     topology: &'static str,
     nodes: usize,
-    /// From starting the step's agents until every running node routes every other's blocks.
+    /// From starting the step's agents until every running node routes every other's pods.
     converge_s: Option<f64>,
     sessions_min: usize,
     sessions_max: usize,
@@ -111,10 +111,35 @@ struct Events {
     mode_back_s: f64,
 }
 
+/// A pod's address as routes name it: a node routes it by its block when the block is
+/// affine to the pod's node, or by the address itself (a /32) when it is not (the pod's
+/// node borrowed it, or the block's affinity was released: a node whose agent has not run
+/// yet has no Node record, and GC releases the affinities of nodes it does not know).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Addr {
+    block: String,
+    ip: String,
+}
+
+impl Addr {
+    fn of(ip: std::net::Ipv4Addr) -> Self {
+        Addr {
+            block: block_of(ip),
+            ip: ip.to_string(),
+        }
+    }
+
+    /// The device (or type) of the route that carries it, the longest match first.
+    fn route<'a>(&self, routes: &'a BTreeMap<String, String>) -> Option<&'a String> {
+        routes.get(&self.ip).or_else(|| routes.get(&self.block))
+    }
+}
+
 struct Bench {
     c: Cluster,
     names: Vec<String>,
-    blocks: BTreeMap<String, BTreeSet<String>>,
+    /// Each node's pod addresses: (its /26, the address) as `ip route` names them.
+    addresses: BTreeMap<String, BTreeSet<Addr>>,
 }
 
 impl Bench {
@@ -128,22 +153,76 @@ impl Bench {
             .collect()
     }
 
-    /// Blocks of the running nodes other than `me`.
-    fn remote_blocks(&self, running: &[(String, String)], me: &str) -> Vec<String> {
+    /// Pod addresses of the running nodes other than `me`.
+    fn remote_addresses(&self, running: &[(String, String)], me: &str) -> Vec<Addr> {
         running
             .iter()
             .filter(|(n, _)| n != me)
-            .flat_map(|(n, _)| self.blocks.get(n).into_iter().flatten().cloned())
+            .flat_map(|(n, _)| self.addresses.get(n).into_iter().flatten().cloned())
             .collect()
     }
 
     fn all_routed(&self, t0: Instant) -> Duration {
         let running = self.running();
-        converge(&running, t0, |me, r| {
-            self.remote_blocks(&running, me)
-                .iter()
-                .all(|b| r.contains_key(b))
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            converge(&running, t0, |me, r| {
+                self.remote_addresses(&running, me)
+                    .iter()
+                    .all(|a| a.route(r).is_some())
+            })
+        }))
+        .unwrap_or_else(|e| {
+            self.why_not_routed(&running);
+            std::panic::resume_unwind(e)
         })
+    }
+
+    /// What a node that does not route everything is missing, whose blocks those are, its
+    /// sessions and the last lines of both agents' logs.
+    fn why_not_routed(&self, running: &[(String, String)]) {
+        for (me, ns) in running.iter().take(2) {
+            let r = routes(ns);
+            let missing: Vec<(String, String)> = running
+                .iter()
+                .filter(|(n, _)| n != me)
+                .flat_map(|(n, _)| {
+                    self.addresses
+                        .get(n)
+                        .into_iter()
+                        .flatten()
+                        .filter(|a| a.route(&r).is_none())
+                        .map(move |a| (n.clone(), a.ip.clone()))
+                })
+                .collect();
+            eprintln!(
+                "--- {me}: {} sessions established; missing {} addresses: {:?}",
+                self.c.bgp_sessions_established(me),
+                missing.len(),
+                missing.iter().take(8).collect::<Vec<_>>()
+            );
+            if let Some((owner, _)) = missing.first() {
+                for (a, b) in [(me.as_str(), owner.as_str()), (owner.as_str(), me.as_str())] {
+                    let addr = self.c.lab.node(b).ipv4.ip().to_string();
+                    let m = self
+                        .c
+                        .http(a, "/metrics")
+                        .map(|(_, m)| m)
+                        .unwrap_or_default();
+                    let lines: Vec<&str> = m
+                        .lines()
+                        .filter(|l| l.starts_with("tessera_bgp") && l.contains(&*addr))
+                        .collect();
+                    eprintln!("--- {a}'s BGP metrics for {b} ({addr}): {lines:?}");
+                }
+            }
+            let mut logs = vec![me.clone()];
+            logs.extend(missing.first().map(|(n, _)| n.clone()));
+            for n in logs {
+                let log = std::fs::read_to_string(self.c.agent_log(&n)).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(12).collect();
+                eprintln!("--- {n}'s agent log (newest first):\n{}", tail.join("\n"));
+            }
+        }
     }
 
     fn steady(
@@ -217,11 +296,9 @@ impl Bench {
             .c
             .add_pod(joiner, "bgp")
             .expect("the joiner's first pod");
-        let jblocks = vec![block_of(self.c.pods[pod].ip)];
+        let joined = Addr::of(self.c.pods[pod].ip);
         let join = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            converge(&others, t0, |_, r| {
-                jblocks.iter().all(|b| r.contains_key(b))
-            })
+            converge(&others, t0, |_, r| joined.route(r).is_some())
         }))
         .unwrap_or_else(|_| {
             for n in [joiner, others[0].0.as_str()] {
@@ -233,7 +310,7 @@ impl Bench {
                 );
             }
             eprintln!(
-                "joiner's blocks {jblocks:?}; {}'s routes {:?}",
+                "joiner's pod {joined:?}; {}'s routes {:?}",
                 others[0].0,
                 routes(&others[0].1)
             );
@@ -260,16 +337,14 @@ impl Bench {
             )
             .expect("decommission");
         assert!(out.contains("decommissioned"), "{out}");
-        let leave = converge(&others, t0, |_, r| {
-            jblocks.iter().all(|b| !r.contains_key(b))
-        });
+        let leave = converge(&others, t0, |_, r| joined.route(r).is_none());
         let mode = |m: &str, dev_is_vxlan: bool| {
             let t0 = Instant::now();
             self.c.lab.apply_yaml(&pool(m)).expect("mode change");
             let running = self.running();
             converge(&running, t0, |me, r| {
-                self.remote_blocks(&running, me).iter().all(|b| {
-                    r.get(b)
+                self.remote_addresses(&running, me).iter().all(|a| {
+                    a.route(r)
                         .is_some_and(|dev| (dev == "vxlan.calico") == dev_is_vxlan)
                 })
             })
@@ -316,7 +391,7 @@ fn main() {
     let mut b = Bench {
         c,
         names,
-        blocks: BTreeMap::new(),
+        addresses: BTreeMap::new(),
     };
     let (members, joiners) = b.names.split_at(nodes);
     let (members, joiners) = (members.to_vec(), joiners.to_vec());
@@ -331,10 +406,10 @@ fn main() {
     let pods_s = t.elapsed().as_secs_f64();
     let pod_revisions = etcd_revision(&b.c).saturating_sub(rev0);
     for p in &b.c.pods {
-        b.blocks
+        b.addresses
             .entry(p.node.clone())
             .or_default()
-            .insert(block_of(p.ip));
+            .insert(Addr::of(p.ip));
     }
     eprintln!(
         "{} pods in {pods_s:.0} s: {pod_revisions} etcd revisions ({:.1} per pod, {:.0}/s)",

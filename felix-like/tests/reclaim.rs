@@ -254,10 +254,12 @@ fn a_node_cut_off_from_etcd_is_never_reclaimed_while_its_agent_answers() {
     f.finish();
 }
 
-/// The order a scale-out produces: the CNI plugin wires a node's pods before its agent has
-/// ever run (the plugin needs no agent). The GC leader sees blocks held by a node that holds
-/// no lease and marks it suspect; once the agent starts it takes its lease, and every other
-/// node routes its pods.
+/// The order a scale-out can produce: the CNI plugin wires a node's pods before its agent
+/// has ever run (the plugin needs no agent). GC, knowing no such node (no Node record, no
+/// lease), orphans its blocks and keeps the allocations; once the operator's Node record
+/// exists the node is suspect (it holds addresses, holds no lease). When the agent starts it
+/// takes its lease (the suspect record goes), adopts its orphaned blocks (announced as blocks
+/// again, not an address per pod), and every other node routes its pods.
 #[test]
 fn a_node_whose_pods_came_before_its_agent_is_routed_once_the_agent_runs() {
     let yaml = "leaseTtlSeconds: 3\ngc:\n  intervalSeconds: 1\n  leaderLeaseSeconds: 3\n";
@@ -265,17 +267,32 @@ fn a_node_whose_pods_came_before_its_agent_is_routed_once_the_agent_runs() {
     for n in ["node1", "node2"] {
         f.c.start_agent(n).expect("agent");
     }
-    for _ in 0..2 {
-        f.pod("node3").expect("a pod before node3's agent");
-    }
-    // Its Node record too, as an operator (or the Kubernetes controller) writes it before
-    // the agent runs: a record that names no witness yet.
+    let early = f.pod("node3").expect("a pod before node3's agent");
+    let ip = f.c.pods[early].ip.to_string();
+    let block_of_pod = |f: &Fixture| {
+        f.blocks()
+            .into_iter()
+            .find(|b| {
+                b["allocations"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|a| a["attrs"]["pod"] == f.c.pods[early].name.as_str())
+            })
+            .expect("the pod's block")
+    };
+    f.wait_for("GC orphans node3's block", Duration::from_secs(30), |f| {
+        block_of_pod(f)["affinity"].is_null()
+    });
+    let cidr = block_of_pod(&f)["cidr"].as_str().expect("cidr").to_string();
+    // The operator's Node record, as written before the agent runs: no witness yet.
     let n3 = f.c.lab.node("node3");
     let doc = format!(
         "apiVersion: tessera.dev/v1\nkind: Node\nmetadata: {{ name: node3 }}\nspec: {{ ipv4Address: \"{}\" }}\n",
         n3.ipv4
     );
     f.c.lab.apply_yaml(&doc).expect("node3's Node record");
+    f.pod("node3").expect("a second pod before node3's agent");
     f.wait_for("node3 suspect", Duration::from_secs(30), |f| {
         f.key_exists("/tessera/v1/nodestatus/suspects/node3")
     });
@@ -293,6 +310,21 @@ fn a_node_whose_pods_came_before_its_agent_is_routed_once_the_agent_runs() {
     eprintln!(
         "node3's pods reached from node1 and node2 {:?} after its agent started",
         t.elapsed()
+    );
+    assert_eq!(block_of_pod(&f)["affinity"], "node3", "adopted");
+    f.wait_for(
+        "node1 routes the block, not the address",
+        Duration::from_secs(30),
+        |f| {
+            let routes =
+                f.c.lab
+                    .node("node1")
+                    .netns
+                    .ip(&["route", "show"])
+                    .unwrap_or_default();
+            routes.lines().any(|l| l.starts_with(&format!("{cidr} ")))
+                && !routes.lines().any(|l| l.starts_with(&format!("{ip} ")))
+        },
     );
     assert_eq!(f.held_by("node3"), 2);
     f.finish();
