@@ -173,8 +173,22 @@ impl Bench {
         }))
         .unwrap_or_else(|e| {
             self.why_not_routed(&running);
+            self.keep_logs();
             std::panic::resume_unwind(e)
         })
+    }
+
+    /// Copies every agent's log to `TESSERA_SCALE_LOGS` (a directory), if set: the cluster's
+    /// own directory goes with it.
+    fn keep_logs(&self) {
+        let Ok(dir) = std::env::var("TESSERA_SCALE_LOGS") else {
+            return;
+        };
+        let _ = std::fs::create_dir_all(&dir);
+        for n in &self.names {
+            let _ = std::fs::copy(self.c.agent_log(n), format!("{dir}/{n}.log"));
+        }
+        eprintln!("agents' logs kept in {dir}");
     }
 
     /// What a node that does not route everything is missing, whose blocks those are, its
@@ -503,6 +517,7 @@ fn main() {
             }
         }
     }
+    b.keep_logs();
     b.c.finish();
 
     println!("\n{} pods on {nodes} nodes in {pods_s:.0} s (8 ADDs at a time): {:.1} etcd revisions per pod, {:.0} revisions/s", wanted.len(), pod_revisions as f64 / wanted.len() as f64, pod_revisions as f64 / pods_s);
