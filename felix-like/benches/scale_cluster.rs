@@ -401,6 +401,10 @@ fn main() {
         },
     )
     .expect("cluster");
+    // 66 nodes' ARP and ND entries overflow the one table all namespaces share.
+    c.lab
+        .pin_underlay_neighbours()
+        .expect("permanent underlay neighbours");
     let names: Vec<String> = c.lab.nodes.iter().map(|n| n.name.clone()).collect();
     let mut b = Bench {
         c,

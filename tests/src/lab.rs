@@ -226,6 +226,84 @@ impl Lab {
         Ok(())
     }
 
+    /// Makes every underlay neighbour permanent, on both sides: the nodes', the control and
+    /// etcd namespaces' and the router's. For labs of many nodes: the kernel's neighbour
+    /// tables are one per family for all namespaces, and entries learned by ARP/ND are
+    /// capped at `gc_thresh3` (1024) together. A 64-node full mesh alone needs 64 x 63 per
+    /// family; past the cap the kernel drops packets ("neighbor table overflow", sendmsg
+    /// ENOBUFS), BGP connections never open and KEEPALIVEs are lost. On a real cluster
+    /// each node has its own kernel and a few dozen entries. Permanent entries are outside
+    /// that cap, and raising the cap would mean writing the root namespace's sysctls.
+    pub fn pin_underlay_neighbours(&self) -> anyhow::Result<()> {
+        struct Endpoint<'a> {
+            netns: &'a Netns,
+            subnet: u8,
+            mac: String,
+            addresses: Vec<String>,
+        }
+        let mut endpoints = Vec::new();
+        let members = std::iter::once(&self.ctl)
+            .chain(&self.etcd_member_ns)
+            .chain(self.nodes.iter().map(|n| &n.netns));
+        for netns in members {
+            let link = netns.ip_json(&["link", "show", "dev", "eth0"])?;
+            let mac = link[0]["address"]
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("{}: eth0 has no MAC address", netns.name()))?
+                .to_string();
+            let addr = netns.ip_json(&["addr", "show", "dev", "eth0", "scope", "global"])?;
+            let addresses: Vec<String> = addr[0]["addr_info"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a["local"].as_str().map(str::to_string))
+                .collect();
+            let subnet = addresses
+                .iter()
+                .find_map(|a| a.parse::<Ipv4Addr>().ok())
+                .map(|a| a.octets()[2])
+                .ok_or_else(|| anyhow::anyhow!("{}: eth0 has no IPv4 address", netns.name()))?;
+            endpoints.push(Endpoint {
+                netns,
+                subnet,
+                mac,
+                addresses,
+            });
+        }
+        let entry = |address: &str, mac: &str, dev: &str| {
+            format!("neigh replace {address} lladdr {mac} dev {dev} nud permanent")
+        };
+        let mut router_lines = Vec::new();
+        let subnets: std::collections::BTreeSet<u8> = endpoints.iter().map(|e| e.subnet).collect();
+        let mut bridge_mac = std::collections::BTreeMap::new();
+        for s in subnets {
+            let br = format!("br{s}");
+            let link = self.router.ip_json(&["link", "show", "dev", &br])?;
+            let mac = link[0]["address"].as_str().unwrap_or_default().to_string();
+            bridge_mac.insert(s, mac);
+        }
+        for e in &endpoints {
+            let mut lines = Vec::new();
+            for other in endpoints.iter().filter(|o| o.subnet == e.subnet) {
+                if std::ptr::eq(other.netns, e.netns) {
+                    continue;
+                }
+                for a in &other.addresses {
+                    lines.push(entry(a, &other.mac, "eth0"));
+                }
+            }
+            let s = e.subnet;
+            for gateway in [format!("198.18.{s}.254"), format!("2001:db8:{s}::fe")] {
+                lines.push(entry(&gateway, &bridge_mac[&s], "eth0"));
+            }
+            e.netns.ip_batch(&lines)?;
+            for a in &e.addresses {
+                router_lines.push(entry(a, &e.mac, &format!("br{s}")));
+            }
+        }
+        self.router.ip_batch(&router_lines)
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

@@ -54,6 +54,20 @@ impl Netns {
         ip(&full)
     }
 
+    /// `ip -n <ns> -batch`: many commands for one process (one `ip` per line is slow when
+    /// there are thousands).
+    pub fn ip_batch(&self, lines: &[String]) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut f = tempfile::NamedTempFile::new()?;
+        for l in lines {
+            writeln!(f, "{l}")?;
+        }
+        f.flush()?;
+        let path = f.path().to_string_lossy().into_owned();
+        self.ip(&["-batch", &path])?;
+        Ok(())
+    }
+
     /// `ip -j -n <ns> <args>` parsed as JSON.
     pub fn ip_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
         let mut full = vec!["-j", "-n", self.name.as_str()];
