@@ -3,16 +3,19 @@
 //! has an underlay address (250 per /24 subnet), a VXLAN VTEP, and one /26 block in each of
 //! two pools (IPIP Always, VXLAN CrossSubnet) holding 15 pods each. Measured: building the
 //! view, the resident memory it takes, one full `desired()` (what the agent runs on every
-//! datastore event that changes what it programs: median of 5), and the etcd footprint the
-//! cluster's IPAM writes (keys and value sizes, as the datastore encodes them).
+//! datastore event that changes what it programs: median of 5), the view's own cost per event
+//! (the agent's sync decoding every key again, as it did, against [`Records`] decoding only
+//! the changed Node record), and the etcd footprint the cluster's IPAM writes (keys and value
+//! sizes, as the datastore encodes them).
 //!
 //! `cargo bench -p tessera-node --bench scale_view`
 
 use std::time::{Duration, Instant};
 
 use tessera_datastore::block::{Attributes, IpamBlock};
+use tessera_datastore::keys;
 use tessera_datastore::model::{EncapMode, IpPool, IpPoolSpec, Node};
-use tessera_node::state::{desired, ClusterView, Me};
+use tessera_node::state::{desired, ClusterView, Me, Records};
 
 const PODS_PER_BLOCK: usize = 15;
 
@@ -98,11 +101,37 @@ fn view(nodes: usize) -> ClusterView {
     v
 }
 
+/// The view's keys and values as the datastore holds them.
+fn stored(v: &ClusterView) -> Vec<(String, Vec<u8>)> {
+    fn json<T: serde::Serialize>(record: &T) -> Vec<u8> {
+        serde_json::to_vec(record).expect("json")
+    }
+    let mut kvs: Vec<(String, Vec<u8>)> = Vec::new();
+    kvs.extend(v.pools.iter().map(|p| (keys::pool(&p.name), json(p))));
+    kvs.extend(v.nodes.iter().map(|n| (keys::node(&n.name), json(n))));
+    kvs.extend(v.blocks.iter().map(|b| (keys::block(b.cidr), json(b))));
+    kvs.extend(v.live.iter().map(|n| (keys::liveness(n), b"1".to_vec())));
+    kvs
+}
+
+/// Median of 5 of `f`, in milliseconds.
+fn median_ms(mut f: impl FnMut()) -> f64 {
+    let mut times: Vec<Duration> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[2].as_secs_f64() * 1000.0
+}
+
 fn main() {
     println!("Desired state on synthetic views: 2 pools, a /26 per node and pool, {PODS_PER_BLOCK} pods per block");
     println!();
-    println!("| nodes | pods | blocks | build (s) | view RSS (MiB) | desired() p50 (ms) | routes | VXLAN entries | block value (B, mean) | IPAM + endpoint keys |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| nodes | pods | blocks | build (s) | view RSS (MiB) | desired() p50 (ms) | view per event: all decoded (ms) | view per event: one key decoded (ms) | ratio | routes | VXLAN entries | block value (B, mean) | IPAM + endpoint keys |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let (mut per_event, mut view_mib) = (Vec::new(), Vec::new());
     for nodes in [100, 1000, 5000] {
         let before = rss_kib();
@@ -127,6 +156,37 @@ fn main() {
             .collect();
         times.sort();
         let d = desired(&me, &v);
+        // One event: node0's record changes (a VTEP address written, as in a mode change).
+        let kvs = stored(&v);
+        let mut changed = v.nodes[0].clone();
+        changed.vxlan_tunnel_mac = Some("66:00:00:ff:ff:01".into());
+        let (changed_key, changed_value) = (
+            keys::node(&changed.name),
+            serde_json::to_vec(&changed).expect("json"),
+        );
+        let all_decoded = median_ms(|| {
+            let view = ClusterView::from_kvs(
+                kvs.iter().map(|(k, v)| {
+                    if *k == changed_key {
+                        (k.as_str(), changed_value.as_slice())
+                    } else {
+                        (k.as_str(), v.as_slice())
+                    }
+                }),
+                2,
+            );
+            std::hint::black_box(view);
+        });
+        let mut records = Records::default();
+        for (k, val) in &kvs {
+            records.put(k, val);
+        }
+        let one_decoded = median_ms(|| {
+            records.put(&changed_key, &changed_value);
+            std::hint::black_box(records.view(2));
+        });
+        drop(records);
+        drop(kvs);
         let value_bytes: usize = v
             .blocks
             .iter()
@@ -137,11 +197,12 @@ fn main() {
         // its affinity; per node: the node record and its liveness key.
         let keys = pods * 3 + v.blocks.len() * 2 + nodes * 2;
         println!(
-            "| {nodes} | {pods} | {} | {:.2} | {:.1} | {:.1} | {} | {} | {} | {keys} |",
+            "| {nodes} | {pods} | {} | {:.2} | {:.1} | {:.1} | {all_decoded:.1} | {one_decoded:.1} | {:.2} | {} | {} | {} | {keys} |",
             v.blocks.len(),
             build.as_secs_f64(),
             rss as f64 / 1024.0,
             times[2].as_secs_f64() * 1000.0,
+            one_decoded / all_decoded,
             d.routes.len(),
             d.vxlan_entries.neighbours.len() + d.vxlan_entries.fdb.len(),
             value_bytes / v.blocks.len().max(1),

@@ -1,9 +1,9 @@
 //! Follows the datastore: one range read of `/tessera/v1/`, then an etcd watch resumed from
-//! that revision. Each batch of events updates a local copy and publishes a new
-//! [`ClusterView`]. When the watch breaks (etcd restarted, network) it resumes from the last
-//! revision seen; when that revision was compacted away it reads everything again.
+//! that revision. Each batch of events updates a local copy (decoding only the keys it
+//! changed) and publishes a new [`ClusterView`]. When the watch
+//! breaks (etcd restarted, network) it resumes from the last revision seen; when that
+//! revision was compacted away it reads everything again.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use tessera_datastore::kv::Kv;
 use tessera_datastore::EtcdKv;
 use tokio::sync::watch;
 
-use crate::state::ClusterView;
+use crate::state::{ClusterView, Records};
 
 /// What the rest of the agent sees: the latest view, and whether it is current.
 #[derive(Debug, Clone, Default)]
@@ -27,17 +27,16 @@ pub struct Synced {
 /// followed (the agent fences a local pod whose address went elsewhere).
 pub async fn follow(kv: EtcdKv, node: String, tx: watch::Sender<Synced>) {
     let relevant = |key: &str| relevant(key, &node);
-    let mut copy: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut copy = Records::default();
     let mut revision: Option<i64> = None;
     loop {
         if revision.is_none() {
             match kv.get_prefix(keys::PREFIX).await {
                 Ok((kvs, rev)) => {
-                    copy = kvs
-                        .into_iter()
-                        .filter(|k| relevant(&k.key))
-                        .map(|k| (k.key, k.value))
-                        .collect();
+                    copy = Records::default();
+                    for k in kvs.iter().filter(|k| relevant(&k.key)) {
+                        copy.put(&k.key, &k.value);
+                    }
                     revision = Some(rev);
                     publish(&tx, &copy, rev, true);
                 }
@@ -77,7 +76,7 @@ enum WatchEnd {
 async fn watch_from(
     kv: &EtcdKv,
     rev: i64,
-    copy: &mut BTreeMap<String, Vec<u8>>,
+    copy: &mut Records,
     tx: &watch::Sender<Synced>,
     relevant: &(dyn Fn(&str) -> bool + Sync),
 ) -> WatchEnd {
@@ -112,12 +111,8 @@ async fn watch_from(
                     }
                     changed = true;
                     match ev.event_type() {
-                        EventType::Put => {
-                            copy.insert(key, k.value().to_vec());
-                        }
-                        EventType::Delete => {
-                            copy.remove(&key);
-                        }
+                        EventType::Put => copy.put(&key, k.value()),
+                        EventType::Delete => copy.delete(&key),
                     }
                 }
                 // A progress notification (no events) says everything up to its revision was
@@ -156,8 +151,8 @@ fn relevant(key: &str, node: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-fn publish(tx: &watch::Sender<Synced>, copy: &BTreeMap<String, Vec<u8>>, rev: i64, in_sync: bool) {
-    let view = ClusterView::from_kvs(copy.iter().map(|(k, v)| (k.as_str(), v.as_slice())), rev);
+fn publish(tx: &watch::Sender<Synced>, copy: &Records, rev: i64, in_sync: bool) {
+    let view = copy.view(rev);
     tx.send_replace(Synced {
         view: Arc::new(view),
         in_sync,
