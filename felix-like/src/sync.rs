@@ -1,8 +1,8 @@
 //! Follows the datastore: one range read of `/tessera/v1/`, then an etcd watch resumed from
 //! that revision. Each batch of events updates a local copy (decoding only the keys it
-//! changed) and publishes a new [`ClusterView`]. When the watch
-//! breaks (etcd restarted, network) it resumes from the last revision seen; when that
-//! revision was compacted away it reads everything again.
+//! changed) and publishes a new [`ClusterView`]. When the watch breaks (etcd restarted,
+//! network) it resumes from the last revision seen; when that revision was compacted away it
+//! reads everything again.
 
 use std::sync::Arc;
 use std::time::Duration;

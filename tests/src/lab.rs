@@ -246,11 +246,7 @@ impl Lab {
             .chain(&self.etcd_member_ns)
             .chain(self.nodes.iter().map(|n| &n.netns));
         for netns in members {
-            let link = netns.ip_json(&["link", "show", "dev", "eth0"])?;
-            let mac = link[0]["address"]
-                .as_str()
-                .ok_or_else(|| anyhow::anyhow!("{}: eth0 has no MAC address", netns.name()))?
-                .to_string();
+            let mac = mac_of(netns, "eth0")?;
             let addr = netns.ip_json(&["addr", "show", "dev", "eth0", "scope", "global"])?;
             let addresses: Vec<String> = addr[0]["addr_info"]
                 .as_array()
@@ -274,13 +270,11 @@ impl Lab {
             format!("neigh replace {address} lladdr {mac} dev {dev} nud permanent")
         };
         let mut router_lines = Vec::new();
-        let subnets: std::collections::BTreeSet<u8> = endpoints.iter().map(|e| e.subnet).collect();
         let mut bridge_mac = std::collections::BTreeMap::new();
-        for s in subnets {
-            let br = format!("br{s}");
-            let link = self.router.ip_json(&["link", "show", "dev", &br])?;
-            let mac = link[0]["address"].as_str().unwrap_or_default().to_string();
-            bridge_mac.insert(s, mac);
+        for s in endpoints.iter().map(|e| e.subnet) {
+            if let std::collections::btree_map::Entry::Vacant(v) = bridge_mac.entry(s) {
+                v.insert(mac_of(&self.router, &format!("br{s}"))?);
+            }
         }
         for e in &endpoints {
             let mut lines = Vec::new();
@@ -405,4 +399,13 @@ pub fn tesseractl_apply(ns: &Netns, endpoints: &str, yaml: &str) -> anyhow::Resu
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
+}
+
+/// The MAC address of `dev` in `netns`.
+fn mac_of(netns: &Netns, dev: &str) -> anyhow::Result<String> {
+    let link = netns.ip_json(&["link", "show", "dev", dev])?;
+    link[0]["address"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("{}: {dev} has no MAC address", netns.name()))
 }
