@@ -94,7 +94,7 @@ fn view(nodes: usize) -> ClusterView {
                 .into();
                 b.assign(1, &handle, &attrs, 0, 0, |_| false);
             }
-            v.blocks.push(b);
+            v.blocks.push(b.into());
         }
         v.live.insert(name);
     }
@@ -109,7 +109,7 @@ fn stored(v: &ClusterView) -> Vec<(String, Vec<u8>)> {
     let mut kvs: Vec<(String, Vec<u8>)> = Vec::new();
     kvs.extend(v.pools.iter().map(|p| (keys::pool(&p.name), json(p))));
     kvs.extend(v.nodes.iter().map(|n| (keys::node(&n.name), json(n))));
-    kvs.extend(v.blocks.iter().map(|b| (keys::block(b.cidr), json(b))));
+    kvs.extend(v.blocks.iter().map(|b| (keys::block(b.cidr), json(&**b))));
     kvs.extend(v.live.iter().map(|n| (keys::liveness(n), b"1".to_vec())));
     kvs
 }
@@ -190,7 +190,7 @@ fn main() {
         let value_bytes: usize = v
             .blocks
             .iter()
-            .map(|b| serde_json::to_vec(b).expect("block").len())
+            .map(|b| serde_json::to_vec(&**b).expect("block").len())
             .sum();
         let pods = v.blocks.len() * PODS_PER_BLOCK;
         // Per pod: its handle, its endpoint record, its intent; per block: the block and

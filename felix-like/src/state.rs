@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use tessera_datastore::block::IpamBlock;
@@ -25,7 +26,9 @@ pub struct ClusterView {
     pub revision: i64,
     pub pools: Vec<IpPool>,
     pub nodes: Vec<Node>,
-    pub blocks: Vec<IpamBlock>,
+    /// Shared with the records they were decoded into: a view per watch event must not copy
+    /// thousands of blocks (at 5,000 nodes that copy cost more than the desired state).
+    pub blocks: Vec<Arc<IpamBlock>>,
     pub bgp_peers: Vec<BgpPeer>,
     /// The cluster's BGP settings (defaults when no record exists).
     pub bgp_config: tessera_datastore::model::BgpConfiguration,
@@ -95,7 +98,7 @@ pub struct Records {
 enum Record {
     Pool(IpPool),
     Node(Node),
-    Block(IpamBlock),
+    Block(Arc<IpamBlock>),
     BgpPeer(BgpPeer),
     BgpConfig(tessera_datastore::model::BgpConfiguration),
     Live(String),
@@ -115,7 +118,7 @@ impl Record {
         } else if key.starts_with(keys::NODES) {
             json(value, Record::Node)
         } else if key.starts_with(keys::BLOCKS) {
-            json(value, Record::Block)
+            json(value, |b| Record::Block(Arc::new(b)))
         } else if key.starts_with(keys::BGP_PEERS) {
             json(value, Record::BgpPeer)
         } else if key == keys::bgp_config("default") {
@@ -155,7 +158,7 @@ impl Records {
             match r {
                 Record::Pool(p) => v.pools.push(p.clone()),
                 Record::Node(n) => v.nodes.push(n.clone()),
-                Record::Block(b) => v.blocks.push(b.clone()),
+                Record::Block(b) => v.blocks.push(Arc::clone(b)),
                 Record::BgpPeer(p) => v.bgp_peers.push(p.clone()),
                 Record::BgpConfig(c) => v.bgp_config = c.clone(),
                 Record::Live(n) => {
@@ -482,8 +485,8 @@ mod tests {
         }
     }
 
-    fn block(cidr: &str, node: &str) -> IpamBlock {
-        IpamBlock::new(cidr.parse().expect("cidr"), Some(node.into()))
+    fn block(cidr: &str, node: &str) -> Arc<IpamBlock> {
+        IpamBlock::new(cidr.parse().expect("cidr"), Some(node.into())).into()
     }
 
     /// The view kept up to date key by key is the view decoded from scratch from the same
@@ -502,7 +505,7 @@ mod tests {
         );
         let mut bgp_vxlan = bgp.clone();
         bgp_vxlan.spec.vxlan_mode = EncapMode::Always;
-        let mut b1 = block("10.244.0.0/26", "a");
+        let mut b1 = IpamBlock::new("10.244.0.0/26".parse().unwrap(), Some("a".into()));
         let events: Vec<(String, Option<Vec<u8>>)> = vec![
             (keys::pool("bgp"), Some(json(&bgp))),
             (
@@ -515,7 +518,7 @@ mod tests {
             ),
             (
                 keys::block("10.244.0.64/26".parse().unwrap()),
-                Some(json(&block("10.244.0.64/26", "b"))),
+                Some(json(&*block("10.244.0.64/26", "b"))),
             ),
             (
                 keys::block("10.244.0.0/26".parse().unwrap()),
@@ -680,13 +683,14 @@ mod tests {
         let mut v = view();
         let mut b = block("10.244.0.128/26", "b");
         let attrs = [("node".to_string(), "a".to_string())].into();
-        b.assign_exact(
-            "10.244.0.130".parse().expect("ip"),
-            "pod-on-a",
-            &attrs,
-            |_| false,
-        )
-        .expect("assign");
+        Arc::make_mut(&mut b)
+            .assign_exact(
+                "10.244.0.130".parse().expect("ip"),
+                "pod-on-a",
+                &attrs,
+                |_| false,
+            )
+            .expect("assign");
         v.blocks.push(b);
         let t = desired(&me(), &v).targets;
         let b_node: IpAddr = "198.18.1.11".parse().expect("ip");
@@ -738,7 +742,7 @@ mod tests {
         let mut v = view();
         // c (other subnet) holds 10.244.64.5 in a's block.
         let attrs = [("node".to_string(), "c".to_string())].into();
-        v.blocks[2]
+        Arc::make_mut(&mut v.blocks[2])
             .assign_exact("10.244.64.5".parse().expect("ip"), "h", &attrs, |_| false)
             .expect("assign");
         let a = desired(&me(), &v);
