@@ -164,15 +164,19 @@ impl Bench {
 
     fn all_routed(&self, t0: Instant) -> Duration {
         let running = self.running();
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        self.explained(&running, || {
             converge(&running, t0, |me, r| {
                 self.remote_addresses(&running, me)
                     .iter()
                     .all(|a| a.route(r).is_some())
             })
-        }))
-        .unwrap_or_else(|e| {
-            self.why_not_routed(&running);
+        })
+    }
+
+    /// Runs `wait`; if it panics (a node did not converge), says why and keeps the logs first.
+    fn explained<T>(&self, running: &[(String, String)], wait: impl FnOnce() -> T) -> T {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(wait)).unwrap_or_else(|e| {
+            self.why_not_routed(running);
             self.keep_logs();
             std::panic::resume_unwind(e)
         })
@@ -356,10 +360,12 @@ impl Bench {
             let t0 = Instant::now();
             self.c.lab.apply_yaml(&pool(m)).expect("mode change");
             let running = self.running();
-            converge(&running, t0, |me, r| {
-                self.remote_addresses(&running, me).iter().all(|a| {
-                    a.route(r)
-                        .is_some_and(|dev| (dev == "vxlan.calico") == dev_is_vxlan)
+            self.explained(&running, || {
+                converge(&running, t0, |me, r| {
+                    self.remote_addresses(&running, me).iter().all(|a| {
+                        a.route(r)
+                            .is_some_and(|dev| (dev == "vxlan.calico") == dev_is_vxlan)
+                    })
                 })
             })
         };
