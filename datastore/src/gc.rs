@@ -77,7 +77,17 @@ async fn apply<K: Kv>(
 
 /// One pass of IPAM garbage collection.
 pub async fn gc<K: Kv>(kv: &K, opts: &GcOptions) -> Result<GcReport, IpamError> {
-    let snap = Snapshot::read(kv).await?;
+    gc_snapshot(kv, &Snapshot::read(kv).await?, opts).await
+}
+
+/// One pass on a snapshot the caller read (the agent's GC leader reads one per pass for all
+/// its jobs). Every write compares the revisions the snapshot saw, so a stale one only makes
+/// writes that fail and are retried on the next pass.
+pub async fn gc_snapshot<K: Kv>(
+    kv: &K,
+    snap: &Snapshot,
+    opts: &GcOptions,
+) -> Result<GcReport, IpamError> {
     let mut r = GcReport::default();
     let now = now_ms();
     let grace = opts.pending_grace.as_millis() as u64;
