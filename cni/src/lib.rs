@@ -19,6 +19,7 @@ pub mod fuzzing;
 pub mod ipam;
 pub mod netns;
 pub mod plugin;
+pub mod reaper;
 pub mod spec;
 pub mod wiring;
 
@@ -42,6 +43,9 @@ pub fn main_for(plugin: Plugin) -> ! {
         let specs = spec::SUPPORTED_VERSIONS.join(", ");
         println!("{name} {} (CNI spec {specs})", tessera_datastore::VERSION);
         std::process::exit(0);
+    }
+    if std::env::args().nth(1).as_deref() == Some(reaper::ARG) {
+        reaper::main(std::env::args().skip(2))
     }
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);

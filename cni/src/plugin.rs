@@ -317,13 +317,21 @@ async fn wire_and_record(
 async fn del(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<(), CniError> {
     let pod = PodId::from_env(env);
     let w = wiring_for(conf, env, &pod, Vec::new())?;
-    // Removing the host end removes the pod end too, whether or not the netns still exists.
-    // The kernel takes most of DEL's time there (an RCU grace period), so the datastore
-    // work runs meanwhile. The freed address goes to the back of its block's free queue, so
-    // it is not handed out again within those milliseconds unless the block is full.
+    // Deleting the host end deletes the pod end too, whether or not the netns still exists,
+    // but costs the kernel an RCU grace period (~20 ms, most of DEL). DEL retires the link
+    // and a reaper deletes it after DEL returns. Until then the old pod's host routes may
+    // stay: the freed address goes to the back of its block's free queue, and a new pod
+    // given it replaces the route (one route, one pod), which the reaper leaves alone.
     let host_ifname = w.host_ifname.clone();
     let unwire = crate::netns::on_own_thread(move |h| async move {
-        wiring::remove_host_end(&h, &host_ifname).await
+        let Some(index) = wiring::retire_host_end(&h, &host_ifname).await? else {
+            return Ok(());
+        };
+        if let Err(e) = crate::reaper::spawn(index, &host_ifname) {
+            tracing::warn!(error = %e, host = %host_ifname, "no reaper; deleting the link now");
+            wiring::reap_retired(&h, index, &host_ifname).await?;
+        }
+        Ok(())
     });
     // The release and the endpoint's removal are independent writes: either order, or a
     // crash between them, leaves what the GC repairs (an endpoint whose interface is gone, or

@@ -25,6 +25,7 @@ use sha1::{Digest, Sha1};
 
 use crate::error::CniError;
 use crate::netns::{in_netns, open_netns};
+use tessera_tunnel::routes::{is_retired, RETIRED_ALIAS};
 
 pub const HOST_MAC: [u8; 6] = [0xee; 6];
 /// The pod's gateway: answered by proxy ARP on the host end.
@@ -165,6 +166,10 @@ async fn intact_pair(h: &Handle, w: &PodWiring) -> Result<Option<LinkMessage>, C
     let Some(host) = link_by_name(h, &w.host_ifname).await? else {
         return Ok(None);
     };
+    // A DEL for this container retired it: its reaper may delete it any moment.
+    if is_retired(&host) {
+        return Ok(None);
+    }
     let Some(peer_index) = link_peer(&host) else {
         return Ok(None);
     };
@@ -380,7 +385,47 @@ async fn add_route(
         .map_err(nl(what))
 }
 
-/// Deletes the host end if it exists (the pod end goes with it). Idempotent.
+/// DEL's part in the kernel: marks the host end retired (a fast attribute write; see
+/// [`RETIRED_ALIAS`]) and returns its index for the reaper; None when there is no host end.
+pub async fn retire_host_end(h: &Handle, host_ifname: &str) -> Result<Option<u32>, CniError> {
+    let Some(link) = link_by_name(h, host_ifname).await? else {
+        return Ok(None);
+    };
+    let index = link.header.index;
+    let retire = LinkUnspec::new_with_index(index)
+        .append_extra_attribute(LinkAttribute::IfAlias(RETIRED_ALIAS.into()))
+        .build();
+    match h.link().set(retire).execute().await {
+        Ok(()) => Ok(Some(index)),
+        Err(e) if is_enodev(&e) => Ok(None),
+        Err(e) => Err(CniError::netlink(format!("retiring {host_ifname}: {e}"))),
+    }
+}
+
+/// Deletes link `index` if it is still the retired `host_ifname` (the pod end goes with it):
+/// an ADD for the same container in between replaced it with a new link, left alone.
+pub async fn reap_retired(h: &Handle, index: u32, host_ifname: &str) -> Result<(), CniError> {
+    let link = match h.link().get().match_index(index).execute().try_next().await {
+        Ok(Some(l)) => l,
+        Ok(None) => return Ok(()),
+        Err(e) if is_enodev(&e) => return Ok(()),
+        Err(e) => return Err(CniError::netlink(format!("looking up {host_ifname}: {e}"))),
+    };
+    let named = link
+        .attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::IfName(n) if n == host_ifname));
+    if !named || !is_retired(&link) {
+        return Ok(());
+    }
+    match h.link().del(index).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if is_enodev(&e) => Ok(()),
+        Err(e) => Err(CniError::netlink(format!("deleting {host_ifname}: {e}"))),
+    }
+}
+
+/// Deletes the host end if it exists, retired or not (the pod end goes with it). Idempotent.
 pub async fn remove_host_end(h: &Handle, host_ifname: &str) -> Result<(), CniError> {
     if let Some(l) = link_by_name(h, host_ifname).await? {
         match h.link().del(l.header.index).execute().await {

@@ -914,6 +914,15 @@ impl Reconciler {
             ));
         }
 
+        // Pod interfaces a CNI DEL retired whose reaper never ran (killed, or the node
+        // restarted): the pod is gone, its link goes too.
+        if full {
+            match tessera_tunnel::routes::delete_retired_links(&self.handle).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(links = n, "deleted pod interfaces a CNI DEL retired"),
+                Err(e) => tracing::warn!(error = %e, "deleting retired pod interfaces"),
+            }
+        }
         if full && self.cfg.gc.enabled {
             if let Err(e) = self.release_gone_sandboxes(view).await {
                 tracing::warn!(error = %e, "releasing the addresses of pods whose sandbox is gone");

@@ -49,10 +49,48 @@ fn an_agent_killed_during_pod_churn_converges_and_pings_lose_nothing() {
     }
     let victim = *churn.last().expect("pod");
     c.delete_pod(victim).expect("DEL during the crash");
+    // A pod interface a DEL retired whose reaper never ran (killed with the plugin).
+    let node3 = &c.lab.node("node3").netns;
+    node3
+        .ip(&[
+            "link",
+            "add",
+            "caliunreaped0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "unreapedpeer",
+        ])
+        .expect("veth");
+    node3
+        .ip(&[
+            "link",
+            "set",
+            "caliunreaped0",
+            "alias",
+            tessera_tunnel::routes::RETIRED_ALIAS,
+        ])
+        .expect("retire");
     std::thread::sleep(Duration::from_secs(2));
     c.start_agent("node3").expect("restart");
     c.wait_ready(Duration::from_secs(60))
         .expect("ready after restart");
+    // The restarted agent's full pass deletes it; the churned pods' interfaces stay.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c
+        .lab
+        .node("node3")
+        .netns
+        .ip(&["link", "show", "caliunreaped0"])
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the retired link was never deleted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Let End-of-RIB and the stale sweep happen, then stop the pings.
     std::thread::sleep(Duration::from_secs(3));
     let (sent, got) = to_crashed.finish().expect("ping summary");

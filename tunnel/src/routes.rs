@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::link::LinkMessage;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -208,11 +209,22 @@ pub async fn ensure_routes_among(
     Ok(changes)
 }
 
-/// The names of every link in the namespace.
-pub async fn link_names(h: &Handle) -> Result<std::collections::HashSet<String>, TunnelError> {
+/// The alias CNI DEL gives a pod's host interface it is done with. Deleting a veth costs the
+/// kernel an RCU grace period (~20 ms, most of DEL), so DEL retires the link and a reaper
+/// process deletes it after DEL has returned. A retired link is a gone pod's: nothing counts
+/// it as a running pod's interface, ADD replaces it, and the agent deletes any a reaper left.
+pub const RETIRED_ALIAS: &str = "tessera: retired by CNI DEL";
+
+/// Whether DEL retired this link (see [`RETIRED_ALIAS`]).
+pub fn is_retired(link: &LinkMessage) -> bool {
     use rtnetlink::packet_route::link::LinkAttribute;
-    let links: Vec<_> = h
-        .link()
+    link.attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::IfAlias(alias) if alias == RETIRED_ALIAS))
+}
+
+async fn all_links(h: &Handle) -> Result<Vec<LinkMessage>, TunnelError> {
+    h.link()
         .get()
         .execute()
         .try_collect()
@@ -220,9 +232,38 @@ pub async fn link_names(h: &Handle) -> Result<std::collections::HashSet<String>,
         .map_err(|source| TunnelError::Netlink {
             what: "listing links".into(),
             source,
-        })?;
-    Ok(links
+        })
+}
+
+/// errno for a link that does not exist.
+const ENODEV: i32 = 19;
+
+/// Deletes the retired links a reaper did not get to (it was killed, or the node restarted
+/// in between); returns how many. A link gone meanwhile is not an error.
+pub async fn delete_retired_links(h: &Handle) -> Result<usize, TunnelError> {
+    let mut deleted = 0;
+    for link in all_links(h).await?.iter().filter(|l| is_retired(l)) {
+        match h.link().del(link.header.index).execute().await {
+            Ok(()) => deleted += 1,
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -ENODEV => {}
+            Err(source) => {
+                return Err(TunnelError::Netlink {
+                    what: "deleting a retired pod interface".into(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// The names of every link in the namespace.
+pub async fn link_names(h: &Handle) -> Result<std::collections::HashSet<String>, TunnelError> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    Ok(all_links(h)
+        .await?
         .iter()
+        .filter(|l| !is_retired(l))
         .flat_map(|l| l.attributes.iter())
         .filter_map(|a| match a {
             LinkAttribute::IfName(n) => Some(n.clone()),

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tessera_cni::driver::{Attachment, Driver, DriverError};
@@ -121,22 +122,40 @@ impl CniLab {
             .collect()
     }
 
-    /// Names of `cali*` links on a node.
+    /// Names of `cali*` links on a node, once the reapers of earlier DELs have deleted the
+    /// links those retired (fails if one is still there after 10 s: a reaper that never ran).
     pub fn host_links(&self, node: &str) -> Vec<String> {
-        let links = self
-            .lab
-            .node(node)
-            .netns
-            .ip_json(&["link", "show"])
-            .expect("links");
-        links
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|l| l["ifname"].as_str())
-            .filter(|n| n.starts_with("cali"))
-            .map(str::to_string)
-            .collect()
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let links = self
+                .lab
+                .node(node)
+                .netns
+                .ip_json(&["link", "show"])
+                .expect("links");
+            let cali: Vec<&Value> = links
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|l| l["ifname"].as_str().is_some_and(|n| n.starts_with("cali")))
+                .collect();
+            let retired = cali
+                .iter()
+                .filter(|l| l["ifalias"] == tessera_tunnel::routes::RETIRED_ALIAS)
+                .count();
+            if retired == 0 {
+                return cali
+                    .iter()
+                    .filter_map(|l| l["ifname"].as_str())
+                    .map(str::to_string)
+                    .collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{retired} retired links on {node} never reaped: {cali:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
