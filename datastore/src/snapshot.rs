@@ -41,11 +41,34 @@ pub struct Snapshot {
 impl Snapshot {
     pub async fn read<K: Kv>(kv: &K) -> Result<Self, IpamError> {
         let (kvs, revision) = with_retry(|| kv.get_prefix(keys::PREFIX)).await?;
+        Self::decode_all(&kvs, revision)
+    }
+
+    /// Only nodes, liveness, blocks and affinities (who holds what, who is alive): what
+    /// judging nodes needs, without the handles and endpoints that are most of a large
+    /// cluster's keys. Four reads, not one revision: every write made from it is guarded.
+    pub async fn read_nodes_and_blocks<K: Kv>(kv: &K) -> Result<Self, IpamError> {
+        let read = |prefix: &'static str| with_retry(move || kv.get_prefix(prefix));
+        let (nodes, live, blocks, affinities) = tokio::try_join!(
+            read(keys::NODES),
+            read(keys::LIVENESS),
+            read(keys::BLOCKS),
+            read(keys::AFFINITIES)
+        )?;
+        let revision = blocks.1;
+        let kvs: Vec<_> = [nodes.0, live.0, blocks.0, affinities.0]
+            .into_iter()
+            .flatten()
+            .collect();
+        Self::decode_all(&kvs, revision)
+    }
+
+    fn decode_all(kvs: &[crate::kv::KeyValue], revision: i64) -> Result<Self, IpamError> {
         let mut s = Snapshot {
             revision,
             ..Default::default()
         };
-        for item in &kvs {
+        for item in kvs {
             let k = item.key.as_str();
             if k.starts_with(keys::POOLS) {
                 s.pools.push(decode(item)?);

@@ -98,6 +98,8 @@ pub async fn run(kv: EtcdKv, me: String, settings: GcSettings, shared: Arc<Share
     let mut orphans_seen: HashMap<String, Instant> = HashMap::new();
     let mut reported: BTreeMap<String, SuspectState> = BTreeMap::new();
     let period = Duration::from_secs(settings.interval_seconds.max(1));
+    let sweep_every = sweep_every(&settings);
+    let mut passes: u64 = 0;
     loop {
         tokio::time::sleep(period).await;
         leading = match leading {
@@ -119,25 +121,58 @@ pub async fn run(kv: EtcdKv, me: String, settings: GcSettings, shared: Arc<Share
             orphans_seen.clear();
             reported.clear();
             shared.metrics.suspects.clear();
+            passes = 0;
             continue;
         };
         let leader = (keys::GC_LEADER.to_string(), l.key_rev);
-        if let Err(e) = pass(
-            &kv,
-            &settings,
-            &shared,
-            &leader,
-            &mut orphans_seen,
-            &mut reported,
-        )
-        .await
-        {
-            tracing::warn!(error = %e, "GC pass failed; next pass retries");
+        let sweep = passes % sweep_every == 0;
+        passes += 1;
+        // The lease is kept alive while the pass runs: a pass longer than the lease (a
+        // sweep or a reclaim at 5,000 pods with etcd busy) lost the leadership in the
+        // middle, and the next leader's pass the same way (88 leaders in 20 minutes, a
+        // decommissioned node reclaimed two minutes late). A pass cut short here leaves
+        // what the next one finishes: every write is guarded.
+        let l = *l;
+        let keeper = async {
+            let every = Duration::from_secs(settings.leader_lease_seconds.max(3) / 3);
+            loop {
+                tokio::time::sleep(every).await;
+                if !leader::keep(&kv, &l).await {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            done = pass(
+                &kv,
+                &settings,
+                &shared,
+                &leader,
+                &mut orphans_seen,
+                &mut reported,
+                sweep,
+            ) => {
+                if let Err(e) = done {
+                    tracing::warn!(error = %e, "GC pass failed; next pass retries");
+                }
+            }
+            () = keeper => {
+                tracing::warn!("lost GC leadership during a pass; the pass stopped");
+                leading = None;
+            }
         }
         // A pass reads every block, endpoint and node: megabytes freed at once, on the one
         // node that leads. Without this its RSS climbed ~0.5 MiB a minute in the soak.
         tessera_routed::kernel::release_freed_memory();
     }
+}
+
+/// Every how many passes the leader sweeps for leaks (a full read of the datastore): about
+/// twice per workload grace period, since an orphan is released only after it anyway, and
+/// never less often than every pass. Judging nodes (reclaim) runs on every pass.
+fn sweep_every(settings: &GcSettings) -> u64 {
+    let interval = settings.interval_seconds.max(1);
+    (settings.workload_grace_seconds / (2 * interval)).max(1)
 }
 
 fn count(shared: &Shared, kind: &str, n: usize) {
@@ -157,17 +192,17 @@ async fn pass(
     leader: &(String, i64),
     orphans_seen: &mut HashMap<String, Instant>,
     reported: &mut BTreeMap<String, SuspectState>,
+    sweep: bool,
 ) -> anyhow::Result<()> {
-    // One read of everything per pass, shared by the jobs below: at 5,000 pods with a pass a
-    // second, three full reads per pass kept etcd at 130 % CPU.
+    // Every pass judges the nodes, from nodes, leases, blocks and affinities only.
+    let holders = Snapshot::read_nodes_and_blocks(kv).await?;
+    judge_nodes(kv, settings, shared, leader, reported, &holders).await?;
+    if !sweep {
+        return Ok(());
+    }
+    // The sweep reads everything, once, for all its jobs (at 5,000 pods with a pass a
+    // second, three full reads per pass kept etcd at 130 % CPU).
     let snap = Snapshot::read(kv).await?;
-    let reclaimed = judge_nodes(kv, settings, shared, leader, reported, &snap).await?;
-    // A reclaim rewrote blocks: the rest works on what it left.
-    let snap = if reclaimed {
-        Snapshot::read(kv).await?
-    } else {
-        snap
-    };
     // What crashes left, and affinities of deleted nodes.
     let r = gc_snapshot(kv, &snap, &GcOptions::default()).await?;
     count(
@@ -243,8 +278,7 @@ async fn node_records(
     Ok((suspects, decommissions))
 }
 
-/// Judges every node and acts: marks suspects, asks the witness, reclaims. True when it
-/// reclaimed a node (blocks changed since `snap`).
+/// Judges every node and acts: marks suspects, asks the witness, reclaims.
 async fn judge_nodes(
     kv: &EtcdKv,
     settings: &GcSettings,
@@ -252,8 +286,7 @@ async fn judge_nodes(
     leader: &(String, i64),
     reported: &mut BTreeMap<String, SuspectState>,
     snap: &Snapshot,
-) -> anyhow::Result<bool> {
-    let mut reclaimed = false;
+) -> anyhow::Result<()> {
     let (suspects, decommissions) = node_records(kv).await?;
     // Pending claims count too: an affinity record without its block yet.
     let mut holders = tessera_datastore::block::holders(snap.blocks.values().map(|b| &b.value));
@@ -314,7 +347,6 @@ async fn judge_nodes(
                                 verdict: Verdict::Dead { suspect_rev },
                             };
                             reclaim(kv, shared, node, &guard).await;
-                            reclaimed = true;
                             SuspectState::Reclaimed
                         }
                     }
@@ -327,7 +359,6 @@ async fn judge_nodes(
                         verdict,
                     };
                     reclaim(kv, shared, node, &guard).await;
-                    reclaimed = true;
                 }
                 SuspectState::Decommissioned
             }
@@ -362,7 +393,7 @@ async fn judge_nodes(
         })
         .set((suspect_for / 1000) as i64);
     }
-    Ok(reclaimed)
+    Ok(())
 }
 
 /// Asks the witness at the node's registered address; `None` when the Node record does not
@@ -389,6 +420,22 @@ mod tests {
     use super::*;
 
     const AFTER: u64 = 300_000;
+
+    #[test]
+    fn the_leak_sweep_runs_about_twice_per_grace_period() {
+        let every = |interval_seconds, workload_grace_seconds| {
+            sweep_every(&GcSettings {
+                interval_seconds,
+                workload_grace_seconds,
+                ..Default::default()
+            })
+        };
+        assert_eq!(every(5, 60), 6, "the defaults: every 30 s");
+        assert_eq!(every(1, 60), 30);
+        assert_eq!(every(1, 3), 1, "a short grace: every pass");
+        assert_eq!(every(10, 5), 1);
+        assert_eq!(every(0, 0), 1);
+    }
 
     #[test]
     fn a_node_holding_its_lease_is_left_alone() {

@@ -48,8 +48,8 @@ fn main() -> anyhow::Result<()> {
         draw(&base.join(&rel), &name, &series)?;
         plots.push((name, rel));
     }
-    let section = render(&runs, &plots);
     let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+    let section = render(&runs, &plots, &carried(&old, &runs, &plots));
     std::fs::write(&args.out, splice(&old, &section))?;
     eprintln!(
         "{}: {} runs, {} ratios, {} plots",
@@ -70,7 +70,41 @@ fn plots_of(runs: &[BenchRun]) -> BTreeMap<String, Vec<Series>> {
     by_plot
 }
 
-fn render(runs: &[BenchRun], plots: &[(String, PathBuf)]) -> String {
+/// The rows of the previous report for benchmarks with no recorded run here (this machine
+/// has not run them; `target/` does not travel with the repository): kept as they were,
+/// dates and all, rather than dropped.
+#[derive(Debug, Default, PartialEq)]
+struct Carried {
+    ratios: Vec<String>,
+    commands: Vec<String>,
+    plots: Vec<String>,
+}
+
+fn carried(old: &str, runs: &[BenchRun], drawn: &[(String, PathBuf)]) -> Carried {
+    let (Some(b), Some(e)) = (old.find(BEGIN), old.find(END)) else {
+        return Carried::default();
+    };
+    let ran = |bench: &str| runs.iter().any(|r| r.bench == bench);
+    let mut c = Carried::default();
+    for line in old.get(b..e).unwrap_or_default().lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let bench = cells.get(1).copied().unwrap_or_default();
+        let a_run = !bench.is_empty() && bench != "benchmark" && !bench.starts_with('-');
+        if let Some(rest) = line.strip_prefix("![") {
+            let name = rest.split(']').next().unwrap_or_default();
+            if !drawn.iter().any(|(n, _)| n == name) {
+                c.plots.push(line.to_string());
+            }
+        } else if a_run && !ran(bench) && cells.len() == 8 {
+            c.ratios.push(line.to_string());
+        } else if a_run && !ran(bench) && cells.len() == 6 {
+            c.commands.push(line.to_string());
+        }
+    }
+    c
+}
+
+fn render(runs: &[BenchRun], plots: &[(String, PathBuf)], carried: &Carried) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "{BEGIN}");
     let _ = writeln!(md, "## Every ratio, side by side\n");
@@ -94,6 +128,9 @@ fn render(runs: &[BenchRun], plots: &[(String, PathBuf)]) -> String {
             );
         }
     }
+    for line in &carried.ratios {
+        let _ = writeln!(md, "{line}");
+    }
     let _ = writeln!(md, "\n| benchmark | command | date | machine |");
     let _ = writeln!(md, "|---|---|---|---|");
     for r in runs {
@@ -103,10 +140,16 @@ fn render(runs: &[BenchRun], plots: &[(String, PathBuf)]) -> String {
             r.bench, r.command, r.date, r.machine
         );
     }
-    if !plots.is_empty() {
+    for line in &carried.commands {
+        let _ = writeln!(md, "{line}");
+    }
+    if !plots.is_empty() || !carried.plots.is_empty() {
         let _ = writeln!(md, "\n## Curves\n");
         for (name, path) in plots {
             let _ = writeln!(md, "![{name}]({})\n", path.display());
+        }
+        for line in &carried.plots {
+            let _ = writeln!(md, "{line}\n");
         }
     }
     let _ = write!(md, "{END}");
@@ -219,13 +262,55 @@ mod tests {
         assert!(fresh.ends_with("intro\n"), "{fresh}");
     }
 
+    /// A machine that ran only some benchmarks keeps the others' rows and plots as the
+    /// last report had them.
+    #[test]
+    fn rows_of_benchmarks_not_run_here_are_carried_from_the_last_report() {
+        let mut old_ipam = BenchRun::new("ipam", "ipam-bench");
+        old_ipam.ratio("pairs", 0.69, Some(Target::AtLeast(0.75)));
+        let mut old_cni = BenchRun::new("cni", "cni-bench");
+        old_cni.ratio("p50", 1.12, Some(Target::AtMost(0.8)));
+        let plots = [
+            ("ipam_fill".to_string(), PathBuf::from("p/ipam_fill.svg")),
+            ("soak_rss".to_string(), PathBuf::from("p/soak_rss.svg")),
+        ];
+        let last = render(&[old_cni, old_ipam], &plots, &Carried::default());
+
+        let mut cni = BenchRun::new("cni", "cni-bench");
+        cni.ratio("p50", 0.65, Some(Target::AtMost(0.8)));
+        let redrawn = [plots[0].clone()];
+        let c = carried(&last, std::slice::from_ref(&cni), &redrawn);
+        assert_eq!(c.ratios.len(), 1, "{c:?}");
+        assert!(c.ratios[0].starts_with("| ipam | pairs | 0.69 |"), "{c:?}");
+        assert_eq!(c.commands.len(), 1, "{c:?}");
+        assert!(
+            c.commands[0].starts_with("| ipam | `ipam-bench` |"),
+            "{c:?}"
+        );
+        assert_eq!(c.plots, vec!["![soak_rss](p/soak_rss.svg)".to_string()]);
+
+        let now = render(&[cni], &redrawn, &c);
+        assert!(now.contains("| cni | p50 | 0.65 | ≤ 0.80 | yes |"), "{now}");
+        assert!(!now.contains("| cni | p50 | 1.12"), "{now}");
+        assert!(
+            now.contains("| ipam | pairs | 0.69 | ≥ 0.75 | **no** |"),
+            "{now}"
+        );
+        assert!(
+            now.contains("![ipam_fill]") && now.contains("![soak_rss]"),
+            "{now}"
+        );
+        // Carried again by the next report, unchanged.
+        assert_eq!(carried(&now, &[], &[]).ratios.len(), 2);
+    }
+
     #[test]
     fn ratios_show_their_target_and_whether_it_was_met() {
         let mut run = BenchRun::new("cni", "cmd");
         run.ratio("p50", 0.9, Some(Target::AtMost(0.8)))
             .ratio("pairs", 0.8, Some(Target::AtLeast(0.75)))
             .ratio("plain", 1.5, None);
-        let md = render(&[run], &[]);
+        let md = render(&[run], &[], &Carried::default());
         assert!(
             md.contains("| cni | p50 | 0.90 | ≤ 0.80 | **no** |"),
             "{md}"
