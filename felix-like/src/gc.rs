@@ -161,7 +161,7 @@ pub async fn run(kv: EtcdKv, me: String, settings: GcSettings, shared: Arc<Share
                 leading = None;
             }
         }
-        // A pass reads every block, endpoint and node: megabytes freed at once, on the one
+        // A sweep reads every block, endpoint and node: megabytes freed at once, on the one
         // node that leads. Without this its RSS climbed ~0.5 MiB a minute in the soak.
         tessera_routed::kernel::release_freed_memory();
     }

@@ -257,7 +257,8 @@ pub async fn delete_retired_links(h: &Handle) -> Result<usize, TunnelError> {
     Ok(deleted)
 }
 
-/// The names of every link in the namespace.
+/// The names of the namespace's links, but not the retired ones (a gone pod's: see
+/// [`RETIRED_ALIAS`]).
 pub async fn link_names(h: &Handle) -> Result<std::collections::HashSet<String>, TunnelError> {
     use rtnetlink::packet_route::link::LinkAttribute;
     Ok(all_links(h)
