@@ -25,7 +25,7 @@ use sha1::{Digest, Sha1};
 
 use crate::error::CniError;
 use crate::netns::{in_netns, open_netns};
-use tessera_tunnel::routes::{is_retired, RETIRED_ALIAS};
+use tessera_tunnel::routes::{is_enodev, is_retired, RETIRED_ALIAS};
 
 pub const HOST_MAC: [u8; 6] = [0xee; 6];
 /// The pod's gateway: answered by proxy ARP on the host end.
@@ -93,14 +93,6 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], CniError> {
 
 fn nl(what: &str) -> impl Fn(rtnetlink::Error) -> CniError + '_ {
     move |e| CniError::netlink(format!("{what}: {e}"))
-}
-
-fn is_enodev(e: &rtnetlink::Error) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc_enodev())
-}
-
-const fn libc_enodev() -> i32 {
-    19
 }
 
 /// The link called `name`, if any.

@@ -235,8 +235,12 @@ async fn all_links(h: &Handle) -> Result<Vec<LinkMessage>, TunnelError> {
         })
 }
 
-/// errno for a link that does not exist.
-const ENODEV: i32 = 19;
+/// Whether netlink said the link does not exist (ENODEV): for deletions and lookups that
+/// are done when the link is gone.
+pub fn is_enodev(e: &rtnetlink::Error) -> bool {
+    const ENODEV: i32 = 19;
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -ENODEV)
+}
 
 /// Deletes the retired links a reaper did not get to (it was killed, or the node restarted
 /// in between); returns how many. A link gone meanwhile is not an error.
@@ -245,7 +249,7 @@ pub async fn delete_retired_links(h: &Handle) -> Result<usize, TunnelError> {
     for link in all_links(h).await?.iter().filter(|l| is_retired(l)) {
         match h.link().del(link.header.index).execute().await {
             Ok(()) => deleted += 1,
-            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -ENODEV => {}
+            Err(e) if is_enodev(&e) => {}
             Err(source) => {
                 return Err(TunnelError::Netlink {
                     what: "deleting a retired pod interface".into(),

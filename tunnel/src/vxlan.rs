@@ -115,7 +115,7 @@ pub(crate) async fn link(h: &Handle, name: &str) -> Result<Option<LinkMessage>, 
         .await
     {
         Ok(l) => Ok(l),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
+        Err(e) if crate::routes::is_enodev(&e) => Ok(None),
         Err(e) => Err(TunnelError::Netlink {
             what: format!("looking up {name}"),
             source: e,
