@@ -18,11 +18,15 @@ fn main() {
         .unwrap_or_else(|| "unknown".into());
     // Rebuild the stamp when HEAD moves: HEAD itself (a checkout) and the ref it names (a
     // commit on the branch), loose or packed.
+    // Only files that exist: cargo takes a missing one as changed, and would rebuild every
+    // crate above this one on every build (a fresh clone has no packed-refs).
     if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
-        println!("cargo:rerun-if-changed={dir}/HEAD");
-        println!("cargo:rerun-if-changed={dir}/packed-refs");
+        let mut watched = vec![format!("{dir}/HEAD"), format!("{dir}/packed-refs")];
         if let Some(r) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            println!("cargo:rerun-if-changed={dir}/{r}");
+            watched.push(format!("{dir}/{r}"));
+        }
+        for path in watched.iter().filter(|p| std::path::Path::new(p).exists()) {
+            println!("cargo:rerun-if-changed={path}");
         }
     }
     println!("cargo:rustc-env=TESSERA_GIT_COMMIT={commit}");

@@ -19,13 +19,37 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// Latencies of ADD+DEL pairs, and of the ADDs and DELs alone.
 #[derive(Default)]
 struct Samples {
+    /// Machine CPU time over the run, and the pairs it was spent on.
+    busy: Duration,
+    pairs: usize,
     pair: Vec<Duration>,
     add: Vec<Duration>,
     del: Vec<Duration>,
 }
 
 /// `threads` workers, each with its own pod namespace, doing `pairs` ADD+DEL each.
+/// CPU time the whole machine has spent busy (user, system, interrupts), from /proc/stat:
+/// the plugins, the kernel's work for them and etcd's.
+fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .enumerate()
+        // user nice system idle iowait irq softirq steal: all but idle, iowait and steal.
+        .filter(|(i, _)| ![3, 4, 7].contains(i))
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum();
+    // /proc/stat counts in USER_HZ, 100 per second on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
 fn measure(driver: &Driver, pods: &[Netns], threads: usize, pairs: usize, tag: &str) -> Samples {
+    let busy_before = machine_busy();
     let all: Vec<(Duration, Duration)> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
@@ -63,6 +87,8 @@ fn measure(driver: &Driver, pods: &[Netns], threads: usize, pairs: usize, tag: &
             .collect()
     });
     Samples {
+        busy: machine_busy().saturating_sub(busy_before),
+        pairs: all.len(),
         pair: all.iter().map(|(a, d)| *a + *d).collect(),
         add: all.iter().map(|(a, _)| *a).collect(),
         del: all.iter().map(|(_, d)| *d).collect(),
@@ -126,8 +152,8 @@ fn main() -> anyhow::Result<()> {
         "cargo bench -p tessera-cni --bench cni_latency",
     );
     let at_most = Some(tessera_testbed::bench_results::Target::AtMost(0.8));
-    println!("| run | plugin | ADD+DEL p50 ms | ADD+DEL p99 ms | ADD p50 ms | DEL p50 ms | p50 ratio (tessera / ptp+host-local) |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!("| run | plugin | ADD+DEL p50 ms | ADD+DEL p99 ms | ADD p50 ms | DEL p50 ms | machine CPU ms per pair | p50 ratio (tessera / ptp+host-local) |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for (label, threads) in [("sequential", 1usize), ("10 in parallel", 10)] {
         if only_parallel && threads == 1 {
             continue;
@@ -139,6 +165,8 @@ fn main() -> anyhow::Result<()> {
             let rs = measure(&reference, &pods, threads, pairs / 2, &format!("r{half}"));
             let ts = measure(&tessera, &pods, threads, pairs / 2, &format!("t{half}"));
             for (all, one) in [(&mut r, rs), (&mut t, ts)] {
+                all.busy += one.busy;
+                all.pairs += one.pairs;
                 all.pair.extend(one.pair);
                 all.add.extend(one.add);
                 all.del.extend(one.del);
@@ -158,19 +186,22 @@ fn main() -> anyhow::Result<()> {
         };
         let (r50, r99, ra, rd) = row(&mut r);
         let (t50, t99, ta, td) = row(&mut t);
+        let cpu = |s: &Samples| ms(s.busy) / s.pairs.max(1) as f64;
         println!(
-            "| {label} | ptp + host-local | {:.1} | {:.1} | {:.1} | {:.1} | |",
+            "| {label} | ptp + host-local | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | |",
             ms(r50),
             ms(r99),
             ms(ra),
-            ms(rd)
+            ms(rd),
+            cpu(&r)
         );
         println!(
-            "| {label} | tessera | {:.1} | {:.1} | {:.1} | {:.1} | **{:.2}** |",
+            "| {label} | tessera | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | **{:.2}** |",
             ms(t50),
             ms(t99),
             ms(ta),
             ms(td),
+            cpu(&t),
             ms(t50) / ms(r50)
         );
         run.ratio(

@@ -3,17 +3,23 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
 
 use serde_json::Value;
 use tessera_datastore::block::Attributes;
+use tessera_datastore::handoff::Handoff;
 use tessera_datastore::kv::Kv;
 use tessera_datastore::model::WorkloadId;
 use tessera_datastore::resources::{get_pod_intent, list_workload_endpoints};
 use tessera_datastore::snapshot::Snapshot;
-use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Owner};
+use tessera_datastore::{AssignRequest, BatchedOp, BatchedOutcome, EtcdKv, Ipam, Owner};
 
 use crate::delegate;
 use crate::error::{code, CniError};
+use crate::ipam_queue::{self, Ticket};
 use crate::spec::{CniEnv, CniResult, NetConf};
 
 pub const TESSERA_IPAM: &str = "tessera-ipam";
@@ -80,33 +86,149 @@ impl PodId {
 /// node allocate from the same block, and serialising them on the host is cheaper than
 /// letting ten concurrent ADDs retry their compare-and-swap against each other. Correctness
 /// never depends on it (every write is still a guarded transaction); it is dropped on exit.
+///
+/// Beside the lock file each holder leaves its [`Handoff`] for the next: the next holder's
+/// only round trip under the lock is then its own transaction (see
+/// [`tessera_datastore::handoff`]).
 pub struct IpamLock {
     _lock: nix::fcntl::Flock<std::fs::File>,
+    handoff_path: PathBuf,
+    acquired: Instant,
 }
 
 impl IpamLock {
-    pub async fn acquire(conf: &NetConf, node: &str) -> Result<Self, CniError> {
-        let path = conf
-            .ipam_lock_file
-            .clone()
-            .unwrap_or_else(|| format!("/var/run/tessera/ipam-{node}.lock"));
-        let lock = tokio::task::spawn_blocking(move || {
-            if let Some(dir) = std::path::Path::new(&path).parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| CniError::io(format!("{}: {e}", dir.display())))?;
-            }
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| CniError::io(format!("{path}: {e}")))?;
-            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-                .map_err(|(_, e)| CniError::io(format!("locking {path}: {e}")))
+    /// Asks for the lock at `path`. It is waited for on a thread of its own, not the
+    /// runtime's blocking pool: an invocation whose operation another holder did exits
+    /// without waiting for its turn (the runtime would wait for a pool thread).
+    pub fn ask(path: PathBuf) -> oneshot::Receiver<Result<Self, CniError>> {
+        let (tx, rx) = oneshot::channel();
+        let asked = Instant::now();
+        let spawned = std::thread::Builder::new()
+            .name("ipam-lock".into())
+            .spawn(move || {
+                // Nobody listening any more: the lock is dropped, released, at once.
+                let _ = tx.send(Self::acquire(path, asked));
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread for the IPAM lock");
+        }
+        rx
+    }
+
+    fn acquire(path: PathBuf, asked: Instant) -> Result<Self, CniError> {
+        let handoff_path = path.with_extension("handoff");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| CniError::io(format!("{}: {e}", dir.display())))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| CniError::io(format!("{}: {e}", path.display())))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| CniError::io(format!("locking {}: {e}", path.display())))?;
+        tracing::debug!(
+            waited_ms = asked.elapsed().as_secs_f64() * 1e3,
+            "IPAM lock acquired"
+        );
+        Ok(IpamLock {
+            _lock: lock,
+            handoff_path,
+            acquired: Instant::now(),
         })
-        .await
-        .map_err(|e| CniError::io(format!("lock task: {e}")))??;
-        Ok(IpamLock { _lock: lock })
+    }
+
+    /// Holds the lock for `ipam`: takes what the previous holder left, and leaves what
+    /// `ipam` knows when dropped (whatever the outcome: a failed operation's reads are as
+    /// good a guess as a successful one's).
+    pub fn hold<'a>(self, ipam: &'a Ipam<EtcdKv>) -> HeldIpam<'a> {
+        match std::fs::read(&self.handoff_path) {
+            Ok(bytes) => match serde_json::from_slice::<Handoff>(&bytes) {
+                Ok(handed) => ipam.adopt(handed),
+                // A hint only: an unreadable one (a crash mid-write cannot make one, the
+                // rename is atomic; another version's format can) is simply not used.
+                Err(e) => tracing::debug!(error = %e, "IPAM handoff ignored"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::debug!(error = %e, "IPAM handoff not read"),
+        }
+        HeldIpam { lock: self, ipam }
+    }
+
+    fn leave(&self, handoff: &Handoff) {
+        let tmp = self.handoff_path.with_extension("handoff.tmp");
+        let written = serde_json::to_vec(handoff)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.handoff_path));
+        if let Err(e) = written {
+            // The next holder reads from etcd what it cannot take from a handoff.
+            tracing::warn!(error = %e, path = %self.handoff_path.display(), "IPAM handoff not written");
+        }
+    }
+}
+
+fn lock_path(conf: &NetConf, node: &str) -> PathBuf {
+    PathBuf::from(
+        conf.ipam_lock_file
+            .clone()
+            .unwrap_or_else(|| format!("/var/run/tessera/ipam-{node}.lock")),
+    )
+}
+
+/// Where the node's plain IPAM operations wait for its lock (see [`crate::ipam_queue`]).
+fn queue_dir(conf: &NetConf, node: &str) -> PathBuf {
+    lock_path(conf, node).with_extension("queue")
+}
+
+/// Waits for the node's IPAM lock (asked for in `lock` while the caller read ahead) and
+/// gets a plain operation done in the node's batch: by another holder (then without the
+/// lock), or now with everything queued. The outcome `None` or [`BatchedOutcome::Alone`]:
+/// do it the ordinary way, with the lock held.
+async fn take_turn<'a>(
+    ipam: &'a Ipam<EtcdKv>,
+    mut lock: oneshot::Receiver<Result<IpamLock, CniError>>,
+    queue: PathBuf,
+    op: Option<BatchedOp>,
+) -> Result<(Option<HeldIpam<'a>>, Option<BatchedOutcome>), CniError> {
+    let lock_lost = |_| CniError::io("the IPAM lock's thread ended without an answer");
+    // Queued only while the lock is still to come: a holder may then do it for us.
+    let ticket = match &op {
+        Some(op) if lock.is_empty() => Ticket::submit(&queue, op)
+            .inspect_err(|e| tracing::warn!(error = %e, "not queued: waiting for the IPAM lock"))
+            .ok(),
+        _ => None,
+    };
+    let held = match &ticket {
+        Some(ticket) => tokio::select! {
+            outcome = ticket.delivered() => return Ok((None, Some(outcome))),
+            held = &mut lock => held.map_err(lock_lost)??.hold(ipam),
+        },
+        None => lock.await.map_err(lock_lost)??.hold(ipam),
+    };
+    let outcome = match (ticket, op) {
+        (Some(ticket), _) => ticket.serve(ipam).await?,
+        (None, Some(op)) => Some(ipam_queue::serve_with(&queue, op, ipam).await?),
+        (None, None) => None,
+    };
+    Ok((Some(held), outcome))
+}
+
+/// The node's IPAM lock, held for one [`Ipam`] client.
+pub struct HeldIpam<'a> {
+    lock: IpamLock,
+    ipam: &'a Ipam<EtcdKv>,
+}
+
+impl Drop for HeldIpam<'_> {
+    fn drop(&mut self) {
+        self.lock.leave(&self.ipam.handoff());
+        tracing::debug!(
+            held_ms = self.lock.acquired.elapsed().as_secs_f64() * 1e3,
+            "IPAM lock released"
+        );
     }
 }
 
@@ -215,11 +337,12 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
     }
     let ipam = Ipam::new(kv.clone(), node);
     let handle = pod.handle(&conf.name);
-    // The pod's intent is read while this invocation waits for the node's IPAM lock. The
-    // IPAM reads come after it: the node's affinities must include the block the previous
-    // holder may just have claimed (read before the lock, parallel ADDs on a fresh node
-    // each claimed a block of their own), and a repeated ADD for the same container must
-    // see the first one's addresses.
+    // Before this invocation waits for the node's IPAM lock it reads the pod's intent and
+    // everything its assignment needs: the pod's handle, pools, the node's affinities and
+    // blocks. Under the lock the previous holder's handoff brings those reads up to date
+    // (the block it just claimed or wrote, the handle of a repeated ADD for the same
+    // container it just assigned), so the assignment is one transaction; a plain one
+    // waits in the node's queue and usually shares that transaction with others.
     let intent = async {
         if pod.named {
             intent_or_apiserver(kv, conf, pod).await
@@ -230,21 +353,39 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
     let workload = pod
         .named
         .then_some((pod.namespace.as_str(), pod.name.as_str()));
-    let locked = async {
-        let lock = IpamLock::acquire(conf, node).await?;
-        let (existing, warm) =
-            tokio::join!(ipam.handle_addresses(&handle), ipam.prefetch_for(workload));
-        Ok::<_, CniError>((lock, existing?, warm))
+    let read_ahead = async {
+        let (held, warm) = tokio::join!(ipam.held(&handle), ipam.prefetch_for(workload));
+        held.and(warm)
     };
-    let (locked, intent) = tokio::join!(locked, intent);
-    let (_lock, existing, warm) = locked?;
+    let lock = IpamLock::ask(lock_path(conf, node));
+    let (read_ahead, intent) = tokio::join!(read_ahead, intent);
+    read_ahead?;
     let intent = intent?.unwrap_or_default();
     if let Some(why) = &intent.invalid {
         return Err(CniError::invalid_config(format!(
             "the pod's annotations cannot be followed: {why}"
         )));
     }
-    warm?;
+    let requested = requested_addresses(conf, env, &intent);
+    let owner = Owner {
+        handle: handle.clone(),
+        workload: pod.named.then(|| WorkloadId {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            labels: intent.labels.clone(),
+        }),
+        attrs: pod.attributes(&conf.name),
+    };
+    let mut pools = ipam_conf.ipv4_pools.clone();
+    pools.extend(ipam_conf.ipv6_pools.iter().cloned());
+    pools.extend(intent.ipv4_pools.iter().cloned());
+    pools.extend(intent.ipv6_pools.iter().cloned());
+    let req = AssignRequest {
+        owner: owner.clone(),
+        num_v4: usize::from(ipam_conf.assign_ipv4),
+        num_v6: usize::from(ipam_conf.assign_ipv6),
+        pools,
+    };
     let floating_ips = intent.floating_ips.clone();
     let done = |addresses: Vec<IpAddr>| Assigned {
         addresses,
@@ -253,11 +394,34 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
         without_ipam: false,
         handle_revision: 0,
     };
+
+    let plain = ipam.held(&handle).await?.0.is_empty()
+        && intent.sticky_hold.is_none()
+        && intent.ip_addrs_no_ipam.is_empty()
+        && requested.as_ref().is_ok_and(Vec::is_empty);
+    let batched = plain.then(|| BatchedOp::Assign {
+        request: req.clone(),
+        previous: owner
+            .workload
+            .as_ref()
+            .and_then(|w| ipam.previous_addresses(w)),
+    });
+    let (_held, outcome) = take_turn(&ipam, lock, queue_dir(conf, node), batched).await?;
+    if let Some(BatchedOutcome::Assigned {
+        assignments,
+        handle_revision,
+    }) = outcome
+    {
+        return Ok(Assigned {
+            handle_revision,
+            ..done(assignments.into_iter().map(|a| a.addr).collect())
+        });
+    }
+
+    let (existing, _) = ipam.held(&handle).await?;
     // A sticky pod back (on any node): the addresses its hold kept.
     if let (true, Some(hold)) = (existing.is_empty(), &intent.sticky_hold) {
-        let moved =
-            tessera_datastore::sticky::transfer(kv, hold, &handle, &pod.attributes(&conf.name))
-                .await?;
+        let moved = tessera_datastore::sticky::transfer(kv, hold, &handle, &owner.attrs).await?;
         if !moved.is_empty() {
             tracing::info!(%handle, %hold, ?moved, "ADD of a sticky pod: its kept addresses");
             let handle_revision = kv
@@ -295,29 +459,7 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
             ..done(intent.ip_addrs_no_ipam.clone())
         });
     }
-
-    let mut requested: Vec<IpAddr> = Vec::new();
-    for s in &conf.runtime_config.ips {
-        requested.push(parse_addr(s)?);
-    }
-    if let Some(ips) = env.arg("IP") {
-        for s in ips.split(',').filter(|s| !s.is_empty()) {
-            requested.push(parse_addr(s)?);
-        }
-    }
-    requested.extend(intent.ip_addrs.iter().copied());
-    let mut seen = HashSet::new();
-    requested.retain(|a| seen.insert(*a));
-
-    let owner = Owner {
-        handle: handle.clone(),
-        workload: pod.named.then(|| WorkloadId {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            labels: intent.labels.clone(),
-        }),
-        attrs: pod.attributes(&conf.name),
-    };
+    let requested = requested?;
     if !requested.is_empty() {
         let mut got = Vec::new();
         for addr in requested {
@@ -337,21 +479,33 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
             ..done(got)
         });
     }
-    let mut pools = ipam_conf.ipv4_pools.clone();
-    pools.extend(ipam_conf.ipv6_pools.iter().cloned());
-    pools.extend(intent.ipv4_pools.iter().cloned());
-    pools.extend(intent.ipv6_pools.iter().cloned());
-    let req = AssignRequest {
-        owner,
-        num_v4: usize::from(ipam_conf.assign_ipv4),
-        num_v6: usize::from(ipam_conf.assign_ipv6),
-        pools,
-    };
     let got = ipam.auto_assign(&req).await?;
     Ok(Assigned {
         handle_revision: ipam.handle_revision(&handle).await?,
         ..done(got.into_iter().map(|a| a.addr).collect())
     })
+}
+
+/// The exact addresses asked for: the `ips` capability, `IP=` in CNI_ARGS, the pod's
+/// `ipAddrs` annotation; each once.
+fn requested_addresses(
+    conf: &NetConf,
+    env: &CniEnv,
+    intent: &tessera_datastore::model::PodIntent,
+) -> Result<Vec<IpAddr>, CniError> {
+    let mut requested: Vec<IpAddr> = Vec::new();
+    for s in &conf.runtime_config.ips {
+        requested.push(parse_addr(s)?);
+    }
+    if let Some(ips) = env.arg("IP") {
+        for s in ips.split(',').filter(|s| !s.is_empty()) {
+            requested.push(parse_addr(s)?);
+        }
+    }
+    requested.extend(intent.ip_addrs.iter().copied());
+    let mut seen = HashSet::new();
+    requested.retain(|a| seen.insert(*a));
+    Ok(requested)
 }
 
 /// How long an ADD waits for the Kubernetes controllers to write a pod's intent before it
@@ -427,15 +581,26 @@ pub async fn release(call: Call<'_>) -> Result<(), CniError> {
         Some(i) if i.ipam_type == TESSERA_IPAM => {
             let handle = pod.handle(&conf.name);
             let ipam = Ipam::new(kv.clone(), node);
-            // As in ADD, the reads happen while waiting for the lock; the node's blocks read
-            // ahead serve the release's transaction and the empty-block check after it.
-            let (lock, intent, warm) = tokio::join!(
-                IpamLock::acquire(conf, node),
-                get_pod_intent(kv, &pod.namespace, &pod.name),
-                ipam.prefetch()
-            );
-            let (_lock, intent) = (lock?, intent?);
-            warm?;
+            // As in ADD, the reads happen before the lock and the previous holder's
+            // handoff brings them up to date; a plain release waits in the node's queue.
+            let read_ahead = async {
+                let (held, warm) = tokio::join!(ipam.held(&handle), ipam.prefetch());
+                held.and(warm)
+            };
+            let lock = IpamLock::ask(lock_path(conf, node));
+            let (intent, read_ahead) =
+                tokio::join!(get_pod_intent(kv, &pod.namespace, &pod.name), read_ahead);
+            let intent = intent?;
+            read_ahead?;
+            let sticky = intent.as_ref().is_some_and(|i| i.sticky_hold.is_some());
+            let batched = (!sticky).then(|| BatchedOp::Release {
+                handle: handle.clone(),
+                as_read: ipam.known_handle(&handle),
+            });
+            let (_held, outcome) = take_turn(&ipam, lock, queue_dir(conf, node), batched).await?;
+            if let Some(BatchedOutcome::Released { .. }) = outcome {
+                return Ok(());
+            }
             // A sticky pod leaves: its hold keeps the addresses for its return.
             if let Some(hold) = intent.and_then(|i| i.sticky_hold) {
                 let attrs = Attributes::from([

@@ -17,6 +17,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ipam;
+pub mod ipam_queue;
 pub mod netns;
 pub mod plugin;
 pub mod reaper;

@@ -21,16 +21,20 @@ use ipnetwork::IpNetwork;
 use crate::block::{Assigned, Attributes, BlockError, IpamBlock};
 use crate::codec::{conflict_pause, decode, encode, fnv1a, now_ms, with_retry};
 use crate::error::{Family, IpamError};
+use crate::handoff::{Affinities, Handoff, Known, HANDLES_CARRIED};
 use crate::keys;
 use crate::kv::{KeyValue, Kv, Op, Txn};
 use crate::model::{AffinityState, BlockAffinity, HandleAddress, IpPool, IpamHandle, WorkloadId};
 use crate::resources::{get_node, load_config, Config};
 
+mod batch;
+pub use batch::{BatchedOp, BatchedOutcome, MAX_BATCH};
+
 /// Conflicting concurrent updates tolerated per operation before giving up.
 pub const MAX_CONFLICTS: u32 = 100;
 
 /// Who asks for addresses.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Owner {
     /// The IPAM handle, e.g. `<network>.<container id>`.
     pub handle: String,
@@ -40,7 +44,7 @@ pub struct Owner {
     pub attrs: Attributes,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AssignRequest {
     pub owner: Owner,
     pub num_v4: usize,
@@ -50,7 +54,7 @@ pub struct AssignRequest {
 }
 
 /// One address handed out.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Assignment {
     pub addr: IpAddr,
     pub block: IpNetwork,
@@ -88,6 +92,12 @@ struct Cache {
     handles: HashMap<String, Versioned<IpamHandle>>,
     /// Confirmed affinities of this node.
     affine: Option<BTreeSet<IpNetwork>>,
+    /// The revision `affine` is known at (see [`Handoff`]).
+    affine_as_of: i64,
+    /// Blocks and handles this client deleted, with the deletion's revision: what a
+    /// [`Handoff`] tells the next client that read them before.
+    deleted_blocks: HashMap<IpNetwork, i64>,
+    deleted_handles: HashMap<String, i64>,
     /// A workload's last addresses read ahead by [`Ipam::prefetch_for`], by key; taken (not
     /// kept) by the assignment that asks for them.
     last_addresses: HashMap<String, Vec<IpAddr>>,
@@ -98,12 +108,43 @@ impl Cache {
         self.blocks.insert(cidr, Versioned { rev, value });
     }
 
+    /// Takes `known` for handle `id` if it is newer than what is cached.
+    fn take_handle_if_newer(&mut self, id: String, known: Known<IpamHandle>) {
+        let cached_rev = self
+            .handles
+            .get(&id)
+            .map(|h| h.rev)
+            .filter(|&rev| rev > 0)
+            .or_else(|| self.deleted_handles.get(&id).copied())
+            .unwrap_or(0);
+        if known.rev <= cached_rev {
+            return;
+        }
+        match known.value {
+            Some(value) => {
+                self.deleted_handles.remove(&id);
+                let rev = known.rev;
+                self.handles.insert(id, Versioned { rev, value });
+            }
+            None => self.forget_handle(&id, Some(known.rev)),
+        }
+    }
+
+    fn affinities_changed(&mut self, rev: i64) {
+        self.affine_as_of = self.affine_as_of.max(rev);
+    }
+
     /// Remembers that a handle is absent (revision 0), which is what a pod's next ADD with
-    /// the same handle would otherwise have to read again. Bounded: absent handles are
-    /// cheap to re-read, so the cache of them is simply cleared when it grows.
-    fn forget_handle(&mut self, id: &str) {
+    /// the same handle would otherwise have to read again; `deleted_at`: this client
+    /// deleted it, in that revision. Bounded: absent handles are cheap to re-read, so the
+    /// cache of them is simply cleared when it grows.
+    fn forget_handle(&mut self, id: &str, deleted_at: Option<i64>) {
         if self.handles.len() > 10_000 {
             self.handles.retain(|_, h| h.rev != 0);
+            self.deleted_handles.clear();
+        }
+        if let Some(rev) = deleted_at {
+            self.deleted_handles.insert(id.to_string(), rev);
         }
         self.handles.insert(
             id.to_string(),
@@ -158,6 +199,112 @@ impl<K: Kv> Ipam<K> {
     /// Forgets everything cached (pools, labels, blocks, handles, affinities).
     pub fn forget(&self) {
         *self.cache() = Cache::default();
+    }
+
+    /// What this client knows of the node's affinities, blocks and recently written
+    /// handles, for the next short-lived client of the same node (see [`Handoff`]).
+    pub fn handoff(&self) -> Handoff {
+        let c = self.cache();
+        let mut blocks: BTreeMap<IpNetwork, Known<IpamBlock>> = c
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.value.affinity.as_deref() == Some(self.node.as_str()))
+            .map(|(cidr, b)| {
+                let known = Known {
+                    rev: b.rev,
+                    value: Some(b.value.clone()),
+                };
+                (*cidr, known)
+            })
+            .collect();
+        for (cidr, &rev) in &c.deleted_blocks {
+            if blocks.get(cidr).is_none_or(|b| b.rev < rev) {
+                blocks.insert(*cidr, Known { rev, value: None });
+            }
+        }
+        let mut handles: Vec<(String, Known<IpamHandle>)> = c
+            .handles
+            .iter()
+            .filter(|(_, h)| h.rev > 0)
+            .map(|(id, h)| {
+                let known = Known {
+                    rev: h.rev,
+                    value: Some(h.value.clone()),
+                };
+                (id.clone(), known)
+            })
+            .collect();
+        for (id, &rev) in &c.deleted_handles {
+            if c.handles.get(id).is_none_or(|h| h.rev < rev) {
+                handles.push((id.clone(), Known { rev, value: None }));
+            }
+        }
+        handles.sort_by_key(|(_, h)| std::cmp::Reverse(h.rev));
+        handles.truncate(HANDLES_CARRIED);
+        Handoff {
+            node: self.node.clone(),
+            affinities: c.affine.clone().map(|blocks| Affinities {
+                as_of: c.affine_as_of,
+                blocks,
+            }),
+            blocks,
+            handles: handles.into_iter().collect(),
+        }
+    }
+
+    /// Takes what the previous client of this node handed over, key by key where it is
+    /// newer than what this one read (a handoff of another node is ignored).
+    pub fn adopt(&self, handed: Handoff) {
+        if handed.node != self.node {
+            return;
+        }
+        let mut c = self.cache();
+        if let Some(a) = handed.affinities {
+            if c.affine.is_none() || a.as_of > c.affine_as_of {
+                c.affine = Some(a.blocks);
+                c.affine_as_of = a.as_of;
+            }
+        }
+        for (cidr, known) in handed.blocks {
+            let read_rev = c
+                .blocks
+                .get(&cidr)
+                .map(|b| b.rev)
+                .or_else(|| c.deleted_blocks.get(&cidr).copied())
+                .unwrap_or(0);
+            if known.rev <= read_rev {
+                continue;
+            }
+            match known.value {
+                Some(value) => {
+                    c.deleted_blocks.remove(&cidr);
+                    c.put_block(cidr, known.rev, value);
+                }
+                None => {
+                    c.blocks.remove(&cidr);
+                    c.deleted_blocks.insert(cidr, known.rev);
+                }
+            }
+        }
+        for (id, known) in handed.handles {
+            c.take_handle_if_newer(id, known);
+        }
+    }
+
+    /// The handle as this client knows it: its value at a revision, or its deletion by this
+    /// client; `None` when only "absent" or nothing is known.
+    pub fn known_handle(&self, id: &str) -> Option<Known<IpamHandle>> {
+        let c = self.cache();
+        match c.handles.get(id) {
+            Some(h) if h.rev > 0 => Some(Known {
+                rev: h.rev,
+                value: Some(h.value.clone()),
+            }),
+            _ => c
+                .deleted_handles
+                .get(id)
+                .map(|&rev| Known { rev, value: None }),
+        }
     }
 
     // ---- assignment -------------------------------------------------------------------------
@@ -448,6 +595,19 @@ impl<K: Kv> Ipam<K> {
             let Some(blk) = self.block(cidr).await? else {
                 return Ok(Vec::new());
             };
+            let someone_elses = blk
+                .value
+                .affinity
+                .as_deref()
+                .is_some_and(|n| n != self.node);
+            if someone_elses && exact.is_none() && absent.is_none() {
+                // Not a borrow (that comes with its guard): a block we thought ours, from
+                // a stale cache or handoff, that was released and claimed by another node.
+                if let Some(a) = self.cache().affine.as_mut() {
+                    a.remove(&cidr);
+                }
+                return Ok(Vec::new());
+            }
             // A handle we have not seen is taken to be new (a pod's first assignment): the
             // transaction requires it absent, and if it is not, the failure branch brings
             // it back for the next attempt. One round trip less per pod start.
@@ -630,10 +790,9 @@ impl<K: Kv> Ipam<K> {
                 let aff: BlockAffinity = decode(&existing)?;
                 match aff.state {
                     AffinityState::Confirmed => {
-                        self.cache()
-                            .affine
-                            .get_or_insert_with(BTreeSet::new)
-                            .insert(cidr);
+                        let mut c = self.cache();
+                        c.affine.get_or_insert_with(BTreeSet::new).insert(cidr);
+                        c.affinities_changed(existing.mod_revision);
                         return Ok(true);
                     }
                     AffinityState::Pending => existing.mod_revision,
@@ -698,10 +857,10 @@ impl<K: Kv> Ipam<K> {
             let out = with_retry(|| self.kv.txn(txn.clone())).await?;
             if out.succeeded {
                 tracing::debug!(node = %self.node, block = %cidr, pool = %pool.name, "claimed block");
-                self.cache()
-                    .affine
-                    .get_or_insert_with(BTreeSet::new)
-                    .insert(cidr);
+                let mut c = self.cache();
+                c.affine.get_or_insert_with(BTreeSet::new).insert(cidr);
+                c.affinities_changed(out.revision);
+                c.deleted_blocks.remove(&cidr);
                 return Ok(true);
             }
         }
@@ -786,7 +945,7 @@ impl<K: Kv> Ipam<K> {
             if outcome.succeeded {
                 let mut c = self.cache();
                 if new_handle.addresses.is_empty() {
-                    c.forget_handle(handle);
+                    c.forget_handle(handle, Some(outcome.revision));
                 } else {
                     c.handles.insert(
                         handle.to_string(),
@@ -892,7 +1051,7 @@ impl<K: Kv> Ipam<K> {
                     let mut c = self.cache();
                     c.put_block(cidr, outcome.revision, block);
                     if new_handle.addresses.is_empty() {
-                        c.forget_handle(&alloc.handle);
+                        c.forget_handle(&alloc.handle, Some(outcome.revision));
                     } else {
                         c.handles.insert(
                             alloc.handle.clone(),
@@ -965,9 +1124,11 @@ impl<K: Kv> Ipam<K> {
             tracing::debug!(node = %self.node, block = %cidr, "released empty block");
             let mut c = self.cache();
             c.blocks.remove(&cidr);
+            c.deleted_blocks.insert(cidr, out.revision);
             if let Some(a) = c.affine.as_mut() {
                 a.remove(&cidr);
             }
+            c.affinities_changed(out.revision);
         } else {
             // Someone allocated from it meanwhile: it is not empty any more.
             self.cache().blocks.remove(&cidr);
@@ -1041,7 +1202,7 @@ impl<K: Kv> Ipam<K> {
             return Ok(a);
         }
         let prefix = keys::node_affinities(&self.node);
-        let (kvs, _) = with_retry(|| self.kv.get_prefix(&prefix)).await?;
+        let (kvs, read_at) = with_retry(|| self.kv.get_prefix(&prefix)).await?;
         let mut set = BTreeSet::new();
         for kv in &kvs {
             let aff: BlockAffinity = decode(kv)?;
@@ -1049,7 +1210,9 @@ impl<K: Kv> Ipam<K> {
                 set.insert(aff.cidr);
             }
         }
-        self.cache().affine = Some(set.clone());
+        let mut c = self.cache();
+        c.affine = Some(set.clone());
+        c.affine_as_of = read_at;
         Ok(set)
     }
 
@@ -1186,10 +1349,16 @@ impl<K: Kv> Ipam<K> {
                 Ok(Some(h))
             }
             None => {
-                c.forget_handle(id);
+                c.forget_handle(id, None);
                 Ok(None)
             }
         }
+    }
+
+    /// A workload's previous addresses if [`Ipam::prefetch_for`] read them ahead.
+    pub fn previous_addresses(&self, w: &WorkloadId) -> Option<Vec<IpAddr>> {
+        let key = keys::last_addresses(&w.namespace, &w.name);
+        self.cache().last_addresses.get(&key).cloned()
     }
 
     async fn last_addresses(&self, w: &WorkloadId) -> Result<Vec<IpAddr>, IpamError> {
@@ -1211,6 +1380,13 @@ impl<K: Kv> Ipam<K> {
     /// CNI ADD guards its endpoint write with, so that a leak release in between fails it.
     pub async fn handle_revision(&self, handle: &str) -> Result<i64, IpamError> {
         Ok(self.handle(handle).await?.rev)
+    }
+
+    /// The addresses a handle holds and its revision (0: absent), as this client knows
+    /// them: read once, then as written or handed over (see [`Ipam::adopt`]).
+    pub async fn held(&self, handle: &str) -> Result<(Vec<IpAddr>, i64), IpamError> {
+        let h = self.handle(handle).await?;
+        Ok((h.value.addresses.iter().map(|a| a.addr).collect(), h.rev))
     }
 
     /// The addresses a handle holds, read from the datastore.

@@ -27,6 +27,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gc;
+pub mod handoff;
 pub mod ipam;
 pub mod keys;
 pub mod kv;
@@ -64,5 +65,5 @@ pub const VERSION: &str = concat!(
     ")"
 );
 pub use error::{Family, IpamError};
-pub use ipam::{AssignRequest, Assignment, Ipam, Owner, ReleaseOutcome};
+pub use ipam::{AssignRequest, Assignment, BatchedOp, BatchedOutcome, Ipam, Owner, ReleaseOutcome};
 pub use kv::{EtcdKv, Kv, MemKv};

@@ -1,0 +1,60 @@
+//! What one short-lived IPAM client leaves for the next on the same node.
+//!
+//! A CNI invocation is a process: it starts with an empty [`crate::Ipam`] cache and, while it
+//! holds the node's IPAM lock, would read the node's affinities, its blocks and the pod's
+//! handle before it can write. With ten pods starting at once those reads are most of the
+//! time the lock is held, and every waiter pays for them. Instead each holder leaves what it
+//! knows after its write ([`crate::Ipam::handoff`], kept by the caller beside the lock), and
+//! the next holder merges it with what it read while it waited
+//! ([`crate::Ipam::adopt`]): key by key, the newer by etcd revision wins. Its only round
+//! trip under the lock is then its own transaction.
+//!
+//! A handoff is a guess like any cache: every write still compares the revisions it read,
+//! so a stale, lost or foreign handoff costs a retry, never a wrong assignment.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use crate::block::IpamBlock;
+use crate::model::IpamHandle;
+
+/// Handles carried from one holder to the next: the pods being started and stopped right
+/// now, not the node's history.
+pub const HANDLES_CARRIED: usize = 64;
+
+/// One node's IPAM state as the last lock holder knew it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Handoff {
+    /// The node it describes; a handoff of another node is ignored.
+    pub node: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinities: Option<Affinities>,
+    /// This node's blocks, and blocks it deleted (as [`Known::value`] `None`).
+    #[serde(default)]
+    pub blocks: BTreeMap<IpNetwork, Known<IpamBlock>>,
+    /// Recently written handles, and deleted ones.
+    #[serde(default)]
+    pub handles: BTreeMap<String, Known<IpamHandle>>,
+}
+
+/// The node's confirmed affinities, as of a store revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Affinities {
+    /// The revision of the read they came from, or of the last claim or release since.
+    pub as_of: i64,
+    pub blocks: BTreeSet<IpNetwork>,
+}
+
+/// One key's value at a revision: its mod revision, or for `None` (deleted) the revision of
+/// the deletion. etcd revisions are global and only grow, so of two versions of a key the
+/// one with the higher revision is the later state; "absent" from a read has no revision
+/// (0) and loses to any version handed over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Known<T> {
+    pub rev: i64,
+    pub value: Option<T>,
+}
