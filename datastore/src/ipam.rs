@@ -88,7 +88,8 @@ struct Versioned<T> {
 struct Cache {
     config: Option<Arc<Config>>,
     labels: Option<BTreeMap<String, String>>,
-    blocks: HashMap<IpNetwork, Versioned<IpamBlock>>,
+    /// Shared, so that reading a block from the cache does not copy its allocations.
+    blocks: HashMap<IpNetwork, Versioned<Arc<IpamBlock>>>,
     handles: HashMap<String, Versioned<IpamHandle>>,
     /// Confirmed affinities of this node.
     affine: Option<BTreeSet<IpNetwork>>,
@@ -105,6 +106,7 @@ struct Cache {
 
 impl Cache {
     fn put_block(&mut self, cidr: IpNetwork, rev: i64, value: IpamBlock) {
+        let value = Arc::new(value);
         self.blocks.insert(cidr, Versioned { rev, value });
     }
 
@@ -212,7 +214,7 @@ impl<K: Kv> Ipam<K> {
             .map(|(cidr, b)| {
                 let known = Known {
                     rev: b.rev,
-                    value: Some(b.value.clone()),
+                    value: Some(IpamBlock::clone(&b.value)),
                 };
                 (*cidr, known)
             })
@@ -613,7 +615,7 @@ impl<K: Kv> Ipam<K> {
             // it back for the next attempt. One round trip less per pod start.
             let handle = self.cached_handle_or_new(&owner.handle);
             // Written back in the cluster's format: blocks move to a newer one as they change.
-            let mut block = blk.value.clone().in_format(cfg.block_format);
+            let mut block = IpamBlock::clone(&blk.value).in_format(cfg.block_format);
             let got: Vec<Assigned> = match exact {
                 Some(addr) => vec![block
                     .assign_exact(addr, &owner.handle, attrs, |a| cfg.is_reserved(a))
@@ -811,13 +813,7 @@ impl<K: Kv> Ipam<K> {
                 .or_get(&akey);
             let out = with_retry(|| self.kv.txn(txn.clone())).await?;
             let block_rev = if out.succeeded {
-                self.cache().blocks.insert(
-                    cidr,
-                    Versioned {
-                        rev: out.revision,
-                        value: block,
-                    },
-                );
+                self.cache().put_block(cidr, out.revision, block);
                 out.revision
             } else {
                 let [existing, aff_now, _] = take3(out.gets);
@@ -914,7 +910,7 @@ impl<K: Kv> Ipam<K> {
                 let bkey = keys::block(cidr);
                 match self.block(cidr).await? {
                     Some(blk) => {
-                        let mut block = blk.value.clone();
+                        let mut block = IpamBlock::clone(&blk.value);
                         let now = now_ms();
                         for e in h.value.addresses.iter().filter(|a| a.block == cidr) {
                             // A stale entry (address re-allocated since) is just dropped.
@@ -1028,7 +1024,7 @@ impl<K: Kv> Ipam<K> {
             }
             let hkey = keys::handle(&alloc.handle);
             let h = self.handle(&alloc.handle).await?;
-            let mut block = blk.value.clone();
+            let mut block = IpamBlock::clone(&blk.value);
             // Cannot fail: the address is allocated in this block with this sequence.
             let _ = block.release(addr, Some(alloc.seq), now_ms());
             let mut new_handle = h.value.clone();
@@ -1245,13 +1241,7 @@ impl<K: Kv> Ipam<K> {
             let guard = block.affinity.as_deref().map(keys::suspect);
             let cidr = block.cidr;
             let snapshot = block.clone();
-            self.cache().blocks.insert(
-                cidr,
-                Versioned {
-                    rev: kv.mod_revision,
-                    value: block,
-                },
-            );
+            self.cache().put_block(cidr, kv.mod_revision, block);
             out.push((
                 cidr,
                 guard,
@@ -1261,7 +1251,7 @@ impl<K: Kv> Ipam<K> {
         Ok(out)
     }
 
-    async fn block(&self, cidr: IpNetwork) -> Result<Option<Versioned<IpamBlock>>, IpamError> {
+    async fn block(&self, cidr: IpNetwork) -> Result<Option<Versioned<Arc<IpamBlock>>>, IpamError> {
         if let Some(b) = self.cache().blocks.get(&cidr) {
             return Ok(Some(b.clone()));
         }
@@ -1274,13 +1264,13 @@ impl<K: Kv> Ipam<K> {
         &self,
         cidr: IpNetwork,
         kv: Option<&KeyValue>,
-    ) -> Result<Option<Versioned<IpamBlock>>, IpamError> {
+    ) -> Result<Option<Versioned<Arc<IpamBlock>>>, IpamError> {
         let mut c = self.cache();
         match kv {
             Some(kv) => {
                 let v = Versioned {
                     rev: kv.mod_revision,
-                    value: decode::<IpamBlock>(kv)?,
+                    value: Arc::new(decode::<IpamBlock>(kv)?),
                 };
                 c.blocks.insert(cidr, v.clone());
                 Ok(Some(v))

@@ -246,7 +246,7 @@ impl<K: Kv> Ipam<K> {
                 let Some(block) = self.planned_block(cidr, plan).await? else {
                     return Ok(BatchedOutcome::Alone);
                 };
-                let mut value = block.value.clone().in_format(cfg.block_format);
+                let mut value = block.value.in_format(cfg.block_format);
                 match value.assign_exact(addr, &req.owner.handle, &attrs, |a| cfg.is_reserved(a)) {
                     Ok(a) => {
                         need -= 1;
@@ -281,7 +281,7 @@ impl<K: Kv> Ipam<K> {
                         continue;
                     }
                     let delay = reuse_delay_ms(pool);
-                    let mut value = block.value.clone().in_format(cfg.block_format);
+                    let mut value = block.value.in_format(cfg.block_format);
                     let got = value.assign(need, &req.owner.handle, &attrs, now_ms(), delay, |a| {
                         cfg.is_reserved(a)
                     });
@@ -369,6 +369,9 @@ impl<K: Kv> Ipam<K> {
         if let Some(b) = plan.blocks.get(&cidr) {
             return Ok(Some(b.clone()));
         }
-        self.block(cidr).await
+        Ok(self.block(cidr).await?.map(|b| Versioned {
+            rev: b.rev,
+            value: IpamBlock::clone(&b.value),
+        }))
     }
 }

@@ -6,7 +6,8 @@
 //!   blind variant that reuses the revision its last write returned (one round trip).
 //! - Tessera: `auto_assign` of one IPv4 address then `release_by_handle`, each client on its
 //!   own node (so each works in its own block, as pods on different nodes do).
-//! - Fill levels: the same pairs with the pool 1 %, 50 % and 90 % allocated.
+//! - Fill levels: the same pairs with the pool 1 %, 50 % and 90 % allocated, one pool per
+//!   level, measured in interleaved rounds.
 //!
 //! Prints a Markdown table; BENCHMARKS.md records the numbers.
 
@@ -55,8 +56,18 @@ spec: { cidr: 10.244.0.0/16, blockSize: 26 }
 ---
 apiVersion: tessera.dev/v1
 kind: IPPool
-metadata: { name: fill }
+metadata: { name: fill-1 }
 spec: { cidr: 10.245.0.0/20, blockSize: 26 }
+---
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: fill-50 }
+spec: { cidr: 10.245.16.0/20, blockSize: 26 }
+---
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: fill-90 }
+spec: { cidr: 10.245.32.0/20, blockSize: 26 }
 ";
     let r = parse_resources(yaml)?;
     apply_config(&admin, &r.pools, &r.reservations).await?;
@@ -116,46 +127,91 @@ spec: { cidr: 10.245.0.0/20, blockSize: 26 }
         );
     }
 
-    // Per-operation cost as the pool fills: 8 clients, each on its own node whose block is
-    // filled to the level, and the rest of the pool filled by another node.
+    // Per-operation cost as the pool fills: one pool per level (64 blocks each), 8 clients
+    // per level, each on its own node whose block is filled to the level, and the rest of
+    // the pool filled by another node. The levels are measured in interleaved rounds, like
+    // the rates above: etcd's history grows through the run, and measuring 1 % first and
+    // 90 % last would charge that growth to the fill.
     println!();
-    println!("| pool filled | IPAM pairs/s (8 clients) | ms per pair per client |");
-    println!("|---:|---:|---:|");
+    println!(
+        "| pool filled | IPAM pairs/s (8 clients, median) | ms per pair per client (median) | block value, bytes | raw CAS ms per op, values that size |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
     let mut kvs = Vec::new();
     for _ in 0..8 {
         kvs.push(connect().await?);
     }
-    let mut filled_blocks = 0usize;
-    let mut per_pair = Vec::new();
-    for (level, pct) in [(0, 1usize), (1, 50), (2, 90)] {
+    let levels = [1usize, 50, 90];
+    let mut clients = Vec::new();
+    for pct in levels {
+        let pool = format!("fill-{pct}");
         let ipams: Vec<Arc<Ipam<EtcdKv>>> = kvs
             .iter()
             .enumerate()
-            .map(|(i, kv)| Arc::new(Ipam::new(kv.clone(), format!("fill{level}-{i}"))))
+            .map(|(i, kv)| Arc::new(Ipam::new(kv.clone(), format!("fill{pct}-{i}"))))
             .collect();
         // Each client's block, filled to the level (the pair's own address comes on top).
         let per_block = (64 * pct / 100).max(1);
         for (i, ipam) in ipams.iter().enumerate() {
-            assign_many(ipam, &format!("filler-{level}-{i}"), per_block - 1).await?;
+            assign_many(ipam, &pool, &format!("filler-{pct}-{i}"), per_block - 1).await?;
         }
         // Other blocks: whole blocks for a filler node up to the level over the 64 blocks.
-        let want_blocks = 64 * pct / 100;
-        let filler = Ipam::new(admin.clone(), format!("filler-{level}"));
-        while filled_blocks + 8 * (level + 1) < want_blocks {
-            assign_many(&filler, &format!("filler-{level}-b{filled_blocks}"), 64).await?;
-            filled_blocks += 1;
+        let filler = Ipam::new(admin.clone(), format!("filler-{pct}"));
+        for b in 0..(64 * pct / 100).saturating_sub(8) {
+            assign_many(&filler, &pool, &format!("filler-{pct}-b{b}"), 64).await?;
         }
-        let pairs = pair_rate(&ipams, "fill", dur).await?;
-        println!("| {pct} % | {pairs:.0} | {:.2} |", 8.0 * 1000.0 / pairs);
-        per_pair.push((pct as f64, 8.0 * 1000.0 / pairs));
+        clients.push((pct, pool, ipams));
     }
-    if let (Some(first), Some(last)) = (per_pair.first(), per_pair.last()) {
-        run.ratio(
-            "IPAM ms per pair, pool 90 % full / 1 % full",
-            last.1 / first.1,
-            Some(Target::AtMost(1.1)),
+    let mut ms_per_pair: Vec<Vec<f64>> = vec![Vec::new(); levels.len()];
+    // The reference for what the values alone cost: the raw get+txn CAS loop writing values
+    // the size of the level's blocks, in the same rounds.
+    let mut ms_per_cas: Vec<Vec<f64>> = vec![Vec::new(); levels.len()];
+    let mut value_len = vec![0usize; levels.len()];
+    for _ in 0..args.rounds {
+        for (i, (pct, pool, ipams)) in clients.iter().enumerate() {
+            let pairs = pair_rate(ipams, pool, dur).await?;
+            ms_per_pair[i].push(8.0 * 1000.0 / pairs);
+            value_len[i] = mean_block_len(&admin, &format!("\"fill{pct}-")).await?;
+            let cas = cas_rate_of(&kvs, dur, false, value_len[i]).await?;
+            ms_per_cas[i].push(8.0 * 1000.0 / cas);
+        }
+    }
+    let full_over_empty = median(
+        ms_per_pair[2]
+            .iter()
+            .zip(&ms_per_pair[0])
+            .map(|(full, empty)| full / empty)
+            .collect(),
+    );
+    let cas_full_over_empty = median(
+        ms_per_cas[2]
+            .iter()
+            .zip(&ms_per_cas[0])
+            .map(|(full, empty)| full / empty)
+            .collect(),
+    );
+    let mut per_pair = Vec::new();
+    for (i, pct) in levels.iter().enumerate() {
+        let ms = median(ms_per_pair[i].clone());
+        println!(
+            "| {pct} % | {:.0} | {ms:.2} | {} | {:.2} |",
+            8.0 * 1000.0 / ms,
+            value_len[i],
+            median(ms_per_cas[i].clone())
         );
+        per_pair.push((*pct as f64, ms));
     }
+    println!("\n90 % full / 1 % full, median of the rounds' ratios: IPAM pairs {full_over_empty:.2}, raw CAS of values that size {cas_full_over_empty:.2}");
+    run.ratio(
+        "raw get+txn CAS ms per op, values of a 90 % / a 1 % full block's size",
+        cas_full_over_empty,
+        None,
+    );
+    run.ratio(
+        "IPAM ms per pair, pool 90 % full / 1 % full",
+        full_over_empty,
+        Some(Target::AtMost(1.1)),
+    );
     run.series(
         "ipam_fill",
         "ms per pair per client (8 clients)",
@@ -167,7 +223,23 @@ spec: { cidr: 10.245.0.0/20, blockSize: 26 }
     Ok(())
 }
 
-async fn assign_many(ipam: &Ipam<EtcdKv>, handle: &str, n: usize) -> anyhow::Result<()> {
+/// The mean size of the stored blocks whose value contains `marker` (the level's nodes).
+async fn mean_block_len(kv: &EtcdKv, marker: &str) -> anyhow::Result<usize> {
+    let (blocks, _) = kv.get_prefix(tessera_datastore::keys::BLOCKS).await?;
+    let lens: Vec<usize> = blocks
+        .iter()
+        .filter(|b| String::from_utf8_lossy(&b.value).contains(marker))
+        .map(|b| b.value.len())
+        .collect();
+    Ok(lens.iter().sum::<usize>() / lens.len().max(1))
+}
+
+async fn assign_many(
+    ipam: &Ipam<EtcdKv>,
+    pool: &str,
+    handle: &str,
+    n: usize,
+) -> anyhow::Result<()> {
     if n == 0 {
         return Ok(());
     }
@@ -177,7 +249,7 @@ async fn assign_many(ipam: &Ipam<EtcdKv>, handle: &str, n: usize) -> anyhow::Res
             ..Default::default()
         },
         num_v4: n,
-        pools: vec!["fill".into()],
+        pools: vec![pool.into()],
         ..Default::default()
     };
     ipam.auto_assign(&req).await?;
@@ -214,10 +286,20 @@ where
 }
 
 async fn cas_rate(kvs: &[EtcdKv], dur: Duration, blind: bool) -> anyhow::Result<f64> {
+    cas_rate_of(kvs, dur, blind, 1).await
+}
+
+/// [`cas_rate`] writing values of `value_len` bytes.
+async fn cas_rate_of(
+    kvs: &[EtcdKv],
+    dur: Duration,
+    blind: bool,
+    value_len: usize,
+) -> anyhow::Result<f64> {
     let clients: Vec<(EtcdKv, String, i64)> = kvs
         .iter()
         .enumerate()
-        .map(|(i, kv)| (kv.clone(), format!("/bench/cas/{blind}/{i}"), 0))
+        .map(|(i, kv)| (kv.clone(), format!("/bench/cas/{blind}/{value_len}/{i}"), 0))
         .collect();
     rate(clients, dur, move |(kv, key, mut rev)| async move {
         if !blind {
@@ -225,7 +307,7 @@ async fn cas_rate(kvs: &[EtcdKv], dur: Duration, blind: bool) -> anyhow::Result<
         }
         let txn = Txn::new()
             .expect(&key, rev)
-            .then(Op::put(&key, b"x".to_vec()))
+            .then(Op::put(&key, vec![b'x'; value_len]))
             .or_get(&key);
         let out = kv.txn(txn).await?;
         let rev = if out.succeeded {
