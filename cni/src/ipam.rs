@@ -144,17 +144,20 @@ impl IpamLock {
     /// `ipam` knows when dropped (whatever the outcome: a failed operation's reads are as
     /// good a guess as a successful one's).
     pub fn hold<'a>(self, ipam: &'a Ipam<EtcdKv>) -> HeldIpam<'a> {
-        match std::fs::read(&self.handoff_path) {
-            Ok(bytes) => match serde_json::from_slice::<Handoff>(&bytes) {
-                Ok(handed) => ipam.adopt(handed),
-                // A hint only: an unreadable one (a crash mid-write cannot make one, the
-                // rename is atomic; another version's format can) is simply not used.
-                Err(e) => tracing::debug!(error = %e, "IPAM handoff ignored"),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::debug!(error = %e, "IPAM handoff not read"),
+        if let Some(handed) = read_handoff(&self.handoff_path) {
+            ipam.adopt(handed);
         }
         HeldIpam { lock: self, ipam }
+    }
+
+    /// What the last holder of the lock at `path` left, read without the lock (it is
+    /// replaced by a rename, so it is whole), if its view of the node's affinities was read
+    /// from etcd recently: then this invocation need not read the node's affinities, blocks
+    /// and pools again before it waits for the lock.
+    pub fn recent_handoff(path: &std::path::Path) -> Option<Handoff> {
+        let handed = read_handoff(&path.with_extension("handoff"))?;
+        let read_ms = handed.affinities.as_ref()?.read_ms;
+        (tessera_datastore::now_ms().saturating_sub(read_ms) < HANDOFF_TRUSTED_MS).then_some(handed)
     }
 
     fn leave(&self, handoff: &Handoff) {
@@ -166,6 +169,26 @@ impl IpamLock {
         if let Err(e) = written {
             // The next holder reads from etcd what it cannot take from a handoff.
             tracing::warn!(error = %e, path = %self.handoff_path.display(), "IPAM handoff not written");
+        }
+    }
+}
+
+/// How long the node's affinities in a handoff spare the next invocations from reading
+/// them: an affinity another client adds (the node agent's tunnel address, `tesseractl`) is
+/// seen within this. The blocks and pools in it need no bound (every write compares them).
+const HANDOFF_TRUSTED_MS: u64 = 10_000;
+
+fn read_handoff(path: &std::path::Path) -> Option<Handoff> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice::<Handoff>(&bytes)
+            // A hint only: an unreadable one (a crash mid-write cannot make one, the rename
+            // is atomic; another version's format can) is simply not used.
+            .inspect_err(|e| tracing::debug!(error = %e, "IPAM handoff ignored"))
+            .ok(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "IPAM handoff not read");
+            None
         }
     }
 }
@@ -353,11 +376,15 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
     let workload = pod
         .named
         .then_some((pod.namespace.as_str(), pod.name.as_str()));
+    let lock_path = lock_path(conf, node);
+    if let Some(handed) = IpamLock::recent_handoff(&lock_path) {
+        ipam.adopt(handed);
+    }
     let read_ahead = async {
         let (held, warm) = tokio::join!(ipam.held(&handle), ipam.prefetch_for(workload));
         held.and(warm)
     };
-    let lock = IpamLock::ask(lock_path(conf, node));
+    let lock = IpamLock::ask(lock_path);
     let (read_ahead, intent) = tokio::join!(read_ahead, intent);
     read_ahead?;
     let intent = intent?.unwrap_or_default();
@@ -583,11 +610,15 @@ pub async fn release(call: Call<'_>) -> Result<(), CniError> {
             let ipam = Ipam::new(kv.clone(), node);
             // As in ADD, the reads happen before the lock and the previous holder's
             // handoff brings them up to date; a plain release waits in the node's queue.
+            let lock_path = lock_path(conf, node);
+            if let Some(handed) = IpamLock::recent_handoff(&lock_path) {
+                ipam.adopt(handed);
+            }
             let read_ahead = async {
                 let (held, warm) = tokio::join!(ipam.held(&handle), ipam.prefetch());
                 held.and(warm)
             };
-            let lock = IpamLock::ask(lock_path(conf, node));
+            let lock = IpamLock::ask(lock_path);
             let (intent, read_ahead) =
                 tokio::join!(get_pod_intent(kv, &pod.namespace, &pod.name), read_ahead);
             let intent = intent?;
@@ -697,4 +728,38 @@ pub async fn gc(kv: &EtcdKv, conf: &NetConf, node: &str) -> Result<Vec<String>, 
         }
     }
     Ok(stale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_datastore::handoff::Affinities;
+
+    #[test]
+    fn a_handoff_is_trusted_before_the_lock_only_while_its_affinities_are_recent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lock = dir.path().join("ipam-node1.lock");
+        assert_eq!(IpamLock::recent_handoff(&lock), None, "none yet");
+        let leave = |read_ms: u64| {
+            let handoff = Handoff {
+                node: "node1".into(),
+                affinities: Some(Affinities {
+                    as_of: 7,
+                    read_ms,
+                    blocks: Default::default(),
+                }),
+                ..Default::default()
+            };
+            let bytes = serde_json::to_vec(&handoff).expect("json");
+            std::fs::write(lock.with_extension("handoff"), bytes).expect("write");
+            handoff
+        };
+        let now = tessera_datastore::now_ms();
+        let recent = leave(now - 1_000);
+        assert_eq!(IpamLock::recent_handoff(&lock), Some(recent));
+        leave(now - HANDOFF_TRUSTED_MS - 1_000);
+        assert_eq!(IpamLock::recent_handoff(&lock), None, "read too long ago");
+        std::fs::write(lock.with_extension("handoff"), b"{garbage").expect("write");
+        assert_eq!(IpamLock::recent_handoff(&lock), None, "unreadable");
+    }
 }

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::block::IpamBlock;
 use crate::model::IpamHandle;
+use crate::resources::Config;
 
 /// Handles carried from one holder to the next: the pods being started and stopped right
 /// now, not the node's history.
@@ -38,6 +39,9 @@ pub struct Handoff {
     /// Recently written handles, and deleted ones.
     #[serde(default)]
     pub handles: BTreeMap<String, Known<IpamHandle>>,
+    /// Pools and reservations: every write compares their epoch, so any age will do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<Config>,
 }
 
 /// The node's confirmed affinities, as of a store revision.
@@ -46,6 +50,10 @@ pub struct Handoff {
 pub struct Affinities {
     /// The revision of the read they came from, or of the last claim or release since.
     pub as_of: i64,
+    /// When (ms since the epoch) some client last read them from etcd: how stale they can
+    /// be as to affinities other clients added (the node agent's, `tesseractl`'s).
+    #[serde(default)]
+    pub read_ms: u64,
     pub blocks: BTreeSet<IpNetwork>,
 }
 

@@ -93,8 +93,10 @@ struct Cache {
     handles: HashMap<String, Versioned<IpamHandle>>,
     /// Confirmed affinities of this node.
     affine: Option<BTreeSet<IpNetwork>>,
-    /// The revision `affine` is known at (see [`Handoff`]).
+    /// The revision `affine` is known at and when it was last read from etcd (see
+    /// [`Handoff`]).
     affine_as_of: i64,
+    affine_read_ms: u64,
     /// Blocks and handles this client deleted, with the deletion's revision: what a
     /// [`Handoff`] tells the next client that read them before.
     deleted_blocks: HashMap<IpNetwork, i64>,
@@ -247,10 +249,12 @@ impl<K: Kv> Ipam<K> {
             node: self.node.clone(),
             affinities: c.affine.clone().map(|blocks| Affinities {
                 as_of: c.affine_as_of,
+                read_ms: c.affine_read_ms,
                 blocks,
             }),
             blocks,
             handles: handles.into_iter().collect(),
+            config: c.config.as_deref().cloned(),
         }
     }
 
@@ -265,6 +269,15 @@ impl<K: Kv> Ipam<K> {
             if c.affine.is_none() || a.as_of > c.affine_as_of {
                 c.affine = Some(a.blocks);
                 c.affine_as_of = a.as_of;
+            }
+            c.affine_read_ms = c.affine_read_ms.max(a.read_ms);
+        }
+        if let Some(config) = handed.config {
+            if c.config
+                .as_ref()
+                .is_none_or(|ours| config.epoch_rev > ours.epoch_rev)
+            {
+                c.config = Some(Arc::new(config));
             }
         }
         for (cidr, known) in handed.blocks {
@@ -1209,6 +1222,7 @@ impl<K: Kv> Ipam<K> {
         let mut c = self.cache();
         c.affine = Some(set.clone());
         c.affine_as_of = read_at;
+        c.affine_read_ms = now_ms();
         Ok(set)
     }
 

@@ -8,7 +8,7 @@ use crate::kv::{Kv, Op, Txn};
 use crate::model::{Conflict, IpPool, IpReservation, Node, PodIntent, WorkloadEndpoint};
 
 /// Pools and reservations as read at one revision, with the epoch's revision.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     pub epoch_rev: i64,
     pub pools: Vec<IpPool>,

@@ -484,3 +484,30 @@ async fn a_batch_leaves_alone_what_it_cannot_do_plainly_and_everything_when_its_
     stale.auto_assign(&request("late")).await.expect("assign");
     assert_eq!(fresh.handle_addresses("late").await.expect("read").len(), 1);
 }
+
+#[tokio::test]
+async fn with_a_handoff_read_before_the_lock_the_read_ahead_skips_pools_affinities_and_blocks() {
+    let kv = Counting::default();
+    let r = parse_resources(POOL).expect("pool");
+    apply_config(&kv, &r.pools, &r.reservations)
+        .await
+        .expect("apply");
+    let holder = Ipam::new(kv.clone(), "node1");
+    read_ahead(&holder, "pod-a").await;
+    holder.auto_assign(&request("pod-a")).await.expect("assign");
+    let handed = holder.handoff();
+    assert!(handed.config.is_some(), "the pools travel with it");
+    assert!(handed.affinities.as_ref().is_some_and(|a| a.read_ms > 0));
+
+    let next = Ipam::new(kv.clone(), "node1");
+    next.adopt(handed);
+    kv.take();
+    read_ahead(&next, "pod-b").await;
+    assert_eq!(
+        kv.take(),
+        (2, 0),
+        "the node's labels and the pod's handle only"
+    );
+    next.auto_assign(&request("pod-b")).await.expect("assign");
+    assert_eq!(kv.take(), (0, 1));
+}
