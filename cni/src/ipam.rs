@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use serde_json::Value;
 use tessera_datastore::block::Attributes;
-use tessera_datastore::handoff::Handoff;
+use tessera_datastore::handoff::{store_id, Handoff};
 use tessera_datastore::kv::Kv;
 use tessera_datastore::model::WorkloadId;
 use tessera_datastore::resources::{get_pod_intent, list_workload_endpoints};
@@ -193,17 +193,65 @@ fn read_handoff(path: &std::path::Path) -> Option<Handoff> {
     }
 }
 
+/// The node's IPAM lock (the handoff and the queue beside it): `ipamLockFile`, or one per
+/// node name, datastore and network namespace under `/var/run/tessera`. A host has one of
+/// each, but not always: the test bed runs several clusters, each with a `node1` in a
+/// namespace of its own, on one machine, and two networks may use two datastores; what one
+/// of them hands over means nothing to another.
 fn lock_path(conf: &NetConf, node: &str) -> PathBuf {
-    PathBuf::from(
-        conf.ipam_lock_file
-            .clone()
-            .unwrap_or_else(|| format!("/var/run/tessera/ipam-{node}.lock")),
-    )
+    if let Some(path) = &conf.ipam_lock_file {
+        return PathBuf::from(path);
+    }
+    PathBuf::from(format!(
+        "/var/run/tessera/ipam-{node}-{:016x}.lock",
+        lock_scope(conf, node)
+    ))
 }
 
-/// Where the node's plain IPAM operations wait for its lock (see [`crate::ipam_queue`]).
+/// What tells two IPAM scopes of one node name apart: the datastore's endpoints and this
+/// process's network namespace.
+fn lock_scope(conf: &NetConf, node: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    let mut ds = conf.datastore.clone();
+    // As `connect` will see them; a bad environment fails there, with its own error.
+    let _ = ds.apply_process_env();
+    let netns = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino())
+        .unwrap_or_default();
+    // Stable across processes and builds: FNV-1a, not the std hasher's random keys.
+    let mut h = Fnv1a::default();
+    (node, &ds.etcd_endpoints, netns).hash(&mut h);
+    h.finish()
+}
+
+#[derive(Default)]
+struct Fnv1a(u64);
+
+impl std::hash::Hasher for Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        if self.0 == 0 {
+            self.0 = 0xcbf2_9ce4_8422_2325;
+        }
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Where the node's plain IPAM operations wait for its lock (see [`crate::ipam_queue`]):
+/// a short name, as the waiters' sockets in it must fit in 107 bytes.
 fn queue_dir(conf: &NetConf, node: &str) -> PathBuf {
-    lock_path(conf, node).with_extension("queue")
+    let lock = lock_path(conf, node);
+    let mut h = Fnv1a::default();
+    std::hash::Hash::hash(&lock, &mut h);
+    PathBuf::from(format!(
+        "/var/run/tessera/q-{:016x}",
+        std::hash::Hasher::finish(&h)
+    ))
 }
 
 /// Waits for the node's IPAM lock (asked for in `lock` while the caller read ahead) and
@@ -218,8 +266,8 @@ async fn take_turn<'a>(
 ) -> Result<(Option<HeldIpam<'a>>, Option<BatchedOutcome>), CniError> {
     let lock_lost = |_| CniError::io("the IPAM lock's thread ended without an answer");
     // Queued only while the lock is still to come: a holder may then do it for us.
-    let ticket = match &op {
-        Some(op) if lock.is_empty() => Ticket::submit(&queue, op)
+    let ticket = match (&op, ipam.store()) {
+        (Some(op), Some(store)) if lock.is_empty() => Ticket::submit(&queue, store, op)
             .inspect_err(|e| tracing::warn!(error = %e, "not queued: waiting for the IPAM lock"))
             .ok(),
         _ => None,
@@ -377,14 +425,18 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
         .named
         .then_some((pod.namespace.as_str(), pod.name.as_str()));
     let lock_path = lock_path(conf, node);
-    if let Some(handed) = IpamLock::recent_handoff(&lock_path) {
-        ipam.adopt(handed);
-    }
     let read_ahead = async {
-        let (held, warm) = tokio::join!(ipam.held(&handle), ipam.prefetch_for(workload));
-        held.and(warm)
+        // The handle, and which store this is: then a recent handoff of this store can
+        // spare the pools, affinities and blocks.
+        let (held, store) = tokio::join!(ipam.held(&handle), store_id(kv));
+        held?;
+        ipam.set_store(store?);
+        if let Some(handed) = IpamLock::recent_handoff(&lock_path) {
+            ipam.adopt(handed);
+        }
+        ipam.prefetch_for(workload).await
     };
-    let lock = IpamLock::ask(lock_path);
+    let lock = IpamLock::ask(lock_path.clone());
     let (read_ahead, intent) = tokio::join!(read_ahead, intent);
     read_ahead?;
     let intent = intent?.unwrap_or_default();
@@ -611,14 +663,17 @@ pub async fn release(call: Call<'_>) -> Result<(), CniError> {
             // As in ADD, the reads happen before the lock and the previous holder's
             // handoff brings them up to date; a plain release waits in the node's queue.
             let lock_path = lock_path(conf, node);
-            if let Some(handed) = IpamLock::recent_handoff(&lock_path) {
-                ipam.adopt(handed);
-            }
             let read_ahead = async {
-                let (held, warm) = tokio::join!(ipam.held(&handle), ipam.prefetch());
-                held.and(warm)
+                // As in ADD: the handle and the store first, then a recent handoff.
+                let (held, store) = tokio::join!(ipam.held(&handle), store_id(kv));
+                held?;
+                ipam.set_store(store?);
+                if let Some(handed) = IpamLock::recent_handoff(&lock_path) {
+                    ipam.adopt(handed);
+                }
+                ipam.prefetch().await
             };
-            let lock = IpamLock::ask(lock_path);
+            let lock = IpamLock::ask(lock_path.clone());
             let (intent, read_ahead) =
                 tokio::join!(get_pod_intent(kv, &pod.namespace, &pod.name), read_ahead);
             let intent = intent?;

@@ -16,6 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use serde::{Deserialize, Serialize};
 use tessera_datastore::{BatchedOp, BatchedOutcome, EtcdKv, Ipam};
 use tokio::net::UnixDatagram;
 
@@ -33,6 +34,14 @@ const SOCKET: &str = "sock";
 /// Outcomes are a few hundred bytes of JSON; this bounds a malformed one.
 const MAX_OUTCOME: usize = 64 * 1024;
 
+/// A queued operation and the datastore it is for
+/// ([`tessera_datastore::handoff::store_id`]): a holder does only its own store's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Queued {
+    store: u64,
+    op: BatchedOp,
+}
+
 /// One invocation's place in the queue. Dropping it takes its request and socket away.
 pub struct Ticket {
     dir: PathBuf,
@@ -41,8 +50,8 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Leaves `op` in the queue at `dir`.
-    pub fn submit(dir: &Path, op: &BatchedOp) -> Result<Ticket, CniError> {
+    /// Leaves `op` (for the datastore `store`) in the queue at `dir`.
+    pub fn submit(dir: &Path, store: u64, op: &BatchedOp) -> Result<Ticket, CniError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| CniError::io(format!("{}: {e}", dir.display())))?;
         // Short: a socket's path has at most 107 bytes. Unique: one per process.
@@ -60,7 +69,11 @@ impl Ticket {
             id,
             outcomes,
         };
-        let bytes = serde_json::to_vec(op).map_err(|e| CniError::io(e.to_string()))?;
+        let queued = Queued {
+            store,
+            op: op.clone(),
+        };
+        let bytes = serde_json::to_vec(&queued).map_err(|e| CniError::io(e.to_string()))?;
         write_atomically(&ticket.path(REQUEST), &bytes)?;
         Ok(ticket)
     }
@@ -136,7 +149,14 @@ async fn combine(
     ipam: &Ipam<EtcdKv>,
     own: Own<'_>,
 ) -> Result<Option<BatchedOutcome>, CniError> {
-    let mut queued: Vec<(Option<String>, BatchedOp)> = read_queue(dir)
+    let Some(store) = ipam.store() else {
+        // Not knowing its store, it cannot tell whose requests are whose.
+        return Ok(match own {
+            Own::Queued(_) => Some(BatchedOutcome::Alone),
+            Own::NotQueued(op) => Some(ipam.apply_batch(&[op]).await?.remove(0)),
+        });
+    };
+    let mut queued: Vec<(Option<String>, BatchedOp)> = read_queue(dir, store)
         .into_iter()
         .map(|(id, op)| (Some(id), op))
         .collect();
@@ -173,9 +193,10 @@ async fn combine(
     Ok(own.or(Some(BatchedOutcome::Alone)))
 }
 
-/// The queued requests by id, oldest first (the order their invocations asked in),
-/// dropping stale and unreadable ones and sockets of invocations long gone.
-fn read_queue(dir: &Path) -> Vec<(String, BatchedOp)> {
+/// The queued requests for the datastore `store` by id, oldest first (the order their
+/// invocations asked in), dropping stale and unreadable ones and sockets of invocations
+/// long gone.
+fn read_queue(dir: &Path, store: u64) -> Vec<(String, BatchedOp)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -195,8 +216,10 @@ fn read_queue(dir: &Path) -> Vec<(String, BatchedOp)> {
             .unwrap_or_default();
         match path.extension().and_then(|e| e.to_str()) {
             Some(REQUEST) if age < STALE_REQUEST => {
-                match std::fs::read(&path).map(|b| serde_json::from_slice::<BatchedOp>(&b)) {
-                    Ok(Ok(op)) => queued.push((age, id.to_string(), op)),
+                match std::fs::read(&path).map(|b| serde_json::from_slice::<Queued>(&b)) {
+                    Ok(Ok(q)) if q.store == store => queued.push((age, id.to_string(), q.op)),
+                    // Another store's: its own invocations serve it.
+                    Ok(Ok(_)) => {}
                     _ => {
                         tracing::warn!(path = %path.display(), "unreadable IPAM request dropped");
                         let _ = std::fs::remove_file(&path);
@@ -247,7 +270,13 @@ mod tests {
     #[test]
     fn the_queue_is_read_oldest_first_without_stale_or_unreadable_requests() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let json = |op: &BatchedOp| serde_json::to_vec(op).expect("json");
+        let json = |op: &BatchedOp| {
+            let queued = Queued {
+                store: 7,
+                op: op.clone(),
+            };
+            serde_json::to_vec(&queued).expect("json")
+        };
         aged(
             &dir.path().join("b.req"),
             &json(&release("second")),
@@ -270,6 +299,13 @@ mod tests {
             STALE_REQUEST * 2,
         );
         aged(&dir.path().join("bad.req"), b"{not json", Duration::ZERO);
+        // Another datastore's, with a node of the same name: left for its own.
+        let other = Queued {
+            store: 8,
+            op: release("theirs"),
+        };
+        let other = serde_json::to_vec(&other).expect("json");
+        aged(&dir.path().join("e.req"), &other, Duration::ZERO);
         // Half written: not a request yet.
         aged(
             &dir.path().join("d.tmp"),
@@ -279,7 +315,7 @@ mod tests {
         aged(&dir.path().join("gone.sock"), b"", STALE_SOCKET * 2);
         aged(&dir.path().join("live.sock"), b"", Duration::ZERO);
 
-        let queued = read_queue(dir.path());
+        let queued = read_queue(dir.path(), 7);
         let handles: Vec<(&str, &str)> = queued
             .iter()
             .map(|(id, op)| match op {
@@ -294,7 +330,7 @@ mod tests {
         for removed in ["old.req", "bad.req", "gone.sock"] {
             assert!(!dir.path().join(removed).exists(), "{removed}");
         }
-        for kept in ["a.req", "d.tmp", "live.sock"] {
+        for kept in ["a.req", "d.tmp", "live.sock", "e.req"] {
             assert!(dir.path().join(kept).exists(), "{kept}");
         }
     }
@@ -302,8 +338,8 @@ mod tests {
     #[tokio::test]
     async fn a_ticket_listens_before_it_queues_and_takes_both_away_when_dropped() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ticket = Ticket::submit(dir.path(), &release("pod")).expect("submit");
-        let queued = read_queue(dir.path());
+        let ticket = Ticket::submit(dir.path(), 7, &release("pod")).expect("submit");
+        let queued = read_queue(dir.path(), 7);
         assert_eq!(queued.len(), 1);
         assert_eq!(queued[0].0, ticket.id);
         // What a holder does for it: the outcome arrives on its socket.

@@ -18,6 +18,10 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use crate::block::IpamBlock;
+use crate::codec::{decode, encode, with_retry};
+use crate::error::IpamError;
+use crate::keys;
+use crate::kv::{Kv, Op, Txn};
 use crate::model::IpamHandle;
 use crate::resources::Config;
 
@@ -29,8 +33,11 @@ pub const HANDLES_CARRIED: usize = 64;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Handoff {
-    /// The node it describes; a handoff of another node is ignored.
+    /// The node it describes, in which store ([`store_id`]): a handoff of another node or
+    /// another store is ignored.
     pub node: String,
+    #[serde(default)]
+    pub store: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinities: Option<Affinities>,
     /// This node's blocks, and blocks it deleted (as [`Known::value`] `None`).
@@ -65,4 +72,40 @@ pub struct Affinities {
 pub struct Known<T> {
     pub rev: i64,
     pub value: Option<T>,
+}
+
+/// The random number that names this datastore, created by the first client that asks.
+///
+/// What a handoff says is in revisions of one store; a host can see several stores under one
+/// node name (the test bed's clusters, built alike, have the same etcd cluster id; two
+/// networks may use two datastores), and a handoff of one must never be taken in another.
+pub async fn store_id<K: Kv>(kv: &K) -> Result<u64, IpamError> {
+    if let Some(found) = with_retry(|| kv.get(keys::STORE_ID)).await? {
+        return decode(&found);
+    }
+    let fresh = random_u64();
+    let txn = Txn::new()
+        .expect(keys::STORE_ID, 0)
+        .then(Op::put(keys::STORE_ID, encode(&fresh)))
+        .or_get(keys::STORE_ID);
+    let out = with_retry(|| kv.txn(txn.clone())).await?;
+    match out.gets.into_iter().next().flatten() {
+        // Another client created it first.
+        Some(theirs) if !out.succeeded => decode(&theirs),
+        _ => Ok(fresh),
+    }
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // std's hasher keys are random per process; the time and pid make it per call.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }

@@ -93,6 +93,8 @@ struct Cache {
     handles: HashMap<String, Versioned<IpamHandle>>,
     /// Confirmed affinities of this node.
     affine: Option<BTreeSet<IpNetwork>>,
+    /// Which datastore this is ([`crate::handoff::store_id`]), once known.
+    store: Option<u64>,
     /// The revision `affine` is known at and when it was last read from etcd (see
     /// [`Handoff`]).
     affine_as_of: i64,
@@ -205,6 +207,17 @@ impl<K: Kv> Ipam<K> {
         *self.cache() = Cache::default();
     }
 
+    /// Says which datastore this client works in ([`crate::handoff::store_id`]): handoffs
+    /// are only exchanged within one.
+    pub fn set_store(&self, id: u64) {
+        self.cache().store = Some(id);
+    }
+
+    /// The datastore this client works in, if [`Ipam::set_store`] said.
+    pub fn store(&self) -> Option<u64> {
+        self.cache().store
+    }
+
     /// What this client knows of the node's affinities, blocks and recently written
     /// handles, for the next short-lived client of the same node (see [`Handoff`]).
     pub fn handoff(&self) -> Handoff {
@@ -247,6 +260,7 @@ impl<K: Kv> Ipam<K> {
         handles.truncate(HANDLES_CARRIED);
         Handoff {
             node: self.node.clone(),
+            store: c.store,
             affinities: c.affine.clone().map(|blocks| Affinities {
                 as_of: c.affine_as_of,
                 read_ms: c.affine_read_ms,
@@ -259,12 +273,14 @@ impl<K: Kv> Ipam<K> {
     }
 
     /// Takes what the previous client of this node handed over, key by key where it is
-    /// newer than what this one read (a handoff of another node is ignored).
+    /// newer than what this one read. A handoff of another node, or of another store or
+    /// before this client knows its own ([`Ipam::set_store`]), is ignored: revisions of two
+    /// stores do not compare.
     pub fn adopt(&self, handed: Handoff) {
-        if handed.node != self.node {
+        let mut c = self.cache();
+        if handed.node != self.node || c.store.is_none() || handed.store != c.store {
             return;
         }
-        let mut c = self.cache();
         if let Some(a) = handed.affinities {
             if c.affine.is_none() || a.as_of > c.affine_as_of {
                 c.affine = Some(a.blocks);

@@ -20,6 +20,8 @@ pub const AFFINITIES: &str = "/tessera/v1/ipam/affinities/";
 pub const HANDLES: &str = "/tessera/v1/ipam/handles/";
 /// Last addresses of a workload (namespace/name), for stable addresses across restarts.
 pub const LAST_ADDRESSES: &str = "/tessera/v1/ipam/last-addresses/";
+/// A random number naming this datastore (see [`crate::handoff::store_id`]).
+pub const STORE_ID: &str = "/tessera/v1/ipam/store-id";
 pub const NODES: &str = "/tessera/v1/nodes/";
 pub const LIVENESS: &str = "/tessera/v1/liveness/";
 pub const WORKLOADS: &str = "/tessera/v1/workloads/";

@@ -172,6 +172,10 @@ async fn after_the_read_ahead_a_pods_assignment_is_one_transaction() {
 
 /// What a CNI invocation does before its node's IPAM lock: read everything ahead.
 async fn read_ahead(ipam: &Ipam<Counting>, handle: &str) {
+    let store = tessera_datastore::handoff::store_id(ipam.kv())
+        .await
+        .expect("store id");
+    ipam.set_store(store);
     ipam.held(handle).await.expect("handle");
     ipam.prefetch().await.expect("read ahead");
 }
@@ -500,9 +504,11 @@ async fn with_a_handoff_read_before_the_lock_the_read_ahead_skips_pools_affiniti
     assert!(handed.affinities.as_ref().is_some_and(|a| a.read_ms > 0));
 
     let next = Ipam::new(kv.clone(), "node1");
+    next.set_store(handed.store.expect("the store it was written in"));
     next.adopt(handed);
     kv.take();
-    read_ahead(&next, "pod-b").await;
+    next.held("pod-b").await.expect("handle");
+    next.prefetch().await.expect("read ahead");
     assert_eq!(
         kv.take(),
         (2, 0),
@@ -510,4 +516,45 @@ async fn with_a_handoff_read_before_the_lock_the_read_ahead_skips_pools_affiniti
     );
     next.auto_assign(&request("pod-b")).await.expect("assign");
     assert_eq!(kv.take(), (0, 1));
+}
+
+#[tokio::test]
+async fn a_handoff_of_another_store_is_ignored() {
+    // Two clusters with a node1 on one host (the test bed's): revisions of two stores do
+    // not compare, and the handles and blocks of one mean nothing in the other.
+    let r = parse_resources(POOL).expect("pool");
+    let (ours, theirs) = (Counting::default(), Counting::default());
+    for kv in [&ours, &theirs] {
+        apply_config(kv, &r.pools, &r.reservations)
+            .await
+            .expect("apply");
+    }
+    let elsewhere = Ipam::new(theirs.clone(), "node1");
+    read_ahead(&elsewhere, "pod-a").await;
+    for i in 0..20 {
+        // Their revisions run ahead of ours.
+        elsewhere
+            .auto_assign(&request(&format!("theirs-{i}")))
+            .await
+            .expect("assign");
+    }
+    elsewhere
+        .auto_assign(&request("pod-a"))
+        .await
+        .expect("assign");
+    Ipam::new(ours.clone(), "node1")
+        .auto_assign(&request("earlier"))
+        .await
+        .expect("our node's block");
+    let here = Ipam::new(ours.clone(), "node1");
+    read_ahead(&here, "pod-a").await;
+    here.adopt(elsewhere.handoff());
+    assert_eq!(
+        here.held("pod-a").await.expect("held"),
+        (Vec::new(), 0),
+        "not ours"
+    );
+    ours.take();
+    here.auto_assign(&request("pod-a")).await.expect("assign");
+    assert_eq!(ours.take(), (0, 1), "our own reads stand");
 }
