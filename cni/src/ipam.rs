@@ -425,17 +425,7 @@ pub async fn assign(call: Call<'_>) -> Result<Assigned, CniError> {
         .named
         .then_some((pod.namespace.as_str(), pod.name.as_str()));
     let lock_path = lock_path(conf, node);
-    let read_ahead = async {
-        // The handle, and which store this is: then a recent handoff of this store can
-        // spare the pools, affinities and blocks.
-        let (held, store) = tokio::join!(ipam.held(&handle), store_id(kv));
-        held?;
-        ipam.set_store(store?);
-        if let Some(handed) = IpamLock::recent_handoff(&lock_path) {
-            ipam.adopt(handed);
-        }
-        ipam.prefetch_for(workload).await
-    };
+    let read_ahead = read_ahead(&ipam, &handle, &lock_path, workload);
     let lock = IpamLock::ask(lock_path.clone());
     let (read_ahead, intent) = tokio::join!(read_ahead, intent);
     read_ahead?;
@@ -587,6 +577,24 @@ fn requested_addresses(
     Ok(requested)
 }
 
+/// What an ADD or DEL reads while it waits for the node's IPAM lock: the pod's handle and
+/// which store this is, then, unless a recent handoff of this store has them, the pools,
+/// the node's affinities and blocks; with `workload` (namespace, name), its last addresses.
+async fn read_ahead(
+    ipam: &Ipam<EtcdKv>,
+    handle: &str,
+    lock_path: &std::path::Path,
+    workload: Option<(&str, &str)>,
+) -> Result<(), tessera_datastore::IpamError> {
+    let (held, store) = tokio::join!(ipam.held(handle), store_id(ipam.kv()));
+    held?;
+    ipam.set_store(store?);
+    if let Some(handed) = IpamLock::recent_handoff(lock_path) {
+        ipam.adopt(handed);
+    }
+    ipam.prefetch_for(workload).await
+}
+
 /// How long an ADD waits for the Kubernetes controllers to write a pod's intent before it
 /// asks the apiserver itself.
 const INTENT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
@@ -663,16 +671,7 @@ pub async fn release(call: Call<'_>) -> Result<(), CniError> {
             // As in ADD, the reads happen before the lock and the previous holder's
             // handoff brings them up to date; a plain release waits in the node's queue.
             let lock_path = lock_path(conf, node);
-            let read_ahead = async {
-                // As in ADD: the handle and the store first, then a recent handoff.
-                let (held, store) = tokio::join!(ipam.held(&handle), store_id(kv));
-                held?;
-                ipam.set_store(store?);
-                if let Some(handed) = IpamLock::recent_handoff(&lock_path) {
-                    ipam.adopt(handed);
-                }
-                ipam.prefetch().await
-            };
+            let read_ahead = read_ahead(&ipam, &handle, &lock_path, None);
             let lock = IpamLock::ask(lock_path.clone());
             let (intent, read_ahead) =
                 tokio::join!(get_pod_intent(kv, &pod.namespace, &pod.name), read_ahead);

@@ -75,6 +75,15 @@ struct Plan {
     last_addresses: Vec<(String, Vec<IpAddr>)>,
 }
 
+impl Plan {
+    /// The block's new value; the transaction compares the revision it was first read at.
+    fn write(&mut self, cidr: IpNetwork, read_rev: i64, value: IpamBlock) {
+        self.block_revs.entry(cidr).or_insert(read_rev);
+        let rev = read_rev;
+        self.blocks.insert(cidr, Versioned { rev, value });
+    }
+}
+
 impl<K: Kv> Ipam<K> {
     /// Does what it can of `ops` in one transaction, in order, and says for each what
     /// became of it. At most [`MAX_BATCH`] operations are considered; the rest are
@@ -256,14 +265,7 @@ impl<K: Kv> Ipam<K> {
                             pool: pool.name.clone(),
                             seq: a.seq,
                         });
-                        plan.block_revs.entry(cidr).or_insert(block.rev);
-                        plan.blocks.insert(
-                            cidr,
-                            Versioned {
-                                rev: block.rev,
-                                value,
-                            },
-                        );
+                        plan.write(cidr, block.rev, value);
                     }
                     Err(BlockError::InUse { .. } | BlockError::Reserved { .. }) => {}
                     Err(_) => return Ok(BatchedOutcome::Alone),
@@ -295,14 +297,7 @@ impl<K: Kv> Ipam<K> {
                         pool: pool.name.clone(),
                         seq: a.seq,
                     }));
-                    plan.block_revs.entry(cidr).or_insert(block.rev);
-                    plan.blocks.insert(
-                        cidr,
-                        Versioned {
-                            rev: block.rev,
-                            value,
-                        },
-                    );
+                    plan.write(cidr, block.rev, value);
                 }
             }
             if need > 0 {
@@ -349,8 +344,7 @@ impl<K: Kv> Ipam<K> {
             if let Ok(Some(_)) = block.value.release(entry.addr, Some(entry.seq), now) {
                 freed.push(entry.addr);
             }
-            plan.block_revs.entry(entry.block).or_insert(block.rev);
-            plan.blocks.insert(entry.block, block);
+            plan.write(entry.block, block.rev, block.value);
         }
         let emptied = IpamHandle {
             id: id.to_string(),
