@@ -125,6 +125,7 @@ fn main() -> anyhow::Result<()> {
     let tessera = Driver::from_conflist(
         &json!({ "cniVersion": "1.0.0", "name": "bench", "plugins": [{
             "type": "tessera", "nodename": "node1", "mtu": 1500,
+            "ipamLockFile": data.path().join("ipam-node1.lock"),
             "datastore": { "etcdEndpoints": [lab.etcd_endpoint()] },
             "logFile": std::env::var("BENCH_CNI_LOG").map(PathBuf::from).unwrap_or_else(|_| data.path().join("cni.log")),
             "ipam": { "type": "tessera-ipam" }

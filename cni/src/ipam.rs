@@ -243,9 +243,13 @@ impl std::hash::Hasher for Fnv1a {
 }
 
 /// Where the node's plain IPAM operations wait for its lock (see [`crate::ipam_queue`]):
-/// a short name, as the waiters' sockets in it must fit in 107 bytes.
+/// beside `ipamLockFile`, else a short name, as the waiters' sockets in it must fit in 107
+/// bytes.
 fn queue_dir(conf: &NetConf, node: &str) -> PathBuf {
     let lock = lock_path(conf, node);
+    if conf.ipam_lock_file.is_some() {
+        return lock.with_extension("queue");
+    }
     let mut h = Fnv1a::default();
     std::hash::Hash::hash(&lock, &mut h);
     PathBuf::from(format!(

@@ -212,7 +212,8 @@ pub struct NetConf {
     pub mtu_file: Option<String>,
     #[serde(default)]
     pub log_file: Option<String>,
-    /// The node-wide IPAM lock (default /var/run/tessera/ipam-<node>.lock).
+    /// The node-wide IPAM lock; its handoff and queue go beside it (default: under
+    /// /var/run/tessera, named by node, datastore and network namespace).
     #[serde(default)]
     pub ipam_lock_file: Option<String>,
     #[serde(default)]

@@ -404,6 +404,8 @@ impl Cluster {
             "datastore": { "etcdEndpoints": self.lab.etcd_endpoints(), "timeoutMs": 3000 },
             "mtuFile": self.mtu_file(node),
             "logFile": self.dir.path().join("cni.log"),
+            // The cluster's own: nothing left in /var/run/tessera.
+            "ipamLockFile": self.dir.path().join(format!("ipam-{node}.lock")),
             "ipam": { "type": "tessera-ipam", "assignIpv4": true, "assignIpv6": ipv6 }
         });
         for (k, v) in &self.cni_extra {

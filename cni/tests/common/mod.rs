@@ -61,6 +61,8 @@ impl CniLab {
             "nodename": node,
             "datastore": { "etcdEndpoints": [self.lab.etcd_endpoint()], "timeoutMs": 2000 },
             "logFile": self.logs.path().join("cni.log"),
+            // The lab's own: nothing left in /var/run/tessera.
+            "ipamLockFile": self.logs.path().join(format!("ipam-{node}.lock")),
             "mtu": 1500,
             "ipam": { "type": "tessera-ipam", "assignIpv4": true, "assignIpv6": dual_stack },
             "capabilities": { "ips": true, "mac": true }
