@@ -211,7 +211,6 @@ fn lock_path(conf: &NetConf, node: &str) -> PathBuf {
 /// What tells two IPAM scopes of one node name apart: the datastore's endpoints and this
 /// process's network namespace.
 fn lock_scope(conf: &NetConf, node: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
     use std::os::unix::fs::MetadataExt;
     let mut ds = conf.datastore.clone();
     // As `connect` will see them; a bad environment fails there, with its own error.
@@ -219,27 +218,7 @@ fn lock_scope(conf: &NetConf, node: &str) -> u64 {
     let netns = std::fs::metadata("/proc/self/ns/net")
         .map(|m| m.ino())
         .unwrap_or_default();
-    // Stable across processes and builds: FNV-1a, not the std hasher's random keys.
-    let mut h = Fnv1a::default();
-    (node, &ds.etcd_endpoints, netns).hash(&mut h);
-    h.finish()
-}
-
-#[derive(Default)]
-struct Fnv1a(u64);
-
-impl std::hash::Hasher for Fnv1a {
-    fn write(&mut self, bytes: &[u8]) {
-        if self.0 == 0 {
-            self.0 = 0xcbf2_9ce4_8422_2325;
-        }
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
+    tessera_datastore::fnv1a(&format!("{node}\0{:?}\0{netns}", ds.etcd_endpoints))
 }
 
 /// Where the node's plain IPAM operations wait for its lock (see [`crate::ipam_queue`]):
@@ -250,12 +229,8 @@ fn queue_dir(conf: &NetConf, node: &str) -> PathBuf {
     if conf.ipam_lock_file.is_some() {
         return lock.with_extension("queue");
     }
-    let mut h = Fnv1a::default();
-    std::hash::Hash::hash(&lock, &mut h);
-    PathBuf::from(format!(
-        "/var/run/tessera/q-{:016x}",
-        std::hash::Hasher::finish(&h)
-    ))
+    let hash = tessera_datastore::fnv1a(&lock.to_string_lossy());
+    PathBuf::from(format!("/var/run/tessera/q-{hash:016x}"))
 }
 
 /// Waits for the node's IPAM lock (asked for in `lock` while the caller read ahead) and

@@ -64,7 +64,7 @@ pub(crate) async fn conflict_pause(attempt: u32, salt: u64) {
 }
 
 /// FNV-1a: a stable hash so a node starts its block search at the same place every run.
-pub(crate) fn fnv1a(s: &str) -> u64 {
+pub fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })

@@ -114,6 +114,29 @@ impl Cache {
         self.blocks.insert(cidr, Versioned { rev, value });
     }
 
+    /// Takes `known` for block `cidr` if it is newer than what is cached.
+    fn take_block_if_newer(&mut self, cidr: IpNetwork, known: Known<IpamBlock>) {
+        let cached_rev = self
+            .blocks
+            .get(&cidr)
+            .map(|b| b.rev)
+            .or_else(|| self.deleted_blocks.get(&cidr).copied())
+            .unwrap_or(0);
+        if known.rev <= cached_rev {
+            return;
+        }
+        match known.value {
+            Some(value) => {
+                self.deleted_blocks.remove(&cidr);
+                self.put_block(cidr, known.rev, value);
+            }
+            None => {
+                self.blocks.remove(&cidr);
+                self.deleted_blocks.insert(cidr, known.rev);
+            }
+        }
+    }
+
     /// Takes `known` for handle `id` if it is newer than what is cached.
     fn take_handle_if_newer(&mut self, id: String, known: Known<IpamHandle>) {
         let cached_rev = self
@@ -297,25 +320,7 @@ impl<K: Kv> Ipam<K> {
             }
         }
         for (cidr, known) in handed.blocks {
-            let read_rev = c
-                .blocks
-                .get(&cidr)
-                .map(|b| b.rev)
-                .or_else(|| c.deleted_blocks.get(&cidr).copied())
-                .unwrap_or(0);
-            if known.rev <= read_rev {
-                continue;
-            }
-            match known.value {
-                Some(value) => {
-                    c.deleted_blocks.remove(&cidr);
-                    c.put_block(cidr, known.rev, value);
-                }
-                None => {
-                    c.blocks.remove(&cidr);
-                    c.deleted_blocks.insert(cidr, known.rev);
-                }
-            }
+            c.take_block_if_newer(cidr, known);
         }
         for (id, known) in handed.handles {
             c.take_handle_if_newer(id, known);

@@ -63,6 +63,16 @@ metadata: { name: p }
 spec: { cidr: 10.244.0.0/24, blockSize: 26 }
 ";
 
+/// An in-memory store holding the test pool.
+async fn store_with_pool() -> Counting {
+    let kv = Counting::default();
+    let r = parse_resources(POOL).expect("pool");
+    apply_config(&kv, &r.pools, &r.reservations)
+        .await
+        .expect("apply");
+    kv
+}
+
 fn request(handle: &str) -> AssignRequest {
     AssignRequest {
         owner: Owner {
@@ -77,11 +87,7 @@ fn request(handle: &str) -> AssignRequest {
 
 #[tokio::test]
 async fn a_pair_on_a_node_with_its_block_costs_few_round_trips() {
-    let kv = Counting::default();
-    let r = parse_resources(POOL).expect("pool");
-    apply_config(&kv, &r.pools, &r.reservations)
-        .await
-        .expect("apply");
+    let kv = store_with_pool().await;
     let ipam = Ipam::new(kv.clone(), "node1");
     // The first pair claims the block and warms the caches.
     ipam.auto_assign(&request("warm")).await.expect("assign");
@@ -109,11 +115,7 @@ async fn an_assignment_to_a_handle_that_exists_already_adds_to_it() {
     // The optimistic path assumes a handle it has not seen is new; one that exists (a second
     // Ipam, as another CNI invocation for the same pod would be) fails the guard once and
     // is then extended, not replaced.
-    let kv = Counting::default();
-    let r = parse_resources(POOL).expect("pool");
-    apply_config(&kv, &r.pools, &r.reservations)
-        .await
-        .expect("apply");
+    let kv = store_with_pool().await;
     let first = Ipam::new(kv.clone(), "node1");
     let a = first.auto_assign(&request("shared")).await.expect("assign");
     let second = Ipam::new(kv.clone(), "node1");
@@ -139,11 +141,7 @@ async fn after_the_read_ahead_a_pods_assignment_is_one_transaction() {
     // What a CNI ADD does: a new process (nothing cached) reads ahead concurrently, then
     // assigns. Everything the assignment needs (pools, labels, affinities, the block, the
     // pod's last addresses) comes from the read-ahead.
-    let kv = Counting::default();
-    let r = parse_resources(POOL).expect("pool");
-    apply_config(&kv, &r.pools, &r.reservations)
-        .await
-        .expect("apply");
+    let kv = store_with_pool().await;
     Ipam::new(kv.clone(), "node1")
         .auto_assign(&request("earlier-pod"))
         .await
@@ -185,11 +183,7 @@ async fn with_the_previous_holders_handoff_a_stale_read_ahead_costs_no_read_and_
     // Ten ADDs on one node read ahead together, then take the lock in turn: each one's
     // read of the block is stale by the time it holds the lock. The handoff of the holder
     // before brings it up to date without a round trip.
-    let kv = Counting::default();
-    let r = parse_resources(POOL).expect("pool");
-    apply_config(&kv, &r.pools, &r.reservations)
-        .await
-        .expect("apply");
+    let kv = store_with_pool().await;
     Ipam::new(kv.clone(), "node1")
         .auto_assign(&request("earlier-pod"))
         .await
@@ -225,11 +219,7 @@ async fn with_the_previous_holders_handoff_a_stale_read_ahead_costs_no_read_and_
 
 #[tokio::test]
 async fn a_handoff_tells_the_next_holder_what_was_deleted_and_claimed() {
-    let kv = Counting::default();
-    let r = parse_resources(POOL).expect("pool");
-    apply_config(&kv, &r.pools, &r.reservations)
-        .await
-        .expect("apply");
+    let kv = store_with_pool().await;
     // A repeated ADD read the pod's handle (present) while the DEL before it held the
     // lock and released it: after the handoff it sees the handle gone, without a read.
     let add = Ipam::new(kv.clone(), "node1");
@@ -313,11 +303,7 @@ fn release_op(ipam: &Ipam<Counting>, handle: &str) -> tessera_datastore::Batched
 #[tokio::test]
 async fn a_batch_of_pod_starts_and_stops_is_one_transaction() {
     use tessera_datastore::BatchedOutcome;
-    let kv = Counting::default();
-    let r = parse_resources(POOL).expect("pool");
-    apply_config(&kv, &r.pools, &r.reservations)
-        .await
-        .expect("apply");
+    let kv = store_with_pool().await;
     // Two pods that are stopping, each read by its own invocation.
     let earlier = Ipam::new(kv.clone(), "node1");
     let old_a = earlier
@@ -380,11 +366,7 @@ async fn a_batch_of_pod_starts_and_stops_is_one_transaction() {
 async fn a_batched_returning_workload_gets_its_previous_address_back() {
     use tessera_datastore::model::WorkloadId;
     use tessera_datastore::BatchedOutcome;
-    let kv = Counting::default();
-    let r = parse_resources(POOL).expect("pool");
-    apply_config(&kv, &r.pools, &r.reservations)
-        .await
-        .expect("apply");
+    let kv = store_with_pool().await;
     let named = |handle: &str| {
         let mut req = request(handle);
         req.owner.workload = Some(WorkloadId {
@@ -430,11 +412,7 @@ async fn a_batched_returning_workload_gets_its_previous_address_back() {
 #[tokio::test]
 async fn a_batch_leaves_alone_what_it_cannot_do_plainly_and_everything_when_its_guard_fails() {
     use tessera_datastore::BatchedOutcome;
-    let kv = Counting::default();
-    let r = parse_resources(POOL).expect("pool");
-    apply_config(&kv, &r.pools, &r.reservations)
-        .await
-        .expect("apply");
+    let kv = store_with_pool().await;
     // A node without a block: an assignment would claim one, the ordinary path's work.
     let fresh_node = Ipam::new(kv.clone(), "node2");
     read_ahead(&fresh_node, "x").await;
@@ -491,11 +469,7 @@ async fn a_batch_leaves_alone_what_it_cannot_do_plainly_and_everything_when_its_
 
 #[tokio::test]
 async fn with_a_handoff_read_before_the_lock_the_read_ahead_skips_pools_affinities_and_blocks() {
-    let kv = Counting::default();
-    let r = parse_resources(POOL).expect("pool");
-    apply_config(&kv, &r.pools, &r.reservations)
-        .await
-        .expect("apply");
+    let kv = store_with_pool().await;
     let holder = Ipam::new(kv.clone(), "node1");
     read_ahead(&holder, "pod-a").await;
     holder.auto_assign(&request("pod-a")).await.expect("assign");
@@ -522,13 +496,7 @@ async fn with_a_handoff_read_before_the_lock_the_read_ahead_skips_pools_affiniti
 async fn a_handoff_of_another_store_is_ignored() {
     // Two clusters with a node1 on one host (the test bed's): revisions of two stores do
     // not compare, and the handles and blocks of one mean nothing in the other.
-    let r = parse_resources(POOL).expect("pool");
-    let (ours, theirs) = (Counting::default(), Counting::default());
-    for kv in [&ours, &theirs] {
-        apply_config(kv, &r.pools, &r.reservations)
-            .await
-            .expect("apply");
-    }
+    let (ours, theirs) = (store_with_pool().await, store_with_pool().await);
     let elsewhere = Ipam::new(theirs.clone(), "node1");
     read_ahead(&elsewhere, "pod-a").await;
     for i in 0..20 {
