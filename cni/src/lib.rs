@@ -45,9 +45,6 @@ pub fn main_for(plugin: Plugin) -> ! {
         println!("{name} {} (CNI spec {specs})", tessera_datastore::VERSION);
         std::process::exit(0);
     }
-    if std::env::args().nth(1).as_deref() == Some(reaper::ARG) {
-        reaper::main(std::env::args().skip(2))
-    }
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
     init_logging(&stdin);

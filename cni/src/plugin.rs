@@ -324,14 +324,7 @@ async fn del(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<(
     // given it replaces the route (one route, one pod), which the reaper leaves alone.
     let host_ifname = w.host_ifname.clone();
     let unwire = crate::netns::on_own_thread(move |h| async move {
-        let Some(index) = wiring::retire_host_end(&h, &host_ifname).await? else {
-            return Ok(());
-        };
-        if let Err(e) = crate::reaper::spawn(index, &host_ifname) {
-            tracing::warn!(error = %e, host = %host_ifname, "no reaper; deleting the link now");
-            wiring::reap_retired(&h, index, &host_ifname).await?;
-        }
-        Ok(())
+        wiring::retire_host_end(&h, &host_ifname).await
     });
     // The release and the endpoint's removal are independent writes: either order, or a
     // crash between them, leaves what the GC repairs (an endpoint whose interface is gone, or
@@ -356,7 +349,18 @@ async fn del(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<(
         unrecorded
     };
     let (unwired, forgotten) = tokio::join!(unwire, forget);
-    unwired?;
+    // Forked last: the child shares the plugin's pages until it exits, and every page the
+    // plugin writes meanwhile is copied.
+    if let Some(index) = unwired? {
+        if let Err(e) = crate::reaper::spawn(index) {
+            tracing::warn!(error = %e, host = %w.host_ifname, "no reaper; deleting the link now");
+            let host_ifname = w.host_ifname.clone();
+            crate::netns::on_own_thread(move |h| async move {
+                wiring::reap_retired(&h, index, &host_ifname).await
+            })
+            .await?;
+        }
+    }
     forgotten?;
     tracing::info!(host = %w.host_ifname, "pod unwired");
     Ok(())
