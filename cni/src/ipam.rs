@@ -565,8 +565,15 @@ async fn read_ahead(
     lock_path: &std::path::Path,
     workload: Option<(&str, &str)>,
 ) -> Result<(), tessera_datastore::IpamError> {
-    let (held, store) = tokio::join!(ipam.held(handle), store_id(ipam.kv()));
+    // One round of reads (the datastore client sends them as one request): what is needed
+    // in any case; then, after a recent handoff of this store is taken, whatever it lacks.
+    let (held, store, node_and_workload) = tokio::join!(
+        ipam.held(handle),
+        store_id(ipam.kv()),
+        ipam.prefetch_node_and_workload(workload)
+    );
     held?;
+    node_and_workload?;
     ipam.set_store(store?);
     if let Some(handed) = IpamLock::recent_handoff(lock_path) {
         ipam.adopt(handed);

@@ -214,7 +214,10 @@ async fn add(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<V
     let already_held = assigned.already_held;
     let result = wire_and_record(conf, env, node, &pod, &kv, assigned).await;
     match result {
-        Ok(v) => Ok(v),
+        Ok(v) => {
+            tracing::debug!(etcd_requests = kv.requests_sent(), "ADD done");
+            Ok(v)
+        }
         Err(e) if already_held => Err(e),
         Err(e) => {
             if let Err(r) = ipam::release(ipam::Call {
@@ -346,7 +349,8 @@ async fn del(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<(
         };
         let (released, unrecorded) = tokio::join!(release, unrecord);
         released?;
-        unrecorded
+        unrecorded?;
+        Ok::<_, CniError>(kv.requests_sent())
     };
     let (unwired, forgotten) = tokio::join!(unwire, forget);
     // Forked last: the child shares the plugin's pages until it exits, and every page the
@@ -361,7 +365,8 @@ async fn del(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<(
             .await?;
         }
     }
-    forgotten?;
+    let etcd_requests = forgotten?;
+    tracing::debug!(etcd_requests, "DEL done");
     tracing::info!(host = %w.host_ifname, "pod unwired");
     Ok(())
 }

@@ -1187,22 +1187,37 @@ impl<K: Kv> Ipam<K> {
             }
             Ok::<(), IpamError>(())
         };
+        let (config, blocks, node_and_workload) = tokio::join!(
+            self.config(),
+            blocks,
+            self.prefetch_node_and_workload(workload)
+        );
+        config?;
+        blocks?;
+        node_and_workload
+    }
+
+    /// The part of [`Ipam::prefetch_for`] that no handoff carries: the node's labels and the
+    /// workload's last addresses. Read once; later calls find them cached.
+    pub async fn prefetch_node_and_workload(
+        &self,
+        workload: Option<(&str, &str)>,
+    ) -> Result<(), IpamError> {
         let last = async {
             let Some((namespace, name)) = workload else {
                 return Ok(());
             };
             let key = keys::last_addresses(namespace, name);
+            if self.cache().last_addresses.contains_key(&key) {
+                return Ok(());
+            }
             let addrs = self.read_last_addresses(&key).await?;
             self.cache().last_addresses.insert(key, addrs);
             Ok::<(), IpamError>(())
         };
-        let (config, labels, blocks, last) =
-            tokio::join!(self.config(), self.node_labels(), blocks, last);
-        config?;
+        let (labels, last) = tokio::join!(self.node_labels(), last);
         labels?;
-        blocks?;
-        last?;
-        Ok(())
+        last
     }
 
     /// Pools and reservations; cached until a write finds the config epoch moved.

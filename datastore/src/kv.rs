@@ -92,7 +92,7 @@ pub struct TxnOutcome {
     pub gets: Vec<Option<KeyValue>>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum KvError {
     /// The store could not be reached or did not answer in time; worth retrying.
     #[error("datastore unavailable: {0}")]
@@ -147,7 +147,42 @@ struct Members {
     endpoints: Vec<String>,
     opts: etcd_client::ConnectOptions,
     current: std::sync::Mutex<Member>,
+    /// Requests sent (each resend counted), for the CNI plugin's per-invocation log.
+    sent: std::sync::atomic::AtomicU64,
+    /// Single-key reads waiting to go out together (see [`EtcdKv::get`]).
+    gets: std::sync::Mutex<Option<GetBatch>>,
 }
+
+/// Single-key reads made while one of them waited a scheduler turn: sent as one read-only
+/// transaction, which etcd answers at one revision without a raft round, like a range.
+#[derive(Default)]
+struct GetBatch {
+    keys: Vec<String>,
+    waiters: Vec<tokio::sync::oneshot::Sender<Result<Option<KeyValue>, KvError>>>,
+}
+
+/// A batch's leader until it has taken its batch.
+struct LeaderGuard<'a> {
+    kv: &'a EtcdKv,
+}
+
+impl LeaderGuard<'_> {
+    fn take(self) -> GetBatch {
+        let batch = self.kv.lock_gets().take().unwrap_or_default();
+        std::mem::forget(self);
+        batch
+    }
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        // Dropping the batch drops its senders: its readers see it and read alone.
+        drop(self.kv.lock_gets().take());
+    }
+}
+
+/// Reads per batch, well under etcd's default `--max-txn-ops` (128).
+const MAX_GETS_PER_BATCH: usize = 64;
 
 /// The member in use: its index in `endpoints` and a client of it alone.
 #[derive(Clone)]
@@ -200,6 +235,8 @@ impl EtcdKv {
                             endpoints: endpoints.to_vec(),
                             opts,
                             current: std::sync::Mutex::new(Member { index, client }),
+                            sent: Default::default(),
+                            gets: Default::default(),
                         }),
                     })
                 }
@@ -259,6 +296,9 @@ impl EtcdKv {
         let mut tries = 0;
         loop {
             let member = self.member();
+            self.members
+                .sent
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match f(member.client).await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
@@ -272,6 +312,59 @@ impl EtcdKv {
                     }
                     tracing::debug!(member = %self.members.endpoints[member.index], error = %with_causes(&e), "etcd member failed; trying the next");
                     self.move_on_from(member.index).await;
+                }
+            }
+        }
+    }
+
+    fn lock_gets(&self) -> std::sync::MutexGuard<'_, Option<GetBatch>> {
+        self.members.gets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn get_one(&self, key: &str) -> Result<Option<KeyValue>, KvError> {
+        let resp = self
+            .request(Resend::Read, |mut c| async move { c.get(key, None).await })
+            .await?;
+        Ok(resp.kvs().first().map(from_etcd))
+    }
+
+    /// Answers every reader in `batch`: one plain read for one key, else one read-only
+    /// transaction.
+    async fn send_gets(&self, batch: GetBatch) {
+        let read = if let [key] = batch.keys.as_slice() {
+            self.get_one(key).await.map(|v| vec![v])
+        } else {
+            let t = etcd_client::Txn::new().and_then(
+                batch
+                    .keys
+                    .iter()
+                    .map(|k| etcd_client::TxnOp::get(k.as_str(), None))
+                    .collect::<Vec<_>>(),
+            );
+            self.request(Resend::Read, |mut c| {
+                let t = t.clone();
+                async move { c.txn(t).await }
+            })
+            .await
+            .map(|resp| {
+                resp.op_responses()
+                    .into_iter()
+                    .map(|r| match r {
+                        etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(from_etcd),
+                        _ => None,
+                    })
+                    .collect()
+            })
+        };
+        match read {
+            Ok(values) => {
+                for (waiter, value) in batch.waiters.into_iter().zip(values) {
+                    let _ = waiter.send(Ok(value));
+                }
+            }
+            Err(e) => {
+                for waiter in batch.waiters {
+                    let _ = waiter.send(Err(e.clone()));
                 }
             }
         }
@@ -305,6 +398,11 @@ impl EtcdKv {
         if self.members.endpoints.len() > 1 {
             self.move_on_from(index).await;
         }
+    }
+
+    /// Requests this client (and its clones) has sent so far, resends included.
+    pub fn requests_sent(&self) -> u64 {
+        self.members.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The endpoint of the member in use.
@@ -399,6 +497,7 @@ impl EtcdKv {
         page: i64,
         keys_only: bool,
     ) -> Result<(Vec<KeyValue>, i64), KvError> {
+        tracing::trace!(prefix, keys_only, "etcd range");
         let end = prefix_end(prefix);
         let mut from = prefix.as_bytes().to_vec();
         let mut rev = 0;
@@ -458,11 +557,46 @@ fn to_etcd_op(op: &Op) -> etcd_client::TxnOp {
 }
 
 impl Kv for EtcdKv {
+    /// Reads made together (the branches of a `join!`, concurrent tasks) go out as one
+    /// request: the first to arrive waits one scheduler turn for the others, then sends
+    /// them all. A plugin's read-ahead is one request instead of five.
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, KvError> {
-        let resp = self
-            .request(Resend::Read, |mut c| async move { c.get(key, None).await })
-            .await?;
-        Ok(resp.kvs().first().map(from_etcd))
+        tracing::trace!(key, "etcd get");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let leads = {
+            let mut pending = self.lock_gets();
+            match pending.as_mut() {
+                Some(b) if b.keys.len() >= MAX_GETS_PER_BATCH => None,
+                Some(b) => {
+                    b.keys.push(key.to_string());
+                    b.waiters.push(tx);
+                    Some(false)
+                }
+                None => {
+                    *pending = Some(GetBatch {
+                        keys: vec![key.to_string()],
+                        waiters: vec![tx],
+                    });
+                    Some(true)
+                }
+            }
+        };
+        let Some(leads) = leads else {
+            return self.get_one(key).await;
+        };
+        if leads {
+            // Only the batch's leader takes it, so the pending batch is this one; if this
+            // future is dropped first, the guard takes it and its readers go alone.
+            let guard = LeaderGuard { kv: self };
+            tokio::task::yield_now().await;
+            let batch = guard.take();
+            self.send_gets(batch).await;
+        }
+        match rx.await {
+            Ok(read) => read,
+            // The batch's leader was dropped before it sent (its caller gave up): alone.
+            Err(_) => self.get_one(key).await,
+        }
     }
 
     async fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), KvError> {
@@ -492,6 +626,12 @@ impl Kv for EtcdKv {
                 }
             })
             .collect();
+        tracing::trace!(
+            compares = ?txn.compares,
+            success = txn.success.len(),
+            failure = txn.failure.len(),
+            "etcd txn"
+        );
         let t = etcd_client::Txn::new()
             .when(compares)
             .and_then(txn.success.iter().map(to_etcd_op).collect::<Vec<_>>())

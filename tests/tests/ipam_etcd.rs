@@ -650,3 +650,65 @@ async fn a_prefix_larger_than_one_grpc_message_is_read_whole_at_one_revision() {
     assert_eq!(listed.len(), 300);
     drop(c.etcd);
 }
+
+/// Reads made together (a `join!`) go to etcd as one request and each gets its own key's
+/// value at one revision; a read that was alone is a plain one.
+#[tokio::test]
+async fn reads_made_together_are_one_request() {
+    let c = cluster(&pool("a", "{ cidr: 10.244.0.0/24 }"), &[]).await;
+    for (k, v) in [("/t/a", "1"), ("/t/b", "2"), ("/t/c", "3")] {
+        c.kv.txn(Txn::new().then(Op::put(k, v.as_bytes().to_vec())))
+            .await
+            .expect("put");
+    }
+    let before = c.kv.requests_sent();
+    let (a, b, missing, c2) = tokio::join!(
+        c.kv.get("/t/a"),
+        c.kv.get("/t/b"),
+        c.kv.get("/t/none"),
+        c.kv.get("/t/c")
+    );
+    assert_eq!(c.kv.requests_sent() - before, 1, "four reads, one request");
+    let value = |r: Result<Option<tessera_datastore::kv::KeyValue>, _>| {
+        r.expect("read")
+            .map(|kv| String::from_utf8(kv.value).expect("utf-8"))
+    };
+    assert_eq!(value(a).as_deref(), Some("1"));
+    assert_eq!(value(b).as_deref(), Some("2"));
+    assert_eq!(value(missing), None);
+    assert_eq!(value(c2).as_deref(), Some("3"));
+
+    let before = c.kv.requests_sent();
+    assert_eq!(value(c.kv.get("/t/b").await).as_deref(), Some("2"));
+    assert_eq!(c.kv.requests_sent() - before, 1);
+}
+
+/// A batch's first reader waits a scheduler turn before it sends the batch; dropped in that
+/// turn (its caller gave up), the others it was to carry still get their answers.
+#[tokio::test]
+async fn readers_of_a_dropped_batch_leader_still_get_their_answer() {
+    use std::future::Future;
+    use std::task::{Context, Poll};
+    let c = cluster(&pool("a", "{ cidr: 10.244.0.0/24 }"), &[]).await;
+    c.kv.txn(Txn::new().then(Op::put("/t/b", b"2".to_vec())))
+        .await
+        .expect("put");
+    let mut leader = Box::pin(c.kv.get("/t/a"));
+    let mut follower = Box::pin(c.kv.get("/t/b"));
+    let waker = futures::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    assert!(
+        leader.as_mut().poll(&mut cx).is_pending(),
+        "the leader yields a turn"
+    );
+    assert!(
+        follower.as_mut().poll(&mut cx).is_pending(),
+        "the follower joins it"
+    );
+    drop(leader);
+    let got = tokio::time::timeout(Duration::from_secs(5), follower)
+        .await
+        .expect("the follower is not stranded")
+        .expect("read");
+    assert_eq!(got.map(|kv| kv.value), Some(b"2".to_vec()));
+}
