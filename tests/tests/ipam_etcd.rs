@@ -688,7 +688,7 @@ async fn reads_made_together_are_one_request() {
 #[tokio::test]
 async fn readers_of_a_dropped_batch_leader_still_get_their_answer() {
     use std::future::Future;
-    use std::task::{Context, Poll};
+    use std::task::Context;
     let c = cluster(&pool("a", "{ cidr: 10.244.0.0/24 }"), &[]).await;
     c.kv.txn(Txn::new().then(Op::put("/t/b", b"2".to_vec())))
         .await
