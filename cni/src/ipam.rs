@@ -310,17 +310,48 @@ pub fn node_name(conf: &NetConf) -> Result<String, CniError> {
 /// The network configuration's `datastore` section, overridden by the ETCD_* environment
 /// (the same names as every Tessera binary). A configuration to fix is "invalid network
 /// config"; etcd down or unreachable is "try again later".
+/// A client of the datastore, without a request of its own: the invocation's first read is
+/// the first request. When the invocation fails for the datastore's sake, [`explain`] says
+/// why (a certificate, a login, etcd down).
 pub async fn connect(conf: &NetConf) -> Result<EtcdKv, CniError> {
+    let ds = datastore_config(conf)?;
+    ds.connect_unprobed().await.map_err(datastore_error)
+}
+
+/// A client of the datastore that has made one request: a wrong certificate, a refused
+/// login or etcd down is an error here, naming the cause (STATUS's answer).
+pub async fn connect_proven(conf: &NetConf) -> Result<EtcdKv, CniError> {
+    let ds = datastore_config(conf)?;
+    ds.connect().await.map_err(datastore_error)
+}
+
+/// `failure` unless it came from the datastore and a connection that proves itself fails,
+/// naming the cause; only failures pay for that request.
+pub async fn explain(conf: &NetConf, failure: CniError) -> CniError {
+    if ![code::TRY_AGAIN_LATER, code::DATASTORE].contains(&failure.code) {
+        return failure;
+    }
+    match connect_proven(conf).await {
+        Ok(_) => failure,
+        Err(e) => e,
+    }
+}
+
+fn datastore_config(
+    conf: &NetConf,
+) -> Result<tessera_datastore::connection::DatastoreConfig, CniError> {
     let mut ds = conf.datastore.clone();
     ds.apply_process_env()
         .map_err(|e| CniError::invalid_config(e.to_string()))?;
-    ds.connect().await.map_err(|e| {
-        if e.is_transient() {
-            CniError::new(code::TRY_AGAIN_LATER, e.to_string())
-        } else {
-            CniError::invalid_config(format!("datastore: {e}"))
-        }
-    })
+    Ok(ds)
+}
+
+fn datastore_error(e: tessera_datastore::connection::DatastoreError) -> CniError {
+    if e.is_transient() {
+        CniError::new(code::TRY_AGAIN_LATER, e.to_string())
+    } else {
+        CniError::invalid_config(format!("datastore: {e}"))
+    }
 }
 
 fn parse_addr(s: &str) -> Result<IpAddr, CniError> {

@@ -90,6 +90,20 @@ async fn dispatch(
     let node = ipam::node_name(&conf)?;
     let span = tracing::info_span!("cni", command = ?env.command, container = env.container_id(), ifname = env.ifname(), %node);
     let _enter = span.enter();
+    let outcome = command(plugin, &env, &conf, &node, stdin).await;
+    match outcome {
+        Err(e) => Err(ipam::explain(&conf, e).await),
+        done => done,
+    }
+}
+
+async fn command(
+    plugin: Plugin,
+    env: &CniEnv,
+    conf: &NetConf,
+    node: &str,
+    stdin: &[u8],
+) -> Result<Option<Value>, CniError> {
     match (plugin, env.command) {
         (_, Command::Version) => Ok(Some(version_answer(stdin))),
         (Plugin::Main, Command::Add) => add(&conf, &env, &node, stdin).await.map(Some),
@@ -402,7 +416,7 @@ async fn check(conf: &NetConf, env: &CniEnv, node: &str) -> Result<(), CniError>
 async fn status(conf: &NetConf) -> Result<(), CniError> {
     let not_ready = |why: String| CniError::new(code::NOT_AVAILABLE, why);
     let probe = async {
-        let kv = ipam::connect(conf).await?;
+        let kv = ipam::connect_proven(conf).await?;
         load_config(&kv).await.map_err(CniError::from)
     };
     let cfg = tokio::time::timeout(Duration::from_secs(3), probe)

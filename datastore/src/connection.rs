@@ -240,6 +240,19 @@ impl DatastoreConfig {
     /// Connects and makes one request, so that a wrong certificate, a refused login or an
     /// unreachable etcd is an error here, naming the cause, rather than on first use.
     pub async fn connect(&self) -> Result<EtcdKv, DatastoreError> {
+        let kv = self.connect_unprobed().await?;
+        // The cheapest request that proves the TLS handshake, the login and the permission
+        // to read Tessera's prefix.
+        kv.probe(crate::keys::PREFIX)
+            .await
+            .map_err(|e| self.classify(&self.etcd_endpoints.join(","), e))?;
+        Ok(kv)
+    }
+
+    /// [`DatastoreConfig::connect`] without its request: for a client that makes one at
+    /// once and, when it fails, calls `connect` to say why (the CNI plugin, for which the
+    /// probe was a third of its requests).
+    pub async fn connect_unprobed(&self) -> Result<EtcdKv, DatastoreError> {
         self.validate()?;
         let timeout = self.timeout();
         let mut opts = etcd_client::ConnectOptions::new()
@@ -253,15 +266,9 @@ impl DatastoreConfig {
             opts = opts.with_tls(tls);
         }
         let endpoints = self.etcd_endpoints.join(",");
-        let kv = EtcdKv::connect_with(&self.etcd_endpoints, opts)
+        EtcdKv::connect_with(&self.etcd_endpoints, opts)
             .await
-            .map_err(|e| self.classify(&endpoints, e))?;
-        // The cheapest request that proves the TLS handshake, the login and the permission
-        // to read Tessera's prefix.
-        kv.probe(crate::keys::PREFIX)
-            .await
-            .map_err(|e| self.classify(&endpoints, e))?;
-        Ok(kv)
+            .map_err(|e| self.classify(&endpoints, e))
     }
 
     fn tls(&self) -> Result<Option<etcd_client::TlsOptions>, DatastoreError> {

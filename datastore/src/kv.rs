@@ -99,6 +99,11 @@ pub enum KvError {
     Unavailable(String),
     #[error("datastore error: {0}")]
     Other(String),
+    /// The store could not be reached by a client that has never had an answer from it:
+    /// not worth retrying, as likely a wrong setting (endpoint, certificate, login) as an
+    /// outage. Clients that prove themselves on connecting never see it.
+    #[error("datastore not reached: {0}")]
+    NeverReached(String),
 }
 
 impl KvError {
@@ -149,6 +154,8 @@ struct Members {
     current: std::sync::Mutex<Member>,
     /// Requests sent (each resend counted), for the CNI plugin's per-invocation log.
     sent: std::sync::atomic::AtomicU64,
+    /// Whether any request has been answered (see [`KvError::NeverReached`]).
+    answered: std::sync::atomic::AtomicBool,
     /// Single-key reads waiting to go out together (see [`EtcdKv::get`]).
     gets: std::sync::Mutex<Option<GetBatch>>,
 }
@@ -236,6 +243,7 @@ impl EtcdKv {
                             opts,
                             current: std::sync::Mutex::new(Member { index, client }),
                             sent: Default::default(),
+                            answered: Default::default(),
                             gets: Default::default(),
                         }),
                     })
@@ -300,7 +308,12 @@ impl EtcdKv {
                 .sent
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match f(member.client).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.members
+                        .answered
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(v);
+                }
                 Err(e) => {
                     tries += 1;
                     let again = match resend {
@@ -308,7 +321,17 @@ impl EtcdKv {
                         Resend::WriteNotApplied => not_applied(&e),
                     };
                     if !again || tries >= n {
-                        return Err(etcd_error(&e));
+                        return Err(match etcd_error(&e) {
+                            KvError::Unavailable(text)
+                                if !self
+                                    .members
+                                    .answered
+                                    .load(std::sync::atomic::Ordering::Relaxed) =>
+                            {
+                                KvError::NeverReached(text)
+                            }
+                            other => other,
+                        });
                     }
                     tracing::debug!(member = %self.members.endpoints[member.index], error = %with_causes(&e), "etcd member failed; trying the next");
                     self.move_on_from(member.index).await;

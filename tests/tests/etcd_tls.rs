@@ -113,11 +113,15 @@ async fn etcd_with_client_certificates_right_and_wrong() {
         "type": "tessera-ipam",
         "nodename": "node1",
         "datastore": { "etcdEndpoints": [etcd.endpoint()] },
+        "ipam": { "type": "tessera-ipam" },
     });
-    let status = |cert: &std::path::Path, key: &std::path::Path| {
+    let run = |command: &str, cert: &std::path::Path, key: &std::path::Path| {
         let mut c = Command::new(bin("tessera-ipam"));
         c.env_clear()
-            .env("CNI_COMMAND", "STATUS")
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", "c1")
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_NETNS", "/proc/self/ns/net")
             .env("CNI_PATH", "/opt/cni/bin")
             .env("ETCD_CA_CERT_FILE", pki.ca())
             .env("ETCD_CERT_FILE", cert)
@@ -135,18 +139,22 @@ async fn etcd_with_client_certificates_right_and_wrong() {
         child.wait_with_output().expect("tessera-ipam ran")
     };
     let rogue = pki.rogue_client();
-    let out = status(&rogue.cert, &rogue.key);
-    assert!(!out.status.success());
-    let err: serde_json::Value = serde_json::from_slice(&out.stdout).expect("error JSON");
-    assert_eq!(err["cniVersion"], "1.1.0", "{err}");
-    assert!(err["code"].as_u64().is_some(), "{err}");
-    assert!(
-        err["msg"].as_str().unwrap_or("").contains("etcdCertFile"),
-        "{err}"
-    );
+    // ADD and DEL make no request of their own to prove the connection (their first read
+    // is the first request); when that fails they ask why, and say it.
+    for command in ["STATUS", "ADD", "DEL"] {
+        let out = run(command, &rogue.cert, &rogue.key);
+        assert!(!out.status.success(), "{command}");
+        let err: serde_json::Value = serde_json::from_slice(&out.stdout).expect("error JSON");
+        assert_eq!(err["cniVersion"], "1.1.0", "{command}: {err}");
+        assert!(err["code"].as_u64().is_some(), "{command}: {err}");
+        assert!(
+            err["msg"].as_str().unwrap_or("").contains("etcdCertFile"),
+            "{command}: {err}"
+        );
+    }
     // The right one: the datastore answers (no pool yet: not ready, for that reason).
     let client = pki.client();
-    let out = status(&client.cert, &client.key);
+    let out = run("STATUS", &client.cert, &client.key);
     let err: serde_json::Value = serde_json::from_slice(&out.stdout).expect("error JSON");
     assert!(
         err["msg"]
