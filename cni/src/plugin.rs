@@ -106,18 +106,18 @@ async fn command(
 ) -> Result<Option<Value>, CniError> {
     match (plugin, env.command) {
         (_, Command::Version) => Ok(Some(version_answer(stdin))),
-        (Plugin::Main, Command::Add) => add(&conf, &env, &node, stdin).await.map(Some),
-        (Plugin::Main, Command::Del) => del(&conf, &env, &node, stdin).await.map(|()| None),
-        (Plugin::Main, Command::Check) => check(&conf, &env, &node).await.map(|()| None),
-        (Plugin::Ipam, Command::Add) => ipam_add(&conf, &env, &node, stdin).await.map(Some),
+        (Plugin::Main, Command::Add) => add(conf, env, node, stdin).await.map(Some),
+        (Plugin::Main, Command::Del) => del(conf, env, node, stdin).await.map(|()| None),
+        (Plugin::Main, Command::Check) => check(conf, env, node).await.map(|()| None),
+        (Plugin::Ipam, Command::Add) => ipam_add(conf, env, node, stdin).await.map(Some),
         (Plugin::Ipam, Command::Del) => {
-            let kv = ipam::connect(&conf).await?;
-            let pod = PodId::from_env(&env);
+            let kv = ipam::connect(conf).await?;
+            let pod = PodId::from_env(env);
             ipam::release(ipam::Call {
                 kv: &kv,
-                conf: &conf,
-                env: &env,
-                node: &node,
+                conf,
+                env,
+                node,
                 pod: &pod,
                 stdin,
             })
@@ -125,18 +125,18 @@ async fn command(
             .map(|()| None)
         }
         (Plugin::Ipam, Command::Check) => {
-            let kv = ipam::connect(&conf).await?;
-            let pod = PodId::from_env(&env);
-            let prev = prev_result(&conf)?;
+            let kv = ipam::connect(conf).await?;
+            let pod = PodId::from_env(env);
+            let prev = prev_result(conf)?;
             let addrs: Vec<IpAddr> = prev.ips.iter().map(|i| i.address.ip()).collect();
-            ipam::check(&kv, &conf, &node, &pod, &addrs)
+            ipam::check(&kv, conf, node, &pod, &addrs)
                 .await
                 .map(|()| None)
         }
-        (_, Command::Status) => status(&conf).await.map(|()| None),
+        (_, Command::Status) => status(conf).await.map(|()| None),
         (_, Command::Gc) => {
-            let kv = ipam::connect(&conf).await?;
-            let released = ipam::gc(&kv, &conf, &node).await?;
+            let kv = ipam::connect(conf).await?;
+            let released = ipam::gc(&kv, conf, node).await?;
             tracing::info!(?released, "GC released stale attachments");
             Ok(None)
         }
