@@ -671,8 +671,10 @@ async fn intent_or_apiserver(
         })
 }
 
-/// Releases the pod's addresses (idempotent).
-pub async fn release(call: Call<'_>) -> Result<(), CniError> {
+/// Releases the pod's addresses (idempotent). `also_delete` are keys to delete with them
+/// (DEL's endpoint record), in the same transaction when the node's queue serves the
+/// release; returned are those still to be deleted.
+pub async fn release(call: Call<'_>, also_delete: Vec<String>) -> Result<Vec<String>, CniError> {
     let Call {
         kv,
         conf,
@@ -698,10 +700,11 @@ pub async fn release(call: Call<'_>) -> Result<(), CniError> {
             let batched = (!sticky).then(|| BatchedOp::Release {
                 handle: handle.clone(),
                 as_read: ipam.known_handle(&handle),
+                also_delete: also_delete.clone(),
             });
             let (_held, outcome) = take_turn(&ipam, lock, queue_dir(conf, node), batched).await?;
             if let Some(BatchedOutcome::Released { .. }) = outcome {
-                return Ok(());
+                return Ok(Vec::new());
             }
             // A sticky pod leaves: its hold keeps the addresses for its return.
             if let Some(hold) = intent.and_then(|i| i.sticky_hold) {
@@ -711,15 +714,15 @@ pub async fn release(call: Call<'_>) -> Result<(), CniError> {
                 ]);
                 let kept = tessera_datastore::sticky::transfer(kv, &handle, &hold, &attrs).await?;
                 tracing::info!(%handle, %hold, ?kept, "DEL of a sticky pod: addresses kept");
-                return Ok(());
+                return Ok(also_delete);
             }
             ipam.release_by_handle(&handle).await?;
-            Ok(())
+            Ok(also_delete)
         }
         Some(i) => delegate::run(env, &i.ipam_type, "DEL", stdin)
             .await
-            .map(|_| ()),
-        None => Ok(()),
+            .map(|_| also_delete),
+        None => Ok(also_delete),
     }
 }
 

@@ -264,6 +264,7 @@ mod tests {
         BatchedOp::Release {
             handle: handle.into(),
             as_read: None,
+            also_delete: Vec::new(),
         }
     }
 

@@ -113,16 +113,19 @@ async fn command(
         (Plugin::Ipam, Command::Del) => {
             let kv = ipam::connect(conf).await?;
             let pod = PodId::from_env(env);
-            ipam::release(ipam::Call {
-                kv: &kv,
-                conf,
-                env,
-                node,
-                pod: &pod,
-                stdin,
-            })
+            ipam::release(
+                ipam::Call {
+                    kv: &kv,
+                    conf,
+                    env,
+                    node,
+                    pod: &pod,
+                    stdin,
+                },
+                Vec::new(),
+            )
             .await
-            .map(|()| None)
+            .map(|_| None)
         }
         (Plugin::Ipam, Command::Check) => {
             let kv = ipam::connect(conf).await?;
@@ -234,14 +237,17 @@ async fn add(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<V
         }
         Err(e) if already_held => Err(e),
         Err(e) => {
-            if let Err(r) = ipam::release(ipam::Call {
-                kv: &kv,
-                conf,
-                env,
-                node,
-                pod: &pod,
-                stdin,
-            })
+            if let Err(r) = ipam::release(
+                ipam::Call {
+                    kv: &kv,
+                    conf,
+                    env,
+                    node,
+                    pod: &pod,
+                    stdin,
+                },
+                Vec::new(),
+            )
             .await
             {
                 tracing::warn!(error = %r, "rolling back the address assignment failed");
@@ -343,27 +349,30 @@ async fn del(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<(
     let unwire = crate::netns::on_own_thread(move |h| async move {
         wiring::retire_host_end(&h, &host_ifname).await
     });
-    // The release and the endpoint's removal are independent writes: either order, or a
-    // crash between them, leaves what the GC repairs (an endpoint whose interface is gone, or
-    // addresses no endpoint names), so they go out together.
+    // The endpoint record goes with the release, in the same transaction when the node's
+    // queue serves it; otherwise on its own after it. Either order, or a crash between
+    // them, leaves what the GC repairs (an endpoint whose interface is gone, or addresses no
+    // endpoint names).
     let forget = async {
         let kv = ipam::connect(conf).await?;
-        let release = ipam::release(ipam::Call {
+        let endpoint =
+            tessera_datastore::keys::workload(node, &pod.namespace, &pod.name, &pod.ifname);
+        let call = ipam::Call {
             kv: &kv,
             conf,
             env,
             node,
             pod: &pod,
             stdin,
-        });
-        let unrecord = async {
-            delete_workload_endpoint(&kv, node, &pod.namespace, &pod.name, &pod.ifname)
-                .await
-                .map_err(CniError::from)
         };
-        let (released, unrecorded) = tokio::join!(release, unrecord);
+        let (left, released) = match ipam::release(call, vec![endpoint.clone()]).await {
+            Ok(left) => (left, Ok(())),
+            Err(e) => (vec![endpoint], Err(e)),
+        };
+        if !left.is_empty() {
+            delete_workload_endpoint(&kv, node, &pod.namespace, &pod.name, &pod.ifname).await?;
+        }
         released?;
-        unrecorded?;
         Ok::<_, CniError>(kv.requests_sent())
     };
     let (unwired, forgotten) = tokio::join!(unwire, forget);

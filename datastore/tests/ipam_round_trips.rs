@@ -297,6 +297,7 @@ fn release_op(ipam: &Ipam<Counting>, handle: &str) -> tessera_datastore::Batched
     tessera_datastore::BatchedOp::Release {
         handle: handle.into(),
         as_read: ipam.known_handle(handle),
+        also_delete: Vec::new(),
     }
 }
 
@@ -433,6 +434,7 @@ async fn a_batch_leaves_alone_what_it_cannot_do_plainly_and_everything_when_its_
             tessera_datastore::BatchedOp::Release {
                 handle: "never-read".into(),
                 as_read: None,
+                also_delete: Vec::new(),
             },
             assign_op("exists"),
             assign_op("plain"),
@@ -525,4 +527,49 @@ async fn a_handoff_of_another_store_is_ignored() {
     ours.take();
     here.auto_assign(&request("pod-a")).await.expect("assign");
     assert_eq!(ours.take(), (0, 1), "our own reads stand");
+}
+
+/// A CNI DEL's endpoint record goes with its release in the batch's one transaction; when
+/// the release is left to its own client, so is the record.
+#[tokio::test]
+async fn a_batched_release_deletes_its_endpoint_record_in_the_same_transaction() {
+    use tessera_datastore::kv::{Op, Txn};
+    use tessera_datastore::{BatchedOp, BatchedOutcome};
+    let kv = store_with_pool().await;
+    let earlier = Ipam::new(kv.clone(), "node1");
+    earlier
+        .auto_assign(&request("old-a"))
+        .await
+        .expect("assign");
+    for key in ["/t/endpoint-a", "/t/endpoint-b"] {
+        kv.txn(Txn::new().then(Op::put(key, b"{}".to_vec())))
+            .await
+            .expect("endpoint");
+    }
+    let stopping = Ipam::new(kv.clone(), "node1");
+    stopping.held("old-a").await.expect("read");
+    let holder = Ipam::new(kv.clone(), "node1");
+    read_ahead(&holder, "new-a").await;
+    kv.take();
+    let outcomes = holder
+        .apply_batch(&[
+            BatchedOp::Release {
+                handle: "old-a".into(),
+                as_read: stopping.known_handle("old-a"),
+                also_delete: vec!["/t/endpoint-a".into()],
+            },
+            // Never read by its client: not released here, its record not deleted either.
+            BatchedOp::Release {
+                handle: "never-read".into(),
+                as_read: None,
+                also_delete: vec!["/t/endpoint-b".into()],
+            },
+        ])
+        .await
+        .expect("batch");
+    assert!(matches!(outcomes[0], BatchedOutcome::Released { .. }), "{outcomes:?}");
+    assert_eq!(outcomes[1], BatchedOutcome::Alone);
+    assert_eq!(kv.take(), (0, 1), "one transaction");
+    assert_eq!(kv.get("/t/endpoint-a").await.expect("read"), None);
+    assert!(kv.get("/t/endpoint-b").await.expect("read").is_some());
 }

@@ -46,6 +46,11 @@ pub enum BatchedOp {
         /// doing the batch has not read it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         as_read: Option<Known<IpamHandle>>,
+        /// Keys deleted, unguarded, in the same transaction when the release is done here
+        /// (a CNI DEL's endpoint record): one commit for both. Left to the client with the
+        /// rest when the release is [`BatchedOutcome::Alone`].
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        also_delete: Vec<String>,
     },
 }
 
@@ -73,6 +78,7 @@ struct Plan {
     block_revs: BTreeMap<IpNetwork, i64>,
     handles: BTreeMap<String, (i64, IpamHandle)>,
     last_addresses: Vec<(String, Vec<IpAddr>)>,
+    deletes: Vec<String>,
 }
 
 impl Plan {
@@ -97,6 +103,7 @@ impl<K: Kv> Ipam<K> {
                     BatchedOp::Release {
                         handle,
                         as_read: Some(known),
+                        ..
                     } => c.take_handle_if_newer(handle.clone(), known.clone()),
                     BatchedOp::Assign {
                         request,
@@ -129,7 +136,17 @@ impl<K: Kv> Ipam<K> {
                 BatchedOp::Assign { request, .. } => {
                     self.plan_assign(&cfg, request, &mut plan).await?
                 }
-                BatchedOp::Release { handle, .. } => self.plan_release(handle, &mut plan).await?,
+                BatchedOp::Release {
+                    handle,
+                    also_delete,
+                    ..
+                } => {
+                    let planned = self.plan_release(handle, &mut plan).await?;
+                    if planned != BatchedOutcome::Alone {
+                        plan.deletes.extend(also_delete.iter().cloned());
+                    }
+                    planned
+                }
             };
             if planned == BatchedOutcome::Alone {
                 (plan.blocks, plan.block_revs) = before;
@@ -160,6 +177,9 @@ impl<K: Kv> Ipam<K> {
         }
         for (key, addrs) in &plan.last_addresses {
             txn = txn.then(Op::put(key, encode(addrs)));
+        }
+        for key in &plan.deletes {
+            txn = txn.then(Op::delete(key));
         }
         let outcome = with_retry(|| self.kv.txn(txn.clone())).await?;
         if !outcome.succeeded {
