@@ -2,7 +2,11 @@
 //! reference `ptp` + `host-local` doing the same pods, in the same run and the same lab node,
 //! both driven by Tessera's spec driver through `nsenter` into the node namespace.
 //!
-//! `cargo bench -p tessera-cni --bench cni_latency [-- --pairs N]`
+//! `cargo bench -p tessera-cni --bench cni_latency [-- --pairs N] [--rounds R]`
+//!
+//! Each row is `R` interleaved rounds (the side that goes first alternates), `N / R` pairs
+//! per round (per worker when parallel). The ratios recorded are the medians of the rounds'
+//! ratios, so that one noisy round cannot decide; the latencies shown are over all rounds.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -102,7 +106,15 @@ fn main() -> anyhow::Result<()> {
         .position(|a| a == "--pairs")
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
-        .unwrap_or(100);
+        // 40 per round: a round's p99 is then not just its slowest pair.
+        .unwrap_or(200);
+    let rounds: usize = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5)
+        .max(1);
     let only_parallel = args.iter().any(|a| a == "--only-parallel");
     let lab = Lab::new(
         "cni_bench",
@@ -146,25 +158,41 @@ fn main() -> anyhow::Result<()> {
         .map(|i| Netns::new(&format!("{}-b{i}", lab.prefix())))
         .collect::<anyhow::Result<_>>()?;
 
-    println!("ADD+DEL latency, {pairs} pairs per row (sequential) or per worker (parallel)");
+    println!("ADD+DEL latency, {pairs} pairs per row (sequential) or per worker (parallel), {rounds} interleaved rounds; ratios tessera / ptp+host-local, medians of the rounds'");
     println!();
     let mut run = tessera_testbed::bench_results::BenchRun::new(
         "cni_latency",
         "cargo bench -p tessera-cni --bench cni_latency",
     );
     let at_most = Some(tessera_testbed::bench_results::Target::AtMost(0.8));
-    println!("| run | plugin | ADD+DEL p50 ms | ADD+DEL p99 ms | ADD p50 ms | DEL p50 ms | machine CPU ms per pair | p50 ratio (tessera / ptp+host-local) |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("| run | plugin | ADD+DEL p50 ms | ADD+DEL p99 ms | ADD p50 ms | DEL p50 ms | machine CPU ms per pair | p50 ratio | p99 ratio |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for (label, threads) in [("sequential", 1usize), ("10 in parallel", 10)] {
         if only_parallel && threads == 1 {
             continue;
         }
-        // Interleaved halves, so drift on the machine hits both sides alike.
+        // Interleaved rounds, so drift on the machine hits both sides alike.
         let mut t = Samples::default();
         let mut r = Samples::default();
-        for half in 0..2 {
-            let rs = measure(&reference, &pods, threads, pairs / 2, &format!("r{half}"));
-            let ts = measure(&tessera, &pods, threads, pairs / 2, &format!("t{half}"));
+        let (mut p50_ratios, mut p99_ratios) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let per_round = (pairs / rounds).max(1);
+            let run_ref = || measure(&reference, &pods, threads, per_round, &format!("r{round}"));
+            let run_ours = || measure(&tessera, &pods, threads, per_round, &format!("t{round}"));
+            let (mut rs, mut ts) = if round % 2 == 0 {
+                let rs = run_ref();
+                (rs, run_ours())
+            } else {
+                let ts = run_ours();
+                (run_ref(), ts)
+            };
+            rs.pair.sort();
+            ts.pair.sort();
+            let ratio = |p: f64| {
+                percentile(&ts.pair, p).as_secs_f64() / percentile(&rs.pair, p).as_secs_f64()
+            };
+            p50_ratios.push(ratio(0.5));
+            p99_ratios.push(ratio(0.99));
             for (all, one) in [(&mut r, rs), (&mut t, ts)] {
                 all.busy += one.busy;
                 all.pairs += one.pairs;
@@ -173,6 +201,11 @@ fn main() -> anyhow::Result<()> {
                 all.del.extend(one.del);
             }
         }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (p50_ratio, p99_ratio) = (median(&mut p50_ratios), median(&mut p99_ratios));
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let row = |s: &mut Samples| {
             s.pair.sort();
@@ -189,7 +222,7 @@ fn main() -> anyhow::Result<()> {
         let (t50, t99, ta, td) = row(&mut t);
         let cpu = |s: &Samples| ms(s.busy) / s.pairs.max(1) as f64;
         println!(
-            "| {label} | ptp + host-local | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | |",
+            "| {label} | ptp + host-local | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | | |",
             ms(r50),
             ms(r99),
             ms(ra),
@@ -197,22 +230,21 @@ fn main() -> anyhow::Result<()> {
             cpu(&r)
         );
         println!(
-            "| {label} | tessera | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | **{:.2}** |",
+            "| {label} | tessera | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | **{p50_ratio:.2}** | **{p99_ratio:.2}** |",
             ms(t50),
             ms(t99),
             ms(ta),
             ms(td),
             cpu(&t),
-            ms(t50) / ms(r50)
         );
         run.ratio(
             &format!("CNI ADD+DEL p50, {label} / ptp+host-local"),
-            ms(t50) / ms(r50),
+            p50_ratio,
             at_most,
         )
         .ratio(
             &format!("CNI ADD+DEL p99, {label} / ptp+host-local"),
-            ms(t99) / ms(r99),
+            p99_ratio,
             at_most,
         );
     }
