@@ -93,7 +93,7 @@ async fn a_block_in_a_newer_format_is_refused_with_its_version() {
     let mut v: serde_json::Value =
         serde_json::from_slice(&kv.get(&key).await.expect("get").expect("block").value)
             .expect("json");
-    v["v"] = 3.into();
+    v["v"] = 4.into();
     kv.txn(
         tessera_datastore::kv::Txn::new().then(tessera_datastore::kv::Op::put(
             &key,
@@ -105,13 +105,57 @@ async fn a_block_in_a_newer_format_is_refused_with_its_version() {
     let fresh = Ipam::new(kv.clone(), "node1");
     match fresh.release_by_handle("a").await {
         Err(IpamError::Corrupt { reason, .. }) => {
-            assert!(reason.contains("version 3"), "{reason}")
+            assert!(reason.contains("version 4"), "{reason}")
         }
-        other => panic!("a V3 block read as something: {other:?}"),
+        other => panic!("a V4 block read as something: {other:?}"),
     }
     // Untouched: the newer node's value is still there as it wrote it.
     let after: serde_json::Value =
         serde_json::from_slice(&kv.get(&key).await.expect("get").expect("block").value)
             .expect("json");
-    assert_eq!(after["v"], 3);
+    assert_eq!(after["v"], 4);
+}
+
+const V3: &str = "
+apiVersion: tessera.dev/v1
+kind: IPAMConfiguration
+metadata: { name: default }
+spec: { blockFormat: V3 }
+";
+
+#[tokio::test]
+async fn blocks_move_on_from_v2_to_v3_and_keep_their_nodes_attributes() {
+    let kv = MemKv::new();
+    apply(&kv, POOL).await;
+    apply(&kv, V2).await;
+    let n1 = Ipam::new(kv.clone(), "node1");
+    let first = n1.auto_assign(&request("a")).await.expect("assign");
+    assert_eq!(stored_formats(&kv).await[0].1, 2);
+
+    apply(&kv, V3).await;
+    let n1 = Ipam::new(kv.clone(), "node1");
+    let second = n1.auto_assign(&request("b")).await.expect("assign");
+    assert_eq!(
+        stored_formats(&kv).await,
+        vec![(keys::block(first[0].block), 3)]
+    );
+    // The stored value names the node once (the affinity); read back, every allocation
+    // has it again.
+    let key = keys::block(first[0].block);
+    let value = kv.get(&key).await.expect("get").expect("block").value;
+    let text = String::from_utf8(value.clone()).expect("utf-8");
+    assert_eq!(text.matches("node1").count(), 1, "{text}");
+    let block: tessera_datastore::block::IpamBlock =
+        serde_json::from_slice(&value).expect("decode");
+    for addr in [first[0].addr, second[0].addr] {
+        let a = block.allocation(addr).expect("allocated");
+        assert_eq!(a.attrs.get("node").map(String::as_str), Some("node1"));
+    }
+    // Releases work on V3 blocks; and back to V2 in the configuration, a V3 block stays V3.
+    apply(&kv, V2).await;
+    let n1 = Ipam::new(kv.clone(), "node1");
+    for (h, want) in [("a", first[0].addr), ("b", second[0].addr)] {
+        assert_eq!(n1.release_by_handle(h).await.expect("release"), vec![want]);
+    }
+    assert_eq!(stored_formats(&kv).await[0].1, 3);
 }

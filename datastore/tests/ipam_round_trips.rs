@@ -567,7 +567,10 @@ async fn a_batched_release_deletes_its_endpoint_record_in_the_same_transaction()
         ])
         .await
         .expect("batch");
-    assert!(matches!(outcomes[0], BatchedOutcome::Released { .. }), "{outcomes:?}");
+    assert!(
+        matches!(outcomes[0], BatchedOutcome::Released { .. }),
+        "{outcomes:?}"
+    );
     assert_eq!(outcomes[1], BatchedOutcome::Alone);
     assert_eq!(kv.take(), (0, 1), "one transaction");
     assert_eq!(kv.get("/t/endpoint-a").await.expect("read"), None);

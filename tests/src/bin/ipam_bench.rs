@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// The block format IPAM writes (the cluster's IPAMConfiguration).
-    #[arg(long, default_value = "V2")]
+    #[arg(long, default_value = "V3")]
     block_format: String,
 }
 
