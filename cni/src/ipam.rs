@@ -307,9 +307,6 @@ pub fn node_name(conf: &NetConf) -> Result<String, CniError> {
         .ok_or_else(|| CniError::invalid_config("cannot tell this node's name: set `nodename`"))
 }
 
-/// The network configuration's `datastore` section, overridden by the ETCD_* environment
-/// (the same names as every Tessera binary). A configuration to fix is "invalid network
-/// config"; etcd down or unreachable is "try again later".
 /// A client of the datastore, without a request of its own: the invocation's first read is
 /// the first request. When the invocation fails for the datastore's sake, [`explain`] says
 /// why (a certificate, a login, etcd down).
@@ -337,6 +334,8 @@ pub async fn explain(conf: &NetConf, failure: CniError) -> CniError {
     }
 }
 
+/// The network configuration's `datastore` section, overridden by the ETCD_* environment
+/// (the same names as every Tessera binary).
 fn datastore_config(
     conf: &NetConf,
 ) -> Result<tessera_datastore::connection::DatastoreConfig, CniError> {
@@ -346,6 +345,8 @@ fn datastore_config(
     Ok(ds)
 }
 
+/// A configuration to fix is "invalid network config"; etcd down or unreachable is "try
+/// again later".
 fn datastore_error(e: tessera_datastore::connection::DatastoreError) -> CniError {
     if e.is_transient() {
         CniError::new(code::TRY_AGAIN_LATER, e.to_string())
