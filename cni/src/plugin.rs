@@ -216,15 +216,15 @@ async fn add(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<V
     tracing::debug!("ADD: connecting to the datastore");
     let kv = ipam::connect(conf).await?;
     tracing::debug!("ADD: assigning addresses");
-    let assigned = ipam::assign(ipam::Call {
+    let call = ipam::Call {
         kv: &kv,
         conf,
         env,
         node,
         pod: &pod,
         stdin,
-    })
-    .await?;
+    };
+    let assigned = ipam::assign(call).await?;
     tracing::debug!(addresses = ?assigned.addresses, "ADD: wiring");
     // From here on, a failure gives newly assigned addresses back and removes new links; a
     // repeated ADD leaves what the running pod already has.
@@ -237,19 +237,7 @@ async fn add(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<V
         }
         Err(e) if already_held => Err(e),
         Err(e) => {
-            if let Err(r) = ipam::release(
-                ipam::Call {
-                    kv: &kv,
-                    conf,
-                    env,
-                    node,
-                    pod: &pod,
-                    stdin,
-                },
-                Vec::new(),
-            )
-            .await
-            {
+            if let Err(r) = ipam::release(call, Vec::new()).await {
                 tracing::warn!(error = %r, "rolling back the address assignment failed");
             }
             Err(e)

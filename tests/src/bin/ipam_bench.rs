@@ -134,9 +134,9 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
     // 90 % last would charge that growth to the fill.
     println!();
     println!(
-        "| pool filled | IPAM pairs/s (8 clients, median) | ms per pair per client (median) | block value, bytes | raw CAS ms per op, values that size |"
+        "| pool filled | IPAM pairs/s (8 clients, median) | ms per pair per client (median) | block value, bytes | raw CAS ms per op, values that size | the same, keys beside the blocks |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|");
     let mut kvs = Vec::new();
     for _ in 0..8 {
         kvs.push(connect().await?);
@@ -166,6 +166,10 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
     // The reference for what the values alone cost: the raw get+txn CAS loop writing values
     // the size of the level's blocks, in the same rounds.
     let mut ms_per_cas: Vec<Vec<f64>> = vec![Vec::new(); levels.len()];
+    // And the same loop on keys beside each client's block (the block's key with `/cas`
+    // appended sorts right after it): what etcd's storage charges for where the level's
+    // blocks are, among neighbours as full as they are.
+    let mut ms_per_cas_beside: Vec<Vec<f64>> = vec![Vec::new(); levels.len()];
     let mut value_len = vec![0usize; levels.len()];
     for _ in 0..args.rounds {
         for (i, (pct, pool, ipams)) in clients.iter().enumerate() {
@@ -174,37 +178,39 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
             value_len[i] = mean_block_len(&admin, &format!("\"fill{pct}-")).await?;
             let cas = cas_rate_of(&kvs, dur, false, value_len[i]).await?;
             ms_per_cas[i].push(8.0 * 1000.0 / cas);
+            let beside = client_block_keys(&admin, ipams)
+                .await?
+                .into_iter()
+                .map(|k| format!("{k}/cas"))
+                .collect();
+            let cas = cas_rate_at(&kvs, dur, value_len[i], beside).await?;
+            ms_per_cas_beside[i].push(8.0 * 1000.0 / cas);
         }
     }
-    let full_over_empty = median(
-        ms_per_pair[2]
-            .iter()
-            .zip(&ms_per_pair[0])
-            .map(|(full, empty)| full / empty)
-            .collect(),
-    );
-    let cas_full_over_empty = median(
-        ms_per_cas[2]
-            .iter()
-            .zip(&ms_per_cas[0])
-            .map(|(full, empty)| full / empty)
-            .collect(),
-    );
+    let full_over_empty = full_over_empty_of(&ms_per_pair);
+    let cas_full_over_empty = full_over_empty_of(&ms_per_cas);
+    let cas_beside_full_over_empty = full_over_empty_of(&ms_per_cas_beside);
     let mut per_pair = Vec::new();
     for (i, pct) in levels.iter().enumerate() {
         let ms = median(ms_per_pair[i].clone());
         println!(
-            "| {pct} % | {:.0} | {ms:.2} | {} | {:.2} |",
+            "| {pct} % | {:.0} | {ms:.2} | {} | {:.2} | {:.2} |",
             8.0 * 1000.0 / ms,
             value_len[i],
-            median(ms_per_cas[i].clone())
+            median(ms_per_cas[i].clone()),
+            median(ms_per_cas_beside[i].clone())
         );
         per_pair.push((*pct as f64, ms));
     }
-    println!("\n90 % full / 1 % full, median of the rounds' ratios: IPAM pairs {full_over_empty:.2}, raw CAS of values that size {cas_full_over_empty:.2}");
+    println!("\n90 % full / 1 % full, median of the rounds' ratios: IPAM pairs {full_over_empty:.2}, raw CAS of values that size {cas_full_over_empty:.2}, the same beside the level's blocks {cas_beside_full_over_empty:.2}");
     run.ratio(
         "raw get+txn CAS ms per op, values of a 90 % / a 1 % full block's size",
         cas_full_over_empty,
+        None,
+    );
+    run.ratio(
+        "raw get+txn CAS ms per op beside a 90 % / a 1 % full block, values of its size",
+        cas_beside_full_over_empty,
         None,
     );
     run.ratio(
@@ -290,16 +296,65 @@ async fn cas_rate(kvs: &[EtcdKv], dur: Duration, blind: bool) -> anyhow::Result<
 }
 
 /// [`cas_rate`] writing values of `value_len` bytes.
+/// The key of each client's block (the one block whose affinity is the client's node).
+async fn client_block_keys(
+    kv: &EtcdKv,
+    ipams: &[Arc<Ipam<EtcdKv>>],
+) -> anyhow::Result<Vec<String>> {
+    let (blocks, _) = kv.get_prefix(tessera_datastore::keys::BLOCKS).await?;
+    ipams
+        .iter()
+        .map(|ipam| {
+            blocks
+                .iter()
+                .find(|b| {
+                    serde_json::from_slice::<serde_json::Value>(&b.value)
+                        .is_ok_and(|v| v["affinity"] == ipam.node())
+                })
+                .map(|b| b.key.clone())
+                .ok_or_else(|| anyhow::anyhow!("no block of {}", ipam.node()))
+        })
+        .collect()
+}
+
 async fn cas_rate_of(
     kvs: &[EtcdKv],
     dur: Duration,
     blind: bool,
     value_len: usize,
 ) -> anyhow::Result<f64> {
+    let keys = (0..kvs.len())
+        .map(|i| format!("/bench/cas/{blind}/{value_len}/{i}"))
+        .collect();
+    cas_loop(kvs, dur, blind, value_len, keys).await
+}
+
+/// The get+txn loop on the given keys, one per client; the keys are deleted afterwards (they
+/// may be among IPAM's, which IPAM would not read).
+async fn cas_rate_at(
+    kvs: &[EtcdKv],
+    dur: Duration,
+    value_len: usize,
+    keys: Vec<String>,
+) -> anyhow::Result<f64> {
+    let rate = cas_loop(kvs, dur, false, value_len, keys.clone()).await?;
+    for key in keys {
+        kvs[0].txn(Txn::new().then(Op::delete(&key))).await?;
+    }
+    Ok(rate)
+}
+
+async fn cas_loop(
+    kvs: &[EtcdKv],
+    dur: Duration,
+    blind: bool,
+    value_len: usize,
+    keys: Vec<String>,
+) -> anyhow::Result<f64> {
     let clients: Vec<(EtcdKv, String, i64)> = kvs
         .iter()
-        .enumerate()
-        .map(|(i, kv)| (kv.clone(), format!("/bench/cas/{blind}/{value_len}/{i}"), 0))
+        .zip(keys)
+        .map(|(kv, key)| (kv.clone(), key, 0))
         .collect();
     rate(clients, dur, move |(kv, key, mut rev)| async move {
         if !blind {
@@ -352,6 +407,12 @@ async fn pair_rate(ipams: &[Arc<Ipam<EtcdKv>>], pool: &str, dur: Duration) -> an
         Ok((ipam, req))
     })
     .await
+}
+
+/// The median of the rounds' ratios of the last level (90 %) to the first (1 %).
+fn full_over_empty_of(ms_per_level: &[Vec<f64>]) -> f64 {
+    let (empty, full) = (&ms_per_level[0], &ms_per_level[ms_per_level.len() - 1]);
+    median(full.iter().zip(empty).map(|(f, e)| f / e).collect())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
