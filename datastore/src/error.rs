@@ -65,7 +65,9 @@ impl IpamError {
     /// Worth retrying later (the CNI "try again later" code).
     pub fn is_transient(&self) -> bool {
         match self {
-            IpamError::Datastore(e) => e.is_transient(),
+            // A client that never reached the store does not retry on its own (a setting
+            // may be wrong), but its caller may well try again later.
+            IpamError::Datastore(e) => e.is_transient() || matches!(e, KvError::NeverReached(_)),
             IpamError::TooMuchContention { .. } => true,
             _ => false,
         }

@@ -115,7 +115,7 @@ async fn etcd_with_client_certificates_right_and_wrong() {
         "datastore": { "etcdEndpoints": [etcd.endpoint()] },
         "ipam": { "type": "tessera-ipam" },
     });
-    let run = |command: &str, cert: &std::path::Path, key: &std::path::Path| {
+    let invoke = |command: &str, cert: &std::path::Path, key: &std::path::Path| {
         let mut c = Command::new(bin("tessera-ipam"));
         c.env_clear()
             .env("CNI_COMMAND", command)
@@ -142,7 +142,7 @@ async fn etcd_with_client_certificates_right_and_wrong() {
     // ADD and DEL make no request of their own to prove the connection (their first read
     // is the first request); when that fails they ask why, and say it.
     for command in ["STATUS", "ADD", "DEL"] {
-        let out = run(command, &rogue.cert, &rogue.key);
+        let out = invoke(command, &rogue.cert, &rogue.key);
         assert!(!out.status.success(), "{command}");
         let err: serde_json::Value = serde_json::from_slice(&out.stdout).expect("error JSON");
         assert_eq!(err["cniVersion"], "1.1.0", "{command}: {err}");
@@ -154,7 +154,7 @@ async fn etcd_with_client_certificates_right_and_wrong() {
     }
     // The right one: the datastore answers (no pool yet: not ready, for that reason).
     let client = pki.client();
-    let out = run("STATUS", &client.cert, &client.key);
+    let out = invoke("STATUS", &client.cert, &client.key);
     let err: serde_json::Value = serde_json::from_slice(&out.stdout).expect("error JSON");
     assert!(
         err["msg"]
