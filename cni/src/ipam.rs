@@ -673,9 +673,9 @@ async fn intent_or_apiserver(
 }
 
 /// Releases the pod's addresses (idempotent). `also_delete` are keys to delete with them
-/// (DEL's endpoint record), in the same transaction when the node's queue serves the
-/// release; returned are those still to be deleted.
-pub async fn release(call: Call<'_>, also_delete: Vec<String>) -> Result<Vec<String>, CniError> {
+/// (DEL's endpoint record) when the node's queue serves the release, in the same
+/// transaction; true when it did, else they are the caller's to delete.
+pub async fn release(call: Call<'_>, also_delete: Vec<String>) -> Result<bool, CniError> {
     let Call {
         kv,
         conf,
@@ -701,11 +701,11 @@ pub async fn release(call: Call<'_>, also_delete: Vec<String>) -> Result<Vec<Str
             let batched = (!sticky).then(|| BatchedOp::Release {
                 handle: handle.clone(),
                 as_read: ipam.known_handle(&handle),
-                also_delete: also_delete.clone(),
+                also_delete,
             });
             let (_held, outcome) = take_turn(&ipam, lock, queue_dir(conf, node), batched).await?;
             if let Some(BatchedOutcome::Released { .. }) = outcome {
-                return Ok(Vec::new());
+                return Ok(true);
             }
             // A sticky pod leaves: its hold keeps the addresses for its return.
             if let Some(hold) = intent.and_then(|i| i.sticky_hold) {
@@ -715,15 +715,15 @@ pub async fn release(call: Call<'_>, also_delete: Vec<String>) -> Result<Vec<Str
                 ]);
                 let kept = tessera_datastore::sticky::transfer(kv, &handle, &hold, &attrs).await?;
                 tracing::info!(%handle, %hold, ?kept, "DEL of a sticky pod: addresses kept");
-                return Ok(also_delete);
+                return Ok(false);
             }
             ipam.release_by_handle(&handle).await?;
-            Ok(also_delete)
+            Ok(false)
         }
         Some(i) => delegate::run(env, &i.ipam_type, "DEL", stdin)
             .await
-            .map(|_| also_delete),
-        None => Ok(also_delete),
+            .map(|_| false),
+        None => Ok(false),
     }
 }
 

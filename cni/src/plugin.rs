@@ -353,11 +353,8 @@ async fn del(conf: &NetConf, env: &CniEnv, node: &str, stdin: &[u8]) -> Result<(
             pod: &pod,
             stdin,
         };
-        let (left, released) = match ipam::release(call, vec![endpoint.clone()]).await {
-            Ok(left) => (left, Ok(())),
-            Err(e) => (vec![endpoint], Err(e)),
-        };
-        if !left.is_empty() {
+        let released = ipam::release(call, vec![endpoint]).await;
+        if !matches!(released, Ok(true)) {
             delete_workload_endpoint(&kv, node, &pod.namespace, &pod.name, &pod.ifname).await?;
         }
         released?;
