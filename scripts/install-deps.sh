@@ -36,6 +36,32 @@ if ! ls "$VMDIR"/root/boot/vmlinuz-* >/dev/null 2>&1; then
   (cd "$VMDIR" && apt-get download -qq "$pkg" && dpkg-deb -x "${pkg}"_*.deb root && rm -f "${pkg}"_*.deb)
 fi
 
+# netkit pods in VMs: a kernel built with netkit (Linux 6.7+, CONFIG_NETKIT) and a QEMU whose
+# TCG boots it reliably. Bookworm's 6.1 has no netkit and its QEMU 7.2 corrupted a 6.12
+# guest's memory while booting beside other guests, so on bookworm both come from
+# bookworm-backports (QEMU 10, kernel 6.12); a newer release has them already.
+. /etc/os-release
+target=()
+if [ "${VERSION_CODENAME:-}" = bookworm ]; then
+  if [ ! -f /etc/apt/sources.list.d/tessera-backports.sources ]; then
+    printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\n' \
+      > /etc/apt/sources.list.d/tessera-backports.sources
+    apt-get update -qq
+  fi
+  target=(-t bookworm-backports)
+fi
+qemu_major=$(qemu-system-x86_64 --version | awk 'NR == 1 {split($4, v, "."); print v[1]}')
+if [ "${qemu_major:-0}" -lt 8 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${target[@]}" qemu-system-x86
+fi
+NETKIT_VMDIR=/var/cache/tessera/vm-netkit
+if ! ls "$NETKIT_VMDIR"/root/boot/vmlinuz-* >/dev/null 2>&1; then
+  pkg=$(apt-cache depends "${target[@]}" linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+  mkdir -p "$NETKIT_VMDIR"
+  (cd "$NETKIT_VMDIR" && apt-get download -qq "${target[@]}" "$pkg" && dpkg-deb -x "${pkg}"_*.deb root && rm -f "${pkg}"_*.deb)
+  grep -q '^CONFIG_NETKIT=[ym]' "$NETKIT_VMDIR"/root/boot/config-* || { echo "install-deps: $pkg has no netkit" >&2; exit 1; }
+fi
+
 # kubernetes-validate (PyPI) checks deploy/kubernetes against the Kubernetes OpenAPI schemas.
 VENV=/var/cache/tessera/venv
 if ! "$VENV"/bin/kubernetes-validate --version >/dev/null 2>&1; then

@@ -168,3 +168,10 @@ pub fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpus} vCPU {model}, Linux {}", kernel.trim())
 }
+
+/// The median of `v` (the upper one of an even count); NaN when empty. Benchmarks report
+/// medians of interleaved rounds so that one noisy round cannot decide.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}

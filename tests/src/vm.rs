@@ -19,6 +19,11 @@ use crate::{Child, Netns};
 /// Debian's cloud kernel package, unpacked.
 pub const VM_ROOT: &str = "/var/cache/tessera/vm/root";
 
+/// A newer Debian cloud kernel (6.12 from bookworm-backports, or the release's own where it
+/// is that new) for what needs one: netkit devices (`CONFIG_NETKIT=y`, Linux 6.7+), which
+/// neither this development kernel nor bookworm's 6.1 has. Its modules are xz-compressed.
+pub const VM_ROOT_NETKIT: &str = "/var/cache/tessera/vm-netkit/root";
+
 /// The modules every guest needs for its virtio NIC.
 pub const VIRTIO_NET: [&str; 2] = ["virtio_pci", "virtio_net"];
 
@@ -32,6 +37,8 @@ pub struct Initramfs {
     kernel: PathBuf,
     /// Module name -> its file, for every module of the kernel.
     module_files: BTreeMap<String, PathBuf>,
+    /// Modules built into the kernel (`modules.builtin`): nothing to load.
+    builtin: BTreeSet<String>,
     /// Modules in load order (dependencies first).
     load_order: Vec<String>,
 }
@@ -46,10 +53,16 @@ fn index_modules(dir: &Path, into: &mut BTreeMap<String, PathBuf>) -> std::io::R
         let path = entry?.path();
         if path.is_dir() {
             index_modules(&path, into)?;
-        } else if path.extension().is_some_and(|e| e == "ko") {
-            if let Some(stem) = path.file_stem() {
-                into.insert(module_name(&stem.to_string_lossy()), path);
-            }
+        } else if let Some(stem) = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .and_then(|n| {
+                n.strip_suffix(".ko")
+                    .or_else(|| n.strip_suffix(".ko.xz"))
+                    .map(str::to_string)
+            })
+        {
+            into.insert(module_name(&stem), path);
         }
     }
     Ok(())
@@ -75,7 +88,13 @@ fn module_depends(ko: &Path) -> anyhow::Result<Vec<String>> {
 impl Initramfs {
     /// Starts an initramfs in `work` for the unpacked cloud kernel, with busybox.
     pub fn new(work: &Path) -> anyhow::Result<Self> {
-        let boot = Path::new(VM_ROOT).join("boot");
+        Self::for_kernel(work, Path::new(VM_ROOT))
+    }
+
+    /// [`Initramfs::new`] for the kernel unpacked under `kernel_root` (`boot/vmlinuz-*`,
+    /// `lib/modules/<version>`).
+    pub fn for_kernel(work: &Path, kernel_root: &Path) -> anyhow::Result<Self> {
+        let boot = kernel_root.join("boot");
         let kernel = std::fs::read_dir(&boot)
             .ok()
             .and_then(|d| {
@@ -84,7 +103,12 @@ impl Initramfs {
                         .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
                 })
             })
-            .context("Debian's cloud kernel is not unpacked in /var/cache/tessera/vm (run scripts/install-deps.sh)")?;
+            .with_context(|| {
+                format!(
+                    "Debian's cloud kernel is not unpacked in {} (run scripts/install-deps.sh)",
+                    kernel_root.display()
+                )
+            })?;
         let kver = kernel
             .file_name()
             .map(|n| {
@@ -93,12 +117,15 @@ impl Initramfs {
                     .to_string()
             })
             .unwrap_or_default();
+        let modules = kernel_root.join("lib/modules").join(&kver);
         let mut module_files = BTreeMap::new();
-        index_modules(
-            &Path::new(VM_ROOT).join("lib/modules").join(&kver),
-            &mut module_files,
-        )
-        .context("the kernel's modules")?;
+        index_modules(&modules, &mut module_files).context("the kernel's modules")?;
+        let builtin = std::fs::read_to_string(modules.join("modules.builtin"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| Path::new(l).file_stem())
+            .map(|stem| module_name(&stem.to_string_lossy()))
+            .collect();
         let root = work.join("initramfs");
         for d in [
             "bin",
@@ -123,6 +150,7 @@ impl Initramfs {
             out: work.join("initrd.gz"),
             kernel,
             module_files,
+            builtin,
             load_order: Vec::new(),
         })
     }
@@ -135,7 +163,10 @@ impl Initramfs {
             name: &str,
             seen: &mut BTreeSet<String>,
         ) -> anyhow::Result<()> {
-            if !seen.insert(name.to_string()) || me.load_order.iter().any(|m| m == name) {
+            if !seen.insert(name.to_string())
+                || me.builtin.contains(name)
+                || me.load_order.iter().any(|m| m == name)
+            {
                 return Ok(());
             }
             let file = me
@@ -143,13 +174,23 @@ impl Initramfs {
                 .get(name)
                 .cloned()
                 .with_context(|| format!("module {name} is not in the guest's kernel"))?;
-            for dep in module_depends(&file)? {
+            // Busybox's insmod takes only plain modules: a compressed one is unpacked here.
+            let target = me.root.join("lib/modules").join(format!("{name}.ko"));
+            if file.extension().is_some_and(|e| e == "xz") {
+                let out = std::fs::File::create(&target)?;
+                let status = Command::new("xz")
+                    .arg("-dc")
+                    .arg(&file)
+                    .stdout(out)
+                    .status()
+                    .context("xz (xz-utils)")?;
+                anyhow::ensure!(status.success(), "xz -dc {}: {status}", file.display());
+            } else {
+                std::fs::copy(&file, &target)?;
+            }
+            for dep in module_depends(&target)? {
                 visit(me, &dep, seen)?;
             }
-            std::fs::copy(
-                &file,
-                me.root.join("lib/modules").join(format!("{name}.ko")),
-            )?;
             me.load_order.push(name.to_string());
             Ok(())
         }
@@ -331,6 +372,15 @@ pub fn guest_sh(
     })
     .join()
     .map_err(|_| anyhow::anyhow!("guest-shell client thread panicked"))?
+}
+
+/// Mbit/s received, from the summary of `iperf3 -c ... -f m` run in a guest.
+pub fn iperf3_mbits(out: &str) -> Option<f64> {
+    out.lines().find(|l| l.contains("receiver")).and_then(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let i = w.iter().position(|x| *x == "Mbits/sec")?;
+        w.get(i.checked_sub(1)?)?.parse().ok()
+    })
 }
 
 /// Lines of a guest's serial log that start with `TB:` (what the init script reports).

@@ -72,21 +72,31 @@ while true; do
 done
 "#;
 
-/// `pod-add NAME`: a pod namespace wired by the CNI plugin, as a runtime does; prints the
-/// plugin's result. `pod-del NAME` undoes it.
+/// `pod-add NAME [POD_INTERFACE]`: a pod namespace wired by the CNI plugin, as a runtime
+/// does; prints the plugin's result. With `POD_INTERFACE` (`veth`, `netkit`) the pod's
+/// configuration says `podInterface` so. `pod-del NAME` undoes it, with the same
+/// configuration.
 const POD_ADD: &str = r#"#!/bin/sh
 set -e
+conf=/etc/cni/net.d/10-tessera.conf
+if [ -n "$2" ]; then
+  sed 's/"type":"tessera",/"type":"tessera","podInterface":"'"$2"'",/' $conf > /run/pod-"$1".conf
+  conf=/run/pod-"$1".conf
+fi
 /usr/local/sbin/ip netns add "$1"
 CNI_COMMAND=ADD CNI_CONTAINERID="$1" CNI_NETNS=/run/netns/"$1" CNI_IFNAME=eth0 CNI_PATH=/opt/cni/bin \
 CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=$1" \
-  /opt/cni/bin/tessera < /etc/cni/net.d/10-tessera.conf 2>>/var/log/cni.log
+  /opt/cni/bin/tessera < $conf 2>>/var/log/cni.log
 "#;
 
 const POD_DEL: &str = r#"#!/bin/sh
+conf=/etc/cni/net.d/10-tessera.conf
+[ -f /run/pod-"$1".conf ] && conf=/run/pod-"$1".conf
 CNI_COMMAND=DEL CNI_CONTAINERID="$1" CNI_NETNS=/run/netns/"$1" CNI_IFNAME=eth0 CNI_PATH=/opt/cni/bin \
 CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=$1" \
-  /opt/cni/bin/tessera < /etc/cni/net.d/10-tessera.conf 2>>/var/log/cni.log
+  /opt/cni/bin/tessera < $conf 2>>/var/log/cni.log || exit 1
 /usr/local/sbin/ip netns del "$1"
+rm -f /run/pod-"$1".conf
 "#;
 
 pub struct Guest {
@@ -114,6 +124,8 @@ pub struct VmCluster {
     pub router: Netns,
     pub dir: tempfile::TempDir,
     prefix: String,
+    /// The unpacked kernel the guests boot ([`vm::VM_ROOT`] unless asked otherwise).
+    kernel_root: PathBuf,
 }
 
 impl VmCluster {
@@ -121,6 +133,19 @@ impl VmCluster {
     /// `tesseractl apply` takes it), boots the three guests and waits until every agent
     /// says it is ready.
     pub fn new(test: &str, pools: &str) -> anyhow::Result<Self> {
+        Self::with_kernel(test, pools, std::path::Path::new(vm::VM_ROOT))
+    }
+
+    /// [`VmCluster::new`] with the guests booting the kernel unpacked under `kernel_root`
+    /// (e.g. [`vm::VM_ROOT_NETKIT`]). The 6.12 kernel needs a QEMU newer than bookworm's
+    /// 7.2, whose TCG corrupted its memory while booting beside other guests (two of three
+    /// panicked, in the slab allocator or on a stray single-step trap); install-deps.sh
+    /// takes QEMU from bookworm-backports.
+    pub fn with_kernel(
+        test: &str,
+        pools: &str,
+        kernel_root: &std::path::Path,
+    ) -> anyhow::Result<Self> {
         let prefix = crate::unique_prefix(test);
         let dir = tempfile::tempdir()?;
         let router = Netns::new(&format!("{prefix}-vmr"))?;
@@ -154,6 +179,7 @@ impl VmCluster {
             router,
             dir,
             prefix,
+            kernel_root: kernel_root.to_path_buf(),
         };
         c.apply_yaml(&format!(
             "{pools}\n---\napiVersion: tessera.dev/v1\nkind: BGPPeer\nmetadata: {{ name: underlay-router }}\nspec: {{ peerIP: {ROUTER}, asNumber: 64512 }}\n"
@@ -205,7 +231,7 @@ impl VmCluster {
     }
 
     fn boot_guests(&mut self) -> anyhow::Result<()> {
-        let mut fs = Initramfs::new(self.dir.path())?;
+        let mut fs = Initramfs::for_kernel(self.dir.path(), &self.kernel_root)?;
         fs.modules(&GUEST_MODULES)?;
         for (name, dest) in [
             ("tessera-node", "/bin/tessera-node"),
@@ -321,6 +347,13 @@ impl VmCluster {
         Ok(())
     }
 
+    /// The last `lines` lines of guest `g`'s serial console (for failure messages).
+    pub fn console_tail(&self, g: usize, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.guests[g].log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// The tail of guest `g`'s agent log (for failure messages).
     pub fn agent_log(&self, g: usize) -> String {
         self.sh(g, "tail -n 40 /var/log/agent.log")
@@ -336,6 +369,17 @@ impl VmCluster {
     /// Starts a pod on guest `g` with an address from `pool` (its intent in etcd, as the
     /// Kubernetes integration writes it); returns its index.
     pub fn add_pod(&mut self, g: usize, pool: &str) -> anyhow::Result<usize> {
+        self.add_pod_with(g, pool, None)
+    }
+
+    /// [`VmCluster::add_pod`] with the CNI configuration's `podInterface` set to
+    /// `pod_interface` (`veth`, `netkit`) for this pod.
+    pub fn add_pod_with(
+        &mut self,
+        g: usize,
+        pool: &str,
+        pod_interface: Option<&str>,
+    ) -> anyhow::Result<usize> {
         let name = format!("{}-{pool}-{}", self.guests[g].name, self.pods.len() + 1);
         let intent = tessera_datastore::model::PodIntent {
             ipv4_pools: vec![pool.to_string()],
@@ -352,7 +396,10 @@ impl VmCluster {
             ],
         )?;
         let text = self
-            .sh_ok(g, &format!("pod-add {name}"))
+            .sh_ok(
+                g,
+                &format!("pod-add {name} {}", pod_interface.unwrap_or_default()),
+            )
             .with_context(|| format!("CNI ADD of {name}"))?;
         let start = text.find('{').context("no CNI result")?;
         let result: serde_json::Value = serde_json::Deserializer::from_str(&text[start..])

@@ -13,25 +13,13 @@
 
 use std::time::Duration;
 
+use tessera_testbed::bench_results::median;
+use tessera_testbed::vm::iperf3_mbits as mbits;
 use tessera_testbed::vm_cluster::{VmCluster, IP};
 
 const POOL: &str = "apiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: { name: ipip }\nspec: { cidr: 10.244.48.0/20, blockSize: 26, ipipMode: Always }\n";
 const ROUNDS: usize = 3;
 const SECONDS: u32 = 3;
-
-/// Mbit/s received, from iperf3's summary.
-fn mbits(out: &str) -> Option<f64> {
-    out.lines().find(|l| l.contains("receiver")).and_then(|l| {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        let i = w.iter().position(|x| *x == "Mbits/sec")?;
-        w.get(i - 1)?.parse().ok()
-    })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
 
 fn main() -> anyhow::Result<()> {
     let mut c = VmCluster::new("ipip_bench", POOL)?;

@@ -2,7 +2,7 @@
 //! between the two node namespaces over the bare underlay, in the same run; VXLAN also
 //! against a VXLAN device made by hand with `ip link` (the kernel's reference).
 //!
-//! `cargo bench -p tessera-tunnel --bench throughput [-- --seconds N]`
+//! `cargo bench -p tessera-tunnel --bench throughput [-- --seconds N --rounds N]`
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -11,6 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{ensure, pod, pod_ip};
+use tessera_testbed::bench_results::median;
 use tessera_testbed::{Child, Lab, LabSpec, Netns};
 use tessera_tunnel::Mode;
 
@@ -141,11 +142,6 @@ fn hand_made_vxlan(lab: &Lab, up: bool) {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: u32| {
@@ -155,7 +151,7 @@ fn main() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(default)
     };
-    let (seconds, rounds) = (arg("--seconds", 3), arg("--rounds", 3));
+    let (seconds, rounds) = (arg("--seconds", 3), arg("--rounds", 5));
     let lab = Lab::new(
         "tunnel_bench",
         LabSpec {
@@ -202,20 +198,19 @@ fn main() {
             hand_made_vxlan(&lab, false);
         }
     }
-    println!("iperf3, {seconds} s per run, median of {rounds} interleaved rounds, Gbit/s received; ratio = / bare underlay");
+    // Ratios are medians of the rounds' ratios (each round's paths ran back to back).
+    let ratio = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
+    println!("iperf3, {seconds} s per run, {rounds} interleaved rounds, Gbit/s received (median); ratio = median of the rounds' ratios to the bare underlay");
     println!();
     println!("| path | 1 stream | ratio | 4 streams | ratio |");
     println!("|---|---:|---:|---:|---:|");
-    let base = [median(results[0][0].clone()), median(results[0][1].clone())];
-    let medians: Vec<[f64; 2]> = results
-        .iter()
-        .map(|r| [median(r[0].clone()), median(r[1].clone())])
-        .collect();
-    for (p, [a, b]) in paths.iter().zip(&medians) {
+    for (p, r) in paths.iter().zip(&results) {
         println!(
-            "| {p} | {a:.2} | {:.2} | {b:.2} | {:.2} |",
-            a / base[0],
-            b / base[1]
+            "| {p} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            median(r[0].clone()),
+            ratio(&r[0], &results[0][0]),
+            median(r[1].clone()),
+            ratio(&r[1], &results[0][1]),
         );
     }
     use tessera_testbed::bench_results::{BenchRun, Target};
@@ -226,12 +221,12 @@ fn main() {
     for (k, streams) in ["1 stream", "4 streams"].into_iter().enumerate() {
         run.ratio(
             &format!("pod throughput, native, {streams} / bare underlay"),
-            medians[1][k] / base[k],
+            ratio(&results[1][k], &results[0][k]),
             Some(Target::AtLeast(0.95)),
         )
         .ratio(
             &format!("pod throughput, VXLAN, {streams} / hand-made VXLAN"),
-            medians[2][k] / medians[3][k],
+            ratio(&results[2][k], &results[3][k]),
             Some(Target::AtLeast(0.95)),
         );
     }

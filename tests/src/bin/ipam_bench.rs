@@ -20,6 +20,7 @@ use tessera_datastore::kv::{Op, Txn};
 use tessera_datastore::resources::apply_config;
 use tessera_datastore::yaml::parse_resources;
 use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Kv, Owner};
+use tessera_testbed::bench_results::median;
 use tessera_testbed::Etcd;
 
 #[derive(Parser)]
@@ -88,8 +89,8 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
         "Medians of {} interleaved rounds of {} s each.\n",
         args.rounds, args.seconds
     );
-    println!("| clients | raw CAS (get+txn) ops/s | raw CAS (blind txn) ops/s | IPAM pairs/s | pairs / CAS | pairs / blind CAS |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| clients | raw CAS (get+txn) ops/s | raw CAS (blind txn) ops/s | IPAM pairs/s | pairs / CAS | pairs / blind CAS | etcd requests per pair |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     use tessera_testbed::bench_results::{BenchRun, Target};
     let mut run = BenchRun::new(
         "ipam",
@@ -111,15 +112,22 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
         // Interleaved rounds: drift on the machine (etcd's fsyncs share the disk with
         // everything else) hits both sides of each ratio alike.
         let (mut cas, mut blind, mut pairs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut pair_requests, mut pairs_done) = (0u64, 0f64);
         for _ in 0..args.rounds {
             cas.push(cas_rate(&kvs, dur, false).await?);
             blind.push(cas_rate(&kvs, dur, true).await?);
-            pairs.push(pair_rate(&ipams, "bench", dur).await?);
+            let before: u64 = kvs.iter().map(EtcdKv::requests_sent).sum();
+            let started = Instant::now();
+            let rate = pair_rate(&ipams, "bench", dur).await?;
+            pair_requests += kvs.iter().map(EtcdKv::requests_sent).sum::<u64>() - before;
+            pairs_done += rate * started.elapsed().as_secs_f64();
+            pairs.push(rate);
         }
+        let requests_per_pair = pair_requests as f64 / pairs_done;
         let ratio = median(pairs.iter().zip(&cas).map(|(p, c)| p / c).collect());
         let ratio_blind = median(pairs.iter().zip(&blind).map(|(p, c)| p / c).collect());
         let (cas, blind, pairs) = (median(cas), median(blind), median(pairs));
-        println!("| {n} | {cas:.0} | {blind:.0} | {pairs:.0} | {ratio:.2} | {ratio_blind:.2} |");
+        println!("| {n} | {cas:.0} | {blind:.0} | {pairs:.0} | {ratio:.2} | {ratio_blind:.2} | {requests_per_pair:.2} |");
         run.ratio(
             &format!("IPAM pairs/s at {n} clients / raw get+txn CAS"),
             ratio,
@@ -134,9 +142,9 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
     // 90 % last would charge that growth to the fill.
     println!();
     println!(
-        "| pool filled | IPAM pairs/s (8 clients, median) | ms per pair per client (median) | block value, bytes | raw CAS ms per op, values that size | the same, keys beside the blocks |"
+        "| pool filled | IPAM pairs/s (8 clients, median) | ms per pair per client (median) | block value, bytes | raw CAS ms per op, values that size | the same, keys beside the blocks | client CPU µs per pair |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     let mut kvs = Vec::new();
     for _ in 0..8 {
         kvs.push(connect().await?);
@@ -171,9 +179,15 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
     // blocks are, among neighbours as full as they are.
     let mut ms_per_cas_beside: Vec<Vec<f64>> = vec![Vec::new(); levels.len()];
     let mut value_len = vec![0usize; levels.len()];
+    // The client's own CPU per pair (this process; etcd is another): on two cores it is
+    // taken from etcd.
+    let mut client_us_per_pair: Vec<Vec<f64>> = vec![Vec::new(); levels.len()];
     for _ in 0..args.rounds {
         for (i, (pct, pool, ipams)) in clients.iter().enumerate() {
+            let (cpu_before, started) = (own_cpu(), Instant::now());
             let pairs = pair_rate(ipams, pool, dur).await?;
+            let done = pairs * started.elapsed().as_secs_f64();
+            client_us_per_pair[i].push((own_cpu() - cpu_before).as_secs_f64() * 1e6 / done);
             ms_per_pair[i].push(8.0 * 1000.0 / pairs);
             value_len[i] = mean_block_len(&admin, &format!("\"fill{pct}-")).await?;
             let cas = cas_rate_of(&kvs, dur, false, value_len[i]).await?;
@@ -194,11 +208,12 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
     for (i, pct) in levels.iter().enumerate() {
         let ms = median(ms_per_pair[i].clone());
         println!(
-            "| {pct} % | {:.0} | {ms:.2} | {} | {:.2} | {:.2} |",
+            "| {pct} % | {:.0} | {ms:.2} | {} | {:.2} | {:.2} | {:.0} |",
             8.0 * 1000.0 / ms,
             value_len[i],
             median(ms_per_cas[i].clone()),
-            median(ms_per_cas_beside[i].clone())
+            median(ms_per_cas_beside[i].clone()),
+            median(client_us_per_pair[i].clone())
         );
         per_pair.push((*pct as f64, ms));
     }
@@ -227,6 +242,15 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
     run.save();
     drop(etcd);
     Ok(())
+}
+
+/// CPU time this process has used (user and system).
+fn own_cpu() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+    let tv =
+        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    tv(u.user_time()) + tv(u.system_time())
 }
 
 /// The mean size of the stored blocks whose value contains `marker` (the level's nodes).
@@ -413,9 +437,4 @@ async fn pair_rate(ipams: &[Arc<Ipam<EtcdKv>>], pool: &str, dur: Duration) -> an
 fn full_over_empty_of(ms_per_level: &[Vec<f64>]) -> f64 {
     let (empty, full) = (&ms_per_level[0], &ms_per_level[ms_per_level.len() - 1]);
     median(full.iter().zip(empty).map(|(f, e)| f / e).collect())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
