@@ -89,8 +89,8 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
         "Medians of {} interleaved rounds of {} s each.\n",
         args.rounds, args.seconds
     );
-    println!("| clients | raw CAS (get+txn) ops/s | raw CAS (blind txn) ops/s | IPAM pairs/s | pairs / CAS | pairs / blind CAS | etcd requests per pair |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| clients | raw CAS (get+txn) ops/s | raw CAS (blind txn) ops/s | IPAM pairs/s | pairs / CAS | pairs / blind CAS | etcd requests per pair | client CPU µs per pair / per CAS op |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     use tessera_testbed::bench_results::{BenchRun, Target};
     let mut run = BenchRun::new(
         "ipam",
@@ -113,21 +113,30 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
         // everything else) hits both sides of each ratio alike.
         let (mut cas, mut blind, mut pairs) = (Vec::new(), Vec::new(), Vec::new());
         let (mut pair_requests, mut pairs_done) = (0u64, 0f64);
+        // This process's CPU (the clients; etcd is another process) per op on each side.
+        let (mut cas_cpu, mut cas_done, mut pair_cpu) = (Duration::ZERO, 0f64, Duration::ZERO);
         for _ in 0..args.rounds {
-            cas.push(cas_rate(&kvs, dur, false).await?);
+            let (cpu, started) = (own_cpu(), Instant::now());
+            let rate = cas_rate(&kvs, dur, false).await?;
+            cas_cpu += own_cpu() - cpu;
+            cas_done += rate * started.elapsed().as_secs_f64();
+            cas.push(rate);
             blind.push(cas_rate(&kvs, dur, true).await?);
             let before: u64 = kvs.iter().map(EtcdKv::requests_sent).sum();
-            let started = Instant::now();
+            let (cpu, started) = (own_cpu(), Instant::now());
             let rate = pair_rate(&ipams, "bench", dur).await?;
+            pair_cpu += own_cpu() - cpu;
             pair_requests += kvs.iter().map(EtcdKv::requests_sent).sum::<u64>() - before;
             pairs_done += rate * started.elapsed().as_secs_f64();
             pairs.push(rate);
         }
         let requests_per_pair = pair_requests as f64 / pairs_done;
+        let us_per = |cpu: Duration, ops: f64| cpu.as_secs_f64() * 1e6 / ops;
+        let (pair_us, cas_us) = (us_per(pair_cpu, pairs_done), us_per(cas_cpu, cas_done));
         let ratio = median(pairs.iter().zip(&cas).map(|(p, c)| p / c).collect());
         let ratio_blind = median(pairs.iter().zip(&blind).map(|(p, c)| p / c).collect());
         let (cas, blind, pairs) = (median(cas), median(blind), median(pairs));
-        println!("| {n} | {cas:.0} | {blind:.0} | {pairs:.0} | {ratio:.2} | {ratio_blind:.2} | {requests_per_pair:.2} |");
+        println!("| {n} | {cas:.0} | {blind:.0} | {pairs:.0} | {ratio:.2} | {ratio_blind:.2} | {requests_per_pair:.2} | {pair_us:.0} / {cas_us:.0} |");
         run.ratio(
             &format!("IPAM pairs/s at {n} clients / raw get+txn CAS"),
             ratio,
