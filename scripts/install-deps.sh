@@ -10,7 +10,7 @@ PKGS=(
   podman runc busybox-static               # a real container runtime as CNI client, and its rootfs
   bird2 tcpdump                            # the BGP interop peer, and captures of its messages
   frr                                      # bfdd, the BFD interop peer
-  qemu-system-x86 cpio                     # IPIP end to end in VMs (this kernel has no ipip module)
+  qemu-system-x86 cpio xz-utils            # IPIP and netkit end to end in VMs (this kernel has neither); xz unpacks the 6.12 kernel's modules
   iperf3                                   # throughput in tests, benchmarks and the IPIP VMs
   nftables                                 # the node agent's natOutgoing rules (nft -j)
   libssl3 openssl                          # test certificate authorities for etcd over TLS
