@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL="cni ipam ipam_blocks tunnel ipip_vm routed node_convergence scale_view scale_cluster soak"
+ALL="cni ipam ipam_blocks tunnel ipip_vm pod_device_vm routed node_convergence scale_view scale_cluster soak"
 
 run_one() {
   case "$1" in
@@ -22,6 +22,7 @@ run_one() {
     "ipam_blocks") ./target/release/ipam-blocks-bench ;;
     "tunnel") cargo bench -p tessera-tunnel --bench throughput ;;
     "ipip_vm") cargo bench -p tessera-tunnel --bench ipip_vm ;;
+    "pod_device_vm") cargo bench -p tessera-cni --bench pod_device_vm ;;
     "routed") cargo bench -p tessera-routed --bench convergence ;;
     "node_convergence") cargo bench -p tessera-node --bench convergence ;;
     "scale_view") cargo bench -p tessera-node --bench scale_view ;;
