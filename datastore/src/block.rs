@@ -35,11 +35,8 @@ pub struct FreeSlot {
 
 /// A block as stored: [`crate::block_format`] says how (two formats, the version in the
 /// value; a block is written back in the format it was read in or a newer one).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(
-    try_from = "crate::block_format::StoredBlock",
-    into = "crate::block_format::StoredBlock"
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "crate::block_format::StoredBlock")]
 pub struct IpamBlock {
     pub cidr: IpNetwork,
     /// The node whose block this is; `None` once that node is gone.

@@ -43,24 +43,26 @@ const FROM_HANDLE: u8 = 1;
 /// `node`: the block's affinity.
 const FROM_AFFINITY: u8 = 2;
 
-#[derive(Serialize, Deserialize)]
+/// A block as stored, as read (any format); [`IpamBlock`] serializes through a borrowed
+/// view of the same fields.
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredBlock {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     v: Option<u32>,
     cidr: IpNetwork,
     affinity: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     allocations: Option<Vec<Option<Allocation>>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     free: Option<VecDeque<FreeSlot>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     next_seq: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     seq: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     a: Option<Vec<AllocationV2>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     f: Option<Vec<i64>>,
 }
 
@@ -68,12 +70,35 @@ const NETWORK: &str = "network";
 const CONTAINER_ID: &str = "containerID";
 const NODE: &str = "node";
 
-impl From<IpamBlock> for StoredBlock {
-    fn from(b: IpamBlock) -> Self {
-        let mut out = StoredBlock {
+/// A block in its stored form, borrowed: how [`IpamBlock`] serializes (field for field what
+/// [`StoredBlock`] reads back), without copying the block first.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredBlockRef<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    v: Option<u32>,
+    cidr: &'a IpNetwork,
+    affinity: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allocations: Option<&'a [Option<Allocation>]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    free: Option<&'a VecDeque<FreeSlot>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    a: Option<CompactAllocations<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    f: Option<Vec<i64>>,
+}
+
+impl Serialize for IpamBlock {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut out = StoredBlockRef {
             v: None,
-            cidr: b.cidr,
-            affinity: b.affinity,
+            cidr: &self.cidr,
+            affinity: &self.affinity,
             allocations: None,
             free: None,
             next_seq: None,
@@ -81,45 +106,93 @@ impl From<IpamBlock> for StoredBlock {
             a: None,
             f: None,
         };
-        match b.format {
+        match self.format {
             BlockFormat::V1 => {
-                out.allocations = Some(b.allocations);
-                out.free = Some(b.free);
-                out.next_seq = Some(b.next_seq);
+                out.allocations = Some(&self.allocations);
+                out.free = Some(&self.free);
+                out.next_seq = Some(self.next_seq);
             }
             BlockFormat::V2 | BlockFormat::V3 => {
-                let v3 = b.format == BlockFormat::V3;
+                let v3 = self.format == BlockFormat::V3;
                 out.v = Some(if v3 { 3 } else { 2 });
-                out.seq = Some(b.next_seq);
-                let affinity = out.affinity.clone().filter(|_| v3);
-                out.a = Some(
-                    b.allocations
-                        .into_iter()
-                        .enumerate()
-                        .filter_map(|(ordinal, a)| Some((ordinal as u32, a?)))
-                        .map(|(ordinal, a)| compact_allocation(ordinal, a, v3, affinity.as_deref()))
-                        .collect(),
-                );
-                out.f = Some(compact_free(&b.free));
+                out.seq = Some(self.next_seq);
+                out.a = Some(CompactAllocations {
+                    allocations: &self.allocations,
+                    v3,
+                    affinity: self.affinity.as_deref().filter(|_| v3),
+                });
+                out.f = Some(compact_free(&self.free));
             }
         }
-        out
+        out.serialize(s)
     }
 }
 
-/// `affinity`: the block's node, left out of the attributes when they name it (`V3`).
-fn compact_allocation(
-    ordinal: u32,
-    a: Allocation,
+/// `a` of `V2` and `V3`: the allocated ordinals, each `[ordinal, seq, handle, derived,
+/// attributes]` without the attributes `derived` says were left out.
+struct CompactAllocations<'a> {
+    allocations: &'a [Option<Allocation>],
     v3: bool,
-    affinity: Option<&str>,
-) -> AllocationV2 {
-    let Allocation {
-        handle,
-        seq,
-        mut attrs,
-    } = a;
-    let derived = match (attrs.get(NETWORK), attrs.get(CONTAINER_ID)) {
+    /// The block's node, left out of the attributes that name it (`V3` only).
+    affinity: Option<&'a str>,
+}
+
+impl Serialize for CompactAllocations<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeTuple};
+        /// The attributes but those left out.
+        struct Kept<'a> {
+            attrs: &'a Attributes,
+            left_out: &'a [&'static str],
+        }
+        impl Serialize for Kept<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let kept = || {
+                    self.attrs
+                        .iter()
+                        .filter(|(k, _)| !self.left_out.contains(&k.as_str()))
+                };
+                let mut map = s.serialize_map(Some(kept().count()))?;
+                for (k, v) in kept() {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+        }
+        s.collect_seq(
+            self.allocations
+                .iter()
+                .enumerate()
+                .filter_map(|(ordinal, a)| Some((ordinal as u32, a.as_ref()?)))
+                .map(|(ordinal, a)| {
+                    let (derived, left_out) = derived(a, self.v3, self.affinity);
+                    // A tuple, as `AllocationV2` reads it back.
+                    struct Entry<'a>(u32, &'a Allocation, Derived, &'a [&'static str]);
+                    impl Serialize for Entry<'_> {
+                        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                            let mut t = s.serialize_tuple(5)?;
+                            t.serialize_element(&self.0)?;
+                            t.serialize_element(&self.1.seq)?;
+                            t.serialize_element(&self.1.handle)?;
+                            t.serialize_element(&self.2)?;
+                            t.serialize_element(&Kept {
+                                attrs: &self.1.attrs,
+                                left_out: self.3,
+                            })?;
+                            t.end()
+                        }
+                    }
+                    Entry(ordinal, a, derived, left_out)
+                }),
+        )
+    }
+}
+
+/// Which of `a`'s attributes its entry leaves out, and the `derived` value that says so.
+/// `affinity`: the block's node, left out when the attributes name it (`V3`).
+fn derived(a: &Allocation, v3: bool, affinity: Option<&str>) -> (Derived, &'static [&'static str]) {
+    let handle = &a.handle;
+    let from_handle = match (a.attrs.get(NETWORK), a.attrs.get(CONTAINER_ID)) {
         (Some(n), Some(c)) => {
             !c.contains('.') && handle.len() == n.len() + 1 + c.len() && {
                 handle.starts_with(n.as_str())
@@ -129,19 +202,22 @@ fn compact_allocation(
         }
         _ => false,
     };
-    if derived {
-        attrs.remove(NETWORK);
-        attrs.remove(CONTAINER_ID);
-    }
     if !v3 {
-        return (ordinal, seq, handle, Derived::V2(derived), attrs);
+        let left_out: &[&str] = if from_handle {
+            &[NETWORK, CONTAINER_ID]
+        } else {
+            &[]
+        };
+        return (Derived::V2(from_handle), left_out);
     }
-    let mut flags = if derived { FROM_HANDLE } else { 0 };
-    if affinity.is_some() && attrs.get(NODE).map(String::as_str) == affinity {
-        attrs.remove(NODE);
-        flags |= FROM_AFFINITY;
-    }
-    (ordinal, seq, handle, Derived::V3(flags), attrs)
+    let from_affinity = affinity.is_some() && a.attrs.get(NODE).map(String::as_str) == affinity;
+    let (flags, left_out): (u8, &[&str]) = match (from_handle, from_affinity) {
+        (true, true) => (FROM_HANDLE | FROM_AFFINITY, &[NETWORK, CONTAINER_ID, NODE]),
+        (true, false) => (FROM_HANDLE, &[NETWORK, CONTAINER_ID]),
+        (false, true) => (FROM_AFFINITY, &[NODE]),
+        (false, false) => (0, &[]),
+    };
+    (Derived::V3(flags), left_out)
 }
 
 fn compact_free(free: &VecDeque<FreeSlot>) -> Vec<i64> {
@@ -325,6 +401,44 @@ mod tests {
         assert_eq!(b.free.len(), 3);
         // Rewritten in V1 it is byte for byte what was read.
         assert_eq!(serde_json::to_string(&b).expect("encode"), v1);
+    }
+
+    #[test]
+    fn v2_and_v3_values_are_byte_for_byte_what_earlier_versions_wrote() {
+        // Written by the encoder before it borrowed the block (it compacted a copy): a CNI
+        // allocation on the block's own node, another's on a foreign node, a released
+        // ordinal and a never-used run.
+        let v2 = r#"{"v":2,"cidr":"10.244.1.0/29","affinity":"node1","seq":3,"a":[[0,0,"net.c1",true,{"node":"node1","pod":"p1"}],[1,1,"ctl.x",false,{"node":"node2","note":"by \"hand\""}]],"f":[3,-5,2,5000]}"#;
+        let v3 = r#"{"v":3,"cidr":"10.244.1.0/29","affinity":"node1","seq":3,"a":[[0,0,"net.c1",3,{"pod":"p1"}],[1,1,"ctl.x",0,{"node":"node2","note":"by \"hand\""}]],"f":[3,-5,2,5000]}"#;
+        let mut b = IpamBlock::new("10.244.1.0/29".parse().expect("cidr"), Some("node1".into()));
+        let cni = Attributes::from([
+            ("network".to_string(), "net".to_string()),
+            ("containerID".to_string(), "c1".to_string()),
+            ("node".to_string(), "node1".to_string()),
+            ("pod".to_string(), "p1".to_string()),
+        ]);
+        let other = Attributes::from([
+            ("node".to_string(), "node2".to_string()),
+            ("note".to_string(), "by \"hand\"".to_string()),
+        ]);
+        b.assign(1, "net.c1", &cni, 1_000, 0, |_| false);
+        b.assign(1, "ctl.x", &other, 1_001, 0, |_| false);
+        b.assign(1, "plain", &Attributes::new(), 1_002, 0, |_| false);
+        let plain = b.addr(2).expect("addr");
+        let seq = b.allocation(plain).expect("allocated").seq;
+        b.release(plain, Some(seq), 5_000).expect("release");
+        for (format, text) in [(BlockFormat::V2, v2), (BlockFormat::V3, v3)] {
+            let in_format = b.clone().in_format(format);
+            assert_eq!(serde_json::to_string(&in_format).expect("encode"), text);
+            let read: IpamBlock = serde_json::from_str(text).expect("decode");
+            assert_eq!(
+                IpamBlock {
+                    format: BlockFormat::V1,
+                    ..read
+                },
+                b
+            );
+        }
     }
 
     #[test]
