@@ -139,26 +139,6 @@ struct CompactAllocations<'a> {
 
 impl Serialize for CompactAllocations<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::{SerializeMap, SerializeTuple};
-        /// The attributes but those left out.
-        struct Kept<'a> {
-            attrs: &'a Attributes,
-            left_out: &'a [&'static str],
-        }
-        impl Serialize for Kept<'_> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                let kept = || {
-                    self.attrs
-                        .iter()
-                        .filter(|(k, _)| !self.left_out.contains(&k.as_str()))
-                };
-                let mut map = s.serialize_map(Some(kept().count()))?;
-                for (k, v) in kept() {
-                    map.serialize_entry(k, v)?;
-                }
-                map.end()
-            }
-        }
         s.collect_seq(
             self.allocations
                 .iter()
@@ -166,25 +146,59 @@ impl Serialize for CompactAllocations<'_> {
                 .filter_map(|(ordinal, a)| Some((ordinal as u32, a.as_ref()?)))
                 .map(|(ordinal, a)| {
                     let (derived, left_out) = derived(a, self.v3, self.affinity);
-                    // A tuple, as `AllocationV2` reads it back.
-                    struct Entry<'a>(u32, &'a Allocation, Derived, &'a [&'static str]);
-                    impl Serialize for Entry<'_> {
-                        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                            let mut t = s.serialize_tuple(5)?;
-                            t.serialize_element(&self.0)?;
-                            t.serialize_element(&self.1.seq)?;
-                            t.serialize_element(&self.1.handle)?;
-                            t.serialize_element(&self.2)?;
-                            t.serialize_element(&Kept {
-                                attrs: &self.1.attrs,
-                                left_out: self.3,
-                            })?;
-                            t.end()
-                        }
+                    CompactAllocation {
+                        ordinal,
+                        a,
+                        derived,
+                        left_out,
                     }
-                    Entry(ordinal, a, derived, left_out)
                 }),
         )
+    }
+}
+
+/// One entry of `a`: the tuple `AllocationV2` reads back.
+struct CompactAllocation<'a> {
+    ordinal: u32,
+    a: &'a Allocation,
+    derived: Derived,
+    /// The attributes `derived` says are left out.
+    left_out: &'static [&'static str],
+}
+
+impl Serialize for CompactAllocation<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut t = s.serialize_tuple(5)?;
+        t.serialize_element(&self.ordinal)?;
+        t.serialize_element(&self.a.seq)?;
+        t.serialize_element(&self.a.handle)?;
+        t.serialize_element(&self.derived)?;
+        t.serialize_element(&KeptAttributes {
+            attrs: &self.a.attrs,
+            left_out: self.left_out,
+        })?;
+        t.end()
+    }
+}
+
+/// An allocation's attributes but those its entry leaves out, as a map.
+struct KeptAttributes<'a> {
+    attrs: &'a Attributes,
+    left_out: &'static [&'static str],
+}
+
+impl KeptAttributes<'_> {
+    fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.attrs
+            .iter()
+            .filter(|(k, _)| !self.left_out.contains(&k.as_str()))
+    }
+}
+
+impl Serialize for KeptAttributes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
     }
 }
 
