@@ -21,7 +21,7 @@ use tessera_datastore::kv::{Op, Txn};
 use tessera_datastore::resources::apply_config;
 use tessera_datastore::yaml::parse_resources;
 use tessera_datastore::{keys, AssignRequest, EtcdKv, Ipam, Kv, Owner};
-use tessera_testbed::bench_results::BenchRun;
+use tessera_testbed::bench_results::{median, BenchRun};
 use tessera_testbed::Etcd;
 
 #[derive(Parser)]
@@ -58,11 +58,6 @@ fn request(handle: &str, n: usize) -> AssignRequest {
         pools: vec!["wide".into()],
         ..Default::default()
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 #[derive(serde::Serialize)]
