@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
@@ -41,8 +42,10 @@ pub struct IpamBlock {
     pub cidr: IpNetwork,
     /// The node whose block this is; `None` once that node is gone.
     pub affinity: Option<String>,
-    /// Indexed by ordinal.
-    pub allocations: Vec<Option<Allocation>>,
+    /// Indexed by ordinal. Shared records: a block is copied before every write (the cached
+    /// one stays valid until the transaction succeeds), and the copy must not duplicate
+    /// every handle and attribute map of a full block.
+    pub allocations: Vec<Option<Arc<Allocation>>>,
     pub free: VecDeque<FreeSlot>,
     pub next_seq: u64,
     /// How it is written to etcd.
@@ -153,13 +156,13 @@ impl IpamBlock {
     pub fn allocation(&self, addr: IpAddr) -> Option<&Allocation> {
         self.ordinal(addr)
             .and_then(|o| self.allocations.get(o as usize))
-            .and_then(Option::as_ref)
+            .and_then(|a| a.as_deref())
     }
 
     /// Every allocated address with its allocation.
     pub fn allocated(&self) -> impl Iterator<Item = (IpAddr, &Allocation)> + '_ {
         self.allocations.iter().enumerate().filter_map(|(o, a)| {
-            let a = a.as_ref()?;
+            let a = a.as_deref()?;
             Some((self.addr(o as u32)?, a))
         })
     }
@@ -229,11 +232,11 @@ impl IpamBlock {
     fn take(&mut self, ordinal: u32, addr: IpAddr, handle: &str, attrs: &Attributes) -> Assigned {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.allocations[ordinal as usize] = Some(Allocation {
+        self.allocations[ordinal as usize] = Some(Arc::new(Allocation {
             handle: handle.to_string(),
             seq,
             attrs: attrs.clone(),
-        });
+        }));
         Assigned { addr, seq }
     }
 
@@ -244,7 +247,7 @@ impl IpamBlock {
         addr: IpAddr,
         expected_seq: Option<u64>,
         now_ms: u64,
-    ) -> Result<Option<Allocation>, BlockError> {
+    ) -> Result<Option<Arc<Allocation>>, BlockError> {
         let ordinal = self.ordinal(addr).ok_or(BlockError::NotInBlock {
             addr,
             block: self.cidr,
@@ -498,7 +501,7 @@ mod tests {
                         match (b.release(addr, seq, now), want) {
                             (Ok(Some(freed)), Some((h, s))) => {
                                 prop_assert!(!stale);
-                                prop_assert_eq!((freed.handle, freed.seq), (h, s));
+                                prop_assert_eq!((freed.handle.clone(), freed.seq), (h, s));
                                 model.remove(&addr);
                             }
                             (Ok(None), None) => {}

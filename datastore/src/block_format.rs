@@ -20,6 +20,7 @@
 //! the format it had or a newer one ([`IpamBlock::in_format`]).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
@@ -53,7 +54,7 @@ pub struct StoredBlock {
     cidr: IpNetwork,
     affinity: Option<String>,
     #[serde(default)]
-    allocations: Option<Vec<Option<Allocation>>>,
+    allocations: Option<Vec<Option<Arc<Allocation>>>>,
     #[serde(default)]
     free: Option<VecDeque<FreeSlot>>,
     #[serde(default)]
@@ -80,7 +81,7 @@ struct StoredBlockRef<'a> {
     cidr: &'a IpNetwork,
     affinity: &'a Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    allocations: Option<&'a [Option<Allocation>]>,
+    allocations: Option<&'a [Option<Arc<Allocation>>]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     free: Option<&'a VecDeque<FreeSlot>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -131,7 +132,7 @@ impl Serialize for IpamBlock {
 /// `a` of `V2` and `V3`: the allocated ordinals, each `[ordinal, seq, handle, derived,
 /// attributes]` without the attributes `derived` says were left out.
 struct CompactAllocations<'a> {
-    allocations: &'a [Option<Allocation>],
+    allocations: &'a [Option<Arc<Allocation>>],
     v3: bool,
     /// The block's node, left out of the attributes that name it (`V3` only).
     affinity: Option<&'a str>,
@@ -307,7 +308,7 @@ impl TryFrom<StoredBlock> for IpamBlock {
                         attrs.insert(NETWORK.into(), network.into());
                         attrs.insert(CONTAINER_ID.into(), container.into());
                     }
-                    *slot = Some(Allocation { handle, seq, attrs });
+                    *slot = Some(Arc::new(Allocation { handle, seq, attrs }));
                 }
                 let f = s.f.unwrap_or_default();
                 if f.len() % 2 != 0 {
@@ -484,11 +485,13 @@ mod tests {
     fn v3_leaves_out_the_blocks_own_node_and_keeps_another() {
         let mut v1 = used_block();
         for a in v1.allocations.iter_mut().flatten() {
-            a.attrs.insert("node".into(), "node1".into());
+            Arc::make_mut(a).attrs.insert("node".into(), "node1".into());
         }
         // A borrowed address: its node is not the block's.
         let last = v1.allocations.iter_mut().flatten().last().expect("one");
-        last.attrs.insert("node".into(), "node2".into());
+        Arc::make_mut(last)
+            .attrs
+            .insert("node".into(), "node2".into());
         let v2_bytes = serde_json::to_vec(&v1.clone().in_format(BlockFormat::V2))
             .expect("encode")
             .len();

@@ -6,6 +6,7 @@
 //! scaled below the ordinal.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::block::{Attributes, IpamBlock};
 use crate::codec::{decode, encode, with_retry};
@@ -75,6 +76,7 @@ pub async fn transfer<K: Kv>(
             };
             if let Some(Some(a)) = block.allocations.get_mut(o as usize) {
                 if a.handle == from && a.seq == e.seq {
+                    let a = Arc::make_mut(a);
                     a.handle = to.to_string();
                     a.attrs = attrs.clone();
                     here.push(e.clone());

@@ -19,7 +19,7 @@ use clap::Parser;
 use tessera_datastore::kv::{Op, Txn};
 use tessera_datastore::resources::apply_config;
 use tessera_datastore::yaml::parse_resources;
-use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Kv, Owner};
+use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Kv, MemKv, Owner};
 use tessera_testbed::bench_results::median;
 use tessera_testbed::Etcd;
 
@@ -248,9 +248,75 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
         ("pool filled, %", "ms"),
         per_pair,
     );
+    let own = client_work_by_fill(&levels, args.rounds).await?;
+    run.ratio(
+        "IPAM client's own work per pair (in-memory store), pool 90 % full / 1 % full",
+        full_over_empty_of(&own),
+        None,
+    );
     run.save();
     drop(etcd);
     Ok(())
+}
+
+/// The IPAM client's own work per pair at each fill level, without etcd: the same pairs
+/// against the in-memory store on one thread, in interleaved rounds. What is left is the
+/// client's planning, copying and encoding of the block, which the pool's fill must not
+/// make dearer. Returns µs per pair, per level, per round.
+async fn client_work_by_fill(levels: &[usize], rounds: usize) -> anyhow::Result<Vec<Vec<f64>>> {
+    const PAIRS: u32 = 5_000;
+    let mut clients = Vec::new();
+    for &pct in levels {
+        let kv = MemKv::new();
+        let yaml = "
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: p }
+spec: { cidr: 10.245.0.0/20, blockSize: 26 }
+---
+apiVersion: tessera.dev/v1
+kind: IPAMConfiguration
+metadata: { name: default }
+spec: { blockFormat: V3 }
+";
+        let r = parse_resources(yaml)?;
+        apply_config(&kv, &r.pools, &r.reservations).await?;
+        tessera_datastore::admin::write(&kv, &r, tessera_datastore::admin::WriteMode::Apply, false)
+            .await?;
+        let ipam = Ipam::new(kv, "n1");
+        assign_many(&ipam, "p", "filler", (64 * pct / 100).max(1) - 1).await?;
+        clients.push(ipam);
+    }
+    let req = AssignRequest {
+        owner: Owner {
+            handle: "pair".into(),
+            ..Default::default()
+        },
+        num_v4: 1,
+        pools: vec!["p".into()],
+        ..Default::default()
+    };
+    let mut us = vec![Vec::new(); levels.len()];
+    for _ in 0..rounds {
+        for (i, ipam) in clients.iter().enumerate() {
+            let started = Instant::now();
+            for _ in 0..PAIRS {
+                ipam.auto_assign(&req).await?;
+                ipam.release_by_handle("pair").await?;
+            }
+            us[i].push(started.elapsed().as_secs_f64() * 1e6 / f64::from(PAIRS));
+        }
+    }
+    println!("\n| pool filled | the client's own work per pair, in-memory store, µs (median) |");
+    println!("|---:|---:|");
+    for (pct, us) in levels.iter().zip(&us) {
+        println!("| {pct} % | {:.1} |", median(us.clone()));
+    }
+    println!(
+        "\n90 % full / 1 % full, the client's own work: {:.2}",
+        full_over_empty_of(&us)
+    );
+    Ok(us)
 }
 
 /// CPU time this process has used (user and system).
@@ -273,8 +339,8 @@ async fn mean_block_len(kv: &EtcdKv, marker: &str) -> anyhow::Result<usize> {
     Ok(lens.iter().sum::<usize>() / lens.len().max(1))
 }
 
-async fn assign_many(
-    ipam: &Ipam<EtcdKv>,
+async fn assign_many<K: Kv>(
+    ipam: &Ipam<K>,
     pool: &str,
     handle: &str,
     n: usize,
