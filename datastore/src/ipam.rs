@@ -650,17 +650,19 @@ impl<K: Kv> Ipam<K> {
             let handle = self.cached_handle_or_new(&owner.handle);
             // Written back in the cluster's format: blocks move to a newer one as they change.
             let mut block = IpamBlock::clone(&blk.value).in_format(cfg.block_format);
+            let now = now_ms();
             let got: Vec<Assigned> = match exact {
                 Some(addr) => vec![block
                     .assign_exact(addr, &owner.handle, attrs, |a| cfg.is_reserved(a))
                     .map_err(|e| block_error(e, addr))?],
-                None => block.assign(count, &owner.handle, attrs, now_ms(), delay, |a| {
+                None => block.assign(count, &owner.handle, attrs, now, delay, |a| {
                     cfg.is_reserved(a)
                 }),
             };
             if got.is_empty() {
                 return Ok(Vec::new());
             }
+            block.forget_expired_releases(now, delay);
             let mut new_handle = handle.value.clone();
             new_handle.id = owner.handle.clone();
             new_handle
@@ -952,6 +954,7 @@ impl<K: Kv> Ipam<K> {
                                 freed.push(e.addr);
                             }
                         }
+                        self.forget_expired_releases(&mut block, now);
                         txn = txn
                             .expect(&bkey, blk.rev)
                             .then(Op::put(&bkey, encode(&block)));
@@ -1059,8 +1062,10 @@ impl<K: Kv> Ipam<K> {
             let hkey = keys::handle(&alloc.handle);
             let h = self.handle(&alloc.handle).await?;
             let mut block = IpamBlock::clone(&blk.value);
+            let now = now_ms();
             // Cannot fail: the address is allocated in this block with this sequence.
-            let _ = block.release(addr, Some(alloc.seq), now_ms());
+            let _ = block.release(addr, Some(alloc.seq), now);
+            self.forget_expired_releases(&mut block, now);
             let mut new_handle = h.value.clone();
             new_handle.addresses.retain(|e| e.addr != addr);
             let mut txn = Txn::new()
@@ -1228,6 +1233,18 @@ impl<K: Kv> Ipam<K> {
         let cfg = Arc::new(load_config(&self.kv).await?);
         self.cache().config = Some(cfg.clone());
         Ok(cfg)
+    }
+
+    /// [`IpamBlock::forget_expired_releases`] with the delay of the block's pool, when this
+    /// client has the pools at hand: a release does not read them only for this (a pod's
+    /// DEL would pay a round trip), and the block's next assignment does it instead.
+    pub(crate) fn forget_expired_releases(&self, block: &mut IpamBlock, now: u64) {
+        let Some(cfg) = self.cache().config.clone() else {
+            return;
+        };
+        if let Some(pool) = cfg.pool_of(block.cidr.network()) {
+            block.forget_expired_releases(now, reuse_delay_ms(pool));
+        }
     }
 
     async fn node_labels(&self) -> Result<BTreeMap<String, String>, IpamError> {

@@ -304,12 +304,14 @@ impl<K: Kv> Ipam<K> {
                     }
                     let delay = reuse_delay_ms(pool);
                     let mut value = block.value.in_format(cfg.block_format);
-                    let got = value.assign(need, &req.owner.handle, &attrs, now_ms(), delay, |a| {
+                    let now = now_ms();
+                    let got = value.assign(need, &req.owner.handle, &attrs, now, delay, |a| {
                         cfg.is_reserved(a)
                     });
                     if got.is_empty() {
                         continue;
                     }
+                    value.forget_expired_releases(now, delay);
                     need -= got.len();
                     assignments.extend(got.iter().map(|a| Assignment {
                         addr: a.addr,
@@ -364,6 +366,7 @@ impl<K: Kv> Ipam<K> {
             if let Ok(Some(_)) = block.value.release(entry.addr, Some(entry.seq), now) {
                 freed.push(entry.addr);
             }
+            self.forget_expired_releases(&mut block.value, now);
             plan.write(entry.block, block.rev, block.value);
         }
         let emptied = IpamHandle {
