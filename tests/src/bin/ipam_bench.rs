@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use clap::ValueEnum as _;
 use tessera_datastore::kv::{Op, Txn};
+use tessera_datastore::model::WorkloadId;
 use tessera_datastore::resources::apply_config;
 use tessera_datastore::yaml::parse_resources;
 use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Kv, MemKv, Owner};
@@ -38,6 +40,20 @@ struct Args {
     /// The block format IPAM writes (the cluster's IPAMConfiguration).
     #[arg(long, default_value = "V3")]
     block_format: String,
+    /// What fills a client's block to each level.
+    #[arg(long, value_enum, default_value_t = Filler::Pods)]
+    filler: Filler,
+}
+
+/// What holds the addresses that fill a block to a level.
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Filler {
+    /// One pod per address, as the CNI plugin assigns them: a `k8s-pod-network.<container
+    /// id>` handle, the pod's namespace and name (a 90 % full /26 is then ~9 KB in V3).
+    Pods,
+    /// One handle holding every filler address, no attributes (the runs before
+    /// 2026-12-02 14:00 UTC).
+    OneHandle,
 }
 
 #[tokio::main]
@@ -83,7 +99,14 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
         false,
     )
     .await?;
-    println!("Blocks written in format {}.\n", args.block_format);
+    println!(
+        "Blocks written in format {}; filled with {}.\n",
+        args.block_format,
+        match args.filler {
+            Filler::Pods => "one pod per address (container-ID handles, namespace and pod name)",
+            Filler::OneHandle => "one handle holding every filler address",
+        }
+    );
 
     println!(
         "Medians of {} interleaved rounds of {} s each.\n",
@@ -95,8 +118,9 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
     let mut run = BenchRun::new(
         "ipam",
         &format!(
-            "cargo build --release -p tessera-testbed && ./target/release/ipam-bench --block-format {}",
-            args.block_format
+            "cargo build --release -p tessera-testbed && ./target/release/ipam-bench --block-format {} --filler {}",
+            args.block_format,
+            args.filler.to_possible_value().expect("a named value").get_name()
         ),
     );
     for &n in &args.clients {
@@ -170,7 +194,14 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
         // Each client's block, filled to the level (the pair's own address comes on top).
         let per_block = (64 * pct / 100).max(1);
         for (i, ipam) in ipams.iter().enumerate() {
-            assign_many(ipam, &pool, &format!("filler-{pct}-{i}"), per_block - 1).await?;
+            fill(
+                ipam,
+                &pool,
+                &format!("filler-{pct}-{i}"),
+                per_block - 1,
+                args.filler,
+            )
+            .await?;
         }
         // Other blocks: whole blocks for a filler node up to the level over the 64 blocks.
         let filler = Ipam::new(admin.clone(), format!("filler-{pct}"));
@@ -248,7 +279,7 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
         ("pool filled, %", "ms"),
         per_pair,
     );
-    let own = client_work_by_fill(&levels, args.rounds).await?;
+    let own = client_work_by_fill(&levels, args.rounds, args.filler).await?;
     run.ratio(
         "IPAM client's own work per pair (in-memory store), pool 90 % full / 1 % full",
         full_over_empty_of(&own),
@@ -263,7 +294,11 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
 /// against the in-memory store on one thread, in interleaved rounds. What is left is the
 /// client's planning, copying and encoding of the block, which the pool's fill must not
 /// make dearer. Returns µs per pair, per level, per round.
-async fn client_work_by_fill(levels: &[usize], rounds: usize) -> anyhow::Result<Vec<Vec<f64>>> {
+async fn client_work_by_fill(
+    levels: &[usize],
+    rounds: usize,
+    filler: Filler,
+) -> anyhow::Result<Vec<Vec<f64>>> {
     const PAIRS: u32 = 5_000;
     let mut clients = Vec::new();
     for &pct in levels {
@@ -284,7 +319,7 @@ spec: { blockFormat: V3 }
         tessera_datastore::admin::write(&kv, &r, tessera_datastore::admin::WriteMode::Apply, false)
             .await?;
         let ipam = Ipam::new(kv, "n1");
-        assign_many(&ipam, "p", "filler", (64 * pct / 100).max(1) - 1).await?;
+        fill(&ipam, "p", "filler", (64 * pct / 100).max(1) - 1, filler).await?;
         clients.push(ipam);
     }
     let req = AssignRequest {
@@ -358,6 +393,46 @@ async fn assign_many<K: Kv>(
         ..Default::default()
     };
     ipam.auto_assign(&req).await?;
+    Ok(())
+}
+
+/// Assigns `n` addresses in `pool` as `filler` says.
+async fn fill<K: Kv>(
+    ipam: &Ipam<K>,
+    pool: &str,
+    tag: &str,
+    n: usize,
+    filler: Filler,
+) -> anyhow::Result<()> {
+    if filler == Filler::OneHandle {
+        return assign_many(ipam, pool, tag, n).await;
+    }
+    for k in 0..n {
+        // A container ID as a runtime makes them: 64 hex digits.
+        let seed = tessera_datastore::fnv1a(&format!("{tag}-{k}"));
+        let container: String = (0..4u64)
+            .map(|i| format!("{:016x}", seed.rotate_left(16 * i as u32) ^ i))
+            .collect();
+        let req = AssignRequest {
+            owner: Owner {
+                handle: format!("k8s-pod-network.{container}"),
+                workload: Some(WorkloadId {
+                    namespace: "production".into(),
+                    name: format!("checkout-7d9f8c6b5-{tag}-{k}"),
+                    ..Default::default()
+                }),
+                attrs: [
+                    ("network".to_string(), "k8s-pod-network".to_string()),
+                    ("containerID".to_string(), container),
+                ]
+                .into(),
+            },
+            num_v4: 1,
+            pools: vec![pool.into()],
+            ..Default::default()
+        };
+        ipam.auto_assign(&req).await?;
+    }
     Ok(())
 }
 
