@@ -3,9 +3,10 @@
 //! in etcd keep working and move to V2 when next written; new blocks start in V2; and a
 //! value in a format newer than this Tessera knows is refused, not misread.
 
-use tessera_datastore::admin::{self, WriteMode};
-use tessera_datastore::yaml::parse_resources;
-use tessera_datastore::{keys, AssignRequest, Ipam, IpamError, Kv, MemKv, Owner};
+mod common;
+
+use common::{apply, request};
+use tessera_datastore::{keys, Ipam, IpamError, Kv, MemKv};
 
 const POOL: &str = "
 apiVersion: tessera.dev/v1
@@ -20,25 +21,6 @@ kind: IPAMConfiguration
 metadata: { name: default }
 spec: { blockFormat: V2 }
 ";
-
-fn request(handle: &str) -> AssignRequest {
-    AssignRequest {
-        owner: Owner {
-            handle: handle.into(),
-            ..Default::default()
-        },
-        num_v4: 1,
-        pools: vec!["p".into()],
-        ..Default::default()
-    }
-}
-
-async fn apply(kv: &MemKv, yaml: &str) {
-    let r = parse_resources(yaml).expect("yaml");
-    admin::write(kv, &r, WriteMode::Apply, false)
-        .await
-        .expect("apply");
-}
 
 /// The block values in etcd: (cidr key, format version: 1 when the value has none).
 async fn stored_formats(kv: &MemKv) -> Vec<(String, u64)> {

@@ -2,41 +2,26 @@
 //! holds them back: past it, the time is dead weight written with every change (a kilobyte
 //! for a /26 that has cycled through its addresses).
 
+mod common;
+
+use common::{apply, request};
 use tessera_datastore::block::IpamBlock;
-use tessera_datastore::resources::apply_config;
-use tessera_datastore::yaml::parse_resources;
-use tessera_datastore::{admin, keys, AssignRequest, Ipam, Kv, MemKv, Owner};
+use tessera_datastore::{keys, Ipam, Kv, MemKv};
 
 async fn store(pool_spec: &str) -> MemKv {
     let kv = MemKv::new();
-    let yaml = format!(
-        "apiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: {{ name: p }}\nspec: {pool_spec}\n"
-    );
-    let r = parse_resources(&yaml).expect("pool");
-    apply_config(&kv, &r.pools, &r.reservations)
-        .await
-        .expect("apply");
+    apply(
+        &kv,
+        &format!("apiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: {{ name: p }}\nspec: {pool_spec}\n"),
+    )
+    .await;
     // The compact format, whose free queue runs of ordinals with no release time shrink.
-    let format = parse_resources(
+    apply(
+        &kv,
         "apiVersion: tessera.dev/v1\nkind: IPAMConfiguration\nmetadata: { name: default }\nspec: { blockFormat: V3 }\n",
     )
-    .expect("format");
-    admin::write(&kv, &format, admin::WriteMode::Apply, false)
-        .await
-        .expect("format");
+    .await;
     kv
-}
-
-fn request(handle: &str) -> AssignRequest {
-    AssignRequest {
-        owner: Owner {
-            handle: handle.into(),
-            ..Default::default()
-        },
-        num_v4: 1,
-        pools: vec!["p".into()],
-        ..Default::default()
-    }
 }
 
 /// The stored block and the length of its value.

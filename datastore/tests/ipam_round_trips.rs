@@ -3,13 +3,16 @@
 //! round trip to etcd is a network hop and, for a transaction, a disk commit; the counts
 //! are the budget a change to the IPAM has to keep.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use common::request;
 use tessera_datastore::kv::{KeyValue, KvError, Txn, TxnOutcome};
 use tessera_datastore::resources::apply_config;
 use tessera_datastore::yaml::parse_resources;
-use tessera_datastore::{AssignRequest, Ipam, Kv, MemKv, Owner};
+use tessera_datastore::{Ipam, Kv, MemKv};
 
 /// MemKv that counts the requests it serves, reads and transactions apart.
 #[derive(Clone, Default)]
@@ -71,18 +74,6 @@ async fn store_with_pool() -> Counting {
         .await
         .expect("apply");
     kv
-}
-
-fn request(handle: &str) -> AssignRequest {
-    AssignRequest {
-        owner: Owner {
-            handle: handle.into(),
-            ..Default::default()
-        },
-        num_v4: 1,
-        pools: vec!["p".into()],
-        ..Default::default()
-    }
 }
 
 #[tokio::test]

@@ -262,28 +262,7 @@ fn a_member_cut_off_from_the_others_is_left_by_every_client() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let mut failures = Vec::new();
-    for round in 0..12 {
-        // On a busy host the majority may re-elect while an ADD's write is in flight: etcd
-        // answers "leader changed" (outcome unknown) and the plugin says try again (code
-        // 11), as it must. The kubelet then deletes the sandbox and adds a new one; so does
-        // this test, a few times. Any other failure fails it.
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            match c.add_pod_as_kubelet(&nodes[round % nodes.len()], "") {
-                Ok(_) => break,
-                Err(e) if attempts < 4 && e.to_string().contains("leader changed") => {
-                    assert!(e.to_string().contains("\"code\":11"), "{e}");
-                    assert_eq!(c.retry_failed_adds_del(), 0, "the failed sandbox's DEL");
-                }
-                Err(e) => {
-                    failures.push(e);
-                    break;
-                }
-            }
-        }
-    }
+    let failures = add_pods_as_the_kubelet_would(&mut c, &nodes, 12);
     assert!(
         failures.is_empty(),
         "every ADD served by the healthy members: {failures:#?}"
@@ -332,28 +311,7 @@ fn a_member_whose_disk_fills_up_is_left_by_every_client() {
     );
     // From now on every client, whichever member it tries first, is served by the others.
     let before = c.pods.len();
-    let mut failures = Vec::new();
-    for round in 0..12 {
-        // On a busy host the majority may re-elect while an ADD's write is in flight: etcd
-        // answers "leader changed" (outcome unknown) and the plugin says try again (code
-        // 11), as it must. The kubelet then deletes the sandbox and adds a new one; so does
-        // this test, a few times. Any other failure fails it.
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            match c.add_pod_as_kubelet(&nodes[round % nodes.len()], "") {
-                Ok(_) => break,
-                Err(e) if attempts < 4 && e.to_string().contains("leader changed") => {
-                    assert!(e.to_string().contains("\"code\":11"), "{e}");
-                    assert_eq!(c.retry_failed_adds_del(), 0, "the failed sandbox's DEL");
-                }
-                Err(e) => {
-                    failures.push(e);
-                    break;
-                }
-            }
-        }
-    }
+    let failures = add_pods_as_the_kubelet_would(&mut c, &nodes, 12);
     assert!(
         failures.is_empty(),
         "every ADD served by the healthy members: {failures:#?}"
@@ -371,4 +329,35 @@ fn a_member_whose_disk_fills_up_is_left_by_every_client() {
     let (prefix, pids) = (c.lab.prefix().to_string(), c.lab.pids());
     drop(c);
     tessera_testbed::assert_nothing_left(&prefix, &pids);
+}
+
+/// `count` pod starts spread over `nodes`; the errors of those that failed. On a busy host
+/// the majority may re-elect while an ADD's write is in flight: etcd answers "leader
+/// changed" (outcome unknown) and the plugin says try again (code 11), as it must. The
+/// kubelet then deletes the sandbox and adds a new one; so does this, up to three times.
+/// Any other failure is returned.
+fn add_pods_as_the_kubelet_would(
+    c: &mut Cluster,
+    nodes: &[String],
+    count: usize,
+) -> Vec<anyhow::Error> {
+    let mut failures = Vec::new();
+    for round in 0..count {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match c.add_pod_as_kubelet(&nodes[round % nodes.len()], "") {
+                Ok(_) => break,
+                Err(e) if attempts < 4 && e.to_string().contains("leader changed") => {
+                    assert!(e.to_string().contains("\"code\":11"), "{e}");
+                    assert_eq!(c.retry_failed_adds_del(), 0, "the failed sandbox's DEL");
+                }
+                Err(e) => {
+                    failures.push(e);
+                    break;
+                }
+            }
+        }
+    }
+    failures
 }
