@@ -279,7 +279,7 @@ spec: { cidr: 10.245.32.0/20, blockSize: 26 }
         ("pool filled, %", "ms"),
         per_pair,
     );
-    let own = client_work_by_fill(&levels, args.rounds, args.filler).await?;
+    let own = client_work_by_fill(&levels, args.rounds, args.filler, &args.block_format).await?;
     run.ratio(
         "IPAM client's own work per pair (in-memory store), pool 90 % full / 1 % full",
         full_over_empty_of(&own),
@@ -298,23 +298,27 @@ async fn client_work_by_fill(
     levels: &[usize],
     rounds: usize,
     filler: Filler,
+    block_format: &str,
 ) -> anyhow::Result<Vec<Vec<f64>>> {
     const PAIRS: u32 = 5_000;
     let mut clients = Vec::new();
     for &pct in levels {
         let kv = MemKv::new();
-        let yaml = "
+        // The format the etcd measurements above write, so that the two compare.
+        let yaml = format!(
+            "
 apiVersion: tessera.dev/v1
 kind: IPPool
-metadata: { name: p }
-spec: { cidr: 10.245.0.0/20, blockSize: 26 }
+metadata: {{ name: p }}
+spec: {{ cidr: 10.245.0.0/20, blockSize: 26 }}
 ---
 apiVersion: tessera.dev/v1
 kind: IPAMConfiguration
-metadata: { name: default }
-spec: { blockFormat: V3 }
-";
-        let r = parse_resources(yaml)?;
+metadata: {{ name: default }}
+spec: {{ blockFormat: {block_format} }}
+"
+        );
+        let r = parse_resources(&yaml)?;
         apply_config(&kv, &r.pools, &r.reservations).await?;
         tessera_datastore::admin::write(&kv, &r, tessera_datastore::admin::WriteMode::Apply, false)
             .await?;
