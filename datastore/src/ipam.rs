@@ -449,20 +449,9 @@ impl<K: Kv> Ipam<K> {
             }
         }
 
-        for pool in &pools {
-            for cidr in self.affine_blocks().await? {
-                if need == 0 {
-                    return Ok(());
-                }
-                if pool.spec.cidr.contains(cidr.network()) {
-                    let got = self
-                        .assign_in_block(pool, cidr, need, &req.owner, attrs, None)
-                        .await?;
-                    need -= got.len();
-                    out.extend(got);
-                }
-            }
-        }
+        need -= self
+            .assign_in_affine_blocks(&pools, need, &req.owner, attrs, out)
+            .await?;
         for pool in &pools {
             while need > 0 {
                 let Some(cidr) = self.claim_next_block(pool).await? else {
@@ -474,6 +463,14 @@ impl<K: Kv> Ipam<K> {
                 need -= got.len();
                 out.extend(got);
             }
+        }
+        if need > 0 {
+            // Another process of this node (a CNI plugin running beside us) may have claimed
+            // blocks since we read our affinities: those come before other nodes' blocks.
+            self.cache().affine = None;
+            need -= self
+                .assign_in_affine_blocks(&pools, need, &req.owner, attrs, out)
+                .await?;
         }
         for pool in pools.iter().filter(|p| !p.spec.strict_affinity) {
             if need == 0 {
@@ -511,6 +508,34 @@ impl<K: Kv> Ipam<K> {
             });
         }
         Ok(())
+    }
+
+    /// Assigns up to `need` addresses from this node's blocks of `pools`, pool by pool;
+    /// returns how many it assigned.
+    async fn assign_in_affine_blocks(
+        &self,
+        pools: &[IpPool],
+        need: usize,
+        owner: &Owner,
+        attrs: &Attributes,
+        out: &mut Vec<Assignment>,
+    ) -> Result<usize, IpamError> {
+        let mut assigned = 0;
+        for pool in pools {
+            for cidr in self.affine_blocks().await? {
+                if assigned == need {
+                    return Ok(assigned);
+                }
+                if pool.spec.cidr.contains(cidr.network()) {
+                    let got = self
+                        .assign_in_block(pool, cidr, need - assigned, owner, attrs, None)
+                        .await?;
+                    assigned += got.len();
+                    out.extend(got);
+                }
+            }
+        }
+        Ok(assigned)
     }
 
     /// The pools that may serve `req` on this node, in order. A workload that matches an
@@ -772,31 +797,48 @@ impl<K: Kv> Ipam<K> {
     // ---- block claims -----------------------------------------------------------------------
 
     /// Claims the first unclaimed block of `pool`, searching from a place derived from the
-    /// node name so that nodes rarely race for the same block.
+    /// node name so that nodes rarely race for the same block. Returns `None` only when the
+    /// pool has no unclaimed block left: a node borrows from others' blocks only then.
     async fn claim_next_block(&self, pool: &IpPool) -> Result<Option<IpNetwork>, IpamError> {
-        let existing: HashSet<String> = with_retry(|| self.kv.list_keys(keys::BLOCKS))
-            .await?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
         let count = pool.block_count();
         let start = fnv1a(&self.node) % count;
-        // Among existing+1 consecutive candidates at least one is free, if any is: this
-        // bounds the search in huge IPv6 pools.
-        let tries = count.min(existing.len() as u64 + 1);
-        for i in 0..tries {
-            let index = (u128::from(start) + u128::from(i)) % u128::from(count);
-            let Some(cidr) = pool.nth_block(index as u64) else {
-                continue;
-            };
-            if existing.contains(&keys::block(cidr)) {
-                continue;
+        let mut blocks_seen: Option<usize> = None;
+        loop {
+            let existing: HashSet<String> = with_retry(|| self.kv.list_keys(keys::BLOCKS))
+                .await?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            if blocks_seen.is_some_and(|n| existing.len() <= n) {
+                // Every block we tried was lost, yet no block appeared: the losses were
+                // not races with other claims (an affinity of ours being deleted, say).
+                return Ok(None);
             }
-            if self.claim_block(pool, cidr).await? {
-                return Ok(Some(cidr));
+            blocks_seen = Some(existing.len());
+            // Among existing+1 consecutive candidates at least one is free, if any is: this
+            // bounds the search in huge IPv6 pools.
+            let tries = count.min(existing.len() as u64 + 1);
+            let mut saw_unclaimed = false;
+            for i in 0..tries {
+                let index = (u128::from(start) + u128::from(i)) % u128::from(count);
+                let Some(cidr) = pool.nth_block(index as u64) else {
+                    continue;
+                };
+                if existing.contains(&keys::block(cidr)) {
+                    continue;
+                }
+                saw_unclaimed = true;
+                if self.claim_block(pool, cidr).await? {
+                    return Ok(Some(cidr));
+                }
             }
+            if !saw_unclaimed {
+                return Ok(None);
+            }
+            // Other nodes claimed every unclaimed block we saw before we could (early on,
+            // with few blocks existing, the search window is small): look again.
+            tracing::debug!(node = %self.node, pool = %pool.name, "lost every block claim in the window; listing again");
         }
-        Ok(None)
     }
 
     /// Claims `cidr` for this node in three steps: pending affinity, block, confirmed
