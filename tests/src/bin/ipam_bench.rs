@@ -19,7 +19,6 @@ use clap::Parser;
 use clap::ValueEnum as _;
 use tessera_datastore::kv::{Op, Txn};
 use tessera_datastore::model::WorkloadId;
-use tessera_datastore::resources::apply_config;
 use tessera_datastore::yaml::parse_resources;
 use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Kv, MemKv, Owner};
 use tessera_testbed::bench_results::median;
@@ -65,38 +64,15 @@ async fn main() -> anyhow::Result<()> {
     let connect =
         || async { EtcdKv::connect(std::slice::from_ref(&endpoint), Duration::from_secs(5)).await };
     let admin = connect().await?;
-    let yaml = "
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: bench }
-spec: { cidr: 10.244.0.0/16, blockSize: 26 }
----
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: fill-1 }
-spec: { cidr: 10.245.0.0/20, blockSize: 26 }
----
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: fill-50 }
-spec: { cidr: 10.245.16.0/20, blockSize: 26 }
----
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: fill-90 }
-spec: { cidr: 10.245.32.0/20, blockSize: 26 }
-";
-    let r = parse_resources(yaml)?;
-    apply_config(&admin, &r.pools, &r.reservations).await?;
-    let format = parse_resources(&format!(
-        "apiVersion: tessera.dev/v1\nkind: IPAMConfiguration\nmetadata: {{ name: default }}\nspec: {{ blockFormat: {} }}\n",
-        args.block_format
-    ))?;
-    tessera_datastore::admin::write(
+    apply_pools(
         &admin,
-        &format,
-        tessera_datastore::admin::WriteMode::Apply,
-        false,
+        &[
+            ("bench", "10.244.0.0/16"),
+            ("fill-1", "10.245.0.0/20"),
+            ("fill-50", "10.245.16.0/20"),
+            ("fill-90", "10.245.32.0/20"),
+        ],
+        &args.block_format,
     )
     .await?;
     println!(
@@ -305,23 +281,7 @@ async fn client_work_by_fill(
     for &pct in levels {
         let kv = MemKv::new();
         // The format the etcd measurements above write, so that the two compare.
-        let yaml = format!(
-            "
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: {{ name: p }}
-spec: {{ cidr: 10.245.0.0/20, blockSize: 26 }}
----
-apiVersion: tessera.dev/v1
-kind: IPAMConfiguration
-metadata: {{ name: default }}
-spec: {{ blockFormat: {block_format} }}
-"
-        );
-        let r = parse_resources(&yaml)?;
-        apply_config(&kv, &r.pools, &r.reservations).await?;
-        tessera_datastore::admin::write(&kv, &r, tessera_datastore::admin::WriteMode::Apply, false)
-            .await?;
+        apply_pools(&kv, &[("p", "10.245.0.0/20")], block_format).await?;
         let ipam = Ipam::new(kv, "n1");
         fill(&ipam, "p", "filler", (64 * pct / 100).max(1) - 1, filler).await?;
         clients.push(ipam);
@@ -585,6 +545,33 @@ async fn pair_rate(ipams: &[Arc<Ipam<EtcdKv>>], pool: &str, dur: Duration) -> an
         Ok((ipam, req))
     })
     .await
+}
+
+/// Applies pools of /26 blocks (name, CIDR) and the cluster's block format, as an operator's
+/// `tesseractl apply` of the same YAML would.
+async fn apply_pools<K: Kv>(
+    kv: &K,
+    pools: &[(&str, &str)],
+    block_format: &str,
+) -> anyhow::Result<()> {
+    let mut yaml = String::new();
+    for (name, cidr) in pools {
+        yaml += &format!(
+            "---\napiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: {{ name: {name} }}\nspec: {{ cidr: {cidr}, blockSize: 26 }}\n"
+        );
+    }
+    yaml += &format!(
+        "---\napiVersion: tessera.dev/v1\nkind: IPAMConfiguration\nmetadata: {{ name: default }}\nspec: {{ blockFormat: {block_format} }}\n"
+    );
+    let resources = parse_resources(&yaml)?;
+    tessera_datastore::admin::write(
+        kv,
+        &resources,
+        tessera_datastore::admin::WriteMode::Apply,
+        false,
+    )
+    .await?;
+    Ok(())
 }
 
 /// The median of the rounds' ratios of the last level (90 %) to the first (1 %).
