@@ -57,14 +57,15 @@ pub struct IpamBlock {
 /// The stored formats of a block. `V1` is the first (an entry per ordinal, objects with
 /// named fields); `V2` lists only allocated ordinals, compresses the free queue, and does
 /// not repeat in the attributes what the handle already says; `V3` does not repeat the
-/// block's own node either. Readers take all three; a cluster writes new blocks in a newer
-/// format once its `IPAMConfiguration` says every node reads it.
+/// block's own node either; `V4` is `V3` deflated. Readers take all four; a cluster writes
+/// new blocks in a newer format once its `IPAMConfiguration` says every node reads it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum BlockFormat {
     #[default]
     V1,
     V2,
     V3,
+    V4,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

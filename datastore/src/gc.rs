@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use crate::block::IpamBlock;
-use crate::codec::{decode, encode, now_ms, with_retry};
+use crate::codec::{decode, encode, encode_block, now_ms, with_retry};
 use crate::error::IpamError;
 use crate::ipam::Ipam;
 use crate::keys;
@@ -160,7 +160,7 @@ pub async fn gc_snapshot<K: Kv>(
                     ..b.value.clone()
                 };
                 let txn = txn
-                    .then(Op::put(&bkey, encode(&orphan)))
+                    .then(Op::put(&bkey, encode_block(&orphan)))
                     .then(Op::delete(&akey));
                 apply(kv, txn, &mut r.blocks_orphaned, &mut r.skipped).await?;
             }
@@ -205,7 +205,7 @@ pub async fn gc_snapshot<K: Kv>(
             let bkey = keys::block(*cidr);
             let mut txn = Txn::new()
                 .expect(&bkey, b.rev)
-                .then(Op::put(&bkey, encode(&block)));
+                .then(Op::put(&bkey, encode_block(&block)));
             for (k, rev) in guards {
                 txn = txn.expect(k, rev);
             }
@@ -387,7 +387,7 @@ pub async fn reclaim_node<K: Kv>(
                         affinity: None,
                         ..b.value.clone()
                     };
-                    txn.then(Op::put(&bkey, encode(&orphan)))
+                    txn.then(Op::put(&bkey, encode_block(&orphan)))
                 };
             }
         }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use ipnetwork::IpNetwork;
 
 use crate::block::{Assigned, Attributes, BlockError, IpamBlock};
-use crate::codec::{conflict_pause, decode, encode, fnv1a, now_ms, with_retry};
+use crate::codec::{conflict_pause, decode, encode, encode_block, fnv1a, now_ms, with_retry};
 use crate::error::{Family, IpamError};
 use crate::handoff::{Affinities, Handoff, Known, HANDLES_CARRIED};
 use crate::keys;
@@ -702,7 +702,7 @@ impl<K: Kv> Ipam<K> {
                 .expect(&bkey, blk.rev)
                 .expect(&hkey, handle.rev)
                 .expect(keys::CONFIG_EPOCH, cfg.epoch_rev)
-                .then(Op::put(&bkey, encode(&block)))
+                .then(Op::put(&bkey, encode_block(&block)))
                 .then(Op::put(&hkey, encode(&new_handle)))
                 .or_get(&bkey)
                 .or_get(&hkey)
@@ -886,7 +886,7 @@ impl<K: Kv> Ipam<K> {
             let txn = Txn::new()
                 .expect(&bkey, 0)
                 .expect(&akey, aff_rev)
-                .then(Op::put(&bkey, encode(&block)))
+                .then(Op::put(&bkey, encode_block(&block)))
                 .or_get(&bkey)
                 .or_get(&akey);
             let out = with_retry(|| self.kv.txn(txn.clone())).await?;
@@ -999,7 +999,7 @@ impl<K: Kv> Ipam<K> {
                         self.forget_expired_releases(&mut block, now);
                         txn = txn
                             .expect(&bkey, blk.rev)
-                            .then(Op::put(&bkey, encode(&block)));
+                            .then(Op::put(&bkey, encode_block(&block)));
                         new_block = Some(block);
                     }
                     None => txn = txn.expect(&bkey, 0),
@@ -1113,7 +1113,7 @@ impl<K: Kv> Ipam<K> {
             let mut txn = Txn::new()
                 .expect(&bkey, blk.rev)
                 .expect(&hkey, h.rev)
-                .then(Op::put(&bkey, encode(&block)))
+                .then(Op::put(&bkey, encode_block(&block)))
                 .or_get(&bkey)
                 .or_get(&hkey);
             txn = if new_handle.addresses.is_empty() {

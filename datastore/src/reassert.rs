@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 
 use crate::block::{Attributes, IpamBlock};
-use crate::codec::{encode, now_ms, with_retry};
+use crate::codec::{encode, encode_block, now_ms, with_retry};
 use crate::error::IpamError;
 use crate::ipam::{Ipam, Owner};
 use crate::keys;
@@ -206,7 +206,7 @@ async fn adopt_block<K: Kv>(
     let txn = Txn::new()
         .expect(&bkey, block_rev)
         .expect(&akey, 0)
-        .then(Op::put(&bkey, encode(&block)))
+        .then(Op::put(&bkey, encode_block(&block)))
         .then(Op::put(&akey, encode(&affinity)));
     Ok(with_retry(|| kv.txn(txn.clone())).await?.succeeded)
 }
@@ -342,7 +342,7 @@ mod tests {
         let h1 = snap.handles.get("w1").expect("handle");
         let txn = Txn::new()
             .expect(keys::block(*cidr), blk.rev)
-            .then(Op::put(keys::block(*cidr), encode(&orphan)))
+            .then(Op::put(keys::block(*cidr), encode_block(&orphan)))
             .then(Op::delete(keys::affinity("n3", *cidr)))
             .then(Op::delete(keys::handle("w1")))
             .expect(keys::handle("w1"), h1.rev);

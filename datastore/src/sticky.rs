@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::block::{Attributes, IpamBlock};
-use crate::codec::{decode, encode, with_retry};
+use crate::codec::{decode, encode, encode_block, with_retry};
 use crate::error::IpamError;
 use crate::keys;
 use crate::kv::{Kv, Op, Txn};
@@ -92,7 +92,7 @@ pub async fn transfer<K: Kv>(
             .expect(&bkey, block_rev);
         if !here.is_empty() {
             txn = txn
-                .then(Op::put(&bkey, encode(&block)))
+                .then(Op::put(&bkey, encode_block(&block)))
                 .then(Op::put(&tkey, encode(&to_handle)));
         }
         txn = if rest.addresses.is_empty() {

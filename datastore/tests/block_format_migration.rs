@@ -28,7 +28,7 @@ async fn stored_formats(kv: &MemKv) -> Vec<(String, u64)> {
     items
         .iter()
         .map(|i| {
-            let v: serde_json::Value = serde_json::from_slice(&i.value).expect("json");
+            let v: serde_json::Value = tessera_datastore::from_stored(&i.value).expect("json");
             (i.key.clone(), v["v"].as_u64().unwrap_or(1))
         })
         .collect()
@@ -75,7 +75,7 @@ async fn a_block_in_a_newer_format_is_refused_with_its_version() {
     let mut v: serde_json::Value =
         serde_json::from_slice(&kv.get(&key).await.expect("get").expect("block").value)
             .expect("json");
-    v["v"] = 4.into();
+    v["v"] = 5.into();
     kv.txn(
         tessera_datastore::kv::Txn::new().then(tessera_datastore::kv::Op::put(
             &key,
@@ -87,15 +87,15 @@ async fn a_block_in_a_newer_format_is_refused_with_its_version() {
     let fresh = Ipam::new(kv.clone(), "node1");
     match fresh.release_by_handle("a").await {
         Err(IpamError::Corrupt { reason, .. }) => {
-            assert!(reason.contains("version 4"), "{reason}")
+            assert!(reason.contains("version 5"), "{reason}")
         }
-        other => panic!("a V4 block read as something: {other:?}"),
+        other => panic!("a V5 block read as something: {other:?}"),
     }
     // Untouched: the newer node's value is still there as it wrote it.
     let after: serde_json::Value =
         serde_json::from_slice(&kv.get(&key).await.expect("get").expect("block").value)
             .expect("json");
-    assert_eq!(after["v"], 4);
+    assert_eq!(after["v"], 5);
 }
 
 const V3: &str = "
@@ -140,4 +140,61 @@ async fn blocks_move_on_from_v2_to_v3_and_keep_their_nodes_attributes() {
         assert_eq!(n1.release_by_handle(h).await.expect("release"), vec![want]);
     }
     assert_eq!(stored_formats(&kv).await[0].1, 3);
+}
+
+const V4: &str = "
+apiVersion: tessera.dev/v1
+kind: IPAMConfiguration
+metadata: { name: default }
+spec: { blockFormat: V4 }
+";
+
+#[tokio::test]
+async fn blocks_move_on_from_v3_to_v4_deflated_and_every_reader_reads_them() {
+    let kv = MemKv::new();
+    apply(&kv, POOL).await;
+    apply(&kv, V3).await;
+    let n1 = Ipam::new(kv.clone(), "node1");
+    let first = n1.auto_assign(&request("a")).await.expect("assign");
+    let key = keys::block(first[0].block);
+    let stored = kv.get(&key).await.expect("get").expect("block").value;
+    assert_eq!(stored[0], b'{', "V3 is plain JSON");
+
+    apply(&kv, V4).await;
+    let n1 = Ipam::new(kv.clone(), "node1");
+    let second = n1.auto_assign(&request("b")).await.expect("assign");
+    assert_eq!(second[0].block, first[0].block);
+    let stored = kv.get(&key).await.expect("get").expect("block").value;
+    assert!(
+        serde_json::from_slice::<serde_json::Value>(&stored).is_err(),
+        "V4 is not JSON as stored"
+    );
+    assert_eq!(stored_formats(&kv).await, vec![(key.clone(), 4)]);
+    // A snapshot (GC, tesseractl) reads both allocations with their handles.
+    let snap = tessera_datastore::snapshot::Snapshot::read(&kv)
+        .await
+        .expect("snapshot");
+    let mut held: Vec<_> = snap.allocations();
+    held.sort();
+    let mut want = vec![
+        (first[0].addr, "a".to_string()),
+        (second[0].addr, "b".to_string()),
+    ];
+    want.sort();
+    assert_eq!(held, want);
+    // A node's new block starts in V4; releases work on V4 blocks.
+    let c = Ipam::new(kv.clone(), "node2")
+        .auto_assign(&request("c"))
+        .await
+        .expect("assign");
+    assert!(stored_formats(&kv).await.iter().all(|(_, v)| *v == 4));
+    for (h, want) in [("a", first[0].addr), ("b", second[0].addr)] {
+        assert_eq!(n1.release_by_handle(h).await.expect("release"), vec![want]);
+    }
+    let n2 = Ipam::new(kv.clone(), "node2");
+    assert_eq!(
+        n2.release_by_handle("c").await.expect("release"),
+        vec![c[0].addr]
+    );
+    assert!(stored_formats(&kv).await.iter().all(|(_, v)| *v == 4));
 }

@@ -111,7 +111,7 @@ impl Record {
     /// None: a key the view does not read.
     fn decode(key: &str, value: &[u8]) -> Option<Record> {
         fn json<T: serde::de::DeserializeOwned>(value: &[u8], wrap: fn(T) -> Record) -> Record {
-            serde_json::from_slice(value).map_or(Record::Corrupt, wrap)
+            tessera_datastore::from_stored(value).map_or(Record::Corrupt, wrap)
         }
         Some(if key.starts_with(keys::POOLS) {
             json(value, Record::Pool)
@@ -527,7 +527,8 @@ mod tests {
             (keys::liveness("a"), Some(b"1".to_vec())),
             (keys::liveness("b"), Some(b"1".to_vec())),
             (keys::node("c"), Some(b"{not json".to_vec())),
-            // The mode change, a pod in a's block, b's lease lapsing, c repaired then gone.
+            // The mode change, a pod in a's block (written back deflated, as a cluster set
+            // to block format V4 writes it), b's lease lapsing, c repaired then gone.
             (keys::pool("bgp"), Some(json(&bgp_vxlan))),
             (keys::block("10.244.0.0/26".parse().unwrap()), {
                 b1.assign(
@@ -538,7 +539,8 @@ mod tests {
                     0,
                     |_| false,
                 );
-                Some(json(&b1))
+                b1 = b1.in_format(tessera_datastore::block::BlockFormat::V4);
+                Some(tessera_datastore::encode_block(&b1))
             }),
             (keys::liveness("b"), None),
             (

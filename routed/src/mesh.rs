@@ -112,7 +112,7 @@ pub fn cluster_id(
 /// it does not decode).
 pub async fn bgp_configuration<K: Kv>(kv: &K) -> BgpConfiguration {
     match kv.get(&keys::bgp_config("default")).await {
-        Ok(Some(item)) => serde_json::from_slice(&item.value).unwrap_or_else(|e| {
+        Ok(Some(item)) => tessera_datastore::from_stored(&item.value).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "the BGPConfiguration does not decode: using the defaults");
             BgpConfiguration::default()
         }),
@@ -146,7 +146,7 @@ pub fn external_peers(me: &str, nodes: &[Node], peers: &[BgpPeer]) -> Vec<PeerCo
 /// The values that decode (a corrupt record is skipped, as the agent does).
 fn decode_all<T: serde::de::DeserializeOwned>(kvs: &[tessera_datastore::kv::KeyValue]) -> Vec<T> {
     kvs.iter()
-        .filter_map(|k| serde_json::from_slice(&k.value).ok())
+        .filter_map(|k| tessera_datastore::from_stored(&k.value).ok())
         .collect()
 }
 

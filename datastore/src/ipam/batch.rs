@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{check_handle, family_of, reuse_delay_ms, Ipam, Versioned};
 use crate::block::{BlockError, IpamBlock};
-use crate::codec::{encode, now_ms, with_retry};
+use crate::codec::{encode, encode_block, now_ms, with_retry};
 use crate::error::{Family, IpamError};
 use crate::handoff::Known;
 use crate::keys;
@@ -164,7 +164,9 @@ impl<K: Kv> Ipam<K> {
         for (cidr, rev) in &plan.block_revs {
             let key = keys::block(*cidr);
             let block = &plan.blocks[cidr].value;
-            txn = txn.expect(&key, *rev).then(Op::put(&key, encode(block)));
+            txn = txn
+                .expect(&key, *rev)
+                .then(Op::put(&key, encode_block(block)));
         }
         for (id, (rev, handle)) in &plan.handles {
             let key = keys::handle(id);
