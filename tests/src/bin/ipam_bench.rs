@@ -372,10 +372,11 @@ async fn fill<K: Kv>(
         return assign_many(ipam, pool, tag, n).await;
     }
     for k in 0..n {
-        // A container ID as a runtime makes them: 64 hex digits.
+        // A container ID as a runtime makes them: 64 random hex digits (so that a
+        // compressor finds no more in them than in real ones).
         let seed = tessera_datastore::fnv1a(&format!("{tag}-{k}"));
-        let container: String = (0..4u64)
-            .map(|i| format!("{:016x}", seed.rotate_left(16 * i as u32) ^ i))
+        let container: String = (1..=4)
+            .map(|i| format!("{:016x}", splitmix64(seed.wrapping_add(i))))
             .collect();
         let req = AssignRequest {
             owner: Owner {
@@ -398,6 +399,14 @@ async fn fill<K: Kv>(
         ipam.auto_assign(&req).await?;
     }
     Ok(())
+}
+
+/// SplitMix64's output function: consecutive inputs give unrelated outputs.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Runs `op(client)` in a loop on every client until `dur` has passed; returns ops/s.
