@@ -583,11 +583,28 @@ mod tests {
 
     #[test]
     fn a_damaged_deflated_value_is_an_error_not_a_block() {
+        let bytes = crate::codec::encode_block(&used_block().in_format(BlockFormat::V4));
+        assert!(bytes.starts_with(b"\0deflate\0"));
+        for cut in [4, bytes.len() / 2, bytes.len() - 10] {
+            let e = crate::from_stored::<IpamBlock>(&bytes[..bytes.len() - cut]);
+            assert!(e.is_err(), "{cut} bytes cut");
+        }
+        let mut flipped = bytes.clone();
+        flipped[20] ^= 0xff;
+        assert!(crate::from_stored::<IpamBlock>(&flipped).is_err_and(|e| !e.to_string().is_empty()));
+    }
+
+    #[test]
+    fn a_small_v4_block_stays_json_and_reads_back_as_v4() {
         let b = IpamBlock::new("10.244.1.0/26".parse().expect("cidr"), Some("node1".into()))
             .in_format(BlockFormat::V4);
-        let mut bytes = crate::codec::encode_block(&b);
-        bytes.truncate(bytes.len() - 4);
-        assert!(crate::from_stored::<IpamBlock>(&bytes).is_err());
+        let bytes = crate::codec::encode_block(&b);
+        assert!(bytes.len() < crate::codec::DEFLATE_FROM_BYTES);
+        assert_eq!(
+            String::from_utf8(bytes).expect("JSON"),
+            r#"{"v":4,"cidr":"10.244.1.0/26","affinity":"node1","seq":0,"a":[],"f":[0,-64]}"#
+        );
+        assert_eq!(round_trip(&b).format, BlockFormat::V4);
     }
 
     #[test]

@@ -22,33 +22,72 @@ pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, IpamError>
 /// two apart without being told the format.
 const DEFLATED: &[u8] = b"\0deflate\0";
 
+/// Blocks in format V4 whose JSON is shorter than this are stored as JSON: deflating a
+/// nearly empty block costs the client more than the bytes it saves cost etcd.
+pub const DEFLATE_FROM_BYTES: usize = 1024;
+
+thread_local! {
+    // A deflate stream's state is hundreds of kilobytes: set up once per thread, reset per
+    // value (setting it up per value cost more than compressing a full /26).
+    static DEFLATE: std::cell::RefCell<flate2::Compress> =
+        std::cell::RefCell::new(flate2::Compress::new(flate2::Compression::fast(), false));
+    static INFLATE: std::cell::RefCell<flate2::Decompress> =
+        std::cell::RefCell::new(flate2::Decompress::new(false));
+}
+
 /// Reads a stored value: JSON, or deflated JSON (IPAM blocks in format V4). Every reader of
 /// stored values outside this crate goes through here.
 pub fn from_stored<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
     let Some(deflated) = bytes.strip_prefix(DEFLATED) else {
         return serde_json::from_slice(bytes);
     };
-    let mut json = Vec::with_capacity(deflated.len() * 4);
-    std::io::Read::read_to_end(&mut flate2::read::DeflateDecoder::new(deflated), &mut json)
-        .map_err(serde_json::Error::io)?;
+    let json = INFLATE
+        .with_borrow_mut(|inflate| {
+            inflate.reset(false);
+            let mut json = Vec::with_capacity(deflated.len() * 4);
+            loop {
+                let (read, written) = (inflate.total_in(), inflate.total_out());
+                let status = inflate.decompress_vec(
+                    &deflated[read as usize..],
+                    &mut json,
+                    flate2::FlushDecompress::None,
+                )?;
+                if status == flate2::Status::StreamEnd {
+                    return Ok(json);
+                }
+                if json.len() == json.capacity() {
+                    json.reserve(json.len().max(1024));
+                } else if (read, written) == (inflate.total_in(), inflate.total_out()) {
+                    // Room left, yet no progress: the stream was cut short.
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        })
+        .map_err(|e: std::io::Error| serde_json::Error::io(e))?;
     serde_json::from_slice(&json)
 }
 
-/// An IPAM block as stored: JSON, deflated from format V4 on (a /26 of pods deflates to
-/// about a third: container IDs are hex, names repeat).
+/// An IPAM block as stored: JSON, deflated from format V4 on when it is large (a /26 of pods
+/// deflates to about a third: container IDs are hex, names repeat).
 pub fn encode_block(block: &IpamBlock) -> Vec<u8> {
     let json = encode(block);
-    if block.format < BlockFormat::V4 {
+    if block.format < BlockFormat::V4 || json.len() < DEFLATE_FROM_BYTES {
         return json;
     }
-    // Level 1: the fastest; the higher levels gain a few percent on blocks, for several
-    // times the work.
-    let mut out =
-        flate2::write::DeflateEncoder::new(Vec::from(DEFLATED), flate2::Compression::fast());
-    // Writing to a Vec cannot fail.
-    std::io::Write::write_all(&mut out, &json)
-        .and_then(|()| out.finish())
-        .unwrap_or(json)
+    DEFLATE.with_borrow_mut(|deflate| {
+        deflate.reset();
+        let mut out = Vec::with_capacity(json.len() / 2);
+        out.extend_from_slice(DEFLATED);
+        loop {
+            let read = deflate.total_in() as usize;
+            match deflate.compress_vec(&json[read..], &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) => return out,
+                Ok(_) => out.reserve(json.len() / 2 + 64),
+                // Compressing into memory does not fail; if it did, JSON is still a value.
+                Err(_) => return json.clone(),
+            }
+        }
+    })
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {

@@ -156,33 +156,44 @@ async fn blocks_move_on_from_v3_to_v4_deflated_and_every_reader_reads_them() {
     apply(&kv, V3).await;
     let n1 = Ipam::new(kv.clone(), "node1");
     let first = n1.auto_assign(&request("a")).await.expect("assign");
+    // Pods enough that the block is worth deflating.
+    let pods: Vec<String> = (0..40)
+        .map(|i| format!("k8s-pod-network.{i:064x}"))
+        .collect();
+    for p in &pods {
+        n1.auto_assign(&request(p)).await.expect("assign");
+    }
     let key = keys::block(first[0].block);
     let stored = kv.get(&key).await.expect("get").expect("block").value;
     assert_eq!(stored[0], b'{', "V3 is plain JSON");
+    assert!(stored.len() >= tessera_datastore::DEFLATE_FROM_BYTES);
 
     apply(&kv, V4).await;
     let n1 = Ipam::new(kv.clone(), "node1");
     let second = n1.auto_assign(&request("b")).await.expect("assign");
     assert_eq!(second[0].block, first[0].block);
-    let stored = kv.get(&key).await.expect("get").expect("block").value;
+    let deflated = kv.get(&key).await.expect("get").expect("block").value;
     assert!(
-        serde_json::from_slice::<serde_json::Value>(&stored).is_err(),
+        serde_json::from_slice::<serde_json::Value>(&deflated).is_err(),
         "V4 is not JSON as stored"
     );
+    assert!(
+        deflated.len() * 2 < stored.len(),
+        "{} bytes, were {}",
+        deflated.len(),
+        stored.len()
+    );
     assert_eq!(stored_formats(&kv).await, vec![(key.clone(), 4)]);
-    // A snapshot (GC, tesseractl) reads both allocations with their handles.
+    // A snapshot (GC, tesseractl) reads every allocation with its handle.
     let snap = tessera_datastore::snapshot::Snapshot::read(&kv)
         .await
         .expect("snapshot");
-    let mut held: Vec<_> = snap.allocations();
-    held.sort();
-    let mut want = vec![
-        (first[0].addr, "a".to_string()),
-        (second[0].addr, "b".to_string()),
-    ];
-    want.sort();
-    assert_eq!(held, want);
-    // A node's new block starts in V4; releases work on V4 blocks.
+    let held = snap.allocations();
+    assert_eq!(held.len(), 42);
+    for (addr, h) in [(first[0].addr, "a"), (second[0].addr, "b")] {
+        assert!(held.contains(&(addr, h.to_string())), "{addr} {h}");
+    }
+    // A node's new block starts in V4 (JSON while small); releases work on V4 blocks.
     let c = Ipam::new(kv.clone(), "node2")
         .auto_assign(&request("c"))
         .await
@@ -190,6 +201,9 @@ async fn blocks_move_on_from_v3_to_v4_deflated_and_every_reader_reads_them() {
     assert!(stored_formats(&kv).await.iter().all(|(_, v)| *v == 4));
     for (h, want) in [("a", first[0].addr), ("b", second[0].addr)] {
         assert_eq!(n1.release_by_handle(h).await.expect("release"), vec![want]);
+    }
+    for p in &pods {
+        assert_eq!(n1.release_by_handle(p).await.expect("release").len(), 1);
     }
     let n2 = Ipam::new(kv.clone(), "node2");
     assert_eq!(

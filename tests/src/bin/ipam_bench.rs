@@ -455,7 +455,7 @@ async fn client_block_keys(
             blocks
                 .iter()
                 .find(|b| {
-                    serde_json::from_slice::<serde_json::Value>(&b.value)
+                    tessera_datastore::from_stored::<serde_json::Value>(&b.value)
                         .is_ok_and(|v| v["affinity"] == ipam.node())
                 })
                 .map(|b| b.key.clone())
