@@ -1,4 +1,4 @@
-//! JSON encoding of stored values (deflated for IPAM blocks in format V4), and the bounded
+//! JSON encoding of stored values (compressed for IPAM blocks in format V4), and the bounded
 //! retry policy every datastore call goes through.
 
 use std::future::Future;
@@ -18,76 +18,75 @@ pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, IpamError>
     })
 }
 
-/// What begins a deflated value. JSON never begins with a zero byte, so a reader tells the
-/// two apart without being told the format.
-const DEFLATED: &[u8] = b"\0deflate\0";
+/// What every zstd frame begins with. No JSON value begins with it (`(`, 0x28), so a reader
+/// tells the two apart without being told the format.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
-/// Blocks in format V4 whose JSON is shorter than this are stored as JSON: deflating a
+/// Blocks in format V4 whose JSON is shorter than this are stored as JSON: compressing a
 /// nearly empty block costs the client more than the bytes it saves cost etcd.
-pub const DEFLATE_FROM_BYTES: usize = 1024;
+pub const COMPRESS_FROM_BYTES: usize = 1024;
+
+/// A compressed value that says it is larger than this is refused as corrupt rather than
+/// given the memory (a /20 block of 4,096 pods is about 600 KB of JSON).
+const MAX_STORED_JSON: u64 = 64 << 20;
 
 thread_local! {
-    // A deflate stream's state is hundreds of kilobytes: set up once per thread, reset per
-    // value (setting it up per value cost more than compressing a full /26).
-    static DEFLATE: std::cell::RefCell<flate2::Compress> =
-        std::cell::RefCell::new(flate2::Compress::new(flate2::Compression::fast(), false));
-    static INFLATE: std::cell::RefCell<flate2::Decompress> =
-        std::cell::RefCell::new(flate2::Decompress::new(false));
+    // Set up once per thread (contexts hold their tables), reused for every value.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
-/// Reads a stored value: JSON, or deflated JSON (IPAM blocks in format V4). Every reader of
-/// stored values outside this crate goes through here.
+/// Reads a stored value: JSON, or zstd-compressed JSON (IPAM blocks in format V4). Every
+/// reader of stored values outside this crate goes through here.
 pub fn from_stored<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
-    let Some(deflated) = bytes.strip_prefix(DEFLATED) else {
+    if !bytes.starts_with(&ZSTD_MAGIC) {
         return serde_json::from_slice(bytes);
-    };
-    let json = INFLATE
-        .with_borrow_mut(|inflate| {
-            inflate.reset(false);
-            let mut json = Vec::with_capacity(deflated.len() * 4);
-            loop {
-                let (read, written) = (inflate.total_in(), inflate.total_out());
-                let status = inflate.decompress_vec(
-                    &deflated[read as usize..],
-                    &mut json,
-                    flate2::FlushDecompress::None,
-                )?;
-                if status == flate2::Status::StreamEnd {
-                    return Ok(json);
-                }
-                if json.len() == json.capacity() {
-                    json.reserve(json.len().max(1024));
-                } else if (read, written) == (inflate.total_in(), inflate.total_out()) {
-                    // Room left, yet no progress: the stream was cut short.
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-            }
+    }
+    let json = DECOMPRESSOR
+        .with_borrow_mut(|slot| {
+            let size = zstd::zstd_safe::get_frame_content_size(bytes)
+                .ok()
+                .flatten()
+                .filter(|n| *n <= MAX_STORED_JSON)
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "a compressed value without a plausible size",
+                    )
+                })?;
+            let decompressor = match slot {
+                Some(d) => d,
+                None => slot.insert(zstd::bulk::Decompressor::new()?),
+            };
+            decompressor.decompress(bytes, size as usize)
         })
-        .map_err(|e: std::io::Error| serde_json::Error::io(e))?;
+        .map_err(serde_json::Error::io)?;
     serde_json::from_slice(&json)
 }
 
-/// An IPAM block as stored: JSON, deflated from format V4 on when it is large (a /26 of pods
-/// deflates to about a third: container IDs are hex, names repeat).
+/// An IPAM block as stored: JSON, compressed (zstd, level 1) from format V4 on when it is
+/// large: a /26 of pods shrinks to under a third (container IDs are hex, names repeat).
 pub fn encode_block(block: &IpamBlock) -> Vec<u8> {
     let json = encode(block);
-    if block.format < BlockFormat::V4 || json.len() < DEFLATE_FROM_BYTES {
+    if block.format < BlockFormat::V4 || json.len() < COMPRESS_FROM_BYTES {
         return json;
     }
-    DEFLATE.with_borrow_mut(|deflate| {
-        deflate.reset();
-        let mut out = Vec::with_capacity(json.len() / 2);
-        out.extend_from_slice(DEFLATED);
-        loop {
-            let read = deflate.total_in() as usize;
-            match deflate.compress_vec(&json[read..], &mut out, flate2::FlushCompress::Finish) {
-                Ok(flate2::Status::StreamEnd) => return out,
-                Ok(_) => out.reserve(json.len() / 2 + 64),
-                // Compressing into memory does not fail; if it did, JSON is still a value.
-                Err(_) => return json.clone(),
+    let compressed = COMPRESSOR.with_borrow_mut(|slot| {
+        let compressor = match slot {
+            Some(c) => c,
+            None => {
+                let mut c = zstd::bulk::Compressor::new(1)?;
+                // A damaged value is then refused, never read as another block.
+                c.include_checksum(true)?;
+                slot.insert(c)
             }
-        }
-    })
+        };
+        compressor.compress(&json)
+    });
+    // Compressing into memory does not fail; if it did, JSON is still a value.
+    compressed.unwrap_or(json)
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {

@@ -42,7 +42,7 @@ pub mod sticky;
 pub mod yaml;
 
 pub use codec::{
-    encode_block, fnv1a, from_stored, now_ms, DEFLATE_FROM_BYTES, TRANSIENT_RETRY_BUDGET,
+    encode_block, fnv1a, from_stored, now_ms, COMPRESS_FROM_BYTES, TRANSIENT_RETRY_BUDGET,
 };
 
 /// The daemons' logging: to stderr, at the level `TESSERA_LOG` says (default `info`).

@@ -150,7 +150,7 @@ spec: { blockFormat: V4 }
 ";
 
 #[tokio::test]
-async fn blocks_move_on_from_v3_to_v4_deflated_and_every_reader_reads_them() {
+async fn blocks_move_on_from_v3_to_v4_compressed_and_every_reader_reads_them() {
     let kv = MemKv::new();
     apply(&kv, POOL).await;
     apply(&kv, V3).await;
@@ -166,21 +166,21 @@ async fn blocks_move_on_from_v3_to_v4_deflated_and_every_reader_reads_them() {
     let key = keys::block(first[0].block);
     let stored = kv.get(&key).await.expect("get").expect("block").value;
     assert_eq!(stored[0], b'{', "V3 is plain JSON");
-    assert!(stored.len() >= tessera_datastore::DEFLATE_FROM_BYTES);
+    assert!(stored.len() >= tessera_datastore::COMPRESS_FROM_BYTES);
 
     apply(&kv, V4).await;
     let n1 = Ipam::new(kv.clone(), "node1");
     let second = n1.auto_assign(&request("b")).await.expect("assign");
     assert_eq!(second[0].block, first[0].block);
-    let deflated = kv.get(&key).await.expect("get").expect("block").value;
+    let compressed = kv.get(&key).await.expect("get").expect("block").value;
     assert!(
-        serde_json::from_slice::<serde_json::Value>(&deflated).is_err(),
+        serde_json::from_slice::<serde_json::Value>(&compressed).is_err(),
         "V4 is not JSON as stored"
     );
     assert!(
-        deflated.len() * 2 < stored.len(),
+        compressed.len() * 2 < stored.len(),
         "{} bytes, were {}",
-        deflated.len(),
+        compressed.len(),
         stored.len()
     );
     assert_eq!(stored_formats(&kv).await, vec![(key.clone(), 4)]);

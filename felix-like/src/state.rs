@@ -527,7 +527,7 @@ mod tests {
             (keys::liveness("a"), Some(b"1".to_vec())),
             (keys::liveness("b"), Some(b"1".to_vec())),
             (keys::node("c"), Some(b"{not json".to_vec())),
-            // The mode change, a pod in a's block (written back deflated, as a cluster set
+            // The mode change, a pod in a's block (written back compressed, as a cluster set
             // to block format V4 writes it), b's lease lapsing, c repaired then gone.
             (keys::pool("bgp"), Some(json(&bgp_vxlan))),
             (keys::block("10.244.0.0/26".parse().unwrap()), {

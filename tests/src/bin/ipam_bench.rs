@@ -327,12 +327,15 @@ fn own_cpu() -> Duration {
     tv(u.user_time()) + tv(u.system_time())
 }
 
-/// The mean size of the stored blocks whose value contains `marker` (the level's nodes).
+/// The mean size as stored of the blocks whose value contains `marker` (the level's nodes).
 async fn mean_block_len(kv: &EtcdKv, marker: &str) -> anyhow::Result<usize> {
     let (blocks, _) = kv.get_prefix(tessera_datastore::keys::BLOCKS).await?;
     let lens: Vec<usize> = blocks
         .iter()
-        .filter(|b| String::from_utf8_lossy(&b.value).contains(marker))
+        .filter(|b| {
+            tessera_datastore::from_stored::<serde_json::Value>(&b.value)
+                .is_ok_and(|v| v.to_string().contains(marker))
+        })
         .map(|b| b.value.len())
         .collect();
     Ok(lens.iter().sum::<usize>() / lens.len().max(1))
