@@ -10,11 +10,18 @@ use tessera_testbed::{Child, Lab, LabNode, LabSpec};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_ipam-worker");
 
+/// Blocks stored in the compressed format: full /26s of 64 allocations are over the size
+/// from which V4 compresses, so every process reads and writes compressed blocks.
 const POOL_YAML: &str = "
 apiVersion: tessera.dev/v1
 kind: IPPool
 metadata: { name: pods }
 spec: { cidr: 10.244.0.0/20, blockSize: 26 }
+---
+apiVersion: tessera.dev/v1
+kind: IPAMConfiguration
+metadata: { name: default }
+spec: { blockFormat: V4 }
 ";
 
 fn worker(lab: &Lab, node: &LabNode, args: &[&str]) -> Command {
@@ -134,7 +141,19 @@ fn eight_allocators_on_four_nodes_never_double_allocate() {
         assert_eq!(state["handles"][handle], serde_json::json!([addr]));
     }
     // Each node filled its own blocks: 2,000 addresses need at least 32 blocks of 64.
-    assert!(state["blocks"].as_u64().expect("blocks") >= 32);
+    let blocks = state["blocks"].as_u64().expect("blocks");
+    assert!(blocks >= 32);
+    // All in V4, the full ones (at least 2,000 / 64 - 8 partly filled) compressed.
+    assert_eq!(
+        state["block_formats"]["V4"].as_u64(),
+        Some(blocks),
+        "{state:#}"
+    );
+    assert!(
+        state["block_formats"]["compressed"].as_u64().unwrap_or(0) >= 23,
+        "{}",
+        state["block_formats"]
+    );
 
     lab.finish();
 }

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tessera_datastore::gc::{gc, mark_suspect, reclaim_node, GcOptions, ReclaimGuard, Verdict};
 use tessera_datastore::model::Node;
-use tessera_datastore::resources::{apply_config, put_node};
+use tessera_datastore::resources::put_node;
 use tessera_datastore::snapshot::Snapshot;
 use tessera_datastore::yaml::parse_resources;
 use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Kv, Owner};
@@ -35,7 +35,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create or replace the pools and reservations in a YAML file.
+    /// Create or replace the resources in a YAML file (pools, reservations, IPAMConfiguration).
     Apply { file: String },
     /// Write this node's Node record (labels as key=value).
     RegisterNode {
@@ -96,7 +96,14 @@ async fn run<K: Kv>(kv: K, node: &str, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Apply { file } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
             let r = parse_resources(&text).with_context(|| format!("in {file}"))?;
-            apply_config(&kv, &r.pools, &r.reservations).await?;
+            // As `tesseractl apply`: pools, reservations and the IPAMConfiguration.
+            tessera_datastore::admin::write(
+                &kv,
+                &r,
+                tessera_datastore::admin::WriteMode::Apply,
+                false,
+            )
+            .await?;
         }
         Cmd::RegisterNode { label } => {
             let labels: BTreeMap<String, String> = label
@@ -195,6 +202,7 @@ async fn run<K: Kv>(kv: K, node: &str, cmd: Cmd) -> anyhow::Result<()> {
                     "allocations": snap.allocations(),
                     "handles": handles,
                     "blocks": snap.blocks.len(),
+                    "block_formats": block_formats(&kv).await?,
                     "pending_affinities": pending,
                     "violations": violations,
                 })
@@ -219,6 +227,21 @@ async fn run<K: Kv>(kv: K, node: &str, cmd: Cmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// How many blocks etcd holds in each format, and how many of them compressed.
+async fn block_formats<K: Kv>(kv: &K) -> anyhow::Result<BTreeMap<String, usize>> {
+    let (values, _) = kv.get_prefix(tessera_datastore::keys::BLOCKS).await?;
+    let mut counts = BTreeMap::new();
+    for v in &values {
+        let block: tessera_datastore::block::IpamBlock =
+            tessera_datastore::from_stored(&v.value).with_context(|| v.key.clone())?;
+        *counts.entry(format!("{:?}", block.format)).or_default() += 1;
+        if serde_json::from_slice::<serde_json::Value>(&v.value).is_err() {
+            *counts.entry("compressed".to_string()).or_default() += 1;
+        }
+    }
+    Ok(counts)
 }
 
 fn v4_request(handle: &str) -> AssignRequest {
