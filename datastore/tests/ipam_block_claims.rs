@@ -8,7 +8,8 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tessera_datastore::kv::{KeyValue, KvError, MemKv, Op, Txn, TxnOutcome};
+use common::{Interpose, Interposed};
+use tessera_datastore::kv::{MemKv, Op, Txn};
 use tessera_datastore::model::IpPool;
 use tessera_datastore::snapshot::Snapshot;
 use tessera_datastore::yaml::parse_resources;
@@ -26,8 +27,8 @@ fn pool() -> IpPool {
     parse_resources(POOL).expect("pool").pools.remove(0)
 }
 
-/// A store where node `rival` wins the next `steals` blocks `node` tries to claim: when
-/// `node` writes its pending affinity for a block, `rival` claims that block first.
+/// Node `rival` wins the next `steals` blocks `node` tries to claim: when `node` writes its
+/// pending affinity for a block, `rival` claims that block first.
 #[derive(Clone)]
 struct Rival {
     kv: MemKv,
@@ -36,8 +37,12 @@ struct Rival {
     steals: Arc<AtomicUsize>,
 }
 
-impl Rival {
-    async fn steal_if_claiming(&self, txn: &Txn) {
+impl Interpose for Rival {
+    async fn before_txn(&self, txn: &Txn) {
+        // Only a fresh pending affinity: the put guarded by the key being absent.
+        if txn.compares.len() != 1 {
+            return;
+        }
         let pool = pool();
         for op in &txn.success {
             let Op::Put { key, .. } = op else { continue };
@@ -57,43 +62,18 @@ impl Rival {
     }
 }
 
-impl Kv for Rival {
-    async fn get(&self, key: &str) -> Result<Option<KeyValue>, KvError> {
-        self.kv.get(key).await
+async fn rival_store(steals: usize) -> Interposed<Rival> {
+    let kv = MemKv::default();
+    common::apply(&kv, POOL).await;
+    Interposed {
+        kv: kv.clone(),
+        on: Rival {
+            kv,
+            node: "node-a",
+            rival: "node-b",
+            steals: Arc::new(AtomicUsize::new(steals)),
+        },
     }
-    async fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), KvError> {
-        self.kv.get_prefix(prefix).await
-    }
-    async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, i64)>, KvError> {
-        self.kv.list_keys(prefix).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, KvError> {
-        // Only a fresh pending affinity: the put guarded by the key being absent.
-        if txn.compares.len() == 1 {
-            self.steal_if_claiming(&txn).await;
-        }
-        self.kv.txn(txn).await
-    }
-    async fn lease_grant(&self, ttl_secs: i64) -> Result<i64, KvError> {
-        self.kv.lease_grant(ttl_secs).await
-    }
-    async fn lease_keep_alive(&self, id: i64) -> Result<i64, KvError> {
-        self.kv.lease_keep_alive(id).await
-    }
-    async fn lease_revoke(&self, id: i64) -> Result<(), KvError> {
-        self.kv.lease_revoke(id).await
-    }
-}
-
-async fn rival_store(steals: usize) -> Rival {
-    let kv = Rival {
-        kv: MemKv::default(),
-        node: "node-a",
-        rival: "node-b",
-        steals: Arc::new(AtomicUsize::new(steals)),
-    };
-    common::apply(&kv.kv, POOL).await;
-    kv
 }
 
 /// The node the block holding `addr` is affine to.
@@ -126,7 +106,7 @@ async fn a_node_that_loses_every_claim_in_its_first_search_searches_again() {
             Some("node-a"),
             "{steals} blocks lost to node-b, one left: node-a claims it instead of borrowing"
         );
-        assert_eq!(kv.steals.load(Ordering::SeqCst), 0);
+        assert_eq!(kv.on.steals.load(Ordering::SeqCst), 0);
     }
 }
 

@@ -8,54 +8,37 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::request;
-use tessera_datastore::kv::{KeyValue, KvError, Txn, TxnOutcome};
+use common::{request, Interpose, Interposed};
+use tessera_datastore::kv::Txn;
 use tessera_datastore::resources::apply_config;
 use tessera_datastore::yaml::parse_resources;
-use tessera_datastore::{Ipam, Kv, MemKv};
+use tessera_datastore::{Ipam, Kv};
 
-/// MemKv that counts the requests it serves, reads and transactions apart.
+/// Counts the requests the store serves, reads and transactions apart.
 #[derive(Clone, Default)]
-struct Counting {
-    kv: MemKv,
+struct Counts {
     reads: Arc<AtomicUsize>,
     txns: Arc<AtomicUsize>,
 }
 
-impl Counting {
-    fn take(&self) -> (usize, usize) {
-        (
-            self.reads.swap(0, Ordering::SeqCst),
-            self.txns.swap(0, Ordering::SeqCst),
-        )
+impl Interpose for Counts {
+    fn before_read(&self) {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+    }
+    async fn before_txn(&self, _txn: &Txn) {
+        self.txns.fetch_add(1, Ordering::SeqCst);
     }
 }
 
-impl Kv for Counting {
-    async fn get(&self, key: &str) -> Result<Option<KeyValue>, KvError> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        self.kv.get(key).await
-    }
-    async fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), KvError> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        self.kv.get_prefix(prefix).await
-    }
-    async fn list_keys(&self, prefix: &str) -> Result<Vec<(String, i64)>, KvError> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        self.kv.list_keys(prefix).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, KvError> {
-        self.txns.fetch_add(1, Ordering::SeqCst);
-        self.kv.txn(txn).await
-    }
-    async fn lease_grant(&self, ttl_secs: i64) -> Result<i64, KvError> {
-        self.kv.lease_grant(ttl_secs).await
-    }
-    async fn lease_keep_alive(&self, id: i64) -> Result<i64, KvError> {
-        self.kv.lease_keep_alive(id).await
-    }
-    async fn lease_revoke(&self, id: i64) -> Result<(), KvError> {
-        self.kv.lease_revoke(id).await
+/// MemKv that counts the requests it serves.
+type Counting = Interposed<Counts>;
+
+impl Counting {
+    fn take(&self) -> (usize, usize) {
+        (
+            self.on.reads.swap(0, Ordering::SeqCst),
+            self.on.txns.swap(0, Ordering::SeqCst),
+        )
     }
 }
 
