@@ -16,8 +16,8 @@
 //!   full block costs etcd over an empty one.
 //! - `V4` (`"v": 4`): `V3` compressed with zstd (level 1) once its JSON is 1 KiB or more;
 //!   a zstd frame's first bytes are no JSON's ([`crate::from_stored`] reads both). Container
-//!   IDs are hex and pod names repeat: a /26 of 58 pods is about 2.5 KB instead of 9. Values are no longer readable with `etcdctl get`
-//!   alone; `tesseractl get` shows them.
+//!   IDs are hex and pod names repeat: a /26 of 58 pods is about 2.5 KB instead of 9. Such
+//!   values are binary to `etcdctl get`; `tesseractl ipam show --show-blocks` reads them.
 //!
 //! Every value says its format; a reader that meets a newer one refuses it (a decode error
 //! naming the version) rather than misreading it, and a block is only ever rewritten in
@@ -561,7 +561,7 @@ mod tests {
         let v3 = crate::codec::encode_block(&b.clone().in_format(BlockFormat::V3));
         let v4 = crate::codec::encode_block(&b.clone().in_format(BlockFormat::V4));
         assert_eq!(v3[0], b'{', "V3 is JSON");
-        assert!(v4.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]));
+        assert!(v4.starts_with(&crate::codec::ZSTD_MAGIC));
         assert!(
             v4.len() * 3 < v3.len(),
             "V4 {} bytes, V3 {} bytes",
@@ -584,7 +584,7 @@ mod tests {
     #[test]
     fn a_damaged_compressed_value_is_an_error_not_a_block() {
         let bytes = crate::codec::encode_block(&used_block().in_format(BlockFormat::V4));
-        assert!(bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]));
+        assert!(bytes.starts_with(&crate::codec::ZSTD_MAGIC));
         for cut in [4, bytes.len() / 2, bytes.len() - 10] {
             let e = crate::from_stored::<IpamBlock>(&bytes[..bytes.len() - cut]);
             assert!(e.is_err(), "{cut} bytes cut");

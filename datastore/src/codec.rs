@@ -20,7 +20,7 @@ pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, IpamError>
 
 /// What every zstd frame begins with. No JSON value begins with it (`(`, 0x28), so a reader
 /// tells the two apart without being told the format.
-const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+pub(crate) const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// Blocks in format V4 whose JSON is shorter than this are stored as JSON: compressing a
 /// nearly empty block costs the client more than the bytes it saves cost etcd.
