@@ -36,7 +36,7 @@ pub struct FreeSlot {
     pub released_ms: Option<u64>,
 }
 
-/// A block as stored: [`crate::block_format`] says how (two formats, the version in the
+/// A block as stored: [`crate::block_format`] says how (five formats, the version in the
 /// value; a block is written back in the format it was read in or a newer one).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "crate::block_format::StoredBlock")]
@@ -57,8 +57,9 @@ pub struct IpamBlock {
 /// The stored formats of a block. `V1` is the first (an entry per ordinal, objects with
 /// named fields); `V2` lists only allocated ordinals, compresses the free queue, and does
 /// not repeat in the attributes what the handle already says; `V3` does not repeat the
-/// block's own node either; `V4` is `V3` compressed. Readers take all four; a cluster writes
-/// new blocks in a newer format once its `IPAMConfiguration` says every node reads it.
+/// block's own node either; `V4` is `V3` compressed; `V5` is `V3` in a compact binary form
+/// (no compressor to run). Readers take all five; a cluster writes new blocks in a newer
+/// format once its `IPAMConfiguration` says every node reads it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum BlockFormat {
     #[default]
@@ -66,6 +67,7 @@ pub enum BlockFormat {
     V2,
     V3,
     V4,
+    V5,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -369,7 +371,7 @@ fn reusable(slot: &FreeSlot, now_ms: u64, reuse_delay_ms: u64) -> bool {
     }
 }
 
-fn block_len(cidr: IpNetwork) -> u32 {
+pub(crate) fn block_len(cidr: IpNetwork) -> u32 {
     1u32 << (max_prefix(cidr) - cidr.prefix()).min(31)
 }
 

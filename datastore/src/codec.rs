@@ -1,6 +1,7 @@
-//! JSON encoding of stored values (compressed for IPAM blocks in format V4), and the bounded
+//! Encoding of stored values (JSON; IPAM blocks compressed in format V4, binary in V5), and the bounded
 //! retry policy every datastore call goes through.
 
+use std::any::Any;
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -8,27 +9,29 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::block::{BlockFormat, IpamBlock};
+use crate::block_format::{decode_binary, encode_binary, BINARY_MAGIC};
 use crate::error::IpamError;
 use crate::kv::{KeyValue, KvError};
 
-pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, IpamError> {
+pub(crate) fn decode<T: DeserializeOwned + 'static>(kv: &KeyValue) -> Result<T, IpamError> {
     from_stored(&kv.value).map_err(|e| IpamError::Corrupt {
         key: kv.key.clone(),
         reason: e.to_string(),
     })
 }
 
-/// What every zstd frame begins with. No JSON value begins with it (`(`, 0x28), so a reader
-/// tells the two apart without being told the format.
-pub(crate) const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+/// What every zstd frame begins with. No JSON value begins with it (`(`, 0x28), nor a V5
+/// block's binary form (a zero byte), so a reader tells them apart without being told the
+/// format.
+pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
-/// Blocks in format V4 whose JSON is shorter than this are stored as JSON: compressing a
+/// Blocks in formats V4 and V5 shorter than this are stored uncompressed: compressing a
 /// nearly empty block costs the client more than the bytes it saves cost etcd.
 pub const COMPRESS_FROM_BYTES: usize = 1024;
 
 /// A compressed value that says it is larger than this is refused as corrupt rather than
 /// given the memory (a /20 block of 4,096 pods is about 600 KB of JSON).
-const MAX_STORED_JSON: u64 = 64 << 20;
+const MAX_DECOMPRESSED: u64 = 64 << 20;
 
 thread_local! {
     // Set up once per thread (contexts hold their tables), reused for every value.
@@ -38,18 +41,19 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Reads a stored value: JSON, or zstd-compressed JSON (IPAM blocks in format V4). Every
-/// reader of stored values outside this crate goes through here.
-pub fn from_stored<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
+/// Reads a stored value: JSON, a block in format V5's binary form, or either of them
+/// compressed (IPAM blocks in formats V4 and V5). Every reader of stored values outside
+/// this crate goes through here.
+pub fn from_stored<T: DeserializeOwned + 'static>(bytes: &[u8]) -> Result<T, serde_json::Error> {
     if !bytes.starts_with(&ZSTD_MAGIC) {
-        return serde_json::from_slice(bytes);
+        return from_uncompressed(bytes);
     }
-    let json = DECOMPRESSOR
+    let inner = DECOMPRESSOR
         .with_borrow_mut(|slot| {
             let size = zstd::zstd_safe::get_frame_content_size(bytes)
                 .ok()
                 .flatten()
-                .filter(|n| *n <= MAX_STORED_JSON)
+                .filter(|n| *n <= MAX_DECOMPRESSED)
                 .ok_or_else(|| {
                     std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
@@ -63,15 +67,46 @@ pub fn from_stored<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::E
             decompressor.decompress(bytes, size as usize)
         })
         .map_err(serde_json::Error::io)?;
-    serde_json::from_slice(&json)
+    from_uncompressed(&inner)
 }
 
-/// An IPAM block as stored: JSON, compressed (zstd, level 1) from format V4 on when it is
-/// large: a /26 of pods shrinks to under a third (container IDs are hex, names repeat).
+fn from_uncompressed<T: DeserializeOwned + 'static>(bytes: &[u8]) -> Result<T, serde_json::Error> {
+    if bytes.starts_with(&BINARY_MAGIC) {
+        let block =
+            decode_binary(bytes).map_err(<serde_json::Error as serde::de::Error>::custom)?;
+        return binary_block_as(block);
+    }
+    serde_json::from_slice(bytes)
+}
+
+/// A block read from format V5's binary form as what its reader asked for: the block
+/// itself (the datastore, the agent), or anything else (`serde_json::Value`, a partial
+/// view) read from its JSON form, `V3`'s with `"v": 5`.
+fn binary_block_as<T: DeserializeOwned + 'static>(
+    block: IpamBlock,
+) -> Result<T, serde_json::Error> {
+    let mut slot = Some(block);
+    if let Some(wanted) = (&mut slot as &mut dyn Any)
+        .downcast_mut::<Option<T>>()
+        .and_then(Option::take)
+    {
+        return Ok(wanted);
+    }
+    serde_json::from_value(serde_json::to_value(&slot)?)
+}
+
+/// An IPAM block as stored: JSON up to format V4, binary in V5; from V4 on compressed
+/// (zstd, level 1) once 1 KiB or more: a /26 of pods shrinks to a quarter of its JSON
+/// (container IDs are hex, names repeat).
 pub fn encode_block(block: &IpamBlock) -> Vec<u8> {
-    let json = encode(block);
-    if block.format < BlockFormat::V4 || json.len() < COMPRESS_FROM_BYTES {
-        return json;
+    let plain = match block.format {
+        BlockFormat::V1 | BlockFormat::V2 | BlockFormat::V3 | BlockFormat::V4 => encode(block),
+        // Cannot fail (strings, numbers and sequences of known length); if it did, the
+        // JSON is a V5 value too.
+        BlockFormat::V5 => encode_binary(block).unwrap_or_else(|_| encode(block)),
+    };
+    if block.format < BlockFormat::V4 || plain.len() < COMPRESS_FROM_BYTES {
+        return plain;
     }
     let compressed = COMPRESSOR.with_borrow_mut(|slot| {
         let compressor = match slot {
@@ -83,10 +118,10 @@ pub fn encode_block(block: &IpamBlock) -> Vec<u8> {
                 slot.insert(c)
             }
         };
-        compressor.compress(&json)
+        compressor.compress(&plain)
     });
-    // Compressing into memory does not fail; if it did, JSON is still a value.
-    compressed.unwrap_or(json)
+    // Compressing into memory does not fail; if it did, the plain value is still one.
+    compressed.unwrap_or(plain)
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {

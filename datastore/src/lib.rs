@@ -43,6 +43,7 @@ pub mod yaml;
 
 pub use codec::{
     encode_block, fnv1a, from_stored, now_ms, COMPRESS_FROM_BYTES, TRANSIENT_RETRY_BUDGET,
+    ZSTD_MAGIC,
 };
 
 /// The daemons' logging: to stderr, at the level `TESSERA_LOG` says (default `info`).

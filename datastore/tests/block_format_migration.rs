@@ -75,27 +75,26 @@ async fn a_block_in_a_newer_format_is_refused_with_its_version() {
     let mut v: serde_json::Value =
         serde_json::from_slice(&kv.get(&key).await.expect("get").expect("block").value)
             .expect("json");
-    v["v"] = 5.into();
-    kv.txn(
-        tessera_datastore::kv::Txn::new().then(tessera_datastore::kv::Op::put(
-            &key,
-            v.to_string().into_bytes(),
-        )),
-    )
-    .await
-    .expect("put");
-    let fresh = Ipam::new(kv.clone(), "node1");
-    match fresh.release_by_handle("a").await {
-        Err(IpamError::Corrupt { reason, .. }) => {
-            assert!(reason.contains("version 5"), "{reason}")
+    v["v"] = 6.into();
+    // A JSON value that says 6, and a binary one (V5's header) that says 6.
+    for newer in [v.to_string().into_bytes(), b"\0TB\x06anything".to_vec()] {
+        kv.txn(
+            tessera_datastore::kv::Txn::new()
+                .then(tessera_datastore::kv::Op::put(&key, newer.clone())),
+        )
+        .await
+        .expect("put");
+        let fresh = Ipam::new(kv.clone(), "node1");
+        match fresh.release_by_handle("a").await {
+            Err(IpamError::Corrupt { reason, .. }) => {
+                assert!(reason.contains("version 6"), "{reason}")
+            }
+            other => panic!("a V6 block read as something: {other:?}"),
         }
-        other => panic!("a V5 block read as something: {other:?}"),
+        // Untouched: the newer node's value is still there as it wrote it.
+        let after = kv.get(&key).await.expect("get").expect("block").value;
+        assert_eq!(after, newer);
     }
-    // Untouched: the newer node's value is still there as it wrote it.
-    let after: serde_json::Value =
-        serde_json::from_slice(&kv.get(&key).await.expect("get").expect("block").value)
-            .expect("json");
-    assert_eq!(after["v"], 5);
 }
 
 const V3: &str = "
@@ -149,14 +148,26 @@ metadata: { name: default }
 spec: { blockFormat: V4 }
 ";
 
-#[tokio::test]
-async fn blocks_move_on_from_v3_to_v4_compressed_and_every_reader_reads_them() {
+const V5: &str = "
+apiVersion: tessera.dev/v1
+kind: IPAMConfiguration
+metadata: { name: default }
+spec: { blockFormat: V5 }
+";
+
+/// A cluster moves its blocks from one format to the next (`from` and `to` are
+/// `IPAMConfiguration`s, `to_version` the `v` values in `to` say): node1's block of 42
+/// allocations is rewritten in the new format when next written, with every allocation; a
+/// snapshot (GC, tesseractl) reads them all; node2's new block starts in the new format;
+/// releases work; and the blocks stay in it. Returns node1's block as stored before the
+/// move and after.
+async fn blocks_move_on(from: &str, to: &str, to_version: u64) -> (Vec<u8>, Vec<u8>) {
     let kv = MemKv::new();
     apply(&kv, POOL).await;
-    apply(&kv, V3).await;
+    apply(&kv, from).await;
     let n1 = Ipam::new(kv.clone(), "node1");
     let first = n1.auto_assign(&request("a")).await.expect("assign");
-    // Pods enough that the block is worth deflating.
+    // Pods enough that the block is worth compressing: CNI handles (hex container IDs).
     let pods: Vec<String> = (0..40)
         .map(|i| format!("k8s-pod-network.{i:064x}"))
         .collect();
@@ -164,27 +175,14 @@ async fn blocks_move_on_from_v3_to_v4_compressed_and_every_reader_reads_them() {
         n1.auto_assign(&request(p)).await.expect("assign");
     }
     let key = keys::block(first[0].block);
-    let stored = kv.get(&key).await.expect("get").expect("block").value;
-    assert_eq!(stored[0], b'{', "V3 is plain JSON");
-    assert!(stored.len() >= tessera_datastore::COMPRESS_FROM_BYTES);
+    let before = kv.get(&key).await.expect("get").expect("block").value;
 
-    apply(&kv, V4).await;
+    apply(&kv, to).await;
     let n1 = Ipam::new(kv.clone(), "node1");
     let second = n1.auto_assign(&request("b")).await.expect("assign");
     assert_eq!(second[0].block, first[0].block);
-    let compressed = kv.get(&key).await.expect("get").expect("block").value;
-    assert!(
-        serde_json::from_slice::<serde_json::Value>(&compressed).is_err(),
-        "V4 is not JSON as stored"
-    );
-    assert!(
-        compressed.len() * 2 < stored.len(),
-        "{} bytes, were {}",
-        compressed.len(),
-        stored.len()
-    );
-    assert_eq!(stored_formats(&kv).await, vec![(key.clone(), 4)]);
-    // A snapshot (GC, tesseractl) reads every allocation with its handle.
+    let after = kv.get(&key).await.expect("get").expect("block").value;
+    assert_eq!(stored_formats(&kv).await, vec![(key.clone(), to_version)]);
     let snap = tessera_datastore::snapshot::Snapshot::read(&kv)
         .await
         .expect("snapshot");
@@ -193,12 +191,17 @@ async fn blocks_move_on_from_v3_to_v4_compressed_and_every_reader_reads_them() {
     for (addr, h) in [(first[0].addr, "a"), (second[0].addr, "b")] {
         assert!(held.contains(&(addr, h.to_string())), "{addr} {h}");
     }
-    // A node's new block starts in V4 (JSON while small); releases work on V4 blocks.
+    for p in &pods {
+        assert!(held.iter().any(|(_, h)| h == p), "{p}");
+    }
     let c = Ipam::new(kv.clone(), "node2")
         .auto_assign(&request("c"))
         .await
         .expect("assign");
-    assert!(stored_formats(&kv).await.iter().all(|(_, v)| *v == 4));
+    assert!(stored_formats(&kv)
+        .await
+        .iter()
+        .all(|(_, v)| *v == to_version));
     for (h, want) in [("a", first[0].addr), ("b", second[0].addr)] {
         assert_eq!(n1.release_by_handle(h).await.expect("release"), vec![want]);
     }
@@ -210,5 +213,39 @@ async fn blocks_move_on_from_v3_to_v4_compressed_and_every_reader_reads_them() {
         n2.release_by_handle("c").await.expect("release"),
         vec![c[0].addr]
     );
-    assert!(stored_formats(&kv).await.iter().all(|(_, v)| *v == 4));
+    assert!(stored_formats(&kv)
+        .await
+        .iter()
+        .all(|(_, v)| *v == to_version));
+    (before, after)
+}
+
+#[tokio::test]
+async fn blocks_move_on_from_v3_to_v4_compressed_and_every_reader_reads_them() {
+    let (v3, v4) = blocks_move_on(V3, V4, 4).await;
+    assert_eq!(v3[0], b'{', "V3 is plain JSON");
+    assert!(v3.len() >= tessera_datastore::COMPRESS_FROM_BYTES);
+    assert!(
+        serde_json::from_slice::<serde_json::Value>(&v4).is_err(),
+        "V4 is not JSON as stored"
+    );
+    assert!(
+        v4.len() * 2 < v3.len(),
+        "{} bytes, were {}",
+        v4.len(),
+        v3.len()
+    );
+}
+
+#[tokio::test]
+async fn blocks_move_on_from_v4_to_v5_binary_and_every_reader_reads_them() {
+    let (v4, v5) = blocks_move_on(V4, V5, 5).await;
+    assert!(
+        serde_json::from_slice::<serde_json::Value>(&v4).is_err(),
+        "V4 compressed"
+    );
+    // Compressed as V4 was (the binary form inside); 42 allocations, each its 32 bytes of
+    // container ID and a few more, before compression.
+    assert_eq!(&v5[..4], &v4[..4], "a zstd frame");
+    assert!(v5.len() < 42 * 40, "{} bytes", v5.len());
 }

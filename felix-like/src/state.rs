@@ -110,7 +110,10 @@ enum Record {
 impl Record {
     /// None: a key the view does not read.
     fn decode(key: &str, value: &[u8]) -> Option<Record> {
-        fn json<T: serde::de::DeserializeOwned>(value: &[u8], wrap: fn(T) -> Record) -> Record {
+        fn json<T: serde::de::DeserializeOwned + 'static>(
+            value: &[u8],
+            wrap: fn(T) -> Record,
+        ) -> Record {
             tessera_datastore::from_stored(value).map_or(Record::Corrupt, wrap)
         }
         Some(if key.starts_with(keys::POOLS) {
@@ -527,8 +530,8 @@ mod tests {
             (keys::liveness("a"), Some(b"1".to_vec())),
             (keys::liveness("b"), Some(b"1".to_vec())),
             (keys::node("c"), Some(b"{not json".to_vec())),
-            // The mode change, a pod in a's block (written back compressed, as a cluster set
-            // to block format V4 writes it), b's lease lapsing, c repaired then gone.
+            // The mode change, a pod in a's block (written back binary, as a cluster set to
+            // block format V5 writes it), b's lease lapsing, c repaired then gone.
             (keys::pool("bgp"), Some(json(&bgp_vxlan))),
             (keys::block("10.244.0.0/26".parse().unwrap()), {
                 b1.assign(
@@ -539,8 +542,10 @@ mod tests {
                     0,
                     |_| false,
                 );
-                b1 = b1.in_format(tessera_datastore::block::BlockFormat::V4);
-                Some(tessera_datastore::encode_block(&b1))
+                b1 = b1.in_format(tessera_datastore::block::BlockFormat::V5);
+                let stored = tessera_datastore::encode_block(&b1);
+                assert_eq!(stored[0], 0, "V5's binary form");
+                Some(stored)
             }),
             (keys::liveness("b"), None),
             (

@@ -144,7 +144,9 @@ pub fn external_peers(me: &str, nodes: &[Node], peers: &[BgpPeer]) -> Vec<PeerCo
 }
 
 /// The values that decode (a corrupt record is skipped, as the agent does).
-fn decode_all<T: serde::de::DeserializeOwned>(kvs: &[tessera_datastore::kv::KeyValue]) -> Vec<T> {
+fn decode_all<T: serde::de::DeserializeOwned + 'static>(
+    kvs: &[tessera_datastore::kv::KeyValue],
+) -> Vec<T> {
     kvs.iter()
         .filter_map(|k| tessera_datastore::from_stored(&k.value).ok())
         .collect()

@@ -95,3 +95,8 @@ fn cni_args() {
 fn resources_yaml() {
     smoke("resources_yaml", tessera_datastore::fuzzing::resources_yaml);
 }
+
+#[test]
+fn stored_block() {
+    smoke("stored_block", tessera_datastore::fuzzing::stored_block);
+}

@@ -10,8 +10,9 @@ use tessera_testbed::{Child, Lab, LabNode, LabSpec};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_ipam-worker");
 
-/// Blocks stored in the compressed format: full /26s of 64 allocations are over the size
-/// from which V4 compresses, so every process reads and writes compressed blocks.
+/// Blocks stored in the newest format, binary and compressed: full /26s of 64 allocations
+/// are over the size from which V5 compresses, so every process reads and writes
+/// compressed binary blocks.
 const POOL_YAML: &str = "
 apiVersion: tessera.dev/v1
 kind: IPPool
@@ -21,7 +22,7 @@ spec: { cidr: 10.244.0.0/20, blockSize: 26 }
 apiVersion: tessera.dev/v1
 kind: IPAMConfiguration
 metadata: { name: default }
-spec: { blockFormat: V4 }
+spec: { blockFormat: V5 }
 ";
 
 fn worker(lab: &Lab, node: &LabNode, args: &[&str]) -> Command {
@@ -143,9 +144,9 @@ fn eight_allocators_on_four_nodes_never_double_allocate() {
     // Each node filled its own blocks: 2,000 addresses need at least 32 blocks of 64.
     let blocks = state["blocks"].as_u64().expect("blocks");
     assert!(blocks >= 32);
-    // All in V4, the full ones (at least 2,000 / 64 - 8 partly filled) compressed.
+    // All in V5, the full ones (at least 2,000 / 64 - 8 partly filled) compressed.
     assert_eq!(
-        state["block_formats"]["V4"].as_u64(),
+        state["block_formats"]["V5"].as_u64(),
         Some(blocks),
         "{state:#}"
     );

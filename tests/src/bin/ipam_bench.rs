@@ -24,6 +24,9 @@ use tessera_datastore::{AssignRequest, EtcdKv, Ipam, Kv, MemKv, Owner};
 use tessera_testbed::bench_results::median;
 use tessera_testbed::Etcd;
 
+/// How full a pool is at each measured level, in percent.
+const FILL_LEVELS: [usize; 3] = [1, 50, 90];
+
 #[derive(Parser)]
 #[command(name = "ipam-bench", version = tessera_datastore::VERSION)]
 struct Args {
@@ -42,6 +45,10 @@ struct Args {
     /// What fills a client's block to each level.
     #[arg(long, value_enum, default_value_t = Filler::Pods)]
     filler: Filler,
+    /// Measure only the client's own work per pair (in-memory store, no etcd): what a
+    /// profiler should look at when the fill levels differ.
+    #[arg(long)]
+    client_work_only: bool,
 }
 
 /// What holds the addresses that fill a block to a level.
@@ -59,6 +66,10 @@ enum Filler {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dur = Duration::from_secs_f64(args.seconds);
+    if args.client_work_only {
+        client_work_by_fill(&FILL_LEVELS, args.rounds, args.filler, &args.block_format).await?;
+        return Ok(());
+    }
     let etcd = Etcd::start_loopback()?;
     let endpoint = etcd.endpoint().to_string();
     let connect =
@@ -158,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..8 {
         kvs.push(connect().await?);
     }
-    let levels = [1usize, 50, 90];
+    let levels = FILL_LEVELS;
     let mut clients = Vec::new();
     for pct in levels {
         let pool = format!("fill-{pct}");

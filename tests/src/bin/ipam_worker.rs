@@ -237,7 +237,7 @@ async fn block_formats<K: Kv>(kv: &K) -> anyhow::Result<BTreeMap<String, usize>>
         let block: tessera_datastore::block::IpamBlock =
             tessera_datastore::from_stored(&v.value).with_context(|| v.key.clone())?;
         *counts.entry(format!("{:?}", block.format)).or_default() += 1;
-        if serde_json::from_slice::<serde_json::Value>(&v.value).is_err() {
+        if v.value.starts_with(&tessera_datastore::ZSTD_MAGIC) {
             *counts.entry("compressed".to_string()).or_default() += 1;
         }
     }
