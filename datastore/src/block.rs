@@ -57,8 +57,8 @@ pub struct IpamBlock {
 /// The stored formats of a block. `V1` is the first (an entry per ordinal, objects with
 /// named fields); `V2` lists only allocated ordinals, compresses the free queue, and does
 /// not repeat in the attributes what the handle already says; `V3` does not repeat the
-/// block's own node either; `V4` is `V3` compressed; `V5` is `V3` in a compact binary form
-/// (no compressor to run). Readers take all five; a cluster writes new blocks in a newer
+/// block's own node either; `V4` is `V3` compressed; `V5` is `V3` in a compact binary form,
+/// compressed as `V4` when large. Readers take all five; a cluster writes new blocks in a newer
 /// format once its `IPAMConfiguration` says every node reads it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum BlockFormat {
