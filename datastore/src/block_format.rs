@@ -505,20 +505,12 @@ const MAX_HEX_ID_BYTES: usize = 64;
 /// The bytes `id` is the lower-case hex of, if it is: only what hex-encodes back to the
 /// same text (even length, lower case, not empty) is stored as bytes.
 fn lower_hex_bytes(id: &str, buf: &mut [u8; MAX_HEX_ID_BYTES]) -> Option<usize> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        }
-    }
     let len = id.len() / 2;
-    if id.is_empty() || id.len() % 2 != 0 || len > MAX_HEX_ID_BYTES {
+    // `hex` reads upper case too, which would come back lower case.
+    if id.is_empty() || len > MAX_HEX_ID_BYTES || id.bytes().any(|b| b.is_ascii_uppercase()) {
         return None;
     }
-    for (out, pair) in buf.iter_mut().zip(id.as_bytes().chunks_exact(2)) {
-        *out = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
+    hex::decode_to_slice(id, &mut buf[..len]).ok()?;
     Some(len)
 }
 
