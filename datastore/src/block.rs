@@ -58,7 +58,8 @@ pub struct IpamBlock {
 /// named fields); `V2` lists only allocated ordinals, compresses the free queue, and does
 /// not repeat in the attributes what the handle already says; `V3` does not repeat the
 /// block's own node either; `V4` is `V3` compressed; `V5` is `V3` in a compact binary form,
-/// compressed as `V4` when large. Readers take all five; a cluster writes new blocks in a newer
+/// compressed as `V4` when large; `V6` stores each allocation under its own key beside the
+/// block, so a write carries only what changed. Readers take all six; a cluster writes new blocks in a newer
 /// format once its `IPAMConfiguration` says every node reads it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum BlockFormat {
@@ -68,6 +69,7 @@ pub enum BlockFormat {
     V3,
     V4,
     V5,
+    V6,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -102,6 +104,11 @@ pub fn holders<'a>(blocks: impl IntoIterator<Item = &'a IpamBlock>) -> BTreeSet<
     out
 }
 
+/// The most allocations a block moving to `V6` may hold: each becomes a key written in the
+/// move's one transaction, and etcd allows 128 operations in one (`--max-txn-ops`), some of
+/// which the assignment itself needs. A fuller block moves once it has fewer.
+pub const MAX_RECORDS_MOVED: usize = 100;
+
 /// An address handed out by [`IpamBlock::assign`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Assigned {
@@ -129,8 +136,14 @@ impl IpamBlock {
     }
 
     /// The same block, written in `format` from now on (never an older format than it has).
+    /// A block moves to `V6` only when its records fit in the transaction that moves it.
     pub fn in_format(mut self, format: BlockFormat) -> Self {
-        self.format = self.format.max(format);
+        let too_full = self.in_use() > MAX_RECORDS_MOVED;
+        if format >= BlockFormat::V6 && self.format < BlockFormat::V6 && too_full {
+            self.format = self.format.max(BlockFormat::V5);
+        } else {
+            self.format = self.format.max(format);
+        }
         self
     }
 
@@ -165,6 +178,14 @@ impl IpamBlock {
     }
 
     /// Every allocated address with its allocation.
+    /// The ordinals allocated, lowest first.
+    pub fn allocated_ordinals(&self) -> impl Iterator<Item = u32> + '_ {
+        self.allocations
+            .iter()
+            .enumerate()
+            .filter_map(|(o, a)| a.as_ref().map(|_| o as u32))
+    }
+
     pub fn allocated(&self) -> impl Iterator<Item = (IpAddr, &Allocation)> + '_ {
         self.allocations.iter().enumerate().filter_map(|(o, a)| {
             let a = a.as_deref()?;

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::block::{BlockFormat, IpamBlock};
-use crate::block_format::{decode_binary, encode_binary, BINARY_MAGIC};
+use crate::block_format::{decode_binary, encode_binary, encode_v6_core, BINARY_MAGIC};
 use crate::error::IpamError;
 use crate::kv::{KeyValue, KvError};
 
@@ -95,11 +95,13 @@ fn binary_block_as<T: DeserializeOwned + 'static>(
     serde_json::from_value(serde_json::to_value(&slot)?)
 }
 
-/// An IPAM block as stored: JSON up to format V4, binary in V5; from V4 on compressed
+/// An IPAM block's own value: JSON up to format V4, binary in V5; from V4 on compressed
 /// (zstd, level 1) once 1 KiB or more: a /26 of pods shrinks to a quarter of its JSON
-/// (container IDs are hex, names repeat).
+/// (container IDs are hex, names repeat). In V6 only the block's own key, without its
+/// allocations' records ([`crate::block_store`] writes both).
 pub fn encode_block(block: &IpamBlock) -> Vec<u8> {
     let plain = match block.format {
+        BlockFormat::V6 => return encode_v6_core(block),
         BlockFormat::V1 | BlockFormat::V2 | BlockFormat::V3 | BlockFormat::V4 => encode(block),
         // Cannot fail (strings, numbers and sequences of known length); if it did, the
         // JSON is a V5 value too.

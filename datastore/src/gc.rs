@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use crate::block::IpamBlock;
-use crate::codec::{decode, encode, encode_block, now_ms, with_retry};
+use crate::block_store;
+use crate::codec::{decode, encode, now_ms, with_retry};
 use crate::error::IpamError;
 use crate::ipam::Ipam;
 use crate::keys;
@@ -152,7 +153,9 @@ pub async fn gc_snapshot<K: Kv>(
         if node_gone(node) {
             let txn = Txn::new().expect(&bkey, b.rev).expect(&akey, aff_rev);
             if b.value.is_empty() {
-                let txn = txn.then(Op::delete(&bkey)).then(Op::delete(&akey));
+                let txn = txn
+                    .then_all(block_store::delete_ops(&b.value))
+                    .then(Op::delete(&akey));
                 apply(kv, txn, &mut r.blocks_released, &mut r.skipped).await?;
             } else {
                 let orphan = IpamBlock {
@@ -160,7 +163,7 @@ pub async fn gc_snapshot<K: Kv>(
                     ..b.value.clone()
                 };
                 let txn = txn
-                    .then(Op::put(&bkey, encode_block(&orphan)))
+                    .then_all(block_store::write_ops(Some(&b.value), &orphan))
                     .then(Op::delete(&akey));
                 apply(kv, txn, &mut r.blocks_orphaned, &mut r.skipped).await?;
             }
@@ -205,7 +208,7 @@ pub async fn gc_snapshot<K: Kv>(
             let bkey = keys::block(*cidr);
             let mut txn = Txn::new()
                 .expect(&bkey, b.rev)
-                .then(Op::put(&bkey, encode_block(&block)));
+                .then_all(block_store::write_ops(Some(&b.value), &block));
             for (k, rev) in guards {
                 txn = txn.expect(k, rev);
             }
@@ -381,13 +384,13 @@ pub async fn reclaim_node<K: Kv>(
             if b.value.affinity.as_deref() == Some(node) {
                 txn = if b.value.is_empty() {
                     releases_block = true;
-                    txn.then(Op::delete(&bkey))
+                    txn.then_all(block_store::delete_ops(&b.value))
                 } else {
                     let orphan = IpamBlock {
                         affinity: None,
                         ..b.value.clone()
                     };
-                    txn.then(Op::put(&bkey, encode_block(&orphan)))
+                    txn.then_all(block_store::write_ops(Some(&b.value), &orphan))
                 };
             }
         }

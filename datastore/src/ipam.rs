@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use ipnetwork::IpNetwork;
 
 use crate::block::{Assigned, Attributes, BlockError, IpamBlock};
-use crate::codec::{conflict_pause, decode, encode, encode_block, fnv1a, now_ms, with_retry};
+use crate::block_store;
+use crate::codec::{conflict_pause, decode, encode, fnv1a, now_ms, with_retry};
 use crate::error::{Family, IpamError};
 use crate::handoff::{Affinities, Handoff, Known, HANDLES_CARRIED};
 use crate::keys;
@@ -702,7 +703,7 @@ impl<K: Kv> Ipam<K> {
                 .expect(&bkey, blk.rev)
                 .expect(&hkey, handle.rev)
                 .expect(keys::CONFIG_EPOCH, cfg.epoch_rev)
-                .then(Op::put(&bkey, encode_block(&block)))
+                .then_all(block_store::write_ops(Some(&blk.value), &block))
                 .then(Op::put(&hkey, encode(&new_handle)))
                 .or_get(&bkey)
                 .or_get(&hkey)
@@ -757,7 +758,7 @@ impl<K: Kv> Ipam<K> {
                 epoch_now = ?epoch.as_ref().map(|k| k.mod_revision),
                 "assignment conflicted"
             );
-            self.remember_block(cidr, fresh_block.as_ref())?;
+            self.remember_block(cidr, fresh_block.as_ref()).await?;
             let fresh_handle = self.remember_handle(&owner.handle, fresh_handle.as_ref())?;
             if epoch.map(|e| e.mod_revision).unwrap_or(0) != cfg.epoch_rev {
                 self.cache().config = None;
@@ -886,7 +887,7 @@ impl<K: Kv> Ipam<K> {
             let txn = Txn::new()
                 .expect(&bkey, 0)
                 .expect(&akey, aff_rev)
-                .then(Op::put(&bkey, encode_block(&block)))
+                .then_all(block_store::write_ops(None, &block))
                 .or_get(&bkey)
                 .or_get(&akey);
             let out = with_retry(|| self.kv.txn(txn.clone())).await?;
@@ -899,8 +900,9 @@ impl<K: Kv> Ipam<K> {
                     // Our pending affinity changed under us (GC); start over.
                     continue;
                 };
-                let theirs: IpamBlock = decode(&existing)?;
-                if theirs.affinity.as_deref() != Some(self.node.as_str()) {
+                let theirs = self.remember_block(cidr, Some(&existing)).await?;
+                let theirs_affinity = theirs.as_ref().and_then(|b| b.value.affinity.as_deref());
+                if theirs_affinity != Some(self.node.as_str()) {
                     // Lost the race: withdraw our pending claim.
                     if let Some(a) = aff_now {
                         let txn = Txn::new()
@@ -908,14 +910,15 @@ impl<K: Kv> Ipam<K> {
                             .then(Op::delete(&akey));
                         with_retry(|| self.kv.txn(txn.clone())).await?;
                     }
-                    self.remember_block(cidr, Some(&existing))?;
                     return Ok(false);
                 }
                 if aff_now.map(|a| a.mod_revision) != Some(aff_rev) {
                     continue;
                 }
-                self.remember_block(cidr, Some(&existing))?;
-                existing.mod_revision
+                match theirs {
+                    Some(b) => b.rev,
+                    None => continue,
+                }
             };
 
             // Phase 3: confirm.
@@ -999,7 +1002,7 @@ impl<K: Kv> Ipam<K> {
                         self.forget_expired_releases(&mut block, now);
                         txn = txn
                             .expect(&bkey, blk.rev)
-                            .then(Op::put(&bkey, encode_block(&block)));
+                            .then_all(block_store::write_ops(Some(&blk.value), &block));
                         new_block = Some(block);
                     }
                     None => txn = txn.expect(&bkey, 0),
@@ -1049,7 +1052,7 @@ impl<K: Kv> Ipam<K> {
             }
             self.remember_handle(handle, fresh_handle.as_ref())?;
             if let Some(cidr) = cidr {
-                self.remember_block(cidr, fresh_block.as_ref())?;
+                self.remember_block(cidr, fresh_block.as_ref()).await?;
             }
             conflicts += 1;
             if conflicts >= MAX_CONFLICTS {
@@ -1113,7 +1116,7 @@ impl<K: Kv> Ipam<K> {
             let mut txn = Txn::new()
                 .expect(&bkey, blk.rev)
                 .expect(&hkey, h.rev)
-                .then(Op::put(&bkey, encode_block(&block)))
+                .then_all(block_store::write_ops(Some(&blk.value), &block))
                 .or_get(&bkey)
                 .or_get(&hkey);
             txn = if new_handle.addresses.is_empty() {
@@ -1148,7 +1151,7 @@ impl<K: Kv> Ipam<K> {
                 });
             }
             let [fresh_block, fresh_handle, _] = take3(outcome.gets);
-            self.remember_block(cidr, fresh_block.as_ref())?;
+            self.remember_block(cidr, fresh_block.as_ref()).await?;
             self.remember_handle(&alloc.handle, fresh_handle.as_ref())?;
         }
         Err(IpamError::TooMuchContention {
@@ -1194,7 +1197,7 @@ impl<K: Kv> Ipam<K> {
         let txn = Txn::new()
             .expect(&bkey, blk.rev)
             .expect(&akey, aff_rev)
-            .then(Op::delete(&bkey))
+            .then_all(block_store::delete_ops(&blk.value))
             .then(Op::delete(&akey));
         let out = with_retry(|| self.kv.txn(txn.clone())).await?;
         if out.succeeded {
@@ -1336,8 +1339,7 @@ impl<K: Kv> Ipam<K> {
             .filter_map(|(k, _)| k.strip_prefix(keys::SUSPECTS).map(str::to_string))
             .collect();
         let mut out: Vec<ForeignBlock> = Vec::new();
-        for kv in &kvs {
-            let block: IpamBlock = decode(kv)?;
+        for (block, rev) in block_store::blocks_from(&kvs)? {
             if !pool.spec.cidr.contains(block.cidr.network())
                 || block.affinity.as_deref() == Some(self.node.as_str())
                 || block
@@ -1350,7 +1352,7 @@ impl<K: Kv> Ipam<K> {
             let guard = block.affinity.as_deref().map(keys::suspect);
             let cidr = block.cidr;
             let snapshot = block.clone();
-            self.cache().put_block(cidr, kv.mod_revision, block);
+            self.cache().put_block(cidr, rev, block);
             out.push((
                 cidr,
                 guard,
@@ -1366,20 +1368,26 @@ impl<K: Kv> Ipam<K> {
         }
         let key = keys::block(cidr);
         let kv = with_retry(|| self.kv.get(&key)).await?;
-        self.remember_block(cidr, kv.as_ref())
+        self.remember_block(cidr, kv.as_ref()).await
     }
 
-    fn remember_block(
+    /// Caches block `cidr` as read from its own key (`None`: absent); a `V6` block with
+    /// allocations is read again with its records.
+    async fn remember_block(
         &self,
         cidr: IpNetwork,
         kv: Option<&KeyValue>,
     ) -> Result<Option<Versioned<Arc<IpamBlock>>>, IpamError> {
+        let read = match kv {
+            Some(kv) => block_store::from_own_value(&self.kv, cidr, kv).await?,
+            None => None,
+        };
         let mut c = self.cache();
-        match kv {
-            Some(kv) => {
+        match read {
+            Some((block, rev)) => {
                 let v = Versioned {
-                    rev: kv.mod_revision,
-                    value: Arc::new(decode::<IpamBlock>(kv)?),
+                    rev,
+                    value: Arc::new(block),
                 };
                 c.blocks.insert(cidr, v.clone());
                 Ok(Some(v))

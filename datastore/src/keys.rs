@@ -59,6 +59,10 @@ pub fn reservation(name: &str) -> String {
 pub fn block(cidr: IpNetwork) -> String {
     format!("{BLOCKS}{}", cidr_segment(cidr))
 }
+/// A `V6` block's allocation at `ordinal`, beside the block's own key.
+pub fn block_record(cidr: IpNetwork, ordinal: u32) -> String {
+    format!("{BLOCKS}{}/{ordinal}", cidr_segment(cidr))
+}
 pub fn node_affinities(node: &str) -> String {
     format!("{AFFINITIES}{node}/")
 }

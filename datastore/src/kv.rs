@@ -77,6 +77,10 @@ impl Txn {
         self.success.push(op);
         self
     }
+    pub fn then_all(mut self, ops: impl IntoIterator<Item = Op>) -> Self {
+        self.success.extend(ops);
+        self
+    }
     pub fn or_get(mut self, key: impl Into<String>) -> Self {
         self.failure.push(Op::get(key));
         self

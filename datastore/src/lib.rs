@@ -4,6 +4,7 @@
 //! - [`model`], [`selector`], [`yaml`]: the typed resources, label selectors, user YAML.
 //! - [`admin`]: what tesseractl does: resources written and deleted in one guarded transaction.
 //! - [`block`]: the IPAM block and its pure allocator (no I/O).
+//! - [`block_format`], [`block_store`]: how a block is encoded, and the keys it is stored in.
 //! - [`connection`]: the one etcd configuration every binary reads (file, env, flags; TLS).
 //! - [`kv`]: the datastore seam: a small transactional key-value trait, for etcd and in memory.
 //! - [`keys`]: where everything lives in etcd.
@@ -21,6 +22,7 @@
 pub mod admin;
 pub mod block;
 pub mod block_format;
+pub mod block_store;
 mod codec;
 pub mod connection;
 pub mod error;

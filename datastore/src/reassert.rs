@@ -18,8 +18,9 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
-use crate::block::{Attributes, IpamBlock};
-use crate::codec::{encode, encode_block, now_ms, with_retry};
+use crate::block::Attributes;
+use crate::block_store;
+use crate::codec::{encode, now_ms, with_retry};
 use crate::error::IpamError;
 use crate::ipam::{Ipam, Owner};
 use crate::keys;
@@ -186,16 +187,13 @@ async fn adopt_block<K: Kv>(
 ) -> Result<bool, IpamError> {
     let bkey = keys::block(cidr);
     let akey = keys::affinity(node, cidr);
-    let Some(current) = with_retry(|| kv.get(&bkey)).await? else {
+    let Some((read, rev)) = block_store::read_block(kv, cidr).await? else {
         return Ok(false);
     };
-    if current.mod_revision != block_rev {
+    if rev != block_rev || read.affinity.is_some() {
         return Ok(false);
     }
-    let mut block: IpamBlock = crate::codec::decode(&current)?;
-    if block.affinity.is_some() {
-        return Ok(false);
-    }
+    let mut block = read.clone();
     block.affinity = Some(node.to_string());
     let affinity = BlockAffinity {
         node: node.to_string(),
@@ -206,7 +204,7 @@ async fn adopt_block<K: Kv>(
     let txn = Txn::new()
         .expect(&bkey, block_rev)
         .expect(&akey, 0)
-        .then(Op::put(&bkey, encode_block(&block)))
+        .then_all(block_store::write_ops(Some(&read), &block))
         .then(Op::put(&akey, encode(&affinity)));
     Ok(with_retry(|| kv.txn(txn.clone())).await?.succeeded)
 }
@@ -342,7 +340,7 @@ mod tests {
         let h1 = snap.handles.get("w1").expect("handle");
         let txn = Txn::new()
             .expect(keys::block(*cidr), blk.rev)
-            .then(Op::put(keys::block(*cidr), encode_block(&orphan)))
+            .then_all(block_store::write_ops(Some(&blk.value), &orphan))
             .then(Op::delete(keys::affinity("n3", *cidr)))
             .then(Op::delete(keys::handle("w1")))
             .expect(keys::handle("w1"), h1.rev);

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 
 use crate::block::IpamBlock;
+use crate::block_store;
 use crate::codec::{decode, with_retry};
 use crate::error::IpamError;
 use crate::keys;
@@ -68,6 +69,9 @@ impl Snapshot {
             revision,
             ..Default::default()
         };
+        for (value, rev) in block_store::blocks_from(kvs)? {
+            s.blocks.insert(value.cidr, Rev { rev, value });
+        }
         for item in kvs {
             let k = item.key.as_str();
             if k.starts_with(keys::POOLS) {
@@ -75,14 +79,7 @@ impl Snapshot {
             } else if k.starts_with(keys::RESERVATIONS) {
                 s.reservations.push(decode(item)?);
             } else if k.starts_with(keys::BLOCKS) {
-                let b: IpamBlock = decode(item)?;
-                s.blocks.insert(
-                    b.cidr,
-                    Rev {
-                        rev: item.mod_revision,
-                        value: b,
-                    },
-                );
+                // Read together below: a block's records come with it.
             } else if k.starts_with(keys::AFFINITIES) {
                 let a: BlockAffinity = decode(item)?;
                 s.affinities.insert(

@@ -9,7 +9,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::block::{Attributes, IpamBlock};
-use crate::codec::{decode, encode, encode_block, with_retry};
+use crate::block_store;
+use crate::codec::{decode, encode, with_retry};
 use crate::error::IpamError;
 use crate::keys;
 use crate::kv::{Kv, Op, Txn};
@@ -64,11 +65,10 @@ pub async fn transfer<K: Kv>(
                 addresses: Vec::new(),
             },
         };
-        let bkv = with_retry(|| kv.get(&bkey)).await?;
-        let (mut block, block_rev): (IpamBlock, i64) = match &bkv {
-            Some(b) => (decode(b)?, b.mod_revision),
-            None => (IpamBlock::new(cidr, None), 0),
-        };
+        let (read, block_rev) = block_store::read_block(kv, cidr)
+            .await?
+            .unwrap_or_else(|| (IpamBlock::new(cidr, None), 0));
+        let mut block = read.clone();
         let mut here: Vec<HandleAddress> = Vec::new();
         for e in from_handle.addresses.iter().filter(|a| a.block == cidr) {
             let Some(o) = block.ordinal(e.addr) else {
@@ -92,7 +92,7 @@ pub async fn transfer<K: Kv>(
             .expect(&bkey, block_rev);
         if !here.is_empty() {
             txn = txn
-                .then(Op::put(&bkey, encode_block(&block)))
+                .then_all(block_store::write_ops(Some(&read), &block))
                 .then(Op::put(&tkey, encode(&to_handle)));
         }
         txn = if rest.addresses.is_empty() {

@@ -22,14 +22,15 @@ metadata: { name: default }
 spec: { blockFormat: V2 }
 ";
 
-/// The block values in etcd: (cidr key, format version: 1 when the value has none).
+/// The blocks in etcd: (the block's own key, format version: 1 when the value has none).
 async fn stored_formats(kv: &MemKv) -> Vec<(String, u64)> {
     let (items, _) = kv.get_prefix(keys::BLOCKS).await.expect("blocks");
-    items
-        .iter()
-        .map(|i| {
-            let v: serde_json::Value = tessera_datastore::from_stored(&i.value).expect("json");
-            (i.key.clone(), v["v"].as_u64().unwrap_or(1))
+    tessera_datastore::block_store::blocks_from(&items)
+        .expect("blocks")
+        .into_iter()
+        .map(|(b, _)| {
+            let v = serde_json::to_value(&b).expect("json");
+            (keys::block(b.cidr), v["v"].as_u64().unwrap_or(1))
         })
         .collect()
 }
@@ -75,9 +76,9 @@ async fn a_block_in_a_newer_format_is_refused_with_its_version() {
     let mut v: serde_json::Value =
         serde_json::from_slice(&kv.get(&key).await.expect("get").expect("block").value)
             .expect("json");
-    v["v"] = 6.into();
-    // A JSON value that says 6, and a binary one (V5's header) that says 6.
-    for newer in [v.to_string().into_bytes(), b"\0TB\x06anything".to_vec()] {
+    v["v"] = 7.into();
+    // A JSON value that says 7, and a binary one (V5's header) that says 7.
+    for newer in [v.to_string().into_bytes(), b"\0TB\x07anything".to_vec()] {
         kv.txn(
             tessera_datastore::kv::Txn::new()
                 .then(tessera_datastore::kv::Op::put(&key, newer.clone())),
@@ -87,9 +88,9 @@ async fn a_block_in_a_newer_format_is_refused_with_its_version() {
         let fresh = Ipam::new(kv.clone(), "node1");
         match fresh.release_by_handle("a").await {
             Err(IpamError::Corrupt { reason, .. }) => {
-                assert!(reason.contains("version 6"), "{reason}")
+                assert!(reason.contains("version 7"), "{reason}")
             }
-            other => panic!("a V6 block read as something: {other:?}"),
+            other => panic!("a V7 block read as something: {other:?}"),
         }
         // Untouched: the newer node's value is still there as it wrote it.
         let after = kv.get(&key).await.expect("get").expect("block").value;
@@ -248,4 +249,126 @@ async fn blocks_move_on_from_v4_to_v5_binary_and_every_reader_reads_them() {
     // container ID and a few more, before compression.
     assert_eq!(&v5[..4], &v4[..4], "a zstd frame");
     assert!(v5.len() < 42 * 40, "{} bytes", v5.len());
+}
+
+const V6: &str = "
+apiVersion: tessera.dev/v1
+kind: IPAMConfiguration
+metadata: { name: default }
+spec: { blockFormat: V6 }
+";
+
+/// The keys under the block `key`: its own and its records.
+async fn block_keys(kv: &MemKv, key: &str) -> Vec<String> {
+    let (items, _) = kv.get_prefix(key).await.expect("keys");
+    items.into_iter().map(|i| i.key).collect()
+}
+
+#[tokio::test]
+async fn blocks_move_on_from_v5_to_v6_with_each_allocation_under_its_own_key() {
+    let (v5, v6) = blocks_move_on(V5, V6, 6).await;
+    assert_eq!(&v5[..4], &tessera_datastore::ZSTD_MAGIC, "V5 compressed");
+    // The block's own value after the move: 42 ordinals and sequence numbers, no handles.
+    assert_eq!(&v6[..4], b"\0TB\x06");
+    assert!(v6.len() < 42 * 4 + 40, "{} bytes", v6.len());
+}
+
+#[tokio::test]
+async fn a_v6_assignment_writes_one_record_and_a_release_deletes_it() {
+    let kv = MemKv::new();
+    apply(&kv, POOL).await;
+    apply(&kv, V6).await;
+    let n1 = Ipam::new(kv.clone(), "node1");
+    let a = n1.auto_assign(&request("a")).await.expect("assign");
+    let key = keys::block(a[0].block);
+    let ordinal = |addr: std::net::IpAddr| match (addr, a[0].block.network()) {
+        (std::net::IpAddr::V4(x), std::net::IpAddr::V4(n)) => u32::from(x) - u32::from(n),
+        _ => unreachable!("a v4 pool"),
+    };
+    let record = |addr| keys::block_record(a[0].block, ordinal(addr));
+    assert_eq!(
+        block_keys(&kv, &key).await,
+        [key.clone(), record(a[0].addr)]
+    );
+    let pods: Vec<String> = (0..30)
+        .map(|i| format!("k8s-pod-network.{i:064x}"))
+        .collect();
+    for p in &pods {
+        n1.auto_assign(&request(p)).await.expect("assign");
+    }
+    let small = kv.get(&key).await.expect("get").expect("block").value.len();
+    let rev_a = kv
+        .get(&record(a[0].addr))
+        .await
+        .expect("get")
+        .expect("record")
+        .mod_revision;
+    // One more pod: its record and the block's own key change, no other record.
+    let b = n1.auto_assign(&request("b")).await.expect("assign");
+    let (items, rev) = kv.get_prefix(&key).await.expect("keys");
+    let changed: Vec<&str> = items
+        .iter()
+        .filter(|i| i.mod_revision == rev)
+        .map(|i| i.key.as_str())
+        .collect();
+    assert_eq!(changed, [key.as_str(), record(b[0].addr).as_str()]);
+    assert_eq!(
+        kv.get(&record(a[0].addr))
+            .await
+            .expect("get")
+            .expect("record")
+            .mod_revision,
+        rev_a
+    );
+    assert!(
+        small < 32 * 4 + 40,
+        "the block's own value is {small} bytes"
+    );
+    // Released: the record goes with the allocation, in the same transaction.
+    assert_eq!(
+        n1.release_by_handle("b").await.expect("release"),
+        vec![b[0].addr]
+    );
+    assert!(kv.get(&record(b[0].addr)).await.expect("get").is_none());
+    assert_eq!(block_keys(&kv, &key).await.len(), 1 + 1 + pods.len());
+    // A fresh client (no cache) and a snapshot read the records back.
+    let fresh = Ipam::new(kv.clone(), "node1");
+    assert_eq!(
+        fresh.release_by_handle("a").await.expect("release"),
+        vec![a[0].addr]
+    );
+    let snap = tessera_datastore::snapshot::Snapshot::read(&kv)
+        .await
+        .expect("snapshot");
+    assert_eq!(snap.allocations().len(), pods.len());
+    snap.check(true).expect("invariants hold");
+}
+
+#[tokio::test]
+async fn a_v6_record_missing_or_out_of_step_is_refused_not_read_as_free() {
+    let kv = MemKv::new();
+    apply(&kv, POOL).await;
+    apply(&kv, V6).await;
+    let n1 = Ipam::new(kv.clone(), "node1");
+    let a = n1.auto_assign(&request("a")).await.expect("assign");
+    n1.auto_assign(&request("b")).await.expect("assign");
+    let key = keys::block(a[0].block);
+    let (items, _) = kv.get_prefix(&key).await.expect("keys");
+    let record = items
+        .iter()
+        .find(|i| i.key != key)
+        .expect("a record")
+        .clone();
+    kv.txn(tessera_datastore::kv::Txn::new().then(tessera_datastore::kv::Op::delete(&record.key)))
+        .await
+        .expect("delete");
+    let fresh = Ipam::new(kv.clone(), "node1");
+    match fresh.release_by_handle("a").await {
+        Err(IpamError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("has no record"), "{reason}")
+        }
+        other => panic!("a block without one of its records read as {other:?}"),
+    }
+    let (items, _) = kv.get_prefix(keys::BLOCKS).await.expect("keys");
+    assert!(tessera_datastore::block_store::blocks_from(&items).is_err());
 }

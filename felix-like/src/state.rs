@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use tessera_datastore::block::IpamBlock;
+use tessera_datastore::block_store::{block_from_parts, is_v6_value, BlockKey};
 use tessera_datastore::keys;
 use tessera_datastore::model::{BgpPeer, EncapMode, IpPool, Node, WorkloadEndpoint};
 use tessera_routed::config::PeerConfig;
@@ -92,6 +93,18 @@ impl ClusterView {
 #[derive(Debug, Clone, Default)]
 pub struct Records {
     by_key: BTreeMap<String, Record>,
+    /// Blocks in format `V6`, by their own key: their own value and their allocations'
+    /// records, which arrive as keys of their own.
+    v6_blocks: BTreeMap<String, V6Parts>,
+    /// `V6` blocks changed since the last view: assembled when the next one is taken, when
+    /// a whole transaction's keys (the block's and its records') have arrived.
+    v6_changed: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct V6Parts {
+    own: Option<Vec<u8>>,
+    records: BTreeMap<u32, Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -137,8 +150,11 @@ impl Record {
 }
 
 impl Records {
-    /// A key was written: its record is decoded now.
+    /// A key was written: its record is decoded now (a `V6` block's when the view is taken).
     pub fn put(&mut self, key: &str, value: &[u8]) {
+        if self.put_v6_part(key, Some(value)) {
+            return;
+        }
         match Record::decode(key, value) {
             Some(r) => {
                 self.by_key.insert(key.to_string(), r);
@@ -148,11 +164,66 @@ impl Records {
     }
 
     pub fn delete(&mut self, key: &str) {
+        self.put_v6_part(key, None);
         self.by_key.remove(key);
     }
 
+    /// Keeps `key` if it is part of a `V6` block (its own key with a `V6` value, or an
+    /// allocation's record) and says so; a block key with an older format's value ends the
+    /// block's `V6` parts. `None`: deleted.
+    fn put_v6_part(&mut self, key: &str, value: Option<&[u8]>) -> bool {
+        let Some(part) = BlockKey::parse(key) else {
+            return false;
+        };
+        let own_key = format!("{}{}", keys::BLOCKS, part.segment());
+        match (part, value) {
+            (BlockKey::Block(_), Some(v)) if !is_v6_value(v) => {
+                self.v6_blocks.remove(&own_key);
+                return false;
+            }
+            (BlockKey::Block(_), v) => {
+                self.v6_blocks.entry(own_key.clone()).or_default().own = v.map(<[u8]>::to_vec)
+            }
+            (BlockKey::Record(_, ordinal), Some(v)) => {
+                let parts = self.v6_blocks.entry(own_key.clone()).or_default();
+                parts.records.insert(ordinal, v.to_vec());
+            }
+            (BlockKey::Record(_, ordinal), None) => {
+                if let Some(parts) = self.v6_blocks.get_mut(&own_key) {
+                    parts.records.remove(&ordinal);
+                }
+            }
+        }
+        self.v6_changed.insert(own_key);
+        true
+    }
+
+    /// Decodes the `V6` blocks changed since the last view from their parts.
+    fn assemble_v6_blocks(&mut self) {
+        for own_key in std::mem::take(&mut self.v6_changed) {
+            let Some(parts) = self.v6_blocks.get(&own_key) else {
+                continue;
+            };
+            let Some(own) = &parts.own else {
+                // Deleted (its records with it, or they follow).
+                if parts.records.is_empty() {
+                    self.v6_blocks.remove(&own_key);
+                }
+                self.by_key.remove(&own_key);
+                continue;
+            };
+            let records = parts.records.iter().map(|(o, v)| (*o, v.as_slice()));
+            let record = match block_from_parts(own, records) {
+                Ok(b) => Record::Block(Arc::new(b)),
+                Err(_) => Record::Corrupt,
+            };
+            self.by_key.insert(own_key, record);
+        }
+    }
+
     /// The view at `revision`, from the decoded records.
-    pub fn view(&self, revision: i64) -> ClusterView {
+    pub fn view(&mut self, revision: i64) -> ClusterView {
+        self.assemble_v6_blocks();
         let mut v = ClusterView {
             revision,
             ..Default::default()

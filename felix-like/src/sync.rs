@@ -38,7 +38,7 @@ pub async fn follow(kv: EtcdKv, node: String, tx: watch::Sender<Synced>) {
                         copy.put(&k.key, &k.value);
                     }
                     revision = Some(rev);
-                    publish(&tx, &copy, rev, true);
+                    publish(&tx, &mut copy, rev, true);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "datastore read failed; retrying");
@@ -151,7 +151,7 @@ fn relevant(key: &str, node: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-fn publish(tx: &watch::Sender<Synced>, copy: &Records, rev: i64, in_sync: bool) {
+fn publish(tx: &watch::Sender<Synced>, copy: &mut Records, rev: i64, in_sync: bool) {
     let view = copy.view(rev);
     tx.send_replace(Synced {
         view: Arc::new(view),

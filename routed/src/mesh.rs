@@ -174,7 +174,10 @@ pub async fn follow_datastore<K: Kv>(
             Ok(((kvs, _), (pkvs, _), live, (bkvs, _))) => {
                 let nodes: Vec<Node> = decode_all(&kvs);
                 let external: Vec<BgpPeer> = decode_all(&pkvs);
-                let blocks: Vec<IpamBlock> = decode_all(&bkvs);
+                // A block that does not decode is skipped, as a corrupt record is.
+                let blocks: Vec<IpamBlock> = tessera_datastore::block_store::each_block(&bkvs)
+                    .filter_map(|b| b.ok().map(|(block, _)| block))
+                    .collect();
                 let live: BTreeSet<String> = live
                     .into_iter()
                     .filter_map(|(k, _)| k.strip_prefix(keys::LIVENESS).map(String::from))

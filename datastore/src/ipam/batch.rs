@@ -11,13 +11,15 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use super::{check_handle, family_of, reuse_delay_ms, Ipam, Versioned};
 use crate::block::{BlockError, IpamBlock};
-use crate::codec::{encode, encode_block, now_ms, with_retry};
+use crate::block_store;
+use crate::codec::{encode, now_ms, with_retry};
 use crate::error::{Family, IpamError};
 use crate::handoff::Known;
 use crate::keys;
@@ -79,6 +81,8 @@ struct Plan {
     handles: BTreeMap<String, (i64, IpamHandle)>,
     last_addresses: Vec<(String, Vec<IpAddr>)>,
     deletes: Vec<String>,
+    /// Each block as read, before the batch changed it (what its writes are relative to).
+    read: BTreeMap<IpNetwork, Arc<IpamBlock>>,
 }
 
 impl Plan {
@@ -164,9 +168,10 @@ impl<K: Kv> Ipam<K> {
         for (cidr, rev) in &plan.block_revs {
             let key = keys::block(*cidr);
             let block = &plan.blocks[cidr].value;
+            let read = plan.read.get(cidr).map(|b| &**b);
             txn = txn
                 .expect(&key, *rev)
-                .then(Op::put(&key, encode_block(block)));
+                .then_all(block_store::write_ops(read, block));
         }
         for (id, (rev, handle)) in &plan.handles {
             let key = keys::handle(id);
@@ -383,14 +388,17 @@ impl<K: Kv> Ipam<K> {
     async fn planned_block(
         &self,
         cidr: IpNetwork,
-        plan: &Plan,
+        plan: &mut Plan,
     ) -> Result<Option<Versioned<IpamBlock>>, IpamError> {
         if let Some(b) = plan.blocks.get(&cidr) {
             return Ok(Some(b.clone()));
         }
-        Ok(self.block(cidr).await?.map(|b| Versioned {
-            rev: b.rev,
-            value: IpamBlock::clone(&b.value),
+        Ok(self.block(cidr).await?.map(|b| {
+            plan.read.insert(cidr, Arc::clone(&b.value));
+            Versioned {
+                rev: b.rev,
+                value: IpamBlock::clone(&b.value),
+            }
         }))
     }
 }

@@ -338,16 +338,20 @@ fn own_cpu() -> Duration {
     tv(u.user_time()) + tv(u.system_time())
 }
 
-/// The mean size as stored of the blocks whose value contains `marker` (the level's nodes).
+/// The mean size as stored of the blocks' own values (without a `V6` block's records)
+/// whose block names `marker` (the level's nodes).
 async fn mean_block_len(kv: &EtcdKv, marker: &str) -> anyhow::Result<usize> {
-    let (blocks, _) = kv.get_prefix(tessera_datastore::keys::BLOCKS).await?;
-    let lens: Vec<usize> = blocks
-        .iter()
-        .filter(|b| {
-            tessera_datastore::from_stored::<serde_json::Value>(&b.value)
-                .is_ok_and(|v| v.to_string().contains(marker))
-        })
-        .map(|b| b.value.len())
+    let (kvs, _) = kv.get_prefix(tessera_datastore::keys::BLOCKS).await?;
+    let own_len = |cidr| {
+        let key = tessera_datastore::keys::block(cidr);
+        kvs.iter()
+            .find(|k| k.key == key)
+            .map_or(0, |k| k.value.len())
+    };
+    let lens: Vec<usize> = tessera_datastore::block_store::blocks_from(&kvs)?
+        .into_iter()
+        .filter(|(b, _)| serde_json::to_string(b).is_ok_and(|v| v.contains(marker)))
+        .map(|(b, _)| own_len(b.cidr))
         .collect();
     Ok(lens.iter().sum::<usize>() / lens.len().max(1))
 }
@@ -462,17 +466,15 @@ async fn client_block_keys(
     kv: &EtcdKv,
     ipams: &[Arc<Ipam<EtcdKv>>],
 ) -> anyhow::Result<Vec<String>> {
-    let (blocks, _) = kv.get_prefix(tessera_datastore::keys::BLOCKS).await?;
+    let (kvs, _) = kv.get_prefix(tessera_datastore::keys::BLOCKS).await?;
+    let blocks = tessera_datastore::block_store::blocks_from(&kvs)?;
     ipams
         .iter()
         .map(|ipam| {
             blocks
                 .iter()
-                .find(|b| {
-                    tessera_datastore::from_stored::<serde_json::Value>(&b.value)
-                        .is_ok_and(|v| v["affinity"] == ipam.node())
-                })
-                .map(|b| b.key.clone())
+                .find(|(b, _)| b.affinity.as_deref() == Some(ipam.node()))
+                .map(|(b, _)| tessera_datastore::keys::block(b.cidr))
                 .ok_or_else(|| anyhow::anyhow!("no block of {}", ipam.node()))
         })
         .collect()

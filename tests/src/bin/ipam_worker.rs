@@ -233,11 +233,14 @@ async fn run<K: Kv>(kv: K, node: &str, cmd: Cmd) -> anyhow::Result<()> {
 async fn block_formats<K: Kv>(kv: &K) -> anyhow::Result<BTreeMap<String, usize>> {
     let (values, _) = kv.get_prefix(tessera_datastore::keys::BLOCKS).await?;
     let mut counts = BTreeMap::new();
-    for v in &values {
-        let block: tessera_datastore::block::IpamBlock =
-            tessera_datastore::from_stored(&v.value).with_context(|| v.key.clone())?;
+    for (block, _) in tessera_datastore::block_store::blocks_from(&values)? {
         *counts.entry(format!("{:?}", block.format)).or_default() += 1;
-        if v.value.starts_with(&tessera_datastore::ZSTD_MAGIC) {
+        let key = tessera_datastore::keys::block(block.cidr);
+        let own = values
+            .iter()
+            .find(|v| v.key == key)
+            .context("a block's own key")?;
+        if own.value.starts_with(&tessera_datastore::ZSTD_MAGIC) {
             *counts.entry("compressed".to_string()).or_default() += 1;
         }
     }

@@ -1,0 +1,335 @@
+//! Blocks as keys: the writes that store a block, and the reads that put it back together.
+//!
+//! Up to format `V5` a block is one key, [`keys::block`]. A `V6` block is its own key (which
+//! ordinals are allocated, the free queue) and a key per allocation beside it,
+//! [`keys::block_record`], so that assigning or releasing one address writes that address's
+//! record and a small block value whatever the block's fill (see
+//! [`crate::block_format`]). Every writer goes through [`write_ops`] and [`delete_ops`],
+//! every reader through [`blocks_from`] or [`read_block`]; the block key's revision guards
+//! both, as before.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ipnetwork::IpNetwork;
+
+use crate::block::{BlockFormat, IpamBlock};
+use crate::block_format::{attach_v6_records, decode_v6_core, encode_v6_record, BINARY_MAGIC};
+use crate::codec::{encode_block, with_retry};
+use crate::error::IpamError;
+use crate::keys;
+use crate::kv::{KeyValue, Kv, Op};
+
+/// What a key under [`keys::BLOCKS`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKey<'k> {
+    /// A block's own key; its segment (`10.244.1.0-26`).
+    Block(&'k str),
+    /// A `V6` block's allocation: the block's segment and the ordinal.
+    Record(&'k str, u32),
+}
+
+impl<'k> BlockKey<'k> {
+    /// `None` for a key outside [`keys::BLOCKS`] or a record key whose ordinal is no number.
+    pub fn parse(key: &'k str) -> Option<Self> {
+        let rest = key.strip_prefix(keys::BLOCKS)?;
+        match rest.split_once('/') {
+            None => Some(BlockKey::Block(rest)),
+            Some((segment, ordinal)) => Some(BlockKey::Record(segment, ordinal.parse().ok()?)),
+        }
+    }
+
+    /// The segment of the block the key belongs to.
+    pub fn segment(self) -> &'k str {
+        match self {
+            BlockKey::Block(s) | BlockKey::Record(s, _) => s,
+        }
+    }
+}
+
+/// Whether a block's own value is a `V6` one (whose allocations are stored beside it).
+pub fn is_v6_value(value: &[u8]) -> bool {
+    value.strip_prefix(&BINARY_MAGIC).and_then(|v| v.first()) == Some(&6)
+}
+
+/// A block from its own value and, for `V6`, its records (ordinal and value); a block of an
+/// older format has no records.
+pub fn block_from_parts<'r>(
+    value: &[u8],
+    records: impl IntoIterator<Item = (u32, &'r [u8])>,
+) -> Result<IpamBlock, String> {
+    let mut records = records.into_iter().peekable();
+    if !is_v6_value(value) {
+        if let Some((ordinal, _)) = records.peek() {
+            return Err(format!(
+                "a record of ordinal {ordinal} beside a block of a format that has none"
+            ));
+        }
+        return crate::from_stored(value).map_err(|e| e.to_string());
+    }
+    let (mut block, allocated) = decode_v6_core(value)?;
+    attach_v6_records(&mut block, &allocated, records)?;
+    Ok(block)
+}
+
+/// The blocks among `kvs` (keys outside [`keys::BLOCKS`] are skipped), each with its own
+/// key's revision, which guards every write to it. `kvs` must be one read at one
+/// revision (a prefix read), so that every `V6` block comes with its records.
+pub fn blocks_from(kvs: &[KeyValue]) -> Result<Vec<(IpamBlock, i64)>, IpamError> {
+    each_block(kvs).collect()
+}
+
+/// [`blocks_from`], block by block: a reader that skips what does not decode (as the
+/// agent does a corrupt record) keeps the others.
+pub fn each_block(
+    kvs: &[KeyValue],
+) -> impl Iterator<Item = Result<(IpamBlock, i64), IpamError>> + '_ {
+    let mut parts: BTreeMap<&str, (Option<&KeyValue>, Vec<(u32, &[u8])>)> = BTreeMap::new();
+    let mut stray = Vec::new();
+    for kv in kvs {
+        match BlockKey::parse(&kv.key) {
+            Some(BlockKey::Block(segment)) => parts.entry(segment).or_default().0 = Some(kv),
+            Some(BlockKey::Record(segment, ordinal)) => parts
+                .entry(segment)
+                .or_default()
+                .1
+                .push((ordinal, kv.value.as_slice())),
+            None if kv.key.starts_with(keys::BLOCKS) => stray.push(Err(IpamError::Corrupt {
+                key: kv.key.clone(),
+                reason: "neither a block nor an allocation's record".into(),
+            })),
+            None => {}
+        }
+    }
+    let blocks = parts.into_iter().map(|(segment, (own, records))| {
+        let own = own.ok_or_else(|| IpamError::Corrupt {
+            key: format!("{}{segment}/", keys::BLOCKS),
+            reason: "allocation records of a block that does not exist".into(),
+        })?;
+        let block = block_from_parts(&own.value, records).map_err(|reason| IpamError::Corrupt {
+            key: own.key.clone(),
+            reason,
+        })?;
+        Ok((block, own.mod_revision))
+    });
+    stray.into_iter().chain(blocks)
+}
+
+/// The block `cidr` and its key's revision, read in one request (a `V6` block's records
+/// with it, at the same revision).
+pub async fn read_block<K: Kv>(
+    kv: &K,
+    cidr: IpNetwork,
+) -> Result<Option<(IpamBlock, i64)>, IpamError> {
+    let key = keys::block(cidr);
+    let Some(own) = with_retry(|| kv.get(&key)).await? else {
+        return Ok(None);
+    };
+    from_own_value(kv, cidr, &own).await
+}
+
+/// The block `cidr` from its own key as read (by a `get`, or a failed transaction's
+/// `or_get`): a `V6` block with allocations is read again with its records.
+pub async fn from_own_value<K: Kv>(
+    kv: &K,
+    cidr: IpNetwork,
+    own: &KeyValue,
+) -> Result<Option<(IpamBlock, i64)>, IpamError> {
+    if !is_v6_value(&own.value) {
+        let block = block_from_parts(&own.value, []).map_err(|reason| IpamError::Corrupt {
+            key: own.key.clone(),
+            reason,
+        })?;
+        return Ok(Some((block, own.mod_revision)));
+    }
+    // A prefix read of the block key holds the block and its records at one revision (a
+    // block key is no other's prefix: a segment ends in the prefix length, and pools'
+    // blocks are /20 or longer).
+    let key = keys::block(cidr);
+    let (kvs, _) = with_retry(|| kv.get_prefix(&key)).await?;
+    let mut ours: Vec<KeyValue> = kvs
+        .into_iter()
+        .filter(|k| k.key == key || k.key.strip_prefix(&key).is_some_and(|r| r.starts_with('/')))
+        .collect();
+    ours.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(blocks_from(&ours)?.pop())
+}
+
+/// The writes that take block `after.cidr` from `before` (as read; `None` when it is new) to
+/// `after`: its own key, and in `V6` the records of the allocations that changed.
+pub(crate) fn write_ops(before: Option<&IpamBlock>, after: &IpamBlock) -> Vec<Op> {
+    let mut ops = vec![Op::put(keys::block(after.cidr), encode_block(after))];
+    if after.format < BlockFormat::V6 {
+        return ops;
+    }
+    // A block read in an older format has no records yet: all of them are written.
+    let before = before.filter(|b| b.format >= BlockFormat::V6 && b.cidr == after.cidr);
+    for (ordinal, now) in after.allocations.iter().enumerate() {
+        let was = before
+            .and_then(|b| b.allocations.get(ordinal))
+            .and_then(Option::as_ref);
+        let key = || keys::block_record(after.cidr, ordinal as u32);
+        match (was, now) {
+            (None, None) => {}
+            (Some(_), None) => ops.push(Op::delete(key())),
+            (Some(w), Some(n)) if Arc::ptr_eq(w, n) || w == n => {}
+            (_, Some(n)) => ops.push(Op::put(key(), encode_v6_record(n))),
+        }
+    }
+    ops
+}
+
+/// The writes that delete `block` (as read): its own key and, in `V6`, its records.
+pub(crate) fn delete_ops(block: &IpamBlock) -> Vec<Op> {
+    let mut ops = vec![Op::delete(keys::block(block.cidr))];
+    if block.format >= BlockFormat::V6 {
+        ops.extend(
+            block
+                .allocated_ordinals()
+                .map(|o| Op::delete(keys::block_record(block.cidr, o))),
+        );
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::Attributes;
+    use proptest::prelude::*;
+
+    /// The keys under [`keys::BLOCKS`] as a store holds them after `ops`.
+    fn apply(store: &mut BTreeMap<String, Vec<u8>>, ops: Vec<Op>) {
+        for op in ops {
+            match op {
+                Op::Put { key, value, .. } => {
+                    store.insert(key, value);
+                }
+                Op::Delete { key } => {
+                    store.remove(&key);
+                }
+                Op::Get { .. } => unreachable!("writes only"),
+            }
+        }
+    }
+
+    fn read_back(store: &BTreeMap<String, Vec<u8>>) -> Vec<IpamBlock> {
+        let kvs: Vec<KeyValue> = store
+            .iter()
+            .map(|(k, v)| KeyValue {
+                key: k.clone(),
+                value: v.clone(),
+                mod_revision: 1,
+                lease: 0,
+            })
+            .collect();
+        blocks_from(&kvs)
+            .expect("blocks")
+            .into_iter()
+            .map(|(b, _)| b)
+            .collect()
+    }
+
+    proptest! {
+        /// Any assignments, releases, handle moves (a StatefulSet pod's sticky addresses)
+        /// and affinity changes, in `V5` then moved to `V6` part way: the keys the writes
+        /// leave read back as the block, every record is an allocated ordinal's, and once
+        /// in `V6` a write changes the block's own key and only the records that changed.
+        #[test]
+        fn the_keys_written_read_back_as_the_block(
+            ops in proptest::collection::vec((0u8..4, 0u32..16), 0..60),
+            move_at in 0usize..60,
+        ) {
+            let cidr: IpNetwork = "10.244.7.0/28".parse().expect("cidr");
+            let mut block = IpamBlock::new(cidr, Some("n".into())).in_format(BlockFormat::V5);
+            let mut store = BTreeMap::new();
+            apply(&mut store, write_ops(None, &block));
+            let mut now = 1_000;
+            for (i, (kind, ordinal)) in ops.into_iter().enumerate() {
+                now += 7;
+                let read = block.clone();
+                let mut next = read.clone();
+                if i == move_at {
+                    next = next.in_format(BlockFormat::V6);
+                }
+                let addr = next.addr(ordinal).expect("in the block");
+                match kind {
+                    0 => {
+                        let attrs = Attributes::from([
+                            ("node".to_string(), "n".to_string()),
+                            ("pod".to_string(), format!("p{now}")),
+                        ]);
+                        next.assign(1, &format!("net.{now:x}"), &attrs, now, 0, |_| false);
+                    }
+                    1 => {
+                        let _ = next.release(addr, None, now);
+                    }
+                    2 => {
+                        if let Some(Some(a)) = next.allocations.get_mut(ordinal as usize) {
+                            Arc::make_mut(a).handle = format!("moved-{now}");
+                        }
+                    }
+                    _ => next.affinity = next.affinity.take().xor(Some("n".into())),
+                }
+                let ops = write_ops(Some(&read), &next);
+                if read.format == BlockFormat::V6 {
+                    let changed = (0..next.len())
+                        .filter(|&o| read.allocations[o as usize] != next.allocations[o as usize])
+                        .count();
+                    prop_assert_eq!(ops.len(), 1 + changed);
+                }
+                apply(&mut store, ops);
+                block = next;
+                prop_assert_eq!(read_back(&store), vec![block.clone()]);
+                let records = store.keys().filter(|k| k.contains("-28/")).count();
+                let expected = if block.format == BlockFormat::V6 { block.in_use() } else { 0 };
+                prop_assert_eq!(records, expected);
+            }
+            apply(&mut store, delete_ops(&block));
+            prop_assert!(store.is_empty(), "{:?}", store.keys().collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_full_block_moves_to_v6_only_when_its_records_fit_one_transaction() {
+        let mut b = IpamBlock::new("10.244.0.0/24".parse().expect("cidr"), Some("n".into()));
+        b.assign(
+            crate::block::MAX_RECORDS_MOVED + 1,
+            "h",
+            &Attributes::new(),
+            1,
+            0,
+            |_| false,
+        );
+        assert_eq!(b.clone().in_format(BlockFormat::V6).format, BlockFormat::V5);
+        let addr = b.addr(0).expect("addr");
+        b.release(addr, None, 2).expect("release");
+        assert_eq!(b.clone().in_format(BlockFormat::V6).format, BlockFormat::V6);
+        assert_eq!(write_ops(None, &b.in_format(BlockFormat::V6)).len(), 101);
+    }
+
+    #[test]
+    fn keys_under_blocks_are_a_block_or_a_record() {
+        assert_eq!(
+            BlockKey::parse("/tessera/v1/ipam/blocks/10.244.1.0-26"),
+            Some(BlockKey::Block("10.244.1.0-26"))
+        );
+        assert_eq!(
+            BlockKey::parse("/tessera/v1/ipam/blocks/10.244.1.0-26/17"),
+            Some(BlockKey::Record("10.244.1.0-26", 17))
+        );
+        assert_eq!(
+            BlockKey::parse("/tessera/v1/ipam/blocks/10.244.1.0-26/x"),
+            None
+        );
+        assert_eq!(BlockKey::parse("/tessera/v1/ipam/handles/h"), None);
+        let kvs = [KeyValue {
+            key: "/tessera/v1/ipam/blocks/10.244.1.0-26/3".into(),
+            value: vec![],
+            mod_revision: 1,
+            lease: 0,
+        }];
+        let e = blocks_from(&kvs).expect_err("a record alone");
+        assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+}
