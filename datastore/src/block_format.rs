@@ -820,7 +820,7 @@ struct V6Core<'a> {
 
 /// What a `V6` record value begins with, before its version byte (a block's value begins
 /// with [`BINARY_MAGIC`]).
-pub(crate) const RECORD_MAGIC: [u8; 3] = [0x00, b'T', b'R'];
+pub const RECORD_MAGIC: [u8; 3] = [0x00, b'T', b'R'];
 
 /// One allocation of a `V6` block, after [`RECORD_MAGIC`] and the version byte 6. It does
 /// not depend on its block (the `node` attribute is kept when it names the block's

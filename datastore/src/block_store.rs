@@ -157,7 +157,7 @@ pub async fn from_own_value<K: Kv>(
 
 /// The writes that take block `after.cidr` from `before` (as read; `None` when it is new) to
 /// `after`: its own key, and in `V6` the records of the allocations that changed.
-pub(crate) fn write_ops(before: Option<&IpamBlock>, after: &IpamBlock) -> Vec<Op> {
+pub fn write_ops(before: Option<&IpamBlock>, after: &IpamBlock) -> Vec<Op> {
     let mut ops = vec![Op::put(keys::block(after.cidr), encode_block(after))];
     if after.format < BlockFormat::V6 {
         return ops;
@@ -180,7 +180,7 @@ pub(crate) fn write_ops(before: Option<&IpamBlock>, after: &IpamBlock) -> Vec<Op
 }
 
 /// The writes that delete `block` (as read): its own key and, in `V6`, its records.
-pub(crate) fn delete_ops(block: &IpamBlock) -> Vec<Op> {
+pub fn delete_ops(block: &IpamBlock) -> Vec<Op> {
     let mut ops = vec![Op::delete(keys::block(block.cidr))];
     if block.format >= BlockFormat::V6 {
         ops.extend(

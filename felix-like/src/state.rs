@@ -565,6 +565,62 @@ mod tests {
 
     /// The view kept up to date key by key is the view decoded from scratch from the same
     /// keys: after writes, overwrites, a record that stops decoding, deletes.
+    /// A `V6` block arrives as its own key and a key per allocation, in one watch response
+    /// per transaction: each view has the block as the whole transaction left it.
+    #[test]
+    fn a_v6_block_is_put_together_from_its_keys() {
+        use tessera_datastore::block::BlockFormat;
+        use tessera_datastore::block_store::{delete_ops, write_ops};
+        use tessera_datastore::kv::Op;
+        fn apply(records: &mut Records, ops: Vec<Op>) {
+            for op in ops {
+                match op {
+                    Op::Put { key, value, .. } => records.put(&key, &value),
+                    Op::Delete { key } => records.delete(&key),
+                    Op::Get { .. } => unreachable!("writes only"),
+                }
+            }
+        }
+        let mut records = Records::default();
+        let empty = IpamBlock::new("10.244.0.0/26".parse().unwrap(), Some("a".into()))
+            .in_format(BlockFormat::V6);
+        apply(&mut records, write_ops(None, &empty));
+        // b borrows an address from a's block, a assigns one of its own.
+        let mut full = empty.clone();
+        for node in ["b", "a"] {
+            let attrs = [("node".to_string(), node.to_string())].into();
+            full.assign(1, &format!("h-{node}"), &attrs, 0, 0, |_| false);
+        }
+        apply(&mut records, write_ops(Some(&empty), &full));
+        let v = records.view(2);
+        assert_eq!(v.blocks[0].in_use(), 2);
+        assert!(v.corrupt.is_empty(), "{:?}", v.corrupt);
+        let d = v.destinations();
+        assert_eq!(
+            d["b"].borrowed,
+            ["10.244.0.0/32".parse::<IpNetwork>().unwrap()]
+        );
+        // b's address released: its record goes, in the same response.
+        let mut released = full.clone();
+        released
+            .release("10.244.0.0".parse().unwrap(), None, 1)
+            .expect("release");
+        apply(&mut records, write_ops(Some(&full), &released));
+        let v = records.view(3);
+        assert_eq!(v.blocks[0].in_use(), 1);
+        assert!(!v.destinations().contains_key("b"));
+        // A record lost (damage, not a transaction): the block is reported, never guessed.
+        records.delete(&tessera_datastore::keys::block_record(released.cidr, 1));
+        let v = records.view(4);
+        assert!(v.blocks.is_empty());
+        assert_eq!(v.corrupt, [keys::block(released.cidr)]);
+        // Deleted with its records: gone.
+        apply(&mut records, delete_ops(&released));
+        let v = records.view(5);
+        assert!(v.blocks.is_empty() && v.corrupt.is_empty());
+        assert!(records.v6_blocks.is_empty(), "{:?}", records.v6_blocks);
+    }
+
     #[test]
     fn records_updated_key_by_key_give_the_view_decoded_from_scratch() {
         fn json<T: serde::Serialize>(record: &T) -> Vec<u8> {

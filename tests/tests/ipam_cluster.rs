@@ -10,20 +10,22 @@ use tessera_testbed::{Child, Lab, LabNode, LabSpec};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_ipam-worker");
 
-/// Blocks stored in the newest format, binary and compressed: full /26s of 64 allocations
-/// are over the size from which V5 compresses, so every process reads and writes
-/// compressed binary blocks.
-const POOL_YAML: &str = "
+/// A /20 of /26 blocks, stored in `format`.
+fn pool_yaml(format: &str) -> String {
+    format!(
+        "
 apiVersion: tessera.dev/v1
 kind: IPPool
-metadata: { name: pods }
-spec: { cidr: 10.244.0.0/20, blockSize: 26 }
+metadata: {{ name: pods }}
+spec: {{ cidr: 10.244.0.0/20, blockSize: 26 }}
 ---
 apiVersion: tessera.dev/v1
 kind: IPAMConfiguration
-metadata: { name: default }
-spec: { blockFormat: V5 }
-";
+metadata: {{ name: default }}
+spec: {{ blockFormat: {format} }}
+"
+    )
+}
 
 fn worker(lab: &Lab, node: &LabNode, args: &[&str]) -> Command {
     let mut c = node.netns.command(WORKER);
@@ -47,11 +49,18 @@ fn worker_ok(lab: &Lab, node: &LabNode, args: &[&str]) -> String {
 
 /// Blocks of 4 addresses: nodes claim and give back blocks all the time, so crashes land
 /// inside block claims and releases too.
+/// Blocks of 4 addresses, in format V6 (each allocation under its own key): a crash lands
+/// between any two of a block's writes and reads, records included.
 const SMALL_BLOCKS_YAML: &str = "
 apiVersion: tessera.dev/v1
 kind: IPPool
 metadata: { name: pods }
 spec: { cidr: 10.244.16.0/24, blockSize: 30 }
+---
+apiVersion: tessera.dev/v1
+kind: IPAMConfiguration
+metadata: { name: default }
+spec: { blockFormat: V6 }
 ";
 
 fn setup(lab: &Lab, pools_yaml: &str) {
@@ -81,10 +90,31 @@ fn check(lab: &Lab, settled: bool) -> Value {
     v
 }
 
+/// V5: binary blocks, compressed when full (full /26s of 64 allocations are over the
+/// size from which V5 compresses).
 #[test]
 fn eight_allocators_on_four_nodes_never_double_allocate() {
+    let state = eight_allocators("eight_allocators", "V5");
+    let formats = &state["block_formats"];
+    // The full ones (at least 2,000 / 64 - 8 partly filled) compressed.
+    assert!(
+        formats["compressed"].as_u64().unwrap_or(0) >= 23,
+        "{formats}"
+    );
+}
+
+/// V6: every allocation a key of its own beside its block.
+#[test]
+fn eight_allocators_with_records_beside_their_blocks_never_double_allocate() {
+    let state = eight_allocators("eight_allocators_v6", "V6");
+    assert_eq!(state["block_formats"]["records"].as_u64(), Some(2000));
+}
+
+/// 8 allocator processes on 4 nodes, 250 addresses each, with blocks in `format`: every
+/// address handed out once, and etcd agrees. Returns the final state.
+fn eight_allocators(name: &str, format: &str) -> Value {
     let lab = Lab::new(
-        "eight_allocators",
+        name,
         LabSpec {
             nodes: 4,
             subnets: 2,
@@ -92,7 +122,7 @@ fn eight_allocators_on_four_nodes_never_double_allocate() {
         },
     )
     .expect("lab");
-    setup(&lab, POOL_YAML);
+    setup(&lab, &pool_yaml(format));
     // 8 processes, 2 per node, 250 addresses each: 2,000 of the /20's 4,096.
     let mut children = Vec::new();
     for (i, node) in lab.nodes.iter().enumerate() {
@@ -144,19 +174,14 @@ fn eight_allocators_on_four_nodes_never_double_allocate() {
     // Each node filled its own blocks: 2,000 addresses need at least 32 blocks of 64.
     let blocks = state["blocks"].as_u64().expect("blocks");
     assert!(blocks >= 32);
-    // All in V5, the full ones (at least 2,000 / 64 - 8 partly filled) compressed.
+    // All in the format asked for.
     assert_eq!(
-        state["block_formats"]["V5"].as_u64(),
+        state["block_formats"][format].as_u64(),
         Some(blocks),
         "{state:#}"
     );
-    assert!(
-        state["block_formats"]["compressed"].as_u64().unwrap_or(0) >= 23,
-        "{}",
-        state["block_formats"]
-    );
-
     lab.finish();
+    state
 }
 
 #[test]

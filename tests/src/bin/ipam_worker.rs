@@ -229,10 +229,23 @@ async fn run<K: Kv>(kv: K, node: &str, cmd: Cmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How many blocks etcd holds in each format, and how many of them compressed.
+/// How many blocks etcd holds in each format, how many of them compressed, and how many
+/// allocation records (format V6) beside them.
 async fn block_formats<K: Kv>(kv: &K) -> anyhow::Result<BTreeMap<String, usize>> {
     let (values, _) = kv.get_prefix(tessera_datastore::keys::BLOCKS).await?;
     let mut counts = BTreeMap::new();
+    let records = values
+        .iter()
+        .filter(|v| {
+            matches!(
+                tessera_datastore::block_store::BlockKey::parse(&v.key),
+                Some(tessera_datastore::block_store::BlockKey::Record(..))
+            )
+        })
+        .count();
+    if records > 0 {
+        counts.insert("records".to_string(), records);
+    }
     for (block, _) in tessera_datastore::block_store::blocks_from(&values)? {
         *counts.entry(format!("{:?}", block.format)).or_default() += 1;
         let key = tessera_datastore::keys::block(block.cidr);
