@@ -1,4 +1,4 @@
-//! How an IPAM block is stored in etcd, in any of its four formats.
+//! How an IPAM block is stored in etcd, in any of its six formats.
 //!
 //! - `V1` (no `v` field): `allocations` has an entry per ordinal (`null` when free), the free
 //!   queue an object per ordinal, and every allocation its attributes in full. A /26 holding
@@ -26,6 +26,14 @@
 //!   after (`V4` 2.5 KB), and a pair on it costs the client ~15 % less than in `V4` (no
 //!   JSON to escape, less to compress); an empty block is 37 bytes. Its JSON form (what
 //!   [`crate::from_stored`] gives a reader that asks for JSON) is `V3`'s with `"v": 5`.
+//! - `V6`: each allocation under its own key beside the block (see [`crate::block_store`]).
+//!   The block's own value ([`BINARY_MAGIC`], the version byte 6, postcard) holds the
+//!   allocated ordinals with their sequence numbers and the free queue: 150 bytes for those
+//!   58 pods. Each allocation's record ([`RECORD_MAGIC`], 6, postcard) holds its sequence
+//!   number, handle and attributes (only `network` and `containerID` left out, as the handle
+//!   says them; `node` is kept, so a record does not depend on its block's affinity). A
+//!   write carries the block's own value and the records that changed, whatever the fill.
+//!   Its JSON form (a handoff file's) is `V3`'s with `"v": 6`, whole.
 //!
 //! Every value says its format; a reader that meets a newer one refuses it (a decode error
 //! naming the version) rather than misreading it, and a block is only ever rewritten in

@@ -135,16 +135,26 @@ pub async fn from_own_value<K: Kv>(
     cidr: IpNetwork,
     own: &KeyValue,
 ) -> Result<Option<(IpamBlock, i64)>, IpamError> {
-    if !is_v6_value(&own.value) {
+    // Whole as read: a block of an older format, or a V6 block without allocations.
+    let whole = !is_v6_value(&own.value)
+        || decode_v6_core(&own.value).is_ok_and(|(_, allocated)| allocated.is_empty());
+    if whole {
         let block = block_from_parts(&own.value, []).map_err(|reason| IpamError::Corrupt {
             key: own.key.clone(),
             reason,
         })?;
         return Ok(Some((block, own.mod_revision)));
     }
-    // A prefix read of the block key holds the block and its records at one revision (a
-    // block key is no other's prefix: a segment ends in the prefix length, and pools'
-    // blocks are /20 or longer).
+    read_with_records(kv, cidr).await
+}
+
+/// The block `cidr` with its records, in one prefix read (one revision): a block key is
+/// no other's prefix (a segment ends in the prefix length, and pools' blocks are /20 or
+/// longer), and records are `<block key>/<ordinal>`.
+pub async fn read_with_records<K: Kv>(
+    kv: &K,
+    cidr: IpNetwork,
+) -> Result<Option<(IpamBlock, i64)>, IpamError> {
     let key = keys::block(cidr);
     let (kvs, _) = with_retry(|| kv.get_prefix(&key)).await?;
     let mut ours: Vec<KeyValue> = kvs

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use ipnetwork::IpNetwork;
 
-use crate::block::{Assigned, Attributes, BlockError, IpamBlock};
+use crate::block::{Assigned, Attributes, BlockError, BlockFormat, IpamBlock};
 use crate::block_store;
 use crate::codec::{conflict_pause, decode, encode, fnv1a, now_ms, with_retry};
 use crate::error::{Family, IpamError};
@@ -1366,6 +1366,17 @@ impl<K: Kv> Ipam<K> {
         if let Some(b) = self.cache().blocks.get(&cidr) {
             return Ok(Some(b.clone()));
         }
+        // In a V6 cluster most blocks have records: one prefix read, not a read of the
+        // block's key and then another of its records.
+        let v6 = self
+            .cache()
+            .config
+            .as_ref()
+            .is_some_and(|c| c.block_format >= BlockFormat::V6);
+        if v6 {
+            let read = block_store::read_with_records(&self.kv, cidr).await?;
+            return Ok(self.cache_block(cidr, read));
+        }
         let key = keys::block(cidr);
         let kv = with_retry(|| self.kv.get(&key)).await?;
         self.remember_block(cidr, kv.as_ref()).await
@@ -1382,6 +1393,15 @@ impl<K: Kv> Ipam<K> {
             Some(kv) => block_store::from_own_value(&self.kv, cidr, kv).await?,
             None => None,
         };
+        Ok(self.cache_block(cidr, read))
+    }
+
+    /// Caches block `cidr` as read, with its revision (`None`: absent).
+    fn cache_block(
+        &self,
+        cidr: IpNetwork,
+        read: Option<(IpamBlock, i64)>,
+    ) -> Option<Versioned<Arc<IpamBlock>>> {
         let mut c = self.cache();
         match read {
             Some((block, rev)) => {
@@ -1390,14 +1410,14 @@ impl<K: Kv> Ipam<K> {
                     value: Arc::new(block),
                 };
                 c.blocks.insert(cidr, v.clone());
-                Ok(Some(v))
+                Some(v)
             }
             None => {
                 c.blocks.remove(&cidr);
                 if let Some(a) = c.affine.as_mut() {
                     a.remove(&cidr);
                 }
-                Ok(None)
+                None
             }
         }
     }

@@ -87,6 +87,10 @@ impl Txn {
     }
 }
 
+/// The most compares, and the most operations in either branch, etcd takes in one
+/// transaction (its `--max-txn-ops` default); [`MemKv`] refuses more as etcd does.
+pub const MAX_TXN_OPS: usize = 128;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TxnOutcome {
     pub succeeded: bool,
@@ -800,6 +804,13 @@ impl Kv for MemKv {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, KvError> {
+        let most = [txn.compares.len(), txn.success.len(), txn.failure.len()];
+        if most.into_iter().max().unwrap_or(0) > MAX_TXN_OPS {
+            // etcd's words for it.
+            return Err(KvError::Other(
+                "etcdserver: too many operations in txn request".into(),
+            ));
+        }
         let mut s = self.lock();
         let ok = txn.compares.iter().all(|c| match c {
             Compare::ModRevision(k, rev) => {

@@ -372,3 +372,52 @@ async fn a_v6_record_missing_or_out_of_step_is_refused_not_read_as_free() {
     let (items, _) = kv.get_prefix(keys::BLOCKS).await.expect("keys");
     assert!(tessera_datastore::block_store::blocks_from(&items).is_err());
 }
+
+#[tokio::test]
+async fn a_v6_batch_stays_within_etcds_operations_per_transaction() {
+    use tessera_datastore::BatchedOutcome;
+    let kv = MemKv::new();
+    apply(
+        &kv,
+        "
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: p }
+spec: { cidr: 10.244.0.0/20, blockSize: 24 }
+",
+    )
+    .await;
+    apply(&kv, V6).await;
+    let holder = Ipam::new(kv.clone(), "node1");
+    holder.auto_assign(&request("first")).await.expect("assign");
+    // 32 pods of 3 addresses each: a record per address, and a handle per pod, are 128
+    // writes, more than etcd takes in one transaction (the in-memory store refuses them
+    // as etcd does).
+    let ops: Vec<_> = (0..32)
+        .map(|i| tessera_datastore::BatchedOp::Assign {
+            request: tessera_datastore::AssignRequest {
+                num_v4: 3,
+                ..request(&format!("pod-{i}"))
+            },
+            previous: None,
+        })
+        .collect();
+    let outcomes = holder.apply_batch(&ops).await.expect("one transaction");
+    let batched = outcomes
+        .iter()
+        .filter(|o| matches!(o, BatchedOutcome::Assigned { .. }))
+        .count();
+    assert!((20..32).contains(&batched), "{batched} in the batch");
+    let fresh = Ipam::new(kv.clone(), "node1");
+    for (i, o) in outcomes.iter().enumerate() {
+        let held = fresh
+            .handle_addresses(&format!("pod-{i}"))
+            .await
+            .expect("read");
+        match o {
+            BatchedOutcome::Assigned { .. } => assert_eq!(held.len(), 3, "pod-{i}"),
+            BatchedOutcome::Alone => assert!(held.is_empty(), "pod-{i}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

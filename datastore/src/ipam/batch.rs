@@ -17,7 +17,7 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use super::{check_handle, family_of, reuse_delay_ms, Ipam, Versioned};
-use crate::block::{BlockError, IpamBlock};
+use crate::block::{BlockError, BlockFormat, IpamBlock};
 use crate::block_store;
 use crate::codec::{encode, now_ms, with_retry};
 use crate::error::{Family, IpamError};
@@ -85,7 +85,52 @@ struct Plan {
     read: BTreeMap<IpNetwork, Arc<IpamBlock>>,
 }
 
+/// The most writes a batch's transaction carries: etcd refuses more than
+/// [`MAX_TXN_OPS`](crate::kv::MAX_TXN_OPS) in one, and in block format V6 each address
+/// assigned or released is a write of its own besides its block and handle.
+const MAX_TXN_WRITES: usize = crate::kv::MAX_TXN_OPS - 8;
+
+/// What [`Plan::undo`] restores.
+struct UndoPoint {
+    blocks: BTreeMap<IpNetwork, Versioned<IpamBlock>>,
+    block_revs: BTreeMap<IpNetwork, i64>,
+    handles: BTreeMap<String, (i64, IpamHandle)>,
+    last_addresses: usize,
+    deletes: usize,
+}
+
 impl Plan {
+    fn undo_point(&self) -> UndoPoint {
+        UndoPoint {
+            blocks: self.blocks.clone(),
+            block_revs: self.block_revs.clone(),
+            handles: self.handles.clone(),
+            last_addresses: self.last_addresses.len(),
+            deletes: self.deletes.len(),
+        }
+    }
+
+    fn undo(&mut self, to: UndoPoint) {
+        self.blocks = to.blocks;
+        self.block_revs = to.block_revs;
+        self.handles = to.handles;
+        self.last_addresses.truncate(to.last_addresses);
+        self.deletes.truncate(to.deletes);
+    }
+
+    /// The puts and deletes the batch's transaction would carry.
+    fn writes(&self) -> usize {
+        let blocks: usize = self
+            .block_revs
+            .keys()
+            .map(|cidr| {
+                let read = self.read.get(cidr).map(|b| &**b);
+                block_store::write_ops(read, &self.blocks[cidr].value).len()
+            })
+            .sum();
+        blocks + self.handles.len() + self.last_addresses.len() + self.deletes.len()
+    }
+
     /// The block's new value; the transaction compares the revision it was first read at.
     fn write(&mut self, cidr: IpNetwork, read_rev: i64, value: IpamBlock) {
         self.block_revs.entry(cidr).or_insert(read_rev);
@@ -134,8 +179,8 @@ impl<K: Kv> Ipam<K> {
                 outcomes.push(BatchedOutcome::Alone);
                 continue;
             }
-            // All or nothing per operation: it plans on a copy of the blocks.
-            let before = (plan.blocks.clone(), plan.block_revs.clone());
+            // All or nothing per operation: it plans on a copy of the plan.
+            let before = plan.undo_point();
             let planned = match op {
                 BatchedOp::Assign { request, .. } => {
                     self.plan_assign(&cfg, request, &mut plan).await?
@@ -152,8 +197,14 @@ impl<K: Kv> Ipam<K> {
                     planned
                 }
             };
+            // Also alone when its writes would take the transaction past etcd's limit.
+            let planned = if planned != BatchedOutcome::Alone && plan.writes() > MAX_TXN_WRITES {
+                BatchedOutcome::Alone
+            } else {
+                planned
+            };
             if planned == BatchedOutcome::Alone {
-                (plan.blocks, plan.block_revs) = before;
+                plan.undo(before);
             }
             outcomes.push(planned);
         }
@@ -282,7 +333,7 @@ impl<K: Kv> Ipam<K> {
                 let Some(block) = self.planned_block(cidr, plan).await? else {
                     return Ok(BatchedOutcome::Alone);
                 };
-                let mut value = block.value.in_format(cfg.block_format);
+                let mut value = block.value.in_format(batch_format(cfg));
                 match value.assign_exact(addr, &req.owner.handle, &attrs, |a| cfg.is_reserved(a)) {
                     Ok(a) => {
                         need -= 1;
@@ -310,7 +361,7 @@ impl<K: Kv> Ipam<K> {
                         continue;
                     }
                     let delay = reuse_delay_ms(pool);
-                    let mut value = block.value.in_format(cfg.block_format);
+                    let mut value = block.value.in_format(batch_format(cfg));
                     let now = now_ms();
                     let got = value.assign(need, &req.owner.handle, &attrs, now, delay, |a| {
                         cfg.is_reserved(a)
@@ -401,4 +452,11 @@ impl<K: Kv> Ipam<K> {
             }
         }))
     }
+}
+
+/// The format a batch writes blocks in: the cluster's, but a batch does not move a block to
+/// `V6` (all its records in the same transaction as several other blocks could pass etcd's
+/// limit); the block moves on its next write alone.
+fn batch_format(cfg: &crate::resources::Config) -> BlockFormat {
+    cfg.block_format.min(BlockFormat::V5)
 }
