@@ -79,12 +79,15 @@ pub fn blocks_from(kvs: &[KeyValue]) -> Result<Vec<(IpamBlock, i64)>, IpamError>
     each_block(kvs).collect()
 }
 
+/// A block's own key and its records (ordinal, value), as a prefix read gives them.
+type Parts<'a> = (Option<&'a KeyValue>, Vec<(u32, &'a [u8])>);
+
 /// [`blocks_from`], block by block: a reader that skips what does not decode (as the
 /// agent does a corrupt record) keeps the others.
 pub fn each_block(
     kvs: &[KeyValue],
 ) -> impl Iterator<Item = Result<(IpamBlock, i64), IpamError>> + '_ {
-    let mut parts: BTreeMap<&str, (Option<&KeyValue>, Vec<(u32, &[u8])>)> = BTreeMap::new();
+    let mut parts: BTreeMap<&str, Parts> = BTreeMap::new();
     let mut stray = Vec::new();
     for kv in kvs {
         match BlockKey::parse(&kv.key) {

@@ -39,8 +39,9 @@ struct Args {
     /// Interleaved rounds per client count (medians are reported).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// The block format IPAM writes (the cluster's IPAMConfiguration).
-    #[arg(long, default_value = "V3")]
+    /// The block format IPAM writes (the cluster's IPAMConfiguration): by default the newest,
+    /// whose cost the targets are for (a cluster's default is still V1).
+    #[arg(long, default_value = "V6")]
     block_format: String,
     /// What fills a client's block to each level.
     #[arg(long, value_enum, default_value_t = Filler::Pods)]
