@@ -738,14 +738,7 @@ pub(crate) fn decode_binary(bytes: &[u8]) -> Result<IpamBlock, String> {
         }
         return Ok(block);
     }
-    let (stored, rest) = postcard::take_from_bytes::<BinaryBlock>(body)
-        .map_err(|e| format!("a format 5 block that does not decode: {e}"))?;
-    if !rest.is_empty() {
-        return Err(format!(
-            "a format 5 block with {} bytes after its end",
-            rest.len()
-        ));
-    }
+    let stored: BinaryBlock = whole(body, "a format 5 block")?;
     let string = |i: u32| {
         stored
             .strings
@@ -786,6 +779,16 @@ pub(crate) fn decode_binary(bytes: &[u8]) -> Result<IpamBlock, String> {
         next_seq: stored.seq,
         format: BlockFormat::V5,
     })
+}
+
+/// `body` as one postcard value of `T`, every byte of it; errors say `what` it was.
+fn whole<'a, T: Deserialize<'a>>(body: &'a [u8], what: &str) -> Result<T, String> {
+    let (value, rest) = postcard::take_from_bytes::<T>(body)
+        .map_err(|e| format!("{what} that does not decode: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!("{what} with {} bytes after its end", rest.len()));
+    }
+    Ok(value)
 }
 
 /// The version byte of a binary block value (5 or 6), and what follows it.
@@ -891,14 +894,7 @@ pub(crate) fn decode_v6_core(bytes: &[u8]) -> Result<(IpamBlock, Vec<(u32, u64)>
     if version != 6 {
         return Err(format!("format {version}, not a format 6 block"));
     }
-    let (core, rest) = postcard::take_from_bytes::<V6Core>(body)
-        .map_err(|e| format!("a format 6 block that does not decode: {e}"))?;
-    if !rest.is_empty() {
-        return Err(format!(
-            "a format 6 block with {} bytes after its end",
-            rest.len()
-        ));
-    }
+    let core: V6Core = whole(body, "a format 6 block")?;
     let allocations = Allocations::new(core.cidr, None)?;
     let len = allocations.block_len;
     let mut last = None;
@@ -935,14 +931,7 @@ pub(crate) fn attach_v6_records<'r>(
             .strip_prefix(&RECORD_MAGIC)
             .and_then(|b| b.strip_prefix(&[BlockFormat::V6.version() as u8]))
             .ok_or_else(|| format!("allocation {ordinal}: not a format 6 record"))?;
-        let (record, rest) = postcard::take_from_bytes::<V6Record>(body)
-            .map_err(|e| format!("allocation {ordinal}: a record that does not decode: {e}"))?;
-        if !rest.is_empty() {
-            return Err(format!(
-                "allocation {ordinal}: {} bytes after the record's end",
-                rest.len()
-            ));
-        }
+        let record: V6Record = whole(body, &format!("allocation {ordinal}'s record"))?;
         let wanted = allocated.binary_search_by_key(&ordinal, |(o, _)| *o);
         match wanted.map(|i| allocated[i].1) {
             Ok(seq) if seq == record.seq => {}

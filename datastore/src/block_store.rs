@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 
-use crate::block::{BlockFormat, IpamBlock};
+use crate::block::{Allocation, BlockFormat, IpamBlock};
 use crate::block_format::{attach_v6_records, decode_v6_core, encode_v6_record, BINARY_MAGIC};
 use crate::codec::{encode_block, with_retry};
 use crate::error::IpamError;
@@ -171,25 +171,49 @@ pub async fn read_with_records<K: Kv>(
 /// The writes that take block `after.cidr` from `before` (as read; `None` when it is new) to
 /// `after`: its own key, and in `V6` the records of the allocations that changed.
 pub fn write_ops(before: Option<&IpamBlock>, after: &IpamBlock) -> Vec<Op> {
-    let mut ops = vec![Op::put(keys::block(after.cidr), encode_block(after))];
-    if after.format < BlockFormat::V6 {
-        return ops;
-    }
+    let own = Op::put(keys::block(after.cidr), encode_block(after));
+    let records = changed_records(before, after).map(|(ordinal, now)| {
+        let key = keys::block_record(after.cidr, ordinal);
+        match now {
+            Some(a) => Op::put(key, encode_v6_record(a)),
+            None => Op::delete(key),
+        }
+    });
+    std::iter::once(own).chain(records).collect()
+}
+
+/// How many writes [`write_ops`] makes, without encoding them.
+pub(crate) fn write_count(before: Option<&IpamBlock>, after: &IpamBlock) -> usize {
+    1 + changed_records(before, after).count()
+}
+
+/// The `V6` records that differ between `before` and `after`: each ordinal with its new
+/// allocation, `None` where it was released. Nothing for an older format.
+fn changed_records<'a>(
+    before: Option<&'a IpamBlock>,
+    after: &'a IpamBlock,
+) -> impl Iterator<Item = (u32, Option<&'a Arc<Allocation>>)> + 'a {
+    let v6 = after.format >= BlockFormat::V6;
     // A block read in an older format has no records yet: all of them are written.
     let before = before.filter(|b| b.format >= BlockFormat::V6 && b.cidr == after.cidr);
-    for (ordinal, now) in after.allocations.iter().enumerate() {
-        let was = before
+    let was = move |ordinal: usize| {
+        before
             .and_then(|b| b.allocations.get(ordinal))
-            .and_then(Option::as_ref);
-        let key = || keys::block_record(after.cidr, ordinal as u32);
-        match (was, now) {
-            (None, None) => {}
-            (Some(_), None) => ops.push(Op::delete(key())),
-            (Some(w), Some(n)) if Arc::ptr_eq(w, n) || w == n => {}
-            (_, Some(n)) => ops.push(Op::put(key(), encode_v6_record(n))),
-        }
-    }
-    ops
+            .and_then(Option::as_ref)
+    };
+    after
+        .allocations
+        .iter()
+        .enumerate()
+        .filter(move |_| v6)
+        .filter_map(move |(ordinal, now)| {
+            let same = match (was(ordinal), now) {
+                (None, None) => true,
+                (Some(w), Some(n)) => Arc::ptr_eq(w, n) || w == n,
+                _ => false,
+            };
+            (!same).then_some((ordinal as u32, now.as_ref()))
+        })
 }
 
 /// The writes that delete `block` (as read): its own key and, in `V6`, its records.
@@ -285,6 +309,7 @@ mod tests {
                     _ => next.affinity = next.affinity.take().xor(Some("n".into())),
                 }
                 let ops = write_ops(Some(&read), &next);
+                prop_assert_eq!(write_count(Some(&read), &next), ops.len());
                 if read.format == BlockFormat::V6 {
                     let changed = (0..next.len())
                         .filter(|&o| read.allocations[o as usize] != next.allocations[o as usize])

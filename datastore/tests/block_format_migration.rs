@@ -35,6 +35,16 @@ async fn stored_formats(kv: &MemKv) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// A fresh client (nothing cached) releasing `handle` stops at its block, which it finds
+/// corrupt for a reason that `says` so; nothing is written.
+async fn release_is_refused_as_corrupt(kv: &MemKv, handle: &str, says: &str) {
+    let fresh = Ipam::new(kv.clone(), "node1");
+    match fresh.release_by_handle(handle).await {
+        Err(IpamError::Corrupt { reason, .. }) => assert!(reason.contains(says), "{reason}"),
+        other => panic!("a block refused for {says} read as {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn blocks_move_to_v2_when_the_cluster_says_so_and_nothing_is_lost() {
     let kv = MemKv::new();
@@ -85,13 +95,7 @@ async fn a_block_in_a_newer_format_is_refused_with_its_version() {
         )
         .await
         .expect("put");
-        let fresh = Ipam::new(kv.clone(), "node1");
-        match fresh.release_by_handle("a").await {
-            Err(IpamError::Corrupt { reason, .. }) => {
-                assert!(reason.contains("version 7"), "{reason}")
-            }
-            other => panic!("a V7 block read as something: {other:?}"),
-        }
+        release_is_refused_as_corrupt(&kv, "a", "version 7").await;
         // Untouched: the newer node's value is still there as it wrote it.
         let after = kv.get(&key).await.expect("get").expect("block").value;
         assert_eq!(after, newer);
@@ -362,13 +366,7 @@ async fn a_v6_record_missing_or_out_of_step_is_refused_not_read_as_free() {
     kv.txn(tessera_datastore::kv::Txn::new().then(tessera_datastore::kv::Op::delete(&record.key)))
         .await
         .expect("delete");
-    let fresh = Ipam::new(kv.clone(), "node1");
-    match fresh.release_by_handle("a").await {
-        Err(IpamError::Corrupt { reason, .. }) => {
-            assert!(reason.contains("has no record"), "{reason}")
-        }
-        other => panic!("a block without one of its records read as {other:?}"),
-    }
+    release_is_refused_as_corrupt(&kv, "a", "has no record").await;
     let (items, _) = kv.get_prefix(keys::BLOCKS).await.expect("keys");
     assert!(tessera_datastore::block_store::blocks_from(&items).is_err());
 }

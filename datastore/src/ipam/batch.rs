@@ -125,7 +125,7 @@ impl Plan {
             .keys()
             .map(|cidr| {
                 let read = self.read.get(cidr).map(|b| &**b);
-                block_store::write_ops(read, &self.blocks[cidr].value).len()
+                block_store::write_count(read, &self.blocks[cidr].value)
             })
             .sum();
         blocks + self.handles.len() + self.last_addresses.len() + self.deletes.len()
