@@ -47,8 +47,8 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Print resources of KIND (ippool, ipreservation, bgpconfiguration, bgppeer, node), or
-    /// one by NAME.
+    /// Print resources of KIND (ippool, ipreservation, ipamconfiguration, bgpconfiguration,
+    /// bgppeer, node), or one by NAME.
     Get {
         kind: String,
         name: Option<String>,

@@ -39,6 +39,10 @@ metadata: { name: ipip-always }
 spec: { cidr: 10.244.48.0/20, blockSize: 26, ipipMode: Always }
 ";
 
+/// Blocks in the newest format, as `deploy/pools/ipam-configuration.yaml` sets it: the
+/// agents route from blocks whose allocations are keys of their own.
+const IPAM_CONFIGURATION: &str = include_str!("../../../deploy/pools/ipam-configuration.yaml");
+
 fn interrupted(flag: &AtomicBool) -> anyhow::Result<()> {
     if flag.load(Ordering::SeqCst) {
         anyhow::bail!("interrupted");
@@ -144,7 +148,7 @@ fn run(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
                 subnets: 2,
                 etcd: true,
             },
-            pools: POOLS.into(),
+            pools: format!("{POOLS}\n---\n{IPAM_CONFIGURATION}"),
             ..Default::default()
         },
     )?;
@@ -189,6 +193,10 @@ fn run(args: &Args, stop: &AtomicBool) -> anyhow::Result<bool> {
         )
     };
     println!("\n$ tesseractl get ippools\n{}", ctl(&["get", "ippools"])?);
+    println!(
+        "$ tesseractl get ipamconfigurations\n{}",
+        ctl(&["get", "ipamconfigurations"])?
+    );
     println!("$ tesseractl ipam show\n{}", ctl(&["ipam", "show"])?);
     let n0 = &c.lab.nodes[0];
     let status = n0.netns.exec(
