@@ -5,8 +5,8 @@
 //! [`keys::block_record`], so that assigning or releasing one address writes that address's
 //! record and a small block value whatever the block's fill (see
 //! [`crate::block_format`]). Every writer goes through [`write_ops`] and [`delete_ops`],
-//! every reader through [`blocks_from`] or [`read_block`]; the block key's revision guards
-//! both, as before.
+//! every reader through [`blocks_from`] (a prefix read's keys) or [`read_block`] and its
+//! kin (one block); the block key's revision guards both, as before.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -118,8 +118,8 @@ pub fn each_block(
     stray.into_iter().chain(blocks)
 }
 
-/// The block `cidr` and its key's revision, read in one request (a `V6` block's records
-/// with it, at the same revision).
+/// The block `cidr` and its key's revision: its key read, and a `V6` block with
+/// allocations read again with its records ([`from_own_value`]).
 pub async fn read_block<K: Kv>(
     kv: &K,
     cidr: IpNetwork,
@@ -151,20 +151,19 @@ pub async fn from_own_value<K: Kv>(
     read_with_records(kv, cidr).await
 }
 
-/// The block `cidr` with its records, in one prefix read (one revision): a block key is
-/// no other's prefix (a segment ends in the prefix length, and pools' blocks are /20 or
-/// longer), and records are `<block key>/<ordinal>`.
+/// The block `cidr` with its records, in one prefix read (one revision). The prefix also
+/// holds any block key that merely begins with this one (none does among pools' blocks,
+/// /20 or longer, but nothing else is taken for ours).
 pub async fn read_with_records<K: Kv>(
     kv: &K,
     cidr: IpNetwork,
 ) -> Result<Option<(IpamBlock, i64)>, IpamError> {
     let key = keys::block(cidr);
     let (kvs, _) = with_retry(|| kv.get_prefix(&key)).await?;
-    let mut ours: Vec<KeyValue> = kvs
+    let ours: Vec<KeyValue> = kvs
         .into_iter()
         .filter(|k| k.key == key || k.key.strip_prefix(&key).is_some_and(|r| r.starts_with('/')))
         .collect();
-    ours.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(blocks_from(&ours)?.pop())
 }
 
