@@ -35,6 +35,21 @@ async fn stored_formats(kv: &MemKv) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// A store with pool `p` and, when `format` is given, an `IPAMConfiguration` naming it;
+/// node1's client, and the address it assigned handle `a`.
+async fn node1_assigned_a(
+    format: Option<&str>,
+) -> (MemKv, Ipam<MemKv>, Vec<tessera_datastore::Assignment>) {
+    let kv = MemKv::new();
+    apply(&kv, POOL).await;
+    if let Some(f) = format {
+        apply(&kv, f).await;
+    }
+    let n1 = Ipam::new(kv.clone(), "node1");
+    let a = n1.auto_assign(&request("a")).await.expect("assign");
+    (kv, n1, a)
+}
+
 /// A fresh client (nothing cached) releasing `handle` stops at its block, which it finds
 /// corrupt for a reason that `says` so; nothing is written.
 async fn release_is_refused_as_corrupt(kv: &MemKv, handle: &str, says: &str) {
@@ -47,10 +62,7 @@ async fn release_is_refused_as_corrupt(kv: &MemKv, handle: &str, says: &str) {
 
 #[tokio::test]
 async fn blocks_move_to_v2_when_the_cluster_says_so_and_nothing_is_lost() {
-    let kv = MemKv::new();
-    apply(&kv, POOL).await;
-    let n1 = Ipam::new(kv.clone(), "node1");
-    let first = n1.auto_assign(&request("a")).await.expect("assign");
+    let (kv, _, first) = node1_assigned_a(None).await;
     assert_eq!(stored_formats(&kv).await[0].1, 1, "V1 by default");
 
     apply(&kv, V2).await;
@@ -78,10 +90,7 @@ async fn blocks_move_to_v2_when_the_cluster_says_so_and_nothing_is_lost() {
 
 #[tokio::test]
 async fn a_block_in_a_newer_format_is_refused_with_its_version() {
-    let kv = MemKv::new();
-    apply(&kv, POOL).await;
-    let n1 = Ipam::new(kv.clone(), "node1");
-    let got = n1.auto_assign(&request("a")).await.expect("assign");
+    let (kv, _, got) = node1_assigned_a(None).await;
     let key = keys::block(got[0].block);
     let mut v: serde_json::Value =
         serde_json::from_slice(&kv.get(&key).await.expect("get").expect("block").value)
@@ -111,11 +120,7 @@ spec: { blockFormat: V3 }
 
 #[tokio::test]
 async fn blocks_move_on_from_v2_to_v3_and_keep_their_nodes_attributes() {
-    let kv = MemKv::new();
-    apply(&kv, POOL).await;
-    apply(&kv, V2).await;
-    let n1 = Ipam::new(kv.clone(), "node1");
-    let first = n1.auto_assign(&request("a")).await.expect("assign");
+    let (kv, _, first) = node1_assigned_a(Some(V2)).await;
     assert_eq!(stored_formats(&kv).await[0].1, 2);
 
     apply(&kv, V3).await;
@@ -167,11 +172,7 @@ spec: { blockFormat: V5 }
 /// releases work; and the blocks stay in it. Returns node1's block as stored before the
 /// move and after.
 async fn blocks_move_on(from: &str, to: &str, to_version: u64) -> (Vec<u8>, Vec<u8>) {
-    let kv = MemKv::new();
-    apply(&kv, POOL).await;
-    apply(&kv, from).await;
-    let n1 = Ipam::new(kv.clone(), "node1");
-    let first = n1.auto_assign(&request("a")).await.expect("assign");
+    let (kv, n1, first) = node1_assigned_a(Some(from)).await;
     // Pods enough that the block is worth compressing: CNI handles (hex container IDs).
     let pods: Vec<String> = (0..40)
         .map(|i| format!("k8s-pod-network.{i:064x}"))
@@ -279,11 +280,7 @@ async fn blocks_move_on_from_v5_to_v6_with_each_allocation_under_its_own_key() {
 
 #[tokio::test]
 async fn a_v6_assignment_writes_one_record_and_a_release_deletes_it() {
-    let kv = MemKv::new();
-    apply(&kv, POOL).await;
-    apply(&kv, V6).await;
-    let n1 = Ipam::new(kv.clone(), "node1");
-    let a = n1.auto_assign(&request("a")).await.expect("assign");
+    let (kv, n1, a) = node1_assigned_a(Some(V6)).await;
     let key = keys::block(a[0].block);
     let ordinal = |addr: std::net::IpAddr| match (addr, a[0].block.network()) {
         (std::net::IpAddr::V4(x), std::net::IpAddr::V4(n)) => u32::from(x) - u32::from(n),
@@ -350,11 +347,7 @@ async fn a_v6_assignment_writes_one_record_and_a_release_deletes_it() {
 
 #[tokio::test]
 async fn a_v6_record_missing_or_out_of_step_is_refused_not_read_as_free() {
-    let kv = MemKv::new();
-    apply(&kv, POOL).await;
-    apply(&kv, V6).await;
-    let n1 = Ipam::new(kv.clone(), "node1");
-    let a = n1.auto_assign(&request("a")).await.expect("assign");
+    let (kv, n1, a) = node1_assigned_a(Some(V6)).await;
     n1.auto_assign(&request("b")).await.expect("assign");
     let key = keys::block(a[0].block);
     let (items, _) = kv.get_prefix(&key).await.expect("keys");
