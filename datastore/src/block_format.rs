@@ -1170,6 +1170,16 @@ mod tests {
         b
     }
 
+    /// `value` (format `what`) is under `1 / parts` of the same block's `v3`.
+    fn assert_under_part_of_v3(what: &str, value: &[u8], parts: usize, v3: &[u8]) {
+        assert!(
+            value.len() * parts < v3.len(),
+            "{what} {} bytes, V3 {} bytes",
+            value.len(),
+            v3.len()
+        );
+    }
+
     #[test]
     fn v4_is_v3_compressed_and_under_a_third_of_its_size_for_a_block_of_pods() {
         let b = block_of_pods();
@@ -1177,12 +1187,7 @@ mod tests {
         let v4 = crate::codec::encode_block(&b.clone().in_format(BlockFormat::V4));
         assert_eq!(v3[0], b'{', "V3 is JSON");
         assert!(v4.starts_with(&crate::codec::ZSTD_MAGIC));
-        assert!(
-            v4.len() * 3 < v3.len(),
-            "V4 {} bytes, V3 {} bytes",
-            v4.len(),
-            v3.len()
-        );
+        assert_under_part_of_v3("V4", &v4, 3, &v3);
         let back = round_trip(&b.clone().in_format(BlockFormat::V4));
         assert_eq!(back.format, BlockFormat::V4);
         assert_eq!(
@@ -1205,20 +1210,10 @@ mod tests {
         assert!(binary.starts_with(&[BINARY_MAGIC.as_slice(), &[5]].concat()));
         // Each container ID is 32 bytes, not 64 hex digits twice (handle and attribute);
         // `network`, `namespace` and their values are stored once.
-        assert!(
-            binary.len() * 2 < v3.len(),
-            "V5 {} bytes, V3 {} bytes",
-            binary.len(),
-            v3.len()
-        );
+        assert_under_part_of_v3("V5", &binary, 2, &v3);
         let stored = crate::codec::encode_block(&b);
         assert!(stored.starts_with(&crate::codec::ZSTD_MAGIC));
-        assert!(
-            stored.len() * 3 < v3.len(),
-            "V5 {} bytes compressed, V3 {} bytes",
-            stored.len(),
-            v3.len()
-        );
+        assert_under_part_of_v3("V5 compressed", &stored, 3, &v3);
         let back = round_trip(&b);
         assert_eq!(back.format, BlockFormat::V5);
         assert_eq!(back, b);
