@@ -4,6 +4,8 @@
 //! revisions it saw, so it never takes a lock and never overrides a concurrent writer: an item
 //! that changed since the snapshot is skipped and looked at again on the next run.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::block::IpamBlock;
@@ -61,6 +63,10 @@ impl GcReport {
             + self.blocks_released
     }
 }
+
+/// The most stale allocations of one block GC frees in one transaction: each adds a compare
+/// (its handle) and, in block format V6, a delete (its record).
+const FREES_PER_TXN: usize = crate::kv::MAX_TXN_WRITES;
 
 async fn apply<K: Kv>(
     kv: &K,
@@ -182,39 +188,46 @@ pub async fn gc_snapshot<K: Kv>(
         }
     }
 
-    // Allocations whose handle does not list them.
+    // Allocations whose handle does not list them: freed at most FREES_PER_TXN at a time, each
+    // transaction guarded by the block's revision (the one the last transaction left) and by
+    // the handles seen not listing them.
     for (cidr, b) in &snap.blocks {
-        let mut block = b.value.clone();
-        let mut freed = 0;
-        let mut guards = Vec::new();
-        for (addr, alloc) in b.value.allocated() {
-            let handle = snap.handles.get(&alloc.handle);
-            let listed = handle.is_some_and(|h| {
-                h.value
-                    .addresses
-                    .iter()
-                    .any(|e| e.addr == addr && e.seq == alloc.seq && e.block == *cidr)
-            });
-            if !listed {
-                guards.push((
-                    keys::handle(&alloc.handle),
-                    handle.map(|h| h.rev).unwrap_or(0),
-                ));
-                let _ = block.release(addr, Some(alloc.seq), now);
-                freed += 1;
+        let stale: Vec<(IpAddr, u64, &str)> = b
+            .value
+            .allocated()
+            .filter(|(addr, alloc)| {
+                !snap.handles.get(&alloc.handle).is_some_and(|h| {
+                    h.value
+                        .addresses
+                        .iter()
+                        .any(|e| e.addr == *addr && e.seq == alloc.seq && e.block == *cidr)
+                })
+            })
+            .map(|(addr, alloc)| (addr, alloc.seq, alloc.handle.as_str()))
+            .collect();
+        let bkey = keys::block(*cidr);
+        let (mut before, mut rev) = (b.value.clone(), b.rev);
+        for chunk in stale.chunks(FREES_PER_TXN) {
+            let mut after = before.clone();
+            let mut guards = BTreeMap::new();
+            for &(addr, seq, handle) in chunk {
+                let _ = after.release(addr, Some(seq), now);
+                let handle_rev = snap.handles.get(handle).map_or(0, |h| h.rev);
+                guards.insert(keys::handle(handle), handle_rev);
             }
-        }
-        if freed > 0 {
-            let bkey = keys::block(*cidr);
             let mut txn = Txn::new()
-                .expect(&bkey, b.rev)
-                .then_all(block_store::write_ops(Some(&b.value), &block));
+                .expect(&bkey, rev)
+                .then_all(block_store::write_ops(Some(&before), &after));
             for (k, rev) in guards {
                 txn = txn.expect(k, rev);
             }
-            let mut done = 0;
-            apply(kv, txn, &mut done, &mut r.skipped).await?;
-            r.allocations_freed += done * freed;
+            let out = with_retry(|| kv.txn(txn.clone())).await?;
+            if !out.succeeded {
+                r.skipped += 1;
+                break;
+            }
+            r.allocations_freed += chunk.len();
+            (before, rev) = (after, out.revision);
         }
     }
 
@@ -664,5 +677,57 @@ mod tests {
             .auto_assign(&req("w1c", 1))
             .await
             .expect("borrow");
+    }
+
+    /// More stale allocations in one block than etcd takes in one transaction (a handle
+    /// compare each, and in V6 a record delete each): GC frees them all, in several.
+    #[tokio::test]
+    async fn gc_frees_more_stale_allocations_than_one_transaction_takes() {
+        let stale = FREES_PER_TXN + 30;
+        for format in ["V5", "V6"] {
+            let kv = MemKv::default();
+            let yaml = format!(
+                "apiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: {{ name: big }}\n\
+                 spec: {{ cidr: 10.244.0.0/24, blockSize: 24 }}\n---\n\
+                 apiVersion: tessera.dev/v1\nkind: IPAMConfiguration\n\
+                 metadata: {{ name: default }}\nspec: {{ blockFormat: {format} }}\n"
+            );
+            let r = parse_resources(&yaml).expect("yaml");
+            crate::admin::write(&kv, &r, crate::admin::WriteMode::Apply, false)
+                .await
+                .expect("apply");
+            let n1 = Node {
+                name: "n1".into(),
+                ..Default::default()
+            };
+            put_node(&kv, &n1).await.expect("node");
+            let ipam = Ipam::new(kv.clone(), "n1");
+            for i in 0..=stale {
+                ipam.auto_assign(&req(&format!("pod-{i}"), 1))
+                    .await
+                    .expect("assign");
+            }
+            // Every handle but pod-0's lost (as a crash between a handle's delete and its
+            // block's write would leave them, one by one).
+            for i in 1..=stale {
+                let t = Txn::new().then(Op::delete(keys::handle(&format!("pod-{i}"))));
+                kv.txn(t).await.expect("txn");
+            }
+            let r = gc(&kv, &GcOptions::default()).await.expect(format);
+            assert_eq!((r.allocations_freed, r.skipped), (stale, 0), "{format}");
+            let snap = Snapshot::read(&kv).await.expect("snapshot");
+            let held: Vec<_> = snap.allocations().into_iter().map(|(_, h)| h).collect();
+            assert_eq!(held, ["pod-0"], "{format}");
+            let cidr = *snap.blocks.keys().next().expect("the block");
+            let (keys_left, _) = kv.get_prefix(&keys::block(cidr)).await.expect("read");
+            let expected = if format == "V6" { 2 } else { 1 };
+            assert_eq!(
+                keys_left.len(),
+                expected,
+                "{format}: the block and pod-0's record"
+            );
+            let again = gc(&kv, &GcOptions::default()).await.expect("again");
+            assert_eq!(again.repairs(), 0, "{format}: {again:?}");
+        }
     }
 }

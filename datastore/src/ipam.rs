@@ -24,7 +24,7 @@ use crate::codec::{conflict_pause, decode, encode, fnv1a, now_ms, with_retry};
 use crate::error::{Family, IpamError};
 use crate::handoff::{Affinities, Handoff, Known, HANDLES_CARRIED};
 use crate::keys;
-use crate::kv::{KeyValue, Kv, Op, Txn};
+use crate::kv::{KeyValue, Kv, Op, Txn, MAX_TXN_WRITES};
 use crate::model::{AffinityState, BlockAffinity, HandleAddress, IpPool, IpamHandle, WorkloadId};
 use crate::resources::{get_node, load_config, Config};
 
@@ -636,9 +636,47 @@ impl<K: Kv> Ipam<K> {
     }
 
     /// [`Ipam::assign_in_block`], also requiring `absent` to stay absent (a borrow: the
-    /// block owner's suspect record).
+    /// block owner's suspect record). In block format V6 a transaction carries at most
+    /// [`MAX_TXN_WRITES`] records, so a large request takes several; if a later one fails,
+    /// what the earlier ones assigned is released again.
     #[allow(clippy::too_many_arguments)]
     async fn assign_in_block_with(
+        &self,
+        pool: &IpPool,
+        cidr: IpNetwork,
+        count: usize,
+        owner: &Owner,
+        attrs: &Attributes,
+        exact: Option<IpAddr>,
+        absent: Option<&str>,
+    ) -> Result<Vec<Assignment>, IpamError> {
+        let mut out = Vec::new();
+        while out.len() < count {
+            let left = count - out.len();
+            let got = match self
+                .assign_in_block_txn(pool, cidr, left, owner, attrs, exact, absent)
+                .await
+            {
+                Ok(got) => got,
+                Err(e) => {
+                    self.roll_back(&out).await;
+                    return Err(e);
+                }
+            };
+            if got.is_empty() {
+                break;
+            }
+            out.extend(got);
+            if exact.is_some() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// One transaction of [`Ipam::assign_in_block_with`]: up to `count` addresses.
+    #[allow(clippy::too_many_arguments)]
+    async fn assign_in_block_txn(
         &self,
         pool: &IpPool,
         cidr: IpNetwork,
@@ -677,6 +715,13 @@ impl<K: Kv> Ipam<K> {
             // Written back in the cluster's format: blocks move to a newer one as they change.
             let mut block = IpamBlock::clone(&blk.value).in_format(cfg.block_format);
             let now = now_ms();
+            let count = if block.format >= BlockFormat::V6 {
+                // Less the records a move to V6 writes in this same transaction.
+                let moved = block_store::write_count(Some(&blk.value), &block) - 1;
+                count.min(MAX_TXN_WRITES.saturating_sub(moved).max(1))
+            } else {
+                count
+            };
             let got: Vec<Assigned> = match exact {
                 Some(addr) => vec![block
                     .assign_exact(addr, &owner.handle, attrs, |a| cfg.is_reserved(a))
@@ -955,7 +1000,8 @@ impl<K: Kv> Ipam<K> {
         self.release_handle_guarded(handle, &[]).await
     }
 
-    /// Frees `handle` block by block (one transaction each; the last deletes the handle).
+    /// Frees `handle` block by block (one transaction each, several for more of a V6 block's
+    /// addresses than one carries; the last deletes the handle).
     /// Every transaction also compares each `guards` key with its revision (0: absent); when
     /// one changed, nothing more is written and [`IpamError::GuardChanged`] names it (a
     /// reclaim stops when the node returns or the GC leader is deposed).
@@ -987,13 +1033,22 @@ impl<K: Kv> Ipam<K> {
             let mut freed = Vec::new();
             let mut new_block = None;
             if let Some(cidr) = cidr {
-                new_handle.addresses.retain(|a| a.block != cidr);
+                // In block format V6 each freed address is a write (its record's delete).
+                let these: Vec<HandleAddress> = h
+                    .value
+                    .addresses
+                    .iter()
+                    .filter(|a| a.block == cidr)
+                    .take(MAX_TXN_WRITES)
+                    .cloned()
+                    .collect();
+                new_handle.addresses.retain(|a| !these.contains(a));
                 let bkey = keys::block(cidr);
                 match self.block(cidr).await? {
                     Some(blk) => {
                         let mut block = IpamBlock::clone(&blk.value);
                         let now = now_ms();
-                        for e in h.value.addresses.iter().filter(|a| a.block == cidr) {
+                        for e in &these {
                             // A stale entry (address re-allocated since) is just dropped.
                             if let Ok(Some(_)) = block.release(e.addr, Some(e.seq), now) {
                                 freed.push(e.addr);

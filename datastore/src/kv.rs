@@ -91,6 +91,11 @@ impl Txn {
 /// transaction (its `--max-txn-ops` default); [`MemKv`] refuses more as etcd does.
 pub const MAX_TXN_OPS: usize = 128;
 
+/// The most writes that vary with the work (records of block format V6, handles of a batch)
+/// Tessera puts in one transaction, leaving room under [`MAX_TXN_OPS`] for the few every
+/// transaction has (its block, handle, last addresses, guards).
+pub const MAX_TXN_WRITES: usize = MAX_TXN_OPS - 8;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TxnOutcome {
     pub succeeded: bool,

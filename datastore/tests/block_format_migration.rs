@@ -412,3 +412,53 @@ spec: { cidr: 10.244.0.0/20, blockSize: 24 }
         }
     }
 }
+
+/// A request for more of a V6 block's addresses than one transaction carries (a record
+/// each), on a V5 block whose move to V6 also writes its 90 records: it takes several
+/// transactions, and so does its release; nothing is refused, nothing left behind.
+#[tokio::test]
+async fn a_v6_request_larger_than_a_transaction_takes_several() {
+    let kv = MemKv::new();
+    apply(
+        &kv,
+        "
+apiVersion: tessera.dev/v1
+kind: IPPool
+metadata: { name: p }
+spec: { cidr: 10.244.0.0/24, blockSize: 24 }
+",
+    )
+    .await;
+    apply(&kv, V5).await;
+    let n1 = Ipam::new(kv.clone(), "node1");
+    for i in 0..90 {
+        n1.auto_assign(&request(&format!("pod-{i}")))
+            .await
+            .expect("assign");
+    }
+    apply(&kv, V6).await;
+    let n1 = Ipam::new(kv.clone(), "node1");
+    let big = tessera_datastore::AssignRequest {
+        num_v4: 150,
+        ..request("big")
+    };
+    let got = n1.auto_assign(&big).await.expect("150 in one request");
+    assert_eq!(got.len(), 150);
+    let block_key = keys::block(got[0].block);
+    assert_eq!(stored_formats(&kv).await, [(block_key.clone(), 6)]);
+    // The block's own key and a record per allocation.
+    assert_eq!(block_keys(&kv, &block_key).await.len(), 1 + 240);
+    let fresh = Ipam::new(kv.clone(), "node1");
+    assert_eq!(
+        fresh.handle_addresses("big").await.expect("read").len(),
+        150
+    );
+    let freed = fresh.release_by_handle("big").await.expect("release");
+    assert_eq!(freed.len(), 150);
+    assert_eq!(block_keys(&kv, &block_key).await.len(), 1 + 90);
+    assert!(fresh
+        .handle_addresses("big")
+        .await
+        .expect("read")
+        .is_empty());
+}

@@ -85,10 +85,9 @@ struct Plan {
     read: BTreeMap<IpNetwork, Arc<IpamBlock>>,
 }
 
-/// The most writes a batch's transaction carries: etcd refuses more than
-/// [`MAX_TXN_OPS`](crate::kv::MAX_TXN_OPS) in one, and in block format V6 each address
-/// assigned or released is a write of its own besides its block and handle.
-const MAX_TXN_WRITES: usize = crate::kv::MAX_TXN_OPS - 8;
+/// The most writes a batch's transaction carries: in block format V6 each address assigned
+/// or released is a write of its own besides its block and handle.
+use crate::kv::MAX_TXN_WRITES;
 
 /// What [`Plan::undo`] restores.
 struct UndoPoint {
