@@ -31,9 +31,10 @@
 //!   allocated ordinals with their sequence numbers and the free queue: 150 bytes for those
 //!   58 pods. Each allocation's record ([`RECORD_MAGIC`], 6, postcard) holds its sequence
 //!   number, handle and attributes (only `network` and `containerID` left out, as the handle
-//!   says them; `node` is kept, so a record does not depend on its block's affinity). A
-//!   write carries the block's own value and the records that changed, whatever the fill.
-//!   Its JSON form (a handoff file's) is `V3`'s with `"v": 6`, whole.
+//!   says them; `node` is kept, so a record does not depend on its block's affinity). An
+//!   assignment writes the block's own value and the new record, a release only the
+//!   block's own value (the freed ordinal's record stays, passed over by readers, until
+//!   the ordinal is assigned again), whatever the fill. Its JSON form (a handoff file's) is `V3`'s with `"v": 6`, whole.
 //!
 //! Every value says its format; a reader that meets a newer one refuses it (a decode error
 //! naming the version) rather than misreading it, and a block is only ever rewritten in
@@ -812,9 +813,12 @@ fn binary_version(bytes: &[u8]) -> Result<(u32, &[u8]), String> {
 // sequence numbers, and holds the free queue: tens of bytes for a full /26 where `V5`
 // holds every pod's handle and attributes. Each allocation's record ([`V6Record`]: handle
 // and attributes) is a key of its own beside the block, `<block key>/<ordinal>`, written in
-// the same transaction as the block when it is assigned and deleted with it when released.
-// A write then carries only what changed, whatever the block's fill. The block key's
-// revision still guards every change: no record changes without its block.
+// the same transaction as the block when it is assigned. A release writes only the block's
+// own value: the record stays, and readers pass over a free ordinal's record; the next
+// assignment of the ordinal overwrites it, with a new sequence number, and deleting the
+// block deletes every key under `<block key>/`. A write then carries only what changed,
+// whatever the block's fill. The block key's revision still guards every change: no record
+// changes without its block.
 
 /// A `V6` block's own value after [`BINARY_MAGIC`] and the version byte 6, in postcard.
 #[derive(Serialize, Deserialize)]
@@ -918,8 +922,9 @@ pub(crate) fn decode_v6_core(bytes: &[u8]) -> Result<(IpamBlock, Vec<(u32, u64)>
 }
 
 /// Puts the records of a `V6` block read by [`decode_v6_core`] in their places. Every
-/// allocated ordinal needs its record with the same sequence number, and no record may
-/// name another ordinal: anything else is a torn read or damage, never a block.
+/// allocated ordinal needs its record with the same sequence number (an assignment writes
+/// it in the transaction that allocates the ordinal): anything else is a torn read or
+/// damage, never a block. A free ordinal's record is what a release left; it is passed over.
 pub(crate) fn attach_v6_records<'r>(
     block: &mut IpamBlock,
     allocated: &[(u32, u64)],
@@ -932,16 +937,21 @@ pub(crate) fn attach_v6_records<'r>(
             .and_then(|b| b.strip_prefix(&[BlockFormat::V6.version() as u8]))
             .ok_or_else(|| format!("allocation {ordinal}: not a format 6 record"))?;
         let record: V6Record = whole(body, &format!("allocation {ordinal}'s record"))?;
-        let wanted = allocated.binary_search_by_key(&ordinal, |(o, _)| *o);
-        match wanted.map(|i| allocated[i].1) {
-            Ok(seq) if seq == record.seq => {}
-            Ok(seq) => {
+        let Ok(i) = allocated.binary_search_by_key(&ordinal, |(o, _)| *o) else {
+            if ordinal >= block.len() {
                 return Err(format!(
-                    "allocation {ordinal}: the record says sequence {}, the block {seq}",
-                    record.seq
-                ))
+                    "a record of ordinal {ordinal}, past the block's end"
+                ));
             }
-            Err(_) => return Err(format!("a record of ordinal {ordinal}, which is free")),
+            // Left by a release: the block's own value says the ordinal is free.
+            continue;
+        };
+        let seq = allocated[i].1;
+        if seq != record.seq {
+            return Err(format!(
+                "allocation {ordinal}: the record says sequence {}, the block {seq}",
+                record.seq
+            ));
         }
         if record.derived & FROM_AFFINITY != 0 {
             return Err(format!(

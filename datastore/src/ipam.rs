@@ -1000,8 +1000,7 @@ impl<K: Kv> Ipam<K> {
         self.release_handle_guarded(handle, &[]).await
     }
 
-    /// Frees `handle` block by block (one transaction each, several for more of a V6 block's
-    /// addresses than one carries; the last deletes the handle).
+    /// Frees `handle` block by block (one transaction each; the last deletes the handle).
     /// Every transaction also compares each `guards` key with its revision (0: absent); when
     /// one changed, nothing more is written and [`IpamError::GuardChanged`] names it (a
     /// reclaim stops when the node returns or the GC leader is deposed).
@@ -1033,22 +1032,13 @@ impl<K: Kv> Ipam<K> {
             let mut freed = Vec::new();
             let mut new_block = None;
             if let Some(cidr) = cidr {
-                // In block format V6 each freed address is a write (its record's delete).
-                let these: Vec<HandleAddress> = h
-                    .value
-                    .addresses
-                    .iter()
-                    .filter(|a| a.block == cidr)
-                    .take(MAX_TXN_WRITES)
-                    .cloned()
-                    .collect();
-                new_handle.addresses.retain(|a| !these.contains(a));
+                new_handle.addresses.retain(|a| a.block != cidr);
                 let bkey = keys::block(cidr);
                 match self.block(cidr).await? {
                     Some(blk) => {
                         let mut block = IpamBlock::clone(&blk.value);
                         let now = now_ms();
-                        for e in &these {
+                        for e in h.value.addresses.iter().filter(|a| a.block == cidr) {
                             // A stale entry (address re-allocated since) is just dropped.
                             if let Ok(Some(_)) = block.release(e.addr, Some(e.seq), now) {
                                 freed.push(e.addr);

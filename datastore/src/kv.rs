@@ -33,6 +33,10 @@ pub enum Op {
     Delete {
         key: String,
     },
+    /// Every key that begins with `prefix`.
+    DeletePrefix {
+        prefix: String,
+    },
     Get {
         key: String,
     },
@@ -48,6 +52,11 @@ impl Op {
     }
     pub fn delete(key: impl Into<String>) -> Op {
         Op::Delete { key: key.into() }
+    }
+    pub fn delete_prefix(prefix: impl Into<String>) -> Op {
+        Op::DeletePrefix {
+            prefix: prefix.into(),
+        }
     }
     pub fn get(key: impl Into<String>) -> Op {
         Op::Get { key: key.into() }
@@ -588,6 +597,10 @@ fn to_etcd_op(op: &Op) -> etcd_client::TxnOp {
             lease.map(|l| etcd_client::PutOptions::new().with_lease(l)),
         ),
         Op::Delete { key } => etcd_client::TxnOp::delete(key.as_str(), None),
+        Op::DeletePrefix { prefix } => etcd_client::TxnOp::delete(
+            prefix.as_str(),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        ),
         Op::Get { key } => etcd_client::TxnOp::get(key.as_str(), None),
     }
 }
@@ -779,6 +792,7 @@ impl MemState {
             Op::Delete { key } => {
                 self.data.remove(key);
             }
+            Op::DeletePrefix { prefix } => self.data.retain(|k, _| !k.starts_with(prefix)),
             Op::Get { key } => gets.push(self.data.get(key).cloned()),
         }
     }

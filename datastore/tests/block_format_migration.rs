@@ -279,7 +279,7 @@ async fn blocks_move_on_from_v5_to_v6_with_each_allocation_under_its_own_key() {
 }
 
 #[tokio::test]
-async fn a_v6_assignment_writes_one_record_and_a_release_deletes_it() {
+async fn a_v6_assignment_writes_one_record_and_a_release_only_the_block() {
     let (kv, n1, a) = node1_assigned_a(Some(V6)).await;
     let key = keys::block(a[0].block);
     let ordinal = |addr: std::net::IpAddr| match (addr, a[0].block.network()) {
@@ -325,15 +325,23 @@ async fn a_v6_assignment_writes_one_record_and_a_release_deletes_it() {
         small < 32 * 4 + 40,
         "the block's own value is {small} bytes"
     );
-    // Released: the record goes with the allocation, in the same transaction.
+    // Released: only the block's own key is written. The record stays, passed over by
+    // readers (the block says the ordinal is free), until the ordinal is assigned again.
     assert_eq!(
         n1.release_by_handle("b").await.expect("release"),
         vec![b[0].addr]
     );
-    assert!(kv.get(&record(b[0].addr)).await.expect("get").is_none());
-    assert_eq!(block_keys(&kv, &key).await.len(), 1 + 1 + pods.len());
-    // A fresh client (no cache) and a snapshot read the records back.
+    let (items, rev) = kv.get_prefix(&key).await.expect("keys");
+    let changed: Vec<&str> = items
+        .iter()
+        .filter(|i| i.mod_revision == rev)
+        .map(|i| i.key.as_str())
+        .collect();
+    assert_eq!(changed, [key.as_str()]);
+    assert_eq!(block_keys(&kv, &key).await.len(), 1 + 1 + 1 + pods.len());
+    // A fresh client (no cache) and a snapshot read the blocks back without b.
     let fresh = Ipam::new(kv.clone(), "node1");
+    assert!(fresh.handle_addresses("b").await.expect("read").is_empty());
     assert_eq!(
         fresh.release_by_handle("a").await.expect("release"),
         vec![a[0].addr]
@@ -343,6 +351,16 @@ async fn a_v6_assignment_writes_one_record_and_a_release_deletes_it() {
         .expect("snapshot");
     assert_eq!(snap.allocations().len(), pods.len());
     snap.check(true).expect("invariants hold");
+    // Emptied and released (node1 has no Node record: GC gives its empty block back), the
+    // block leaves no key behind, its records of free ordinals neither.
+    for p in &pods {
+        fresh.release_by_handle(p).await.expect("release");
+    }
+    let gc = tessera_datastore::gc::gc(&kv, &Default::default())
+        .await
+        .expect("gc");
+    assert_eq!(gc.blocks_released, 1, "{gc:?}");
+    assert_eq!(block_keys(&kv, &key).await, Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -415,7 +433,7 @@ spec: { cidr: 10.244.0.0/20, blockSize: 24 }
 
 /// A request for more of a V6 block's addresses than one transaction carries (a record
 /// each), on a V5 block whose move to V6 also writes its 90 records: it takes several
-/// transactions, and so does its release; nothing is refused, nothing left behind.
+/// transactions; nothing is refused, and its release frees every address.
 #[tokio::test]
 async fn a_v6_request_larger_than_a_transaction_takes_several() {
     let kv = MemKv::new();
@@ -455,7 +473,12 @@ spec: { cidr: 10.244.0.0/24, blockSize: 24 }
     );
     let freed = fresh.release_by_handle("big").await.expect("release");
     assert_eq!(freed.len(), 150);
-    assert_eq!(block_keys(&kv, &block_key).await.len(), 1 + 90);
+    // The records of the freed ordinals stay; the block says they are free.
+    assert_eq!(block_keys(&kv, &block_key).await.len(), 1 + 240);
+    let snap = tessera_datastore::snapshot::Snapshot::read(&kv)
+        .await
+        .expect("snapshot");
+    assert_eq!(snap.allocations().len(), 90);
     assert!(fresh
         .handle_addresses("big")
         .await

@@ -572,26 +572,46 @@ mod tests {
         use tessera_datastore::block::BlockFormat;
         use tessera_datastore::block_store::{delete_ops, write_ops};
         use tessera_datastore::kv::Op;
-        fn apply(records: &mut Records, ops: Vec<Op>) {
+        /// The transaction's events as a watch gives them: one per key (a prefix delete is
+        /// a delete event for each key it removed).
+        fn apply(records: &mut Records, stored: &mut BTreeSet<String>, ops: Vec<Op>) {
             for op in ops {
                 match op {
-                    Op::Put { key, value, .. } => records.put(&key, &value),
-                    Op::Delete { key } => records.delete(&key),
+                    Op::Put { key, value, .. } => {
+                        records.put(&key, &value);
+                        stored.insert(key);
+                    }
+                    Op::Delete { key } => {
+                        records.delete(&key);
+                        stored.remove(&key);
+                    }
+                    Op::DeletePrefix { prefix } => {
+                        let gone: Vec<String> = stored
+                            .iter()
+                            .filter(|k| k.starts_with(&prefix))
+                            .cloned()
+                            .collect();
+                        for key in gone {
+                            records.delete(&key);
+                            stored.remove(&key);
+                        }
+                    }
                     Op::Get { .. } => unreachable!("writes only"),
                 }
             }
         }
         let mut records = Records::default();
+        let mut stored = BTreeSet::new();
         let empty = IpamBlock::new("10.244.0.0/26".parse().unwrap(), Some("a".into()))
             .in_format(BlockFormat::V6);
-        apply(&mut records, write_ops(None, &empty));
+        apply(&mut records, &mut stored, write_ops(None, &empty));
         // b borrows an address from a's block, a assigns one of its own.
         let mut full = empty.clone();
         for node in ["b", "a"] {
             let attrs = [("node".to_string(), node.to_string())].into();
             full.assign(1, &format!("h-{node}"), &attrs, 0, 0, |_| false);
         }
-        apply(&mut records, write_ops(Some(&empty), &full));
+        apply(&mut records, &mut stored, write_ops(Some(&empty), &full));
         let v = records.view(2);
         assert_eq!(v.blocks[0].in_use(), 2);
         assert!(v.corrupt.is_empty(), "{:?}", v.corrupt);
@@ -600,12 +620,12 @@ mod tests {
             d["b"].borrowed,
             ["10.244.0.0/32".parse::<IpNetwork>().unwrap()]
         );
-        // b's address released: its record goes, in the same response.
+        // b's address released: the block says so; its record stays, passed over.
         let mut released = full.clone();
         released
             .release("10.244.0.0".parse().unwrap(), None, 1)
             .expect("release");
-        apply(&mut records, write_ops(Some(&full), &released));
+        apply(&mut records, &mut stored, write_ops(Some(&full), &released));
         let v = records.view(3);
         assert_eq!(v.blocks[0].in_use(), 1);
         assert!(!v.destinations().contains_key("b"));
@@ -614,8 +634,8 @@ mod tests {
         let v = records.view(4);
         assert!(v.blocks.is_empty());
         assert_eq!(v.corrupt, [keys::block(released.cidr)]);
-        // Deleted with its records: gone.
-        apply(&mut records, delete_ops(&released));
+        // Deleted with its records (b's left one too): gone.
+        apply(&mut records, &mut stored, delete_ops(&released));
         let v = records.view(5);
         assert!(v.blocks.is_empty() && v.corrupt.is_empty());
         assert!(records.v6_blocks.is_empty(), "{:?}", records.v6_blocks);

@@ -412,16 +412,45 @@ async fn node_selectors_decide_which_nodes_use_a_pool() {
 
 #[tokio::test]
 async fn release_is_idempotent_and_empty_spare_blocks_go_back_to_the_pool() {
+    release_gives_spare_blocks_back(None).await;
+}
+
+/// In block format V6 a release leaves its addresses' records beside the block; the spare
+/// block's delete (etcd's prefix delete) takes them with it.
+#[tokio::test]
+async fn an_empty_v6_block_goes_back_to_the_pool_with_every_record() {
+    release_gives_spare_blocks_back(Some("V6")).await;
+}
+
+async fn release_gives_spare_blocks_back(format: Option<&str>) {
     let c = cluster(
         &pool("p", "{ cidr: 10.244.0.0/24, blockSize: 30 }"),
         &[("n1", &[])],
     )
     .await;
+    if let Some(format) = format {
+        let yaml = format!(
+            "apiVersion: tessera.dev/v1\nkind: IPAMConfiguration\n\
+             metadata: {{ name: default }}\nspec: {{ blockFormat: {format} }}\n"
+        );
+        let r = parse_resources(&yaml).expect("yaml");
+        tessera_datastore::admin::write(
+            &c.kv,
+            &r,
+            tessera_datastore::admin::WriteMode::Apply,
+            false,
+        )
+        .await
+        .expect("format");
+    }
     let ipam = Ipam::new(c.kv.clone(), "n1");
     let mut req = v4("many");
     req.num_v4 = 6; // two blocks of 4
     ipam.auto_assign(&req).await.expect("assign");
     assert_eq!(assert_invariants(&c.kv, true).await.blocks.len(), 2);
+    let (stored, _) = c.kv.get_prefix(keys::BLOCKS).await.expect("keys");
+    let records = if format.is_some() { 6 } else { 0 };
+    assert_eq!(stored.len(), 2 + records);
     assert_eq!(
         ipam.release_by_handle("many").await.expect("release").len(),
         6
@@ -436,6 +465,19 @@ async fn release_is_idempotent_and_empty_spare_blocks_go_back_to_the_pool() {
     assert_eq!(snap.blocks.len(), 1);
     assert_eq!(snap.affinities.len(), 1);
     assert!(snap.handles.is_empty());
+    // Nothing under the blocks but the block kept (and, in V6, its freed addresses' records).
+    let kept = keys::block(*snap.blocks.keys().next().expect("one"));
+    let (stored, _) = c.kv.get_prefix(keys::BLOCKS).await.expect("keys");
+    let strays: Vec<&str> = stored
+        .iter()
+        .map(|k| k.key.as_str())
+        .filter(|k| *k != kept && !k.starts_with(&format!("{kept}/")))
+        .collect();
+    assert!(strays.is_empty(), "{strays:?}");
+    assert!(
+        stored.len() > 1 || format.is_none(),
+        "the kept block's records stay"
+    );
 }
 
 #[tokio::test]
