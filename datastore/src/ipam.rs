@@ -850,10 +850,17 @@ impl<K: Kv> Ipam<K> {
         let start = fnv1a(&self.node) % count;
         let mut blocks_seen: Option<usize> = None;
         loop {
+            // Blocks' own keys only: a V6 block's records are keys under it.
             let existing: HashSet<String> = with_retry(|| self.kv.list_keys(keys::BLOCKS))
                 .await?
                 .into_iter()
                 .map(|(k, _)| k)
+                .filter(|k| {
+                    matches!(
+                        block_store::BlockKey::parse(k),
+                        Some(block_store::BlockKey::Block(_))
+                    )
+                })
                 .collect();
             if blocks_seen.is_some_and(|n| existing.len() <= n) {
                 // Every block we tried was lost, yet no block appeared: the losses were
