@@ -83,7 +83,8 @@ pub fn blocks_from(kvs: &[KeyValue]) -> Result<Vec<(IpamBlock, i64)>, IpamError>
 type Parts<'a> = (Option<&'a KeyValue>, Vec<(u32, &'a [u8])>);
 
 /// [`blocks_from`], block by block: a reader that skips what does not decode (as the
-/// agent does a corrupt record) keeps the others.
+/// agent does a corrupt record) keeps the others. Records whose block is not among `kvs`
+/// ([`orphaned_records`]) are passed over: the block is absent.
 pub fn each_block(
     kvs: &[KeyValue],
 ) -> impl Iterator<Item = Result<(IpamBlock, i64), IpamError>> + '_ {
@@ -104,11 +105,11 @@ pub fn each_block(
             None => {}
         }
     }
-    let blocks = parts.into_iter().map(|(segment, (own, records))| {
-        let own = own.ok_or_else(|| IpamError::Corrupt {
-            key: format!("{}{segment}/", keys::BLOCKS),
-            reason: "allocation records of a block that does not exist".into(),
-        })?;
+    let blocks = parts.into_iter().filter_map(|(_, (own, records))| {
+        let own = own?;
+        Some((own, records))
+    });
+    let blocks = blocks.map(|(own, records)| {
         let block = block_from_parts(&own.value, records).map_err(|reason| IpamError::Corrupt {
             key: own.key.clone(),
             reason,
@@ -116,6 +117,28 @@ pub fn each_block(
         Ok((block, own.mod_revision))
     });
     stray.into_iter().chain(blocks)
+}
+
+/// Records among `kvs` (one prefix read) whose block's own key is not there: left by a
+/// block key deleted by hand (Tessera deletes a block with every key under it), read as
+/// absent and removed by GC. By block: the prefix of its records, and how many there are.
+pub fn orphaned_records(kvs: &[KeyValue]) -> BTreeMap<String, usize> {
+    let mut own = std::collections::BTreeSet::new();
+    let mut records: BTreeMap<&str, usize> = BTreeMap::new();
+    for kv in kvs {
+        match BlockKey::parse(&kv.key) {
+            Some(BlockKey::Block(segment)) => {
+                own.insert(segment);
+            }
+            Some(BlockKey::Record(segment, _)) => *records.entry(segment).or_default() += 1,
+            None => {}
+        }
+    }
+    records
+        .into_iter()
+        .filter(|(segment, _)| !own.contains(segment))
+        .map(|(segment, n)| (format!("{}{segment}/", keys::BLOCKS), n))
+        .collect()
 }
 
 /// The block `cidr` and its key's revision: its key read, and a `V6` block with
@@ -371,7 +394,10 @@ mod tests {
             mod_revision: 1,
             lease: 0,
         }];
-        let e = blocks_from(&kvs).expect_err("a record alone");
-        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(blocks_from(&kvs).expect("a record alone").is_empty());
+        assert_eq!(
+            orphaned_records(&kvs),
+            BTreeMap::from([("/tessera/v1/ipam/blocks/10.244.1.0-26/".to_string(), 1)])
+        );
     }
 }

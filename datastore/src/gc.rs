@@ -46,6 +46,8 @@ pub struct GcReport {
     pub handles_removed: usize,
     pub blocks_orphaned: usize,
     pub blocks_released: usize,
+    /// `V6` records whose block's own key was gone.
+    pub orphaned_records_removed: usize,
     /// Items that changed while GC looked at them; the next run sees them again.
     pub skipped: usize,
 }
@@ -61,6 +63,7 @@ impl GcReport {
             + self.handles_removed
             + self.blocks_orphaned
             + self.blocks_released
+            + self.orphaned_records_removed
     }
 }
 
@@ -186,6 +189,16 @@ pub async fn gc_snapshot<K: Kv>(
                 .then(Op::put(&akey, encode(&aff)));
             apply(kv, txn, &mut r.affinities_restored, &mut r.skipped).await?;
         }
+    }
+
+    // Records of a block whose own key is gone (deleted by hand): removed while it stays
+    // gone. Records are only written with their block key, so none can appear meanwhile.
+    for (prefix, &count) in &snap.orphaned_records {
+        let own = prefix.trim_end_matches('/');
+        let txn = Txn::new().expect(own, 0).then(Op::delete_prefix(prefix));
+        let mut done = 0;
+        apply(kv, txn, &mut done, &mut r.skipped).await?;
+        r.orphaned_records_removed += done * count;
     }
 
     // Allocations whose handle does not list them: freed at most FREES_PER_TXN at a time, each
@@ -720,6 +733,59 @@ mod tests {
             assert_eq!(held, ["pod-0"], "{format}");
             let again = gc(&kv, &GcOptions::default()).await.expect("again");
             assert_eq!(again.repairs(), 0, "{format}: {again:?}");
+        }
+    }
+
+    /// A V6 block's own key deleted by hand leaves its records: every reader takes the
+    /// block as absent, the invariant check names them, and GC removes them, unless the
+    /// block is claimed again first (its new owner's free ordinals pass over them).
+    #[tokio::test]
+    async fn gc_removes_the_records_of_a_block_deleted_by_hand() {
+        for claimed_again in [false, true] {
+            let kv = store().await;
+            let v6 = parse_resources(
+                "apiVersion: tessera.dev/v1\nkind: IPAMConfiguration\n\
+                 metadata: { name: default }\nspec: { blockFormat: V6 }\n",
+            )
+            .expect("yaml");
+            crate::admin::write(&kv, &v6, crate::admin::WriteMode::Apply, false)
+                .await
+                .expect("apply");
+            let got = Ipam::new(kv.clone(), "n1")
+                .auto_assign(&req("w", 3))
+                .await
+                .expect("assign");
+            let own = keys::block(got[0].block);
+            let t = Txn::new().then(Op::delete(&own));
+            kv.txn(t).await.expect("hand delete");
+            let snap = Snapshot::read(&kv).await.expect("read as absent");
+            assert!(snap.blocks.is_empty());
+            let problems = snap.check(true).expect_err("orphans are named");
+            assert!(problems[0].contains("3 records under"), "{problems:?}");
+            if claimed_again {
+                let n2 = Ipam::new(kv.clone(), "n2");
+                let cfg = n2.config().await.expect("config");
+                let pool = cfg.pool_of(got[0].addr).expect("pool");
+                let claimed = n2.claim_block(pool, got[0].block).await.expect("claim");
+                assert!(claimed, "a new claim of the same block");
+                n2.auto_assign(&req("v", 1)).await.expect("assign");
+            }
+            // GC works from the snapshot read before the claim.
+            let r = gc_snapshot(&kv, &snap, &GcOptions::default())
+                .await
+                .expect("gc");
+            let (left, _) = kv.get_prefix(&format!("{own}/")).await.expect("read");
+            if claimed_again {
+                // The block is someone's again: its records are its own business now.
+                assert_eq!(r.orphaned_records_removed, 0, "{r:?}");
+                assert!(r.skipped > 0, "{r:?}");
+                assert_eq!(left.len(), 3);
+                let snap = Snapshot::read(&kv).await.expect("read");
+                assert_eq!(snap.blocks[&got[0].block].value.in_use(), 1);
+            } else {
+                assert_eq!(r.orphaned_records_removed, 3, "{r:?}");
+                assert!(left.is_empty(), "{left:?}");
+            }
         }
     }
 }
