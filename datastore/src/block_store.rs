@@ -105,23 +105,20 @@ pub fn each_block(
             None => {}
         }
     }
-    let blocks = parts.into_iter().filter_map(|(_, (own, records))| {
+    let blocks = parts.into_values().filter_map(|(own, records)| {
         let own = own?;
-        Some((own, records))
-    });
-    let blocks = blocks.map(|(own, records)| {
         let block = block_from_parts(&own.value, records).map_err(|reason| IpamError::Corrupt {
             key: own.key.clone(),
             reason,
-        })?;
-        Ok((block, own.mod_revision))
+        });
+        Some(block.map(|b| (b, own.mod_revision)))
     });
     stray.into_iter().chain(blocks)
 }
 
 /// Records among `kvs` (one prefix read) whose block's own key is not there: left by a
 /// block key deleted by hand (Tessera deletes a block with every key under it), read as
-/// absent and removed by GC. By block: the prefix of its records, and how many there are.
+/// absent and removed by GC. By block: its own key (absent), and how many records it left.
 pub fn orphaned_records(kvs: &[KeyValue]) -> BTreeMap<String, usize> {
     let mut own = std::collections::BTreeSet::new();
     let mut records: BTreeMap<&str, usize> = BTreeMap::new();
@@ -137,7 +134,7 @@ pub fn orphaned_records(kvs: &[KeyValue]) -> BTreeMap<String, usize> {
     records
         .into_iter()
         .filter(|(segment, _)| !own.contains(segment))
-        .map(|(segment, n)| (format!("{}{segment}/", keys::BLOCKS), n))
+        .map(|(segment, n)| (format!("{}{segment}", keys::BLOCKS), n))
         .collect()
 }
 
@@ -397,7 +394,7 @@ mod tests {
         assert!(blocks_from(&kvs).expect("a record alone").is_empty());
         assert_eq!(
             orphaned_records(&kvs),
-            BTreeMap::from([("/tessera/v1/ipam/blocks/10.244.1.0-26/".to_string(), 1)])
+            BTreeMap::from([("/tessera/v1/ipam/blocks/10.244.1.0-26".to_string(), 1)])
         );
     }
 }

@@ -193,9 +193,10 @@ pub async fn gc_snapshot<K: Kv>(
 
     // Records of a block whose own key is gone (deleted by hand): removed while it stays
     // gone. Records are only written with their block key, so none can appear meanwhile.
-    for (prefix, &count) in &snap.orphaned_records {
-        let own = prefix.trim_end_matches('/');
-        let txn = Txn::new().expect(own, 0).then(Op::delete_prefix(prefix));
+    for (own, &count) in &snap.orphaned_records {
+        let txn = Txn::new()
+            .expect(own, 0)
+            .then(Op::delete_prefix(format!("{own}/")));
         let mut done = 0;
         apply(kv, txn, &mut done, &mut r.skipped).await?;
         r.orphaned_records_removed += done * count;

@@ -37,8 +37,8 @@ pub struct Snapshot {
     pub live: HashSet<String>,
     /// Every pod's endpoint, at the same revision.
     pub workloads: Vec<WorkloadEndpoint>,
-    /// `V6` records whose block's own key is gone (deleted by hand): the prefix of each
-    /// block's records and how many there are ([`block_store::orphaned_records`]).
+    /// `V6` records whose block's own key is gone (deleted by hand): that key, and how many
+    /// records are under it ([`block_store::orphaned_records`]).
     pub orphaned_records: BTreeMap<String, usize>,
 }
 
@@ -127,8 +127,8 @@ impl Snapshot {
     pub fn check(&self, settled: bool) -> Result<(), Vec<String>> {
         let mut v = Vec::new();
         // Tessera deletes a block with its records; orphans are a hand's work, for GC.
-        for (prefix, n) in &self.orphaned_records {
-            v.push(format!("{n} records under {prefix} without their block"));
+        for (own, n) in &self.orphaned_records {
+            v.push(format!("{n} records under {own}/ without their block"));
         }
         // Blocks: internally consistent, inside a pool, disjoint.
         let mut owners: HashMap<IpAddr, &str> = HashMap::new();
