@@ -382,21 +382,23 @@ async fn a_v6_record_missing_or_out_of_step_is_refused_not_read_as_free() {
     assert!(tessera_datastore::block_store::blocks_from(&items).is_err());
 }
 
+/// A store with pool `p` over `cidr` in blocks of 256 addresses (room for more writes than
+/// one transaction takes), blocks written in `format`.
+async fn pool_of_24s(cidr: &str, format: &str) -> MemKv {
+    let kv = MemKv::new();
+    let pool = format!(
+        "apiVersion: tessera.dev/v1\nkind: IPPool\nmetadata: {{ name: p }}\n\
+         spec: {{ cidr: {cidr}, blockSize: 24 }}\n"
+    );
+    apply(&kv, &pool).await;
+    apply(&kv, format).await;
+    kv
+}
+
 #[tokio::test]
 async fn a_v6_batch_stays_within_etcds_operations_per_transaction() {
     use tessera_datastore::BatchedOutcome;
-    let kv = MemKv::new();
-    apply(
-        &kv,
-        "
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: p }
-spec: { cidr: 10.244.0.0/20, blockSize: 24 }
-",
-    )
-    .await;
-    apply(&kv, V6).await;
+    let kv = pool_of_24s("10.244.0.0/20", V6).await;
     let holder = Ipam::new(kv.clone(), "node1");
     holder.auto_assign(&request("first")).await.expect("assign");
     // 32 pods of 3 addresses each: a record per address, and a handle per pod, are 128
@@ -436,18 +438,7 @@ spec: { cidr: 10.244.0.0/20, blockSize: 24 }
 /// transactions; nothing is refused, and its release frees every address.
 #[tokio::test]
 async fn a_v6_request_larger_than_a_transaction_takes_several() {
-    let kv = MemKv::new();
-    apply(
-        &kv,
-        "
-apiVersion: tessera.dev/v1
-kind: IPPool
-metadata: { name: p }
-spec: { cidr: 10.244.0.0/24, blockSize: 24 }
-",
-    )
-    .await;
-    apply(&kv, V5).await;
+    let kv = pool_of_24s("10.244.0.0/24", V5).await;
     let n1 = Ipam::new(kv.clone(), "node1");
     for i in 0..90 {
         n1.auto_assign(&request(&format!("pod-{i}")))
