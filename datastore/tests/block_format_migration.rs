@@ -269,6 +269,16 @@ async fn block_keys(kv: &MemKv, key: &str) -> Vec<String> {
     items.into_iter().map(|i| i.key).collect()
 }
 
+/// The keys under the block `key` that the store's last write changed.
+async fn written_last(kv: &MemKv, key: &str) -> Vec<String> {
+    let (items, rev) = kv.get_prefix(key).await.expect("keys");
+    items
+        .into_iter()
+        .filter(|i| i.mod_revision == rev)
+        .map(|i| i.key)
+        .collect()
+}
+
 #[tokio::test]
 async fn blocks_move_on_from_v5_to_v6_with_each_allocation_under_its_own_key() {
     let (v5, v6) = blocks_move_on(V5, V6, 6).await;
@@ -306,13 +316,8 @@ async fn a_v6_assignment_writes_one_record_and_a_release_only_the_block() {
         .mod_revision;
     // One more pod: its record and the block's own key change, no other record.
     let b = n1.auto_assign(&request("b")).await.expect("assign");
-    let (items, rev) = kv.get_prefix(&key).await.expect("keys");
-    let changed: Vec<&str> = items
-        .iter()
-        .filter(|i| i.mod_revision == rev)
-        .map(|i| i.key.as_str())
-        .collect();
-    assert_eq!(changed, [key.as_str(), record(b[0].addr).as_str()]);
+    let changed = written_last(&kv, &key).await;
+    assert_eq!(changed, [key.clone(), record(b[0].addr)]);
     assert_eq!(
         kv.get(&record(a[0].addr))
             .await
@@ -331,13 +336,8 @@ async fn a_v6_assignment_writes_one_record_and_a_release_only_the_block() {
         n1.release_by_handle("b").await.expect("release"),
         vec![b[0].addr]
     );
-    let (items, rev) = kv.get_prefix(&key).await.expect("keys");
-    let changed: Vec<&str> = items
-        .iter()
-        .filter(|i| i.mod_revision == rev)
-        .map(|i| i.key.as_str())
-        .collect();
-    assert_eq!(changed, [key.as_str()]);
+    let changed = written_last(&kv, &key).await;
+    assert_eq!(changed, std::slice::from_ref(&key));
     assert_eq!(block_keys(&kv, &key).await.len(), 1 + 1 + 1 + pods.len());
     // A fresh client (no cache) and a snapshot read the blocks back without b.
     let fresh = Ipam::new(kv.clone(), "node1");
